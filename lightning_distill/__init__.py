@@ -1,0 +1,3 @@
+"""lightning_distill: unpaired knowledge distillation for medical image segmentation."""
+
+__version__ = "0.1.0"

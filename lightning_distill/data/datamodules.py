@@ -1,0 +1,166 @@
+"""LightningDataModules for unpaired 3D volumes (teacher) and single 2D slices (student).
+
+Splits are at subject level and fixed by ``split_seed``: the ids are permuted once; the first
+``test_subjects`` are the test set, the next ``val_subjects`` the validation set, the rest the
+training pool. ``train_fraction`` (or ``train_subjects``) takes a prefix of the permuted training
+pool, so smaller subsets are nested in larger ones (the 25% subset is inside the 50% subset).
+
+Batches are dicts: ``image`` ``(B, C, *spatial)`` float32, ``label`` ``(B, 1, *spatial)`` int64,
+``spacing`` ``(B, ndim)`` mm, ``id`` (list of str).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_distill.data.sources import SubjectSource
+
+
+def split_ids(ids: Sequence[str], val: int, test: int, seed: int) -> Dict[str, List[str]]:
+    """Deterministic subject-level split: ``{"train", "val", "test"}`` (train in permuted order)."""
+    if val < 0 or test < 0 or val + test >= len(ids):
+        raise ValueError(f"cannot take {val} validation and {test} test subjects from {len(ids)} subjects and keep any for training")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    perm = [ids[i] for i in order]
+    return {"test": sorted(perm[:test]), "val": sorted(perm[test:test + val]), "train": perm[test + val:]}
+
+
+def train_subset(pool: Sequence[str], fraction: float = 1.0, count: Optional[int] = None) -> List[str]:
+    """A prefix of the (permuted) training pool: nested across fractions."""
+    if count is not None:
+        if not 1 <= count <= len(pool):
+            raise ValueError(f"train_subjects={count} is outside 1..{len(pool)} (the training pool)")
+        n = count
+    else:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+        n = max(1, math.ceil(round(fraction * len(pool), 6)))
+    return list(pool[:n])
+
+
+class SubjectDataset(Dataset):
+    """Samples of ``ids`` from ``source``, decoded once and cached in memory.
+
+    Args:
+        source: the subject source.
+        ids: subject ids.
+        augment: intensity augmentation (scale, shift, noise) for training.
+        patch_size: random crop of this size (training volumes); ``None`` keeps whole images.
+        cache: keep decoded samples in memory.
+    """
+
+    def __init__(self, source: SubjectSource, ids: Sequence[str], augment: bool = False,
+                 patch_size: Optional[Sequence[int]] = None, cache: bool = True):
+        self.source, self.ids, self.augment = source, list(ids), augment
+        self.patch_size = tuple(patch_size) if patch_size else None
+        self.cache: Optional[Dict[str, Dict]] = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _load(self, sid: str) -> Dict:
+        if self.cache is not None and sid in self.cache:
+            return self.cache[sid]
+        s = self.source.load(sid)
+        item = {"image": torch.as_tensor(s["image"], dtype=torch.float32),
+                "label": torch.as_tensor(s["label"], dtype=torch.int64)[None],
+                "spacing": torch.as_tensor(s["spacing"], dtype=torch.float32), "id": sid}
+        if self.cache is not None:
+            self.cache[sid] = item
+        return item
+
+    def __getitem__(self, i: int) -> Dict:
+        item = dict(self._load(self.ids[i]))
+        image, label = item["image"], item["label"]
+        if self.patch_size is not None:
+            spatial = image.shape[1:]
+            if any(p > s for p, s in zip(self.patch_size, spatial)):
+                raise ValueError(f"patch_size {self.patch_size} is larger than subject {self.ids[i]!r} of shape {tuple(spatial)}")
+            starts = [int(torch.randint(0, s - p + 1, ())) for s, p in zip(spatial, self.patch_size)]
+            sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch_size))
+            image, label = image[(slice(None),) + sl], label[(slice(None),) + sl]
+        if self.augment:
+            scale = 1.0 + 0.1 * (2 * torch.rand(()) - 1)
+            shift = 0.05 * (2 * torch.rand(()) - 1)
+            image = image * scale + shift + 0.02 * torch.randn_like(image)
+        item["image"], item["label"] = image.contiguous(), label.contiguous()
+        return item
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Subject-level splits, nested training subsets and loaders for one source.
+
+    Args:
+        source: where subjects come from.
+        batch_size: training batch size (validation/test use ``eval_batch_size``).
+        val_subjects, test_subjects: split sizes.
+        train_fraction: fraction of the training pool used (nested subsets).
+        train_subjects: absolute number instead of ``train_fraction``.
+        split_seed: seed of the subject permutation.
+        num_workers: loader workers.
+        augment: training-time intensity augmentation.
+        patch_size: training crops (volumes); ``None`` for whole images.
+        eval_batch_size: batch size of validation and test.
+    """
+
+    def __init__(self, source: SubjectSource, batch_size: int = 8, val_subjects: int = 10, test_subjects: int = 20,
+                 train_fraction: float = 1.0, train_subjects: Optional[int] = None, split_seed: int = 0,
+                 num_workers: int = 0, augment: bool = True, patch_size: Optional[Sequence[int]] = None,
+                 eval_batch_size: Optional[int] = None):
+        super().__init__()
+        self.source = source
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.augment, self.patch_size = num_workers, augment, patch_size
+        self.splits = split_ids(source.ids, val_subjects, test_subjects, split_seed)
+        self.train_ids = train_subset(self.splits["train"], train_fraction, train_subjects)
+        self.datasets: Dict[str, SubjectDataset] = {}
+
+    @property
+    def class_names(self):
+        return self.source.class_names
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if not self.datasets:
+            self.datasets = {
+                "train": SubjectDataset(self.source, self.train_ids, augment=self.augment, patch_size=self.patch_size),
+                "val": SubjectDataset(self.source, self.splits["val"]),
+                "test": SubjectDataset(self.source, self.splits["test"]),
+            }
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        self.setup()
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+
+class VolumeDataModule(SegmentationDataModule):
+    """3D volumes for the teacher (whole volumes, or random patches with ``patch_size``)."""
+
+    def __init__(self, source: SubjectSource, **kwargs):
+        if source.spatial_dims != 3:
+            raise ValueError(f"VolumeDataModule needs a 3D source, got {source.spatial_dims}D")
+        super().__init__(source, **kwargs)
+
+
+class SliceDataModule(SegmentationDataModule):
+    """Single 2D axial slices for the student (one slice per subject)."""
+
+    def __init__(self, source: SubjectSource, **kwargs):
+        if source.spatial_dims != 2:
+            raise ValueError(f"SliceDataModule needs a 2D source, got {source.spatial_dims}D")
+        super().__init__(source, **kwargs)

@@ -1,0 +1,301 @@
+"""Synthetic abdominal CT phantom at kidney level (the built-in default data).
+
+Every subject is an analytic anatomy: deformed ellipsoids and cylinders in normalised patient
+coordinates ``p = (x, y, z) in [-1, 1]^3`` (x: patient right -> left, y: posterior -> anterior,
+z: inferior -> superior). Because the anatomy is a function of continuous coordinates, the same
+subject can be rendered as a 3D volume at any grid size (the teacher's data) or as a single axial
+slice at any in-plane size (the student's data).
+
+What makes it a task in which 3D context matters and 2D is not at ceiling:
+
+* liver and spleen have overlapping intensities in every phase (equal within noise in the venous
+  and non-contrast phases), as do muscle, aorta (non-contrast) and the kidneys (non-contrast);
+* background contains distractors that look like organs in a single slice: bowel loops and a
+  fluid-filled stomach with soft-tissue intensities, gas pockets;
+* every organ's cross-section changes along z (ellipsoid poles are small, ambiguous blobs),
+  positions, sizes and orientations vary per subject, and a smooth random displacement field
+  deforms each subject;
+* contrast phase (non-contrast / arterial / venous) changes organ intensities per subject, and the
+  single-slice population is non-contrast and noisier by default.
+
+Intensities are HU-like; :func:`hu_window` maps them to [0, 1] with an abdominal window.
+Everything is deterministic given ``(population seed, subject id)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+CLASS_NAMES: Tuple[str, ...] = (
+    "background",
+    "body_wall",
+    "muscle",
+    "liver",
+    "spleen",
+    "right_kidney",
+    "left_kidney",
+    "aorta",
+    "vertebra",
+)
+PHASES: Tuple[str, ...] = ("noncontrast", "arterial", "venous")
+
+# Mean HU per (structure, phase). Liver/spleen, muscle/aorta(nc)/kidney(nc) overlap on purpose.
+_HU: Dict[str, Dict[str, float]] = {
+    "air": {"noncontrast": -1000, "arterial": -1000, "venous": -1000},
+    "fat": {"noncontrast": -100, "arterial": -100, "venous": -100},
+    "visceral": {"noncontrast": -60, "arterial": -60, "venous": -60},
+    "muscle": {"noncontrast": 50, "arterial": 55, "venous": 60},
+    "liver": {"noncontrast": 58, "arterial": 75, "venous": 110},
+    "spleen": {"noncontrast": 50, "arterial": 125, "venous": 112},
+    "kidney_cortex": {"noncontrast": 35, "arterial": 190, "venous": 165},
+    "kidney_medulla": {"noncontrast": 30, "arterial": 70, "venous": 150},
+    "aorta": {"noncontrast": 42, "arterial": 280, "venous": 150},
+    "bone": {"noncontrast": 380, "arterial": 380, "venous": 380},
+    "cortical": {"noncontrast": 750, "arterial": 750, "venous": 750},
+    "canal": {"noncontrast": 20, "arterial": 20, "venous": 20},
+    "bowel": {"noncontrast": 45, "arterial": 80, "venous": 100},
+    "stomach": {"noncontrast": 15, "arterial": 20, "venous": 25},
+    "gas": {"noncontrast": -850, "arterial": -850, "venous": -850},
+}
+
+
+@dataclass
+class PhantomSpec:
+    """Population-level settings of the phantom (one population = one set of subjects).
+
+    Args:
+        seed: population seed; subjects of different seeds are different people (unpaired).
+        phases: contrast phases drawn uniformly per subject.
+        noise_hu: (min, max) of the per-subject Gaussian noise standard deviation in HU.
+        blur: Gaussian point-spread sigma in voxels applied before the noise.
+        slice_z: (min, max) of the axial position (normalised z) of a single slice; the default is
+            kidney level, like the L1-level single-slice cohorts the method targets.
+    """
+
+    seed: int = 0
+    phases: Tuple[str, ...] = PHASES
+    noise_hu: Tuple[float, float] = (10.0, 25.0)
+    blur: float = 0.6
+    slice_z: Tuple[float, float] = (-0.5, -0.1)
+
+
+@dataclass
+class _Ellipsoid:
+    center: np.ndarray  # (3,)
+    axes: np.ndarray  # (3,) semi-axes
+    angle: float  # in-plane rotation (radians)
+    tilt: np.ndarray = field(default_factory=lambda: np.zeros(2))  # centre drift dx/dz, dy/dz
+
+    def inside(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        cx = self.center[0] + self.tilt[0] * (z - self.center[2])
+        cy = self.center[1] + self.tilt[1] * (z - self.center[2])
+        dx, dy, dz = x - cx, y - cy, z - self.center[2]
+        c, s = np.cos(self.angle), np.sin(self.angle)
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        a = self.axes * scale
+        return (u / a[0]) ** 2 + (v / a[1]) ** 2 + (dz / a[2]) ** 2 <= 1.0
+
+
+@dataclass
+class Subject:
+    """All random parameters of one phantom subject."""
+
+    subject_id: int
+    phase: str
+    noise_hu: float
+    slice_z: float
+    body: Tuple[float, float]
+    fat: float
+    muscle: float
+    organs: Dict[str, _Ellipsoid]
+    bowel: List[_Ellipsoid]
+    gas: List[_Ellipsoid]
+    warp: np.ndarray  # (M, 3 + 3 + 1 + 1): direction(3), amplitude per axis(3), frequency, phase
+    texture: np.ndarray  # (T, 5): direction(3), frequency, phase
+    intensity_jitter: Dict[str, float]
+
+
+def _rng(spec: PhantomSpec, subject_id: int, stream: int = 0) -> np.random.Generator:
+    return np.random.default_rng([int(spec.seed), int(subject_id), int(stream)])
+
+
+def sample_subject(spec: PhantomSpec, subject_id: int) -> Subject:
+    """Draw the anatomy, contrast phase and noise level of one subject (deterministic)."""
+    r = _rng(spec, subject_id)
+    u = r.uniform
+
+    def ell(center, axes, angle_sd=0.2, jitter=0.05, size_sd=0.12, tilt_sd=0.1) -> _Ellipsoid:
+        c = np.asarray(center, float) + r.normal(0, jitter, 3)
+        a = np.asarray(axes, float) * np.exp(r.normal(0, size_sd, 3))
+        return _Ellipsoid(c, a, float(r.normal(0, angle_sd)), r.normal(0, tilt_sd, 2))
+
+    bx, by = 0.86 * np.exp(r.normal(0, 0.05)), 0.66 * np.exp(r.normal(0, 0.06))
+    kidney_z = u(-0.42, -0.22)
+    organs = {
+        "liver": ell([-0.38, 0.08, 0.35], [0.42, 0.42, 0.8], jitter=0.04),
+        "spleen": ell([0.50, -0.12, 0.15], [0.16, 0.24, 0.42], jitter=0.05),
+        # the right kidney sits lower than the left (as in most people)
+        "right_kidney": ell([-0.33, -0.30, kidney_z - u(0.02, 0.12)], [0.11, 0.14, 0.30], jitter=0.03),
+        "left_kidney": ell([0.33, -0.30, kidney_z + u(0.0, 0.06)], [0.11, 0.14, 0.30], jitter=0.03),
+        "aorta": ell([0.08, -0.25, 0.0], [0.065, 0.065, 5.0], angle_sd=0.0, jitter=0.02, size_sd=0.1),
+        "vertebra": ell([0.0, -0.47, 0.0], [0.13, 0.11, 5.0], angle_sd=0.0, jitter=0.015, size_sd=0.06,
+                        tilt_sd=0.02),
+        "stomach": ell([0.25, 0.30, 0.45], [0.22, 0.16, 0.3], jitter=0.08),
+        "psoas_r": ell([-0.16, -0.40, -1.1], [0.07, 0.07, 1.0], jitter=0.02),
+        "psoas_l": ell([0.16, -0.40, -1.1], [0.07, 0.07, 1.0], jitter=0.02),
+    }
+    n_bowel = int(r.integers(5, 10))
+    bowel = [
+        ell([u(-0.35, 0.45), u(-0.05, 0.45), u(-1.0, 0.1)], [0.09, 0.07, u(0.1, 0.5)], angle_sd=1.0,
+            jitter=0.0, size_sd=0.25, tilt_sd=0.4)
+        for _ in range(n_bowel)
+    ]
+    gas = [
+        ell([u(-0.3, 0.4), u(0.0, 0.4), u(-1.0, 0.3)], [0.04, 0.03, 0.05], angle_sd=1.0, jitter=0.0,
+            size_sd=0.3)
+        for _ in range(int(r.integers(2, 6)))
+    ]
+    m = 4
+    dirs = r.normal(size=(m, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    warp = np.concatenate(
+        [dirs, r.normal(0, 0.035, (m, 3)), u(1.5, 4.0, (m, 1)), u(0, 2 * np.pi, (m, 1))], axis=1
+    )
+    tdirs = r.normal(size=(3, 3))
+    tdirs /= np.linalg.norm(tdirs, axis=1, keepdims=True)
+    texture = np.concatenate([tdirs, u(4, 9, (3, 1)), u(0, 2 * np.pi, (3, 1))], axis=1)
+    lo, hi = spec.slice_z
+    return Subject(
+        subject_id=int(subject_id),
+        phase=str(spec.phases[int(r.integers(len(spec.phases)))]),
+        noise_hu=float(u(*spec.noise_hu)),
+        slice_z=float(u(lo, hi)),
+        body=(float(bx), float(by)),
+        fat=float(u(0.07, 0.17)),
+        muscle=float(u(0.05, 0.08)),
+        organs=organs,
+        bowel=bowel,
+        gas=gas,
+        warp=warp,
+        texture=texture,
+        intensity_jitter={k: float(r.normal(0, 8)) for k in _HU},
+    )
+
+
+def _warp(s: Subject, x, y, z):
+    p = np.stack([x, y, z], axis=-1)
+    out = [x.copy(), y.copy(), z.copy()]
+    for row in s.warp:
+        d, amp, f, ph = row[:3], row[3:6], row[6], row[7]
+        w = np.sin(f * (p @ d) + ph)
+        for i in range(3):
+            out[i] += amp[i] * w
+    return out
+
+
+def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Evaluate a subject's anatomy at the coordinates ``x, y, z`` (same shape).
+
+    Returns:
+        ``(hu, label)``: noise-free HU intensities (float32) and labels (uint8, indices of
+        :data:`CLASS_NAMES`), both of the coordinates' shape.
+    """
+    x, y, z = _warp(s, x, y, z)
+    hu_of = {k: v[s.phase] + s.intensity_jitter[k] for k, v in _HU.items()}
+    label = np.zeros(x.shape, np.uint8)
+    hu = np.full(x.shape, hu_of["air"], np.float32)
+    bx, by = s.body
+    rb = (x / bx) ** 2 + (y / by) ** 2
+    body = rb <= 1.0
+    inner_fat = rb <= (1.0 - s.fat) ** 2
+    inner_muscle = rb <= (1.0 - s.fat - s.muscle) ** 2
+
+    def put(mask, name_or_hu, cls):
+        nonlocal hu, label
+        hu[mask] = hu_of[name_or_hu] if isinstance(name_or_hu, str) else name_or_hu
+        label[mask] = cls
+
+    c = {n: i for i, n in enumerate(CLASS_NAMES)}
+    put(body, "fat", c["body_wall"])
+    put(inner_fat & ~inner_muscle, "muscle", c["muscle"])
+    put(inner_muscle, "visceral", c["background"])
+    o = s.organs
+    for b in s.bowel:
+        put(b.inside(x, y, z) & inner_muscle, "bowel", 0)
+    st = o["stomach"]
+    put(st.inside(x, y, z) & inner_muscle, "stomach", 0)
+    put(st.inside(x, y, z) & ~st.inside(x, y, z, 0.85) & inner_muscle, "muscle", 0)
+    for g in s.gas:
+        put(g.inside(x, y, z) & inner_muscle, "gas", 0)
+    for side in ("psoas_r", "psoas_l"):
+        put(o[side].inside(x, y, z) & inner_muscle, "muscle", c["muscle"])
+    put(o["liver"].inside(x, y, z) & inner_muscle, "liver", c["liver"])
+    put(o["spleen"].inside(x, y, z) & inner_muscle, "spleen", c["spleen"])
+    for side in ("right_kidney", "left_kidney"):
+        k = o[side]
+        put(k.inside(x, y, z) & inner_muscle, "kidney_cortex", c[side])
+        put(k.inside(x, y, z, 0.6) & inner_muscle, "kidney_medulla", c[side])
+    put(o["aorta"].inside(x, y, z) & inner_muscle, "aorta", c["aorta"])
+    v = o["vertebra"]
+    put(v.inside(x, y, z) & body, "cortical", c["vertebra"])
+    put(v.inside(x, y, z, 0.8) & body, "bone", c["vertebra"])
+    # spinal canal behind the body: background
+    canal = _Ellipsoid(v.center + np.array([0.0, -0.17, 0.0]), np.array([0.06, 0.05, 5.0]), 0.0, v.tilt)
+    put(canal.inside(x, y, z) & body, "canal", 0)
+    # soft texture inside the body (+-6 HU)
+    p = np.stack([x, y, z], axis=-1)
+    tex = sum(np.sin(t[3] * (p @ t[:3]) + t[4]) for t in s.texture) * 2.0
+    hu = np.where(body, hu + tex, hu).astype(np.float32)
+    return hu, label
+
+
+def _finish(s: Subject, spec: PhantomSpec, hu: np.ndarray, stream: int, blur_axes: Sequence[float]) -> np.ndarray:
+    if spec.blur > 0:
+        hu = gaussian_filter(hu, sigma=[spec.blur * b for b in blur_axes])
+    noise = _rng(spec, s.subject_id, stream).normal(0, s.noise_hu, hu.shape)
+    return (hu + noise).astype(np.float32)
+
+
+def render_volume(spec: PhantomSpec, subject_id: int, shape: Sequence[int] = (64, 64, 48)):
+    """Render one subject as a 3D volume.
+
+    Args:
+        spec: population settings.
+        subject_id: subject index within the population.
+        shape: ``(X, Y, Z)`` grid; axial slices lie along the last axis.
+
+    Returns:
+        dict with ``image`` (float32 HU, ``shape``), ``label`` (uint8, ``shape``), ``phase``,
+        ``subject_id``.
+    """
+    s = sample_subject(spec, subject_id)
+    axes = [np.linspace(-1, 1, n, dtype=np.float64) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    hu, label = render(s, x, y, z)
+    return {"image": _finish(s, spec, hu, 1, (1, 1, 1)), "label": label, "phase": s.phase,
+            "subject_id": s.subject_id}
+
+
+def render_slice(spec: PhantomSpec, subject_id: int, shape: Sequence[int] = (128, 128), z: float | None = None):
+    """Render one axial slice of a subject (at its own ``slice_z`` unless ``z`` is given).
+
+    Returns:
+        dict with ``image`` (float32 HU, ``shape``), ``label`` (uint8), ``phase``, ``z``,
+        ``subject_id``.
+    """
+    s = sample_subject(spec, subject_id)
+    zz = s.slice_z if z is None else float(z)
+    axes = [np.linspace(-1, 1, n, dtype=np.float64) for n in shape]
+    x, y = np.meshgrid(*axes, indexing="ij")
+    hu, label = render(s, x, y, np.full_like(x, zz))
+    return {"image": _finish(s, spec, hu, 2, (1, 1)), "label": label, "phase": s.phase, "z": zz,
+            "subject_id": s.subject_id}
+
+
+def hu_window(hu: np.ndarray, lo: float = -175.0, hi: float = 250.0) -> np.ndarray:
+    """Clip HU to ``[lo, hi]`` and scale to ``[0, 1]`` (abdominal soft-tissue window)."""
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)

@@ -1,0 +1,120 @@
+"""Per-organ segmentation metrics (MONAI computes, torchmetrics aggregates across processes).
+
+How absent classes count (documented in README, "Metrics"):
+
+* Dice of organ k on a case is MONAI's ``compute_dice`` with ``ignore_empty=True``: NaN when the
+  ground truth has no pixel of k. NaNs are left out of every mean, so an organ's Dice is the mean over
+  the cases that contain it. A false positive on a case without the organ is not counted in Dice.
+* HD95 (MONAI ``compute_hausdorff_distance``, percentile 95, in mm using the case's spacing) is NaN
+  when the ground truth is empty; when the ground truth is present but the prediction is empty, it is
+  the diagonal of the image in mm (the largest distance possible), so a missed organ is penalised.
+* ``dice_mean`` is the mean over organs (foreground classes) of the per-organ means.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from torch import Tensor
+
+
+def one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """``(B, 1, *spatial)`` or ``(B, *spatial)`` labels -> ``(B, K, *spatial)`` float one-hot."""
+    if labels.ndim >= 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    labels = labels.long().clamp(0, num_classes - 1)
+    return F.one_hot(labels, num_classes).movedim(-1, 1).float()
+
+
+def per_case_dice(pred: Tensor, label: Tensor, num_classes: int) -> Tensor:
+    """Dice per case and foreground class.
+
+    Args:
+        pred: ``(B, *spatial)`` or ``(B, 1, *spatial)`` predicted labels.
+        label: ground truth, same form.
+        num_classes: K (background is class 0).
+
+    Returns:
+        ``(B, K - 1)`` Dice, NaN where the ground truth lacks the class.
+    """
+    return compute_dice(one_hot(pred, num_classes), one_hot(label, num_classes), include_background=False, ignore_empty=True)
+
+
+def per_case_hd95(pred: Tensor, label: Tensor, num_classes: int, spacing: Optional[Sequence[Sequence[float]]] = None) -> Tensor:
+    """HD95 in mm per case and foreground class (see module docstring for empty masks).
+
+    Args:
+        pred, label, num_classes: as in :func:`per_case_dice`.
+        spacing: per-case voxel spacing ``(B, ndim)`` in mm; 1 mm if ``None``.
+
+    Returns:
+        ``(B, K - 1)`` float tensor.
+    """
+    p, y = one_hot(pred, num_classes), one_hot(label, num_classes)
+    b = p.shape[0]
+    spatial = p.shape[2:]
+    sp = np.ones((b, len(spatial))) if spacing is None else np.asarray(spacing, dtype=float).reshape(b, len(spatial))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on every empty mask; handled below
+        hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95, spacing=[list(s) for s in sp])
+    hd = hd.float().cpu()
+    gt_present = y[:, 1:].flatten(2).sum(-1).cpu() > 0
+    pred_present = p[:, 1:].flatten(2).sum(-1).cpu() > 0
+    diag = torch.tensor([math.sqrt(sum((n * s) ** 2 for n, s in zip(spatial, row))) for row in sp], dtype=torch.float)
+    hd = torch.where(gt_present & ~pred_present, diag[:, None].expand_as(hd), hd)
+    return torch.where(gt_present, hd, torch.full_like(hd, float("nan")))
+
+
+def nanmean(x: Tensor, dim: int = 0) -> Tensor:
+    return torch.nanmean(x.float(), dim=dim)
+
+
+def summarize(dice: Tensor, hd95: Optional[Tensor], organs: Sequence[str]) -> Dict:
+    """Per-organ means (NaN ignored) of ``(N, K - 1)`` per-case tables -> a JSON-ready dict."""
+
+    def clean(v: float) -> Optional[float]:
+        return None if math.isnan(v) else float(v)
+
+    d = nanmean(dice)
+    out: Dict = {"dice": {o: clean(float(v)) for o, v in zip(organs, d)}}
+    out["dice_mean"] = clean(float(torch.nanmean(d)))
+    if hd95 is not None:
+        h = nanmean(hd95)
+        out["hd95"] = {o: clean(float(v)) for o, v in zip(organs, h)}
+        out["hd95_mean"] = clean(float(torch.nanmean(h)))
+    out["num_cases"] = int(dice.shape[0])
+    return out
+
+
+def format_table(summary: Dict, title: str = "") -> str:
+    """A per-organ markdown table of :func:`summarize` output."""
+    organs = list(summary["dice"])
+    has_hd = "hd95" in summary
+    lines = [title] if title else []
+    lines.append("| organ | Dice |" + (" HD95 (mm) |" if has_hd else ""))
+    lines.append("|---|---|" + ("---|" if has_hd else ""))
+
+    def f(v, nd):
+        return "n/a" if v is None else f"{v:.{nd}f}"
+
+    for o in organs:
+        lines.append(f"| {o} | {f(summary['dice'][o], 3)} |" + (f" {f(summary['hd95'][o], 1)} |" if has_hd else ""))
+    lines.append(f"| **mean** | **{f(summary['dice_mean'], 3)}** |" + (f" **{f(summary['hd95_mean'], 1)}** |" if has_hd else ""))
+    return "\n".join(lines)
+
+
+def collect_cases(ids: List[str], dice: Tensor, hd95: Optional[Tensor], organs: Sequence[str]) -> List[Dict]:
+    """Per-case records for ``results.json`` (benchmarks bootstrap over them)."""
+    rows = []
+    for i, cid in enumerate(ids):
+        row = {"id": cid, "dice": {o: (None if math.isnan(float(v)) else float(v)) for o, v in zip(organs, dice[i])}}
+        if hd95 is not None:
+            row["hd95"] = {o: (None if math.isnan(float(v)) else float(v)) for o, v in zip(organs, hd95[i])}
+        rows.append(row)
+    return rows

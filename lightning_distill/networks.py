@@ -1,0 +1,139 @@
+"""Network factories keyed by short names.
+
+* 3D (the teacher): MONAI ``UNet`` (default), ``DynUNet``, ``SwinUNETR``.
+* 2D (the student): any segmentation-models-pytorch architecture (``Unet``, ``FPN``,
+  ``DeepLabV3Plus``, ...) with any of its encoders; ``encoder_weights`` is always ``None`` by default
+  (nothing is downloaded at run time).
+
+Each network also has a *head* module name: the module whose input is the penultimate feature map
+(used by feature-space prototypes and feature distillation through forward hooks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+def _monai_unet(spatial_dims: int, in_channels: int, out_channels: int, **kw) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    kw.setdefault("channels", (16, 32, 64, 128))
+    kw.setdefault("strides", (2,) * (len(kw["channels"]) - 1))
+    kw.setdefault("num_res_units", 1)
+    return UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kw)
+
+
+def _monai_dynunet(spatial_dims: int, in_channels: int, out_channels: int, **kw) -> nn.Module:
+    from monai.networks.nets import DynUNet
+
+    depth = int(kw.pop("depth", 4))
+    kw.setdefault("kernel_size", [3] * depth)
+    kw.setdefault("strides", [1] + [2] * (depth - 1))
+    kw.setdefault("upsample_kernel_size", [2] * (depth - 1))
+    kw.setdefault("filters", [16 * 2**i for i in range(depth)])
+    return DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kw)
+
+
+def _monai_swinunetr(spatial_dims: int, in_channels: int, out_channels: int, **kw) -> nn.Module:
+    from monai.networks.nets import SwinUNETR
+
+    kw.setdefault("feature_size", 12)
+    return SwinUNETR(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kw)
+
+
+MONAI_NETWORKS: Dict[str, Callable[..., nn.Module]] = {
+    "UNet": _monai_unet,
+    "DynUNet": _monai_dynunet,
+    "SwinUNETR": _monai_swinunetr,
+}
+MONAI_HEADS = {"UNet": "model.2", "DynUNet": "output_block", "SwinUNETR": "out"}
+
+
+def smp_architectures() -> Dict[str, type]:
+    import segmentation_models_pytorch as smp
+
+    return {cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()} if hasattr(
+        smp, "MODEL_ARCHITECTURES_MAPPING"
+    ) else {n: getattr(smp, n) for n in ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN")}
+
+
+def build_network(
+    name: str,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    encoder: str = "resnet18",
+    kwargs: Optional[Mapping[str, Any]] = None,
+) -> nn.Module:
+    """Build a segmentation network by short name.
+
+    Args:
+        name: a MONAI name (3D: ``UNet``, ``DynUNet``, ``SwinUNETR``; also usable in 2D) or an smp
+            architecture (2D only).
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        out_channels: number of classes K.
+        encoder: smp encoder name (ignored by MONAI networks).
+        kwargs: extra constructor arguments.
+
+    Raises:
+        KeyError: unknown name; the message lists the valid names.
+        ValueError: an smp architecture asked for in 3D.
+    """
+    kw = dict(kwargs or {})
+    if name in MONAI_NETWORKS:
+        return MONAI_NETWORKS[name](spatial_dims, in_channels, out_channels, **kw)
+    archs = smp_architectures()
+    if name in archs:
+        if spatial_dims != 2:
+            raise ValueError(f"segmentation-models-pytorch architecture {name!r} is 2D only; for 3D use one of {sorted(MONAI_NETWORKS)}")
+        import segmentation_models_pytorch as smp
+
+        kw.setdefault("encoder_weights", None)
+        return smp.create_model(name, encoder_name=encoder, in_channels=in_channels, classes=out_channels, **kw)
+    raise KeyError(
+        f"unknown network {name!r}; valid names: MONAI (2D/3D) {sorted(MONAI_NETWORKS)}, "
+        f"segmentation-models-pytorch (2D) {sorted(archs)}"
+    )
+
+
+def head_module_name(name: str) -> str:
+    """Name of the module whose *input* is the penultimate feature map of network ``name``."""
+    return MONAI_HEADS.get(name, "segmentation_head")
+
+
+class InputHook:
+    """Keep the input (or output) of a submodule found by name, through a forward hook.
+
+    Args:
+        net: the network.
+        module_name: dotted name as in ``net.named_modules()``.
+        which: ``"input"`` (the first positional input) or ``"output"``.
+        detach: store a detached tensor.
+    """
+
+    def __init__(self, net: nn.Module, module_name: str, which: str = "input", detach: bool = False):
+        modules = dict(net.named_modules())
+        if module_name not in modules:
+            near = [n for n in modules if n and (module_name.split(".")[0] in n)] or [n for n in modules if n][:20]
+            raise KeyError(f"module {module_name!r} not found in {type(net).__name__}; some valid names: {near[:20]}")
+        if which not in ("input", "output"):
+            raise ValueError(f"which must be 'input' or 'output', got {which!r}")
+        self.which, self.detach, self.value = which, detach, None
+        self.handle = modules[module_name].register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        v = inputs[0] if self.which == "input" else output
+        self.value = v.detach() if self.detach else v
+
+    def pop(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError("the hooked module has not run since the last pop()")
+        v, self.value = self.value, None
+        return v
+
+    def remove(self) -> None:
+        self.handle.remove()

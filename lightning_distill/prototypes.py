@@ -1,0 +1,280 @@
+"""The prototype bank: class-wise prediction-distribution centroids, as a Lightning callback.
+
+During teacher pretraining the bank accumulates, for each class k, the mean of a per-voxel vector
+over the voxels whose ground truth is k (Yu et al. 2024): by default the softmax (temperature tau)
+of the network's prediction, giving a K x K matrix; with ``space="feature"`` the penultimate feature
+map (the input of the network's head, found by module name through a forward hook), giving K x D.
+
+* Running mean (default): sums and counts over the training batches from ``start`` (a fraction of
+  the training steps) to the end, so early, untrained predictions are left out.
+* EMA (``momentum`` set): ``P_k <- m P_k + (1 - m) batch_mean_k`` for every class in the batch.
+* Under DDP, per-batch sums and counts are all-reduced (summed) before the update, so every process
+  holds the same bank, equal to a single process over the union of the batches.
+* The state is saved and restored through ``state_dict`` / ``load_state_dict`` (so it is part of
+  Lightning checkpoints), and exported at the end of training with :func:`save_bank` (rank 0 only).
+
+The same callback runs in a student run, where it records the student's own prototypes (exported
+as ``student_prototypes.pt``) for comparison with the teacher's bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_distill import __version__
+from lightning_distill.losses.prototype import class_means, masked_class_sums
+from lightning_distill.networks import InputHook
+
+BANK_FORMAT = 1
+_REQUIRED = ("prototypes", "counts", "class_names", "num_classes", "tau", "space")
+
+
+@dataclass
+class Bank:
+    """A loaded prototype bank (see :func:`save_bank` for the file format)."""
+
+    prototypes: torch.Tensor  # (K, C) float32
+    counts: torch.Tensor  # (K,) voxels (or batches for EMA) that contributed to each row
+    class_names: List[str]
+    tau: float
+    space: str
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def present(self) -> torch.Tensor:
+        return self.counts > 0
+
+    def check_classes(self, class_names: Sequence[str], source: str = "") -> None:
+        """Raise ``ValueError`` unless the bank's class names equal ``class_names`` (in order)."""
+        if list(class_names) != list(self.class_names):
+            missing = [c for c in class_names if c not in self.class_names]
+            extra = [c for c in self.class_names if c not in class_names]
+            raise ValueError(
+                f"prototype bank {source or ''} was built for classes {list(self.class_names)} but this run "
+                f"segments {list(class_names)} (missing from bank: {missing}; not in this run: {extra}"
+                f"{'; same names in another order' if not missing and not extra else ''}). "
+                "Use a bank exported by a teacher trained with the same class names."
+            )
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: str | os.PathLike) -> Optional[str]:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_bank(path: str | os.PathLike, bank: Bank) -> None:
+    """Write a bank atomically (temp file + rename) as a plain dict of tensors and metadata.
+
+    Keys: ``prototypes`` (K x C float32), ``counts`` (K), ``class_names``, ``num_classes``, ``tau``,
+    ``space`` (``prob``/``feature``), ``format``, ``version`` and the metadata (``mode``, ``config``,
+    ``checkpoint``, ``checkpoint_sha256``, ...).
+    """
+    obj = {
+        **bank.meta,
+        "prototypes": bank.prototypes.detach().float().cpu(),
+        "counts": bank.counts.detach().cpu(),
+        "class_names": list(bank.class_names),
+        "num_classes": len(bank.class_names),
+        "tau": float(bank.tau),
+        "space": bank.space,
+        "format": BANK_FORMAT,
+        "version": __version__,
+    }
+    _atomic_torch_save(obj, Path(path))
+
+
+def load_bank(path: str | os.PathLike) -> Bank:
+    """Load and validate a bank written by :func:`save_bank`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable/truncated file, missing keys, or inconsistent shapes; the message
+            names the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prototype bank {str(p)!r} does not exist (train a teacher first: `make train-teacher`)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling error means a bad file
+        raise ValueError(f"prototype bank {str(p)!r} could not be read ({type(e).__name__}: {e}); the file is truncated or not a bank") from e
+    if not isinstance(obj, dict) or any(k not in obj for k in _REQUIRED):
+        missing = [k for k in _REQUIRED if not isinstance(obj, dict) or k not in obj]
+        raise ValueError(f"prototype bank {str(p)!r} lacks the keys {missing}; it was not written by lightning_distill")
+    protos, counts = obj["prototypes"], obj["counts"]
+    k = len(obj["class_names"])
+    if protos.ndim != 2 or protos.shape[0] != k or counts.shape != (k,) or obj["num_classes"] != k:
+        raise ValueError(f"prototype bank {str(p)!r} is inconsistent: prototypes {tuple(protos.shape)}, counts {tuple(counts.shape)}, {k} class names")
+    if not torch.isfinite(protos).all():
+        raise ValueError(f"prototype bank {str(p)!r} contains NaN or Inf values")
+    meta = {kk: v for kk, v in obj.items() if kk not in _REQUIRED}
+    return Bank(protos.float(), counts, list(obj["class_names"]), float(obj["tau"]), str(obj["space"]), meta)
+
+
+class PrototypeBank(Callback):
+    """Accumulate class prototypes of the training predictions (or features).
+
+    The LightningModule's ``training_step`` must return a dict with ``loss`` and ``logits``
+    (``B x K x *spatial``); labels are read from ``batch["label"]``.
+
+    Args:
+        class_names: the K class names (background first).
+        space: ``"prob"`` (softmax of logits / tau, K x K) or ``"feature"`` (K x D).
+        tau: softmax temperature for ``space="prob"``.
+        momentum: ``None`` for the running mean; a value in (0, 1) for an EMA.
+        start: fraction of the training steps (``trainer.max_steps``, else epochs) before which
+            batches are not accumulated.
+        feature_layer: for ``space="feature"``, the name of the module whose input is the feature
+            map (e.g. ``"segmentation_head"``; see :func:`lightning_distill.networks.head_module_name`).
+        export_path: where :meth:`on_train_end` writes the bank (``None``: do not export).
+        metadata: extra entries for the exported file (e.g. the resolved config).
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        space: str = "prob",
+        tau: float = 1.0,
+        momentum: Optional[float] = None,
+        start: float = 0.5,
+        feature_layer: Optional[str] = None,
+        export_path: Optional[str] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+    ):
+        if space not in ("prob", "feature"):
+            raise ValueError(f"space must be 'prob' or 'feature', got {space!r}")
+        if space == "feature" and not feature_layer:
+            raise ValueError("space='feature' needs feature_layer (the name of the network's head module)")
+        if momentum is not None and not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must be in (0, 1) or None, got {momentum}")
+        if not 0.0 <= start < 1.0:
+            raise ValueError(f"start must be in [0, 1), got {start}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.space, self.tau, self.momentum, self.start = space, float(tau), momentum, float(start)
+        self.feature_layer, self.export_path = feature_layer, export_path
+        self.metadata = dict(metadata or {})
+        self.sums: Optional[torch.Tensor] = None  # (K, C) float64 (running mean) or means (EMA)
+        self.counts = torch.zeros(self.num_classes, dtype=torch.float64)
+        self._hook: Optional[InputHook] = None
+
+    # ----------------------------------------------------------------- state
+    @property
+    def prototypes(self) -> Optional[torch.Tensor]:
+        """Current ``(K, C)`` float32 prototypes (rows of unseen classes are 0), or ``None``."""
+        if self.sums is None:
+            return None
+        p = self.sums if self.momentum is not None else class_means(self.sums, self.counts)
+        return p.float()
+
+    def bank(self) -> Bank:
+        if self.sums is None:
+            raise RuntimeError("the prototype bank is empty: no training batch was accumulated (is `start` too late?)")
+        meta = {"mode": "ema" if self.momentum is not None else "running_mean", "momentum": self.momentum,
+                "start": self.start, "feature_layer": self.feature_layer, **self.metadata}
+        return Bank(self.prototypes, self.counts.clone(), self.class_names, self.tau, self.space, meta)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sums": None if self.sums is None else self.sums.clone(), "counts": self.counts.clone(),
+                "class_names": self.class_names, "space": self.space, "tau": self.tau, "momentum": self.momentum}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if list(state_dict.get("class_names", [])) != self.class_names:
+            raise ValueError(f"checkpointed prototype bank has classes {state_dict.get('class_names')}, this run has {self.class_names}")
+        self.sums = None if state_dict["sums"] is None else state_dict["sums"].clone()
+        self.counts = state_dict["counts"].clone()
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.space == "feature" and self._hook is None:
+            self._hook = InputHook(pl_module.net, self.feature_layer, which="input", detach=True)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _active(self, trainer: Trainer) -> bool:
+        if self.start <= 0:
+            return True
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.global_step >= self.start * trainer.max_steps
+        if trainer.max_epochs and trainer.max_epochs > 0:
+            return trainer.current_epoch >= int(self.start * trainer.max_epochs)
+        return True
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        feats = self._hook.pop() if self._hook is not None and self._hook.value is not None else None
+        if not self._active(trainer):
+            return
+        if not isinstance(outputs, dict) or "logits" not in outputs:
+            raise RuntimeError("PrototypeBank needs training_step to return a dict with 'logits'")
+        if self.space == "prob":
+            values = torch.softmax(outputs["logits"].detach().float() / self.tau, dim=1)
+        else:
+            if feats is None:
+                raise RuntimeError(f"feature hook on {self.feature_layer!r} captured nothing in this batch")
+            values = feats.float()
+        sums, counts = masked_class_sums(values, batch["label"], self.num_classes)
+        sums, counts = sums.double(), counts.double()
+        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+            packed = torch.cat([sums.flatten(), counts]).to(pl_module.device)
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            packed = packed.cpu()
+            sums, counts = packed[: sums.numel()].view_as(sums), packed[sums.numel():]
+        sums, counts = sums.cpu(), counts.cpu()
+        if self.momentum is None:
+            self.sums = sums if self.sums is None else self.sums + sums
+            self.counts = self.counts + counts
+        else:
+            means = class_means(sums, counts)
+            present = counts > 0
+            if self.sums is None:
+                self.sums = torch.zeros_like(means)
+            first = present & (self.counts == 0)
+            upd = present & ~first
+            self.sums[first] = means[first]
+            self.sums[upd] = self.momentum * self.sums[upd] + (1 - self.momentum) * means[upd]
+            self.counts = self.counts + present.double()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.export_path:
+            ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(trainer.checkpoint_callback, "best_model_path", "")
+            self.metadata.setdefault("checkpoint", ckpt or None)
+            self.metadata["checkpoint_sha256"] = file_sha256(ckpt) if ckpt else None
+            self._export(trainer)
+
+    def _export(self, trainer: Trainer) -> None:
+        if trainer.is_global_zero:
+            save_bank(self.export_path, self.bank())
