@@ -29,7 +29,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_distill import __version__
 from lightning_distill.losses.prototype import class_means, masked_class_sums
@@ -270,11 +269,16 @@ class PrototypeBank(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.export_path:
-            ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(trainer.checkpoint_callback, "best_model_path", "")
-            self.metadata.setdefault("checkpoint", ckpt or None)
-            self.metadata["checkpoint_sha256"] = file_sha256(ckpt) if ckpt else None
-            self._export(trainer)
+            cb = trainer.checkpoint_callback
+            self.export(trainer, getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") or None)
 
-    def _export(self, trainer: Trainer) -> None:
-        if trainer.is_global_zero:
+    def export(self, trainer: Trainer, checkpoint: Optional[str] = None) -> None:
+        """Write the bank to ``export_path`` (rank 0 only), recording ``checkpoint`` and its SHA-256.
+
+        Lightning runs checkpoint callbacks last, so the run's final checkpoint may not exist yet
+        in ``on_train_end``; the runner calls this again after ``fit`` to record it.
+        """
+        self.metadata["checkpoint"] = checkpoint
+        self.metadata["checkpoint_sha256"] = file_sha256(checkpoint) if checkpoint else None
+        if trainer.is_global_zero and self.export_path:
             save_bank(self.export_path, self.bank())

@@ -1,0 +1,56 @@
+"""Command line: ``lightning-distill fit CONFIG.yaml [key=value ...]``.
+
+Overrides use OmegaConf's dotlist form, the same ``key=value`` words a W&B sweep agent passes with
+``${args_no_hyphens}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from lightning_distill import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightning-distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"lightning_distill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="train (teacher or student, by the config's `stage`), then test and write results")
+    f.add_argument("config", help="YAML run config (see experiments/)")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train_fraction=0.25 distill.weight=0")
+    c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+    from omegaconf import OmegaConf
+
+    from lightning_distill.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"lightning-distill: error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+    from lightning_distill.train import fit
+
+    try:
+        fit(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"lightning-distill: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Run configuration: structured OmegaConf schemas, YAML files and ``key=value`` overrides.
+
+A run config is a YAML file validated against :class:`RunConfig`; overrides use OmegaConf's dotlist
+form (``data.train_fraction=0.25 distill.weight=0``), which is also what a W&B sweep agent passes
+with ``${args_no_hyphens}``. Unknown keys and wrong types fail with a :class:`ConfigError` that names
+the key and lists the valid keys nearby. ``trainer.*`` is passed to ``lightning.Trainer`` and checked
+against its signature.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and what is allowed."""
+
+
+@dataclass
+class PhantomConfig:
+    """Synthetic phantom population (see :class:`lightning_distill.data.phantom.PhantomSpec`)."""
+
+    seed: int = 0
+    phases: List[str] = field(default_factory=lambda: ["noncontrast", "arterial", "venous"])
+    noise_hu: List[float] = field(default_factory=lambda: [10.0, 25.0])
+    blur: float = 0.6
+    slice_z: List[float] = field(default_factory=lambda: [-0.5, -0.1])
+
+
+@dataclass
+class DataConfig:
+    source: str = "phantom"
+    num_subjects: int = 160
+    shape: List[int] = field(default_factory=lambda: [128, 128])
+    val_subjects: int = 20
+    test_subjects: int = 40
+    train_fraction: float = 1.0
+    train_subjects: Optional[int] = None
+    split_seed: int = 0
+    batch_size: int = 8
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 0
+    augment: bool = True
+    patch_size: Optional[List[int]] = None
+    window: List[float] = field(default_factory=lambda: [-175.0, 250.0])
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Network by short name: MONAI ``UNet``/``DynUNet``/``SwinUNETR`` or any smp architecture."""
+
+    name: str = "Unet"
+    encoder: str = "resnet18"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+
+
+@dataclass
+class LossConfig:
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+
+
+@dataclass
+class BankConfig:
+    """Prototype bank accumulated during training (the teacher's is exported for the student)."""
+
+    space: str = "prob"  # prob (K x K) | feature (K x D)
+    tau: float = 1.0
+    momentum: Optional[float] = None  # None: running mean; (0, 1): EMA
+    start: float = 0.5  # fraction of training steps before accumulation starts
+    feature_layer: Optional[str] = None  # default: the network's head module
+    export: str = "prototypes.pt"  # file name in output_dir
+
+
+@dataclass
+class DistillConfig:
+    """Student distillation: lambda * (beta * inter + gamma * intra) prototype DIST."""
+
+    weight: float = 1.0  # lambda; 0 = baseline
+    prototypes: Optional[str] = None  # path of the teacher's prototypes.pt
+    beta: float = 1.0
+    gamma: float = 1.0
+    tau: Optional[float] = None  # default: the bank's tau
+    feature_layer: Optional[str] = None  # feature-space banks: the student's head module
+
+
+@dataclass
+class RunConfig:
+    stage: str = "student"  # teacher | student
+    output_dir: str = "runs/student"
+    seed: int = 0
+    classes: Optional[List[str]] = None  # default: the data source's class names
+    logger: str = "csv"  # csv | wandb | none
+    val_hd95: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+_CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "none"), "data.source": ("phantom",),
+            "bank.space": ("prob", "feature"), "optim.scheduler": ("cosine", "none")}
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig) and not (full == "trainer" or full.endswith("kwargs")):
+                keys.extend(_all_keys(child, full + "."))
+    return keys
+
+
+def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    schema_keys = _all_keys(OmegaConf.structured(RunConfig))
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+        near = difflib.get_close_matches(key, schema_keys, n=5, cutoff=0.5)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        siblings = [k for k in schema_keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
+        msg = f"{where}: unknown config key {key!r}."
+        if near:
+            msg += f" Did you mean {', '.join(repr(n) for n in near)}?"
+        msg += f" Valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(siblings)}"
+        return ConfigError(msg)
+    return ConfigError(f"{where}: invalid value for {key!r}: {e.msg if hasattr(e, 'msg') else e}")
+
+
+def _check_trainer(trainer: Dict[str, Any], where: str) -> None:
+    import lightning as L
+
+    valid = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
+    for k in trainer:
+        if k not in valid:
+            near = difflib.get_close_matches(k, valid, n=3, cutoff=0.5)
+            raise ConfigError(f"{where}: unknown key 'trainer.{k}' (passed to lightning.Trainer)."
+                              + (f" Did you mean {', '.join('trainer.' + n for n in near)}?" if near else "")
+                              + f" Valid trainer keys: {', '.join(valid)}")
+    for k in ("callbacks", "logger", "default_root_dir"):
+        if k in trainer:
+            raise ConfigError(f"{where}: 'trainer.{k}' is set by lightning_distill itself (use output_dir / logger)")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load ``path`` (YAML) over the schema defaults, then apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or a value outside the allowed choices.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    cfg = OmegaConf.structured(RunConfig)
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+            try:
+                file_cfg = OmegaConf.load(p)
+            except Exception as e:  # yaml errors
+                raise ConfigError(f"{p}: not valid YAML ({e})") from e
+            cfg = OmegaConf.merge(cfg, file_cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path)) from None
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise _explain(e, "command-line override") from None
+    where = str(path) if path else "config"
+    _check_trainer(OmegaConf.to_container(cfg.trainer), where)
+    for key, choices in _CHOICES.items():
+        v = OmegaConf.select(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"{where}: {key}={v!r} is not one of {list(choices)}")
+    return cfg
+
+
+def to_dict(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,243 @@
+"""LightningModules: 3D teacher pretraining and 2D student distillation share one ``model_step``.
+
+The module takes its network, loss settings and optimizer settings as arguments. Loss terms are a
+weighted sum whose terms are each logged (``train/seg_dice``, ``train/seg_ce``, ``train/dist_inter``,
+...); metrics are logged as ``split/name`` (``val/dice``, ``val/dice_liver``, ``test/hd95``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceLoss
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_distill.losses.prototype import masked_class_mean, prototype_dist_terms
+from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, summarize
+from lightning_distill.networks import InputHook
+from lightning_distill.prototypes import Bank
+
+
+class SegmentationModule(L.LightningModule):
+    """Supervised segmentation (Dice + CE) for 2D or 3D networks: the teacher, and the baseline.
+
+    Args:
+        net: network mapping ``(B, C, *spatial)`` to ``(B, K, *spatial)`` logits.
+        class_names: the K class names, background first.
+        lr, weight_decay: AdamW settings.
+        scheduler: ``"cosine"`` (per step, to ``trainer.max_steps``) or ``"none"``.
+        dice_weight, ce_weight: weights of the segmentation terms.
+        roi_size: sliding-window size for validation/test inference (``None``: whole input).
+        val_hd95: also compute HD95 during validation (slower); test always computes it.
+        config: resolved run config, saved with the hyperparameters (so it is in checkpoints).
+    """
+
+    def __init__(self, net: nn.Module, class_names: Sequence[str], lr: float = 1e-3, weight_decay: float = 1e-4,
+                 scheduler: str = "cosine", dice_weight: float = 1.0, ce_weight: float = 1.0,
+                 roi_size: Optional[Sequence[int]] = None, val_hd95: bool = False, config: Optional[Dict] = None):
+        super().__init__()
+        if scheduler not in ("cosine", "none"):
+            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.organs = self.class_names[1:]
+        self.dice_loss = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        self.val_dice = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
+        self.val_hd = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
+        self._test_rows: List[Dict[str, Any]] = []
+        self.test_summary: Optional[Dict] = None
+
+    # ------------------------------------------------------------------ core
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """Logits for a whole input (sliding window when ``roi_size`` is set)."""
+        roi = self.hparams.roi_size
+        if roi is not None and any(s > r for s, r in zip(x.shape[2:], roi)):
+            return sliding_window_inference(x, roi_size=list(roi), sw_batch_size=2, predictor=self.net, overlap=0.25)
+        return self.net(x)
+
+    def seg_terms(self, logits: Tensor, label: Tensor) -> Dict[str, Tensor]:
+        return {"seg_dice": self.dice_loss(logits, label), "seg_ce": F.cross_entropy(logits, label[:, 0])}
+
+    def extra_terms(self, batch: Dict, logits: Tensor) -> Dict[str, Tensor]:
+        """Additional (weighted) loss terms; none for plain segmentation."""
+        return {}
+
+    def term_weights(self) -> Dict[str, float]:
+        return {"seg_dice": self.hparams.dice_weight, "seg_ce": self.hparams.ce_weight}
+
+    def model_step(self, batch: Dict, train: bool = True) -> Dict[str, Any]:
+        """Shared by train/val/test: logits, every loss term, and their weighted sum."""
+        image, label = batch["image"], batch["label"]
+        logits = self.net(image) if train else self.predict_logits(image)
+        terms = self.seg_terms(logits, label)
+        if train:
+            terms.update(self.extra_terms(batch, logits))
+        w = self.term_weights()
+        loss = sum(w.get(k, 0.0) * v for k, v in terms.items() if w.get(k, 0.0) != 0.0)
+        return {"loss": loss, "logits": logits, "terms": terms}
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Dict, batch_idx: int):
+        out = self.model_step(batch, train=True)
+        bs = batch["image"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        for k, v in out["terms"].items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        return {"loss": out["loss"], "logits": out["logits"].detach()}
+
+    def validation_step(self, batch: Dict, batch_idx: int):
+        out = self.model_step(batch, train=False)
+        pred = out["logits"].argmax(1)
+        dice = per_case_dice(pred, batch["label"], self.num_classes)
+        for i, m in enumerate(self.val_dice):
+            m.update(dice[:, i])
+        if self.hparams.val_hd95:
+            hd = per_case_hd95(pred, batch["label"], self.num_classes, batch["spacing"].cpu().numpy())
+            for i, m in enumerate(self.val_hd):
+                m.update(hd[:, i])
+        self.log("val/loss", out["loss"], batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        per_organ = [m.compute() for m in self.val_dice]
+        for o, v in zip(self.organs, per_organ):
+            self.log(f"val/dice_{o}", v)
+        self.log("val/dice", torch.nanmean(torch.stack(per_organ)), prog_bar=True)
+        for m in self.val_dice:
+            m.reset()
+        if self.hparams.val_hd95:
+            per_organ = [m.compute() for m in self.val_hd]
+            for o, v in zip(self.organs, per_organ):
+                self.log(f"val/hd95_{o}", v)
+            self.log("val/hd95", torch.nanmean(torch.stack(per_organ)))
+            for m in self.val_hd:
+                m.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self._test_rows = []
+
+    def test_step(self, batch: Dict, batch_idx: int):
+        out = self.model_step(batch, train=False)
+        pred = out["logits"].argmax(1)
+        dice = per_case_dice(pred, batch["label"], self.num_classes).cpu()
+        hd = per_case_hd95(pred, batch["label"], self.num_classes, batch["spacing"].cpu().numpy())
+        for i, cid in enumerate(batch["id"]):
+            self._test_rows.append({"id": cid, "dice": dice[i], "hd95": hd[i]})
+
+    def on_test_epoch_end(self) -> None:
+        rows = self._test_rows
+        if self.trainer.world_size > 1:  # gather every process's cases (objects: variable length)
+            gathered: List = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            seen, rows = set(), []
+            for part in gathered:
+                for r in part:
+                    if r["id"] not in seen:  # the distributed sampler may repeat cases to even out
+                        seen.add(r["id"])
+                        rows.append(r)
+        rows = sorted(rows, key=lambda r: r["id"])
+        dice = torch.stack([r["dice"] for r in rows])
+        hd = torch.stack([r["hd95"] for r in rows])
+        summary = summarize(dice, hd, self.organs)
+        summary["cases"] = collect_cases([r["id"] for r in rows], dice, hd, self.organs)
+        self.test_summary = summary
+        self.log("test/dice", summary["dice_mean"] if summary["dice_mean"] is not None else float("nan"))
+        self.log("test/hd95", summary["hd95_mean"] if summary["hd95_mean"] is not None else float("nan"))
+        for o in self.organs:
+            v = summary["dice"][o]
+            self.log(f"test/dice_{o}", float("nan") if v is None else v)
+
+    def predict_step(self, batch: Dict, batch_idx: int):
+        return self.predict_logits(batch["image"]).argmax(1)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "cosine":
+            total = self.trainer.estimated_stepping_batches
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
+
+
+TeacherModule = SegmentationModule
+"""The 3D teacher is plain supervised segmentation; the prototype bank callback watches it."""
+
+
+class StudentModule(SegmentationModule):
+    """2D student: segmentation + lambda * prototype DIST against a teacher's exported bank.
+
+    The teacher network is never loaded: only its bank (a ``K x C`` matrix) is, and it is kept as a
+    buffer so checkpoints carry it. With ``distill_weight = 0`` (or no bank) this is the baseline.
+
+    Args:
+        bank: the teacher's prototype bank (``None`` for the baseline).
+        distill_weight: lambda.
+        beta, gamma: weights of the inter- and intra-class relation terms.
+        tau: softmax temperature of the student's prototypes (``prob`` space). Defaults to the bank's.
+        feature_layer: for a ``feature``-space bank, the student's head module name; its input feature
+            map is projected to the bank's D channels by a learned 1x1 convolution.
+        **kwargs: :class:`SegmentationModule` arguments.
+    """
+
+    def __init__(self, net: nn.Module, class_names: Sequence[str], bank: Optional[Bank] = None,
+                 distill_weight: float = 1.0, beta: float = 1.0, gamma: float = 1.0, tau: Optional[float] = None,
+                 feature_layer: Optional[str] = "segmentation_head", **kwargs):
+        super().__init__(net, class_names, **kwargs)
+        self.distill_weight, self.beta, self.gamma = float(distill_weight), float(beta), float(gamma)
+        self.space = bank.space if bank is not None else "prob"
+        self.tau = float(tau if tau is not None else (bank.tau if bank is not None else 1.0))
+        self.projector: Optional[nn.Module] = None
+        self._hook: Optional[InputHook] = None
+        if bank is not None:
+            bank.check_classes(self.class_names, str(bank.meta.get("path", "")))
+            self.register_buffer("teacher_prototypes", bank.prototypes.clone().float())
+            self.register_buffer("teacher_present", bank.present.clone())
+            if self.space == "feature":
+                if not feature_layer:
+                    raise ValueError("a feature-space bank needs the student's feature_layer (head module name)")
+                d = bank.prototypes.shape[1]
+                conv = nn.Conv3d if any(isinstance(m, nn.Conv3d) for m in net.modules()) else nn.Conv2d
+                self.projector = nn.Sequential(conv(self._head_channels(net, feature_layer), d, kernel_size=1))
+                self._hook = InputHook(net, feature_layer, which="input")
+        else:
+            self.teacher_prototypes = None
+        self.student_batch_prototypes: Optional[Tensor] = None  # last batch's, for inspection
+
+    @staticmethod
+    def _head_channels(net: nn.Module, name: str) -> int:
+        head = dict(net.named_modules())[name]
+        for m in head.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                return m.in_channels
+        raise ValueError(f"cannot tell the input channels of head module {name!r}")
+
+    def term_weights(self) -> Dict[str, float]:
+        w = super().term_weights()
+        lam = self.distill_weight if self.teacher_prototypes is not None else 0.0
+        w.update({"dist_inter": lam * self.beta, "dist_intra": lam * self.gamma})
+        return w
+
+    def extra_terms(self, batch: Dict, logits: Tensor) -> Dict[str, Tensor]:
+        if self.teacher_prototypes is None:  # no bank: plain baseline
+            return {}
+        # with a bank and lambda = 0 the terms are still computed and logged (weight 0), so a
+        # baseline run can be compared with the distilled one on the same relation measures
+        if self.space == "prob":
+            values = torch.softmax(logits.float() / self.tau, dim=1)
+        else:
+            values = self.projector(self._hook.pop()).float()
+        p_s, present = masked_class_mean(values, batch["label"], self.num_classes)
+        present = present & self.teacher_present
+        self.student_batch_prototypes = p_s.detach()
+        inter, intra = prototype_dist_terms(p_s, self.teacher_prototypes, present)
+        return {"dist_inter": inter, "dist_intra": intra}

@@ -1,0 +1,156 @@
+"""Build data, network, module, callbacks and trainer from a :class:`RunConfig` and run ``fit``.
+
+Every run writes into ``output_dir``: the resolved ``config.yaml``, ``checkpoints/`` (``best.ckpt``
+by ``val/dice`` and ``last.ckpt``), ``logs/`` (CSV metrics), ``results.json`` and, for a teacher,
+the prototype bank (``prototypes.pt``); a student also exports its own prototypes
+(``student_prototypes.pt``) for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_distill import __version__
+from lightning_distill.config import to_dict
+from lightning_distill.data.datamodules import SegmentationDataModule, SliceDataModule, VolumeDataModule
+from lightning_distill.data.phantom import PhantomSpec
+from lightning_distill.data.sources import PhantomSource, SubjectSource
+from lightning_distill.metrics import format_table
+from lightning_distill.modules import SegmentationModule, StudentModule
+from lightning_distill.networks import build_network, head_module_name
+from lightning_distill.prototypes import PrototypeBank, load_bank
+
+
+def build_source(cfg: DictConfig) -> SubjectSource:
+    d = cfg.data
+    if d.source == "phantom":
+        p = d.phantom
+        spec = PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur, slice_z=tuple(p.slice_z))
+        return PhantomSource(spec, d.num_subjects, tuple(d.shape), window=tuple(d.window))
+    raise ValueError(f"unknown data.source {d.source!r}")
+
+
+def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None) -> SegmentationDataModule:
+    source = source or build_source(cfg)
+    d = cfg.data
+    cls = VolumeDataModule if source.spatial_dims == 3 else SliceDataModule
+    return cls(source, batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
+               train_fraction=d.train_fraction, train_subjects=d.train_subjects, split_seed=d.split_seed,
+               num_workers=d.num_workers, augment=d.augment, patch_size=d.patch_size, eval_batch_size=d.eval_batch_size)
+
+
+def class_names(cfg: DictConfig, source: SubjectSource):
+    names = list(cfg.classes) if cfg.classes else list(source.class_names)
+    if list(source.class_names) != names:
+        raise ValueError(f"config classes {names} differ from the data's classes {list(source.class_names)}")
+    return names
+
+
+def build_module(cfg: DictConfig, names, spatial_dims: int) -> SegmentationModule:
+    net = build_network(cfg.model.name, spatial_dims, 1, len(names), encoder=cfg.model.encoder,
+                        kwargs=OmegaConf.to_container(cfg.model.kwargs))
+    common = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, scheduler=cfg.optim.scheduler,
+                  dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight,
+                  roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, val_hd95=cfg.val_hd95,
+                  config=to_dict(cfg))
+    if cfg.stage == "teacher":
+        return SegmentationModule(net, names, **common)
+    bank = None
+    if cfg.distill.prototypes:
+        bank = load_bank(cfg.distill.prototypes)
+        bank.meta["path"] = str(cfg.distill.prototypes)
+    elif cfg.distill.weight != 0:
+        raise ValueError("distill.weight is not 0 but distill.prototypes is not set: give the teacher's prototypes.pt "
+                         "(e.g. distill.prototypes=runs/teacher/prototypes.pt), or set distill.weight=0 for the baseline")
+    return StudentModule(net, names, bank=bank, distill_weight=cfg.distill.weight, beta=cfg.distill.beta,
+                         gamma=cfg.distill.gamma, tau=cfg.distill.tau,
+                         feature_layer=cfg.distill.feature_layer or head_module_name(cfg.model.name), **common)
+
+
+def _write_json(path: Path, obj: Dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _default_trainer_args() -> Dict[str, Any]:
+    gpu = torch.cuda.is_available()
+    return {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10, "num_sanity_val_steps": 0,
+            # bf16 autocast is ~2x slower than fp32 on CPUs without bf16 units
+            "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"}
+
+
+def _logger(cfg: DictConfig, out: Path):
+    if cfg.logger == "none":
+        return False
+    if cfg.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_MODE", "offline")
+        return WandbLogger(save_dir=str(out), project="lightning_distill", config=to_dict(cfg))
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(out), name="", version="logs")
+
+
+def fit(cfg: DictConfig) -> Dict[str, Any]:
+    """Train, test on the held-out split, and write the run's outputs. Returns ``results.json``'s dict."""
+    t0 = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    source = build_source(cfg)
+    names = class_names(cfg, source)
+    dm = build_datamodule(cfg, source)
+    module = build_module(cfg, names, source.spatial_dims)
+
+    teacher = cfg.stage == "teacher"
+    b = cfg.bank
+    bank_cb = PrototypeBank(names, space=b.space if teacher else "prob", tau=b.tau, momentum=b.momentum, start=b.start,
+                            feature_layer=(b.feature_layer or head_module_name(cfg.model.name)) if b.space == "feature" and teacher else None,
+                            export_path=str(out / (b.export if teacher else "student_prototypes.pt")),
+                            metadata={"config": to_dict(cfg), "stage": cfg.stage})
+    targs = {**_default_trainer_args(), **OmegaConf.to_container(cfg.trainer)}
+    fast = bool(targs.get("fast_dev_run"))
+    ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val/dice", mode="max",
+                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    callbacks = [bank_cb, ckpt]
+    logger = _logger(cfg, out)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **targs)
+    trainer.fit(module, datamodule=dm)
+    if bank_cb.sums is not None:  # re-export now that the final checkpoint exists (records its hash)
+        bank_cb.export(trainer, ckpt.last_model_path or None)
+    best = None if fast else (ckpt.best_model_path or None)
+    trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
+    summary = dict(module.test_summary or {})
+    cases = summary.pop("cases", [])
+    results = {
+        "stage": cfg.stage,
+        "test": summary,
+        "val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
+        "train_subjects": len(dm.train_ids),
+        "test_cases": cases,
+        "checkpoint": best,
+        "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes,
+        "wall_time_s": round(time.time() - t0, 1),
+        "version": __version__,
+    }
+    if trainer.is_global_zero:
+        _write_json(out / "results.json", results)
+        title = f"\n{cfg.stage} test Dice / HD95 ({summary.get('num_cases')} held-out subjects, {len(dm.train_ids)} training subjects) -> {out / 'results.json'}"
+        print(format_table(summary, title))
+    return results
