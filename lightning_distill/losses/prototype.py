@@ -79,7 +79,8 @@ def prototype_dist_terms(p_s: Tensor, p_t: Tensor, present: Optional[Tensor] = N
 
     Args:
         p_s: student prototypes ``(K, C)`` (carries the gradient).
-        p_t: teacher prototypes ``(K, C)`` (a constant: the bank).
+        p_t: teacher prototypes ``(K, C)`` (a constant: the bank; detached here, so no gradient
+            ever reaches the teacher side).
         present: ``(K,)`` bool mask; only these rows enter the loss. ``None`` uses all rows.
 
     Returns:
@@ -89,6 +90,7 @@ def prototype_dist_terms(p_s: Tensor, p_t: Tensor, present: Optional[Tensor] = N
     """
     if p_s.shape != p_t.shape:
         raise ValueError(f"student prototypes {tuple(p_s.shape)} and teacher prototypes {tuple(p_t.shape)} differ in shape")
+    p_t = p_t.detach()
     if present is not None:
         p_s, p_t = p_s[present], p_t[present]
     if p_s.shape[0] == 0:

@@ -1,0 +1,46 @@
+# lightning_distill: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEACHER_BANK ?= runs/teacher/prototypes.pt
+ARGS ?=
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: help install test test-all train-teacher train-student train-baseline clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@echo "  Extra overrides for the train targets: make train-student ARGS='data.train_fraction=0.25 seed=1'"
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch and torchvision pinned together: PyPI's torchvision only imports beside the matching torch
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package with its test tools (first use only)
+
+test: $(STAMP) ## run the fast test suite (slow tests deselected)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: $(STAMP) ## run every test, slow ones included
+	$(BIN)/python -m pytest -q
+
+train-teacher: $(STAMP) ## pretrain the 3D teacher on phantom volumes and export its prototype bank
+	$(BIN)/lightning-distill fit experiments/teacher.yaml $(ARGS)
+
+$(TEACHER_BANK): | $(STAMP)
+	$(BIN)/lightning-distill fit experiments/teacher.yaml
+
+train-student: $(STAMP) $(TEACHER_BANK) ## train the distilled 2D student (pretrains the teacher first if no bank exists)
+	$(BIN)/lightning-distill fit experiments/student.yaml distill.prototypes=$(TEACHER_BANK) $(ARGS)
+
+train-baseline: $(STAMP) ## train the plain 2D model (the student with lambda = 0)
+	$(BIN)/lightning-distill fit experiments/baseline.yaml $(ARGS)
+
+clean: ## remove run outputs (keeps .venv)
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,138 @@
+import os
+
+import pytest
+import torch
+
+from lightning_distill.data.phantom import CLASS_NAMES
+from lightning_distill.losses import masked_class_mean
+from lightning_distill.networks import build_network
+from lightning_distill.modules import StudentModule
+from lightning_distill.prototypes import Bank, PrototypeBank, load_bank, save_bank
+
+
+class _FakeTrainer:
+    world_size = 1
+    max_steps = 10
+    max_epochs = None
+    global_step = 0
+    current_epoch = 0
+    is_global_zero = True
+
+
+def _batches(n=3, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        yield torch.randn(2, k, 4, 4, generator=g), torch.randint(0, k, (2, 1, 4, 4), generator=g)
+
+
+def test_running_mean_equals_mean_over_all_accumulated_pixels():
+    names = ["background", "a", "b"]
+    cb = PrototypeBank(names, start=0.0)
+    all_logits, all_labels = [], []
+    for logits, labels in _batches():
+        cb.on_train_batch_end(_FakeTrainer(), None, {"logits": logits}, {"label": labels}, 0)
+        all_logits.append(logits)
+        all_labels.append(labels)
+    expected, _ = masked_class_mean(torch.softmax(torch.cat(all_logits), 1), torch.cat(all_labels), 3)
+    assert torch.allclose(cb.prototypes, expected, atol=1e-6)
+    assert cb.prototypes.dtype == torch.float32
+
+
+def test_ema_and_start_fraction():
+    names = ["background", "a", "b"]
+    cb = PrototypeBank(names, momentum=0.5, start=0.5)
+    t = _FakeTrainer()
+    batches = list(_batches(n=2))
+    cb.on_train_batch_end(t, None, {"logits": batches[0][0]}, {"label": batches[0][1]}, 0)
+    assert cb.sums is None  # step 0 < 0.5 * max_steps: not accumulated
+    t.global_step = 5
+    for logits, labels in batches:
+        cb.on_train_batch_end(t, None, {"logits": logits}, {"label": labels}, 0)
+    m0, _ = masked_class_mean(torch.softmax(batches[0][0], 1), batches[0][1], 3)
+    m1, _ = masked_class_mean(torch.softmax(batches[1][0], 1), batches[1][1], 3)
+    assert torch.allclose(cb.prototypes, 0.5 * m0 + 0.5 * m1, atol=1e-6)
+
+
+def test_state_dict_round_trip_and_class_check():
+    names = ["background", "a", "b"]
+    cb = PrototypeBank(names, start=0.0)
+    for logits, labels in _batches():
+        cb.on_train_batch_end(_FakeTrainer(), None, {"logits": logits}, {"label": labels}, 0)
+    other = PrototypeBank(names)
+    other.load_state_dict(cb.state_dict())
+    assert torch.equal(other.prototypes, cb.prototypes) and torch.equal(other.counts, cb.counts)
+    with pytest.raises(ValueError, match="classes"):
+        PrototypeBank(["background", "x", "y"]).load_state_dict(cb.state_dict())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="space"):
+        PrototypeBank(["a", "b"], space="logits")
+    with pytest.raises(ValueError, match="feature_layer"):
+        PrototypeBank(["a", "b"], space="feature")
+    with pytest.raises(ValueError, match="momentum"):
+        PrototypeBank(["a", "b"], momentum=1.5)
+
+
+def test_bank_in_teacher_checkpoint_and_exported_file(teacher_bank):
+    bank = load_bank(teacher_bank / "prototypes.pt")
+    k = len(CLASS_NAMES)
+    assert bank.prototypes.shape == (k, k) and bank.prototypes.dtype == torch.float32
+    assert bank.class_names == list(CLASS_NAMES) and bank.space == "prob" and bank.tau == 1.0
+    present = bank.present
+    assert torch.allclose(bank.prototypes[present].sum(1), torch.ones(int(present.sum())), atol=1e-5)  # softmax rows
+    for key in ("config", "checkpoint", "checkpoint_sha256", "version", "counts", "mode"):
+        assert key in bank.meta or hasattr(bank, key)
+    ckpt_path = bank.meta["checkpoint"]
+    assert os.path.isfile(ckpt_path)
+    from lightning_distill.prototypes import file_sha256
+
+    assert bank.meta["checkpoint_sha256"] == file_sha256(ckpt_path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    states = [v for key, v in ckpt["callbacks"].items() if key.startswith("PrototypeBank")]
+    assert len(states) == 1
+    restored = PrototypeBank(CLASS_NAMES)
+    restored.load_state_dict(states[0])
+    assert torch.allclose(restored.prototypes, bank.prototypes)
+
+
+def test_truncated_or_foreign_bank_file_gives_clear_error(tmp_path, teacher_bank):
+    data = (teacher_bank / "prototypes.pt").read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        load_bank(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="lacks the keys"):
+        load_bank(foreign)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_bank(tmp_path / "missing.pt")
+
+
+def test_student_refuses_bank_with_other_class_names(tmp_path):
+    names = ["background", "liver", "spleen"]
+    path = tmp_path / "bank.pt"
+    save_bank(path, Bank(torch.eye(3), torch.ones(3), ["background", "liver", "kidney"], 1.0, "prob"))
+    net = build_network("Unet", 2, 1, 3, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
+    with pytest.raises(ValueError, match="kidney"):
+        StudentModule(net, names, bank=load_bank(path))
+    save_bank(path, Bank(torch.eye(3), torch.ones(3), ["background", "spleen", "liver"], 1.0, "prob"))
+    with pytest.raises(ValueError, match="another order"):
+        StudentModule(net, names, bank=load_bank(path))
+    StudentModule(net, names, bank=Bank(torch.eye(3), torch.ones(3), names, 1.0, "prob"))  # accepted
+
+
+def test_student_step_gradient_reaches_student_not_bank():
+    names = ["background", "a", "b"]
+    bank = Bank(torch.softmax(torch.randn(3, 3), 1), torch.ones(3), names, 1.0, "prob")
+    net = build_network("Unet", 2, 1, 3, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
+    module = StudentModule(net, names, bank=bank)
+    before = module.teacher_prototypes.clone()
+    batch = {"image": torch.randn(2, 1, 32, 32), "label": torch.randint(0, 3, (2, 1, 32, 32))}
+    out = module.model_step(batch)
+    assert {"seg_dice", "seg_ce", "dist_inter", "dist_intra"} <= set(out["terms"])
+    out["terms"]["dist_inter"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.parameters())
+    assert not module.teacher_prototypes.requires_grad and torch.equal(module.teacher_prototypes, before)
+    assert "teacher_prototypes" in module.state_dict()  # checkpoints carry the bank
