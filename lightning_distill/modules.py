@@ -43,7 +43,7 @@ class SegmentationModule(L.LightningModule):
         super().__init__()
         if scheduler not in ("cosine", "none"):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "bank"])
         self.net = net
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)

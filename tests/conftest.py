@@ -16,13 +16,13 @@ TINY_TEACHER = [
     "data.num_subjects=8", "data.shape=[32,32,16]", "data.val_subjects=2", "data.test_subjects=2",
     "data.batch_size=2", "model.kwargs.channels=[8,16,32]", "model.kwargs.strides=[2,2]",
     "trainer.max_steps=4", "trainer.check_val_every_n_epoch=1", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
+    "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
 ]
 TINY_STUDENT = [
     "data.num_subjects=16", "data.shape=[64,64]", "data.val_subjects=4", "data.test_subjects=4",
     "data.batch_size=4", "model.encoder=resnet18", "model.kwargs.decoder_channels=[32,16,16,8,8]",
     "trainer.max_steps=4", "trainer.check_val_every_n_epoch=1", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
+    "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
 ]
 
 
