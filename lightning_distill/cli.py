@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="train (teacher or student, by the config's `stage`), then test and write results")
     f.add_argument("config", help="YAML run config (see experiments/)")
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train_fraction=0.25 distill.weight=0")
+    r = sub.add_parser("report", help="print a markdown table comparing finished runs (their results.json)")
+    r.add_argument("runs", nargs="+", help="run output directories (or results.json files)")
+    r.add_argument("--names", nargs="+", help="column names (default: directory names)")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -30,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+    if args.command == "report":
+        from lightning_distill.report import compare_table
+
+        try:
+            print(compare_table(args.runs, args.names), end="")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"lightning-distill: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from omegaconf import OmegaConf
 
     from lightning_distill.config import ConfigError, load_config

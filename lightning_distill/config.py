@@ -1,6 +1,7 @@
 """Run configuration: structured OmegaConf schemas, YAML files and ``key=value`` overrides.
 
-A run config is a YAML file validated against :class:`RunConfig`; overrides use OmegaConf's dotlist
+A run config is a YAML file validated against :class:`RunConfig` (a file may start from another
+with ``extends: other.yaml``, then override some keys); overrides use OmegaConf's dotlist
 form (``data.train_fraction=0.25 distill.weight=0``), which is also what a W&B sweep agent passes
 with ``${args_no_hyphens}``. Unknown keys and wrong types fail with a :class:`ConfigError` that names
 the key and lists the valid keys nearby. ``trainer.*`` is passed to ``lightning.Trainer`` and checked
@@ -162,6 +163,24 @@ def _check_trainer(trainer: Dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: 'trainer.{k}' is set by lightning_distill itself (use output_dir / logger)")
 
 
+def _file_layers(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
+    """``(path, config)`` of the YAML file and, first, of the files it ``extends`` (relative path)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({' -> '.join(map(str, [*seen, path]))})")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+    base = node.pop("extends", None)
+    layers = _file_layers(path.parent / str(base), [*seen, path]) if base else []
+    return [*layers, (path, node)]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Load ``path`` (YAML) over the schema defaults, then apply ``key=value`` overrides.
 
@@ -175,11 +194,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             p = Path(path)
             if not p.is_file():
                 raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-            try:
-                file_cfg = OmegaConf.load(p)
-            except Exception as e:  # yaml errors
-                raise ConfigError(f"{p}: not valid YAML ({e})") from e
-            cfg = OmegaConf.merge(cfg, file_cfg)
+            for source, layer in _file_layers(p):
+                try:
+                    cfg = OmegaConf.merge(cfg, layer)
+                except OmegaConfBaseException as e:
+                    raise _explain(e, str(source)) from None
     except OmegaConfBaseException as e:
         raise _explain(e, str(path)) from None
     bad = [o for o in overrides if "=" not in o]

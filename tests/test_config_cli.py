@@ -63,7 +63,7 @@ def test_fast_dev_run_teacher_and_student(tmp_path, tiny_teacher, tiny_student, 
     assert (tmp_path / "s" / "results.json").is_file()
 
 
-def test_tiny_teacher_then_student_run_writes_outputs(tmp_path, tiny_teacher, tiny_student):
+def test_tiny_teacher_then_student_run_writes_outputs(tmp_path, tiny_teacher, tiny_student, capsys):
     """Acceptance: a few steps of teacher then student through the CLI, in well under a minute."""
     t_out, s_out, b_out = tmp_path / "teacher", tmp_path / "student", tmp_path / "baseline"
     assert main(["fit", TEACHER, f"output_dir={t_out}", *tiny_teacher]) == 0
@@ -84,6 +84,10 @@ def test_tiny_teacher_then_student_run_writes_outputs(tmp_path, tiny_teacher, ti
     logged = (s_out / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "train/dist_inter" in logged and "val/dice" in logged and "val/dice_liver" in logged
     assert "train/dist_inter" not in (b_out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    capsys.readouterr()
+    assert main(["report", str(t_out), str(s_out), str(b_out), "--names", "teacher", "distilled", "baseline"]) == 0
+    table = capsys.readouterr().out
+    assert "| Dice | teacher | distilled | baseline |" in table and "| liver |" in table and "**mean**" in table
 
 
 def test_student_without_bank_but_nonzero_weight_is_refused(tmp_path, tiny_student, capsys):
@@ -94,3 +98,17 @@ def test_student_without_bank_but_nonzero_weight_is_refused(tmp_path, tiny_stude
 def test_student_with_missing_bank_file(tmp_path, tiny_student, capsys):
     assert main(["fit", STUDENT, f"output_dir={tmp_path}", *tiny_student, f"distill.prototypes={tmp_path}/none.pt"]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+def test_extends_merges_base_file_and_reports_errors_in_the_right_file(tmp_path):
+    cfg = load_config(BASELINE)
+    student = load_config(STUDENT)
+    assert cfg.distill.weight == 0 and cfg.distill.prototypes is None and cfg.output_dir == "runs/baseline"
+    assert cfg.data == student.data and cfg.model == student.model  # everything else from student.yaml
+    (tmp_path / "base.yaml").write_text("data:\n  batchsize: 3\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"base.yaml.*data.batchsize"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")

@@ -58,6 +58,7 @@ _HU: Dict[str, Dict[str, float]] = {
     "cortical": {"noncontrast": 750, "arterial": 750, "venous": 750},
     "canal": {"noncontrast": 20, "arterial": 20, "venous": 20},
     "bowel": {"noncontrast": 45, "arterial": 80, "venous": 100},
+    "colon": {"noncontrast": 52, "arterial": 75, "venous": 100},
     "stomach": {"noncontrast": 15, "arterial": 20, "venous": 25},
     "gas": {"noncontrast": -850, "arterial": -850, "venous": -850},
 }
@@ -145,6 +146,10 @@ def sample_subject(spec: PhantomSpec, subject_id: int) -> Subject:
         "vertebra": ell([0.0, -0.47, 0.0], [0.13, 0.11, 5.0], angle_sd=0.0, jitter=0.015, size_sd=0.06,
                         tilt_sd=0.02),
         "stomach": ell([0.25, 0.30, 0.45], [0.22, 0.16, 0.3], jitter=0.08),
+        # ascending / descending colon: tubes along z beside the liver tip and the spleen, with
+        # organ-like (stool) intensity; in one slice a colon cross-section looks like an organ tip
+        "colon_r": ell([-0.58, 0.02, 0.0], [0.11, 0.10, 5.0], angle_sd=0.5, jitter=0.06, size_sd=0.15, tilt_sd=0.25),
+        "colon_l": ell([0.60, 0.0, 0.0], [0.10, 0.10, 5.0], angle_sd=0.5, jitter=0.06, size_sd=0.15, tilt_sd=0.25),
         "psoas_r": ell([-0.16, -0.40, -1.1], [0.07, 0.07, 1.0], jitter=0.02),
         "psoas_l": ell([0.16, -0.40, -1.1], [0.07, 0.07, 1.0], jitter=0.02),
     }
@@ -226,6 +231,8 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Tuple[np.
     o = s.organs
     for b in s.bowel:
         put(b.inside(x, y, z) & inner_muscle, "bowel", 0)
+    for side in ("colon_r", "colon_l"):
+        put(o[side].inside(x, y, z) & inner_muscle, "colon", 0)
     st = o["stomach"]
     put(st.inside(x, y, z) & inner_muscle, "stomach", 0)
     put(st.inside(x, y, z) & ~st.inside(x, y, z, 0.85) & inner_muscle, "muscle", 0)
