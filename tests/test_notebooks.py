@@ -1,0 +1,34 @@
+"""Every notebook in notebooks/ runs top to bottom (the installed package only, CPU)."""
+
+import glob
+import os
+
+import pytest
+
+from conftest import REPO
+
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ has no notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs(path, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(path, as_version=4)
+    env_bank = os.environ.get("LD_BANK")
+    os.environ["LD_BANK"] = str(tmp_path / "no_bank.pt")  # deterministic: the illustrative branch
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    finally:
+        if env_bank is None:
+            os.environ.pop("LD_BANK", None)
+        else:
+            os.environ["LD_BANK"] = env_bank
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("DIST inter=" in o.get("text", "") for o in outputs)
