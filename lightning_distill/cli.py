@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print a markdown table comparing finished runs (their results.json)")
     r.add_argument("runs", nargs="+", help="run output directories (or results.json files)")
     r.add_argument("--names", nargs="+", help="column names (default: directory names)")
+    r.add_argument("--plot", help="also save grouped per-organ Dice bars to this PNG")
+    r.add_argument("--grid", action="store_true", help="pool runs over seeds: mean ± std per method and training size")
+    r.add_argument("--bank-plot", nargs=2, metavar=("BANK", "PNG"), help="also save a heatmap of a prototypes.pt")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -34,10 +37,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
     if args.command == "report":
-        from lightning_distill.report import compare_table
+        from lightning_distill.report import compare_table, grid_table, plot_bank, plot_dice
 
         try:
-            print(compare_table(args.runs, args.names), end="")
+            print(grid_table(args.runs) if args.grid else compare_table(args.runs, args.names), end="")
+            if args.plot:
+                plot_dice(args.runs, args.plot, args.names)
+            if args.bank_plot:
+                plot_bank(*args.bank_plot)
         except (FileNotFoundError, ValueError) as e:
             print(f"lightning-distill: error: {e}", file=sys.stderr)
             return 2

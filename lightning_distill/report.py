@@ -40,3 +40,96 @@ def compare_table(run_dirs: Sequence[str | Path], names: Sequence[str] | None = 
     for n, r in zip(names, results):
         out.append(f"| {n} | {r['test'].get('num_cases')} | {r.get('train_subjects')} | {r.get('wall_time_s')} |")
     return "\n".join(out) + "\n"
+
+
+def plot_dice(run_dirs: Sequence[str | Path], path: str | Path, names: Sequence[str] | None = None) -> None:
+    """Grouped bars of per-organ test Dice, one colour per run, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = [load_results(r) for r in run_dirs]
+    names = list(names) if names else [Path(r).name for r in run_dirs]
+    organs = list(results[0]["test"]["dice"])
+    x = np.arange(len(organs) + 1)
+    w = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(1.1 * len(x) + 2, 4))
+    for i, (n, r) in enumerate(zip(names, results)):
+        vals = [r["test"]["dice"].get(o) for o in organs] + [r["test"].get("dice_mean")]
+        ax.bar(x + (i - (len(results) - 1) / 2) * w, [np.nan if v is None else v for v in vals], w, label=n)
+    ax.set_xticks(x, organs + ["mean"], rotation=30, ha="right")
+    ax.set_ylabel("test Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_bank(bank_path: str | Path, path: str | Path) -> None:
+    """Heatmap of a prototype bank (rows: classes; columns: predicted classes or features)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_distill.prototypes import load_bank
+
+    bank = load_bank(bank_path)
+    p = bank.prototypes
+    fig, ax = plt.subplots(figsize=(6, 5))
+    if bank.space == "prob":
+        im = ax.imshow(p.clamp_min(1e-4).log10(), cmap="viridis", vmin=-4, vmax=0)
+        fig.colorbar(im, label="log10 mean probability")
+        ax.set_xticks(range(len(bank.class_names)), bank.class_names, rotation=90)
+        ax.set_xlabel("predicted class")
+    else:
+        im = ax.imshow(p, cmap="coolwarm", aspect="auto")
+        fig.colorbar(im, label="mean feature")
+        ax.set_xlabel("feature channel")
+    ax.set_yticks(range(len(bank.class_names)), bank.class_names)
+    ax.set_ylabel("ground-truth class")
+    ax.set_title(f"prototype bank ({bank.space}, tau={bank.tau:g})")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def grid_table(run_dirs: Sequence[str | Path]) -> str:
+    """Mean ± std over seeds of test Dice, grouped by method (lambda > 0 or not) and training size.
+
+    Each run directory needs ``results.json`` and ``config.yaml``; runs that differ only in ``seed``
+    are pooled.
+    """
+    import statistics
+
+    from omegaconf import OmegaConf
+
+    groups: dict = {}
+    organs: List[str] = []
+    for d in run_dirs:
+        r = load_results(d)
+        cfg = OmegaConf.load(Path(d) / "config.yaml")
+        method = "distilled" if cfg.distill.weight and cfg.distill.prototypes else "baseline"
+        key = (r["train_subjects"], method, cfg.model.name, cfg.model.encoder)
+        groups.setdefault(key, []).append(r)
+        organs = organs or list(r["test"]["dice"])
+
+    def ms(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "n/a"
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+
+    out = ["| training subjects | method | model | seeds | mean Dice | " + " | ".join(organs) + " |",
+           "|---|---|---|---|---|" + "---|" * len(organs)]
+    for (n, method, name, enc), rs in sorted(groups.items()):
+        out.append(f"| {n} | {method} | {name}/{enc} | {len(rs)} | {ms([r['test']['dice_mean'] for r in rs])} | "
+                   + " | ".join(ms([r["test"]["dice"][o] for r in rs]) for o in organs) + " |")
+    return "\n".join(out) + "\n"

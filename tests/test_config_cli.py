@@ -85,7 +85,9 @@ def test_tiny_teacher_then_student_run_writes_outputs(tmp_path, tiny_teacher, ti
     assert "train/dist_inter" in logged and "val/dice" in logged and "val/dice_liver" in logged
     assert "train/dist_inter" not in (b_out / "logs" / "metrics.csv").read_text().splitlines()[0]
     capsys.readouterr()
-    assert main(["report", str(t_out), str(s_out), str(b_out), "--names", "teacher", "distilled", "baseline"]) == 0
+    assert main(["report", str(t_out), str(s_out), str(b_out), "--names", "teacher", "distilled", "baseline",
+                 "--plot", str(tmp_path / "dice.png"), "--bank-plot", str(t_out / "prototypes.pt"), str(tmp_path / "bank.png")]) == 0
+    assert (tmp_path / "dice.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "bank.png").stat().st_size > 1000
     table = capsys.readouterr().out
     assert "| Dice | teacher | distilled | baseline |" in table and "| liver |" in table and "**mean**" in table
 
@@ -112,3 +114,19 @@ def test_extends_merges_base_file_and_reports_errors_in_the_right_file(tmp_path)
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_feature_space_bank_end_to_end(tmp_path, tiny_teacher, tiny_student):
+    t_out = tmp_path / "teacher"
+    assert main(["fit", TEACHER, f"output_dir={t_out}", *tiny_teacher, "bank.space=feature", "bank.momentum=0.9"]) == 0
+    from lightning_distill.prototypes import load_bank
+
+    bank = load_bank(t_out / "prototypes.pt")
+    assert bank.space == "feature" and bank.meta["mode"] == "ema" and bank.prototypes.shape[0] == 9
+    assert bank.prototypes.shape[1] > 9  # K x D feature centroids (D = channels entering the head)
+    s_out = tmp_path / "student"
+    assert main(["fit", STUDENT, f"output_dir={s_out}", *tiny_student, f"distill.prototypes={t_out / 'prototypes.pt'}"]) == 0
+    header = (s_out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/dist_inter" in header
+    ckpt = torch.load(s_out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("projector.") for k in ckpt["state_dict"])  # the learned 1x1 projection
