@@ -27,6 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", help="also save grouped per-organ Dice bars to this PNG")
     r.add_argument("--grid", action="store_true", help="pool runs over seeds: mean ± std per method and training size")
     r.add_argument("--bank-plot", nargs=2, metavar=("BANK", "PNG"), help="also save a heatmap of a prototypes.pt")
+    sl = sub.add_parser("slices", help="extract one axial slice per subject from 3D volumes into a 2D NIfTI dataset")
+    sl.add_argument("src", help="dataset folder of 3D volumes (nnU-Net, MSD or plain folder layout)")
+    sl.add_argument("dst", help="output folder (nnU-Net layout of 2D NIfTI files + dataset.json)")
+    rule = sl.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--index", type=int, help="fixed axial index (RAS, from inferior)")
+    rule.add_argument("--fraction", type=float, help="fraction of the z range (0 = most inferior)")
+    rule.add_argument("--max-area", metavar="ORGAN", help="the slice where this organ (a label name) is largest")
+    rule.add_argument("--list", metavar="FILE", help="text file of '<case> <index>' lines")
+    sl.add_argument("--layout", default="auto", choices=["auto", "nnunet", "msd", "folder"])
+    sl.add_argument("--image-pattern", default="images/*.nii.gz", help="folder layout: glob of images")
+    sl.add_argument("--label-pattern", default="labels/{case}.nii.gz", help="folder layout: label path with {case}")
+    sl.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -36,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+    if args.command == "slices":
+        from lightning_distill.slices import extract_slices
+
+        for r in ("index", "fraction", "max_area", "list"):
+            if getattr(args, r) is not None:
+                rule, value = r.replace("_", "-"), getattr(args, r)
+        try:
+            chosen = extract_slices(args.src, args.dst, rule, value, layout=args.layout, overwrite=args.overwrite,
+                                    image_pattern=args.image_pattern, label_pattern=args.label_pattern)
+        except (ValueError, FileExistsError, FileNotFoundError) as e:
+            print(f"lightning-distill: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(chosen)} single-slice cases to {args.dst}")
+        return 0
     if args.command == "report":
         from lightning_distill.report import compare_table, grid_table, plot_bank, plot_dice
 

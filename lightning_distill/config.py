@@ -36,8 +36,31 @@ class PhantomConfig:
 
 
 @dataclass
+class NiftiConfig:
+    """A NIfTI dataset and its preprocessing (see ``lightning_distill/data/nifti.py`` and ``preprocess.py``)."""
+
+    root: Optional[str] = None  # dataset folder; ${oc.env:VAR,default} reads an environment variable
+    layout: str = "auto"  # auto | nnunet | msd | folder
+    image_pattern: str = "images/*.nii.gz"  # folder layout: glob relative to root
+    label_pattern: Optional[str] = "labels/{case}.nii.gz"  # folder layout: {case} = image name stem
+    label_map: Dict[str, str] = field(default_factory=dict)  # dataset label name/id -> class name | ignore
+    unmapped: str = "background"  # background | ignore | error
+    cases: Optional[List[str]] = None  # keep only these case ids
+    slice_mode: str = "file"  # 2D: file (one sample per file) | all (every axial slice of volumes)
+    require_foreground: bool = True  # an all-background label is a bad case
+    modality: str = "CT"  # CT | MR | none
+    ct_window: List[float] = field(default_factory=lambda: [-175.0, 250.0])
+    mr_norm: str = "percentile"  # percentile | zscore
+    percentiles: List[float] = field(default_factory=lambda: [0.5, 99.5])
+    orientation: Optional[str] = "RAS"
+    spacing: Optional[List[float]] = None  # target mm; <= 0 keeps an axis
+    crop_foreground: bool = False
+    resize: str = "resize"  # resize | pad_crop (to data.shape)
+
+
+@dataclass
 class DataConfig:
-    source: str = "phantom"
+    source: str = "phantom"  # phantom | nifti
     num_subjects: int = 160
     shape: List[int] = field(default_factory=lambda: [128, 128])
     val_subjects: int = 20
@@ -51,7 +74,10 @@ class DataConfig:
     augment: bool = True
     patch_size: Optional[List[int]] = None
     window: List[float] = field(default_factory=lambda: [-175.0, 250.0])
+    splits: Optional[Dict[str, List[str]]] = None  # explicit {train, val, test} subject lists
+    on_bad_case: str = "error"  # error | skip (warn, listing every skipped case)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    nifti: NiftiConfig = field(default_factory=NiftiConfig)
 
 
 @dataclass
@@ -117,7 +143,10 @@ class RunConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-_CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "none"), "data.source": ("phantom",),
+_CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"),
+            "data.nifti.layout": ("auto", "nnunet", "msd", "folder"), "data.nifti.unmapped": ("background", "ignore", "error"),
+            "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),
+            "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.resize": ("resize", "pad_crop"),
             "bank.space": ("prob", "feature"), "optim.scheduler": ("cosine", "none")}
 
 
@@ -128,7 +157,7 @@ def _all_keys(node: Any, prefix: str = "") -> List[str]:
             full = f"{prefix}{k}"
             keys.append(full)
             child = node._get_node(k)
-            if isinstance(child, DictConfig) and not (full == "trainer" or full.endswith("kwargs")):
+            if isinstance(child, DictConfig) and not (full in ("trainer", "data.splits", "data.nifti.label_map") or full.endswith("kwargs")):
                 keys.extend(_all_keys(child, full + "."))
     return keys
 

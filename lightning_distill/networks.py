@@ -53,11 +53,10 @@ MONAI_HEADS = {"UNet": "model.2", "DynUNet": "output_block", "SwinUNETR": "out"}
 
 
 def smp_architectures() -> Dict[str, type]:
+    """segmentation-models-pytorch architectures by class name (``Unet``, ``FPN``, ...)."""
     import segmentation_models_pytorch as smp
 
-    return {cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()} if hasattr(
-        smp, "MODEL_ARCHITECTURES_MAPPING"
-    ) else {n: getattr(smp, n) for n in ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN")}
+    return {cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()}
 
 
 def build_network(

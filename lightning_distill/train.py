@@ -24,7 +24,8 @@ from lightning_distill import __version__
 from lightning_distill.config import to_dict
 from lightning_distill.data.datamodules import SegmentationDataModule, SliceDataModule, VolumeDataModule
 from lightning_distill.data.phantom import PhantomSpec
-from lightning_distill.data.sources import PhantomSource, SubjectSource
+from lightning_distill.data.preprocess import Preprocess
+from lightning_distill.data.sources import NiftiSource, PhantomSource, SubjectSource
 from lightning_distill.metrics import format_table
 from lightning_distill.modules import SegmentationModule, StudentModule
 from lightning_distill.networks import build_network, head_module_name
@@ -37,6 +38,24 @@ def build_source(cfg: DictConfig) -> SubjectSource:
         p = d.phantom
         spec = PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur, slice_z=tuple(p.slice_z))
         return PhantomSource(spec, d.num_subjects, tuple(d.shape), window=tuple(d.window))
+    if d.source == "nifti":
+        n = d.nifti
+        if not n.root:
+            raise ValueError("data.source=nifti needs data.nifti.root (the dataset folder)")
+        dims = len(d.shape)
+        if dims not in (2, 3):
+            raise ValueError(f"data.shape must have 2 (slices) or 3 (volumes) entries, got {list(d.shape)}")
+        pre = Preprocess(orientation=n.orientation, spacing=list(n.spacing) if n.spacing else None, modality=n.modality,
+                         ct_window=tuple(n.ct_window), mr_norm=n.mr_norm, percentiles=tuple(n.percentiles),
+                         crop_foreground=n.crop_foreground, shape=list(d.shape) + ([1] if dims == 2 else []),
+                         resize=n.resize)
+        if not cfg.classes:
+            raise ValueError("data.source=nifti needs `classes`: the experiment's class names, background first "
+                             "(the dataset's labels are mapped to them with data.nifti.label_map)")
+        return NiftiSource(n.root, list(cfg.classes), dims, pre, layout=n.layout, image_pattern=n.image_pattern,
+                           label_pattern=n.label_pattern, label_map=OmegaConf.to_container(n.label_map),
+                           unmapped=n.unmapped, cases=list(n.cases) if n.cases else None, slice_mode=n.slice_mode,
+                           on_bad_case=d.on_bad_case, require_foreground=n.require_foreground)
     raise ValueError(f"unknown data.source {d.source!r}")
 
 
@@ -46,7 +65,8 @@ def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None) ->
     cls = VolumeDataModule if source.spatial_dims == 3 else SliceDataModule
     return cls(source, batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
                train_fraction=d.train_fraction, train_subjects=d.train_subjects, split_seed=d.split_seed,
-               num_workers=d.num_workers, augment=d.augment, patch_size=d.patch_size, eval_batch_size=d.eval_batch_size)
+               num_workers=d.num_workers, augment=d.augment, patch_size=d.patch_size, eval_batch_size=d.eval_batch_size,
+               splits=OmegaConf.to_container(d.splits) if d.splits else None)
 
 
 def class_names(cfg: DictConfig, source: SubjectSource):
@@ -142,7 +162,7 @@ def fit(cfg: DictConfig) -> Dict[str, Any]:
         "stage": cfg.stage,
         "test": summary,
         "val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
-        "train_subjects": len(dm.train_ids),
+        "train_subjects": len(dm.train_subject_ids),
         "test_cases": cases,
         "checkpoint": best,
         "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes,
@@ -151,6 +171,6 @@ def fit(cfg: DictConfig) -> Dict[str, Any]:
     }
     if trainer.is_global_zero:
         _write_json(out / "results.json", results)
-        title = f"\n{cfg.stage} test Dice / HD95 ({summary.get('num_cases')} held-out subjects, {len(dm.train_ids)} training subjects) -> {out / 'results.json'}"
+        title = f"\n{cfg.stage} test Dice / HD95 ({summary.get('num_cases')} held-out samples, {len(dm.train_subject_ids)} training subjects) -> {out / 'results.json'}"
         print(format_table(summary, title))
     return results

@@ -22,6 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_distill.data.sources import SubjectSource
 
 
+def subject_of(sample_id: str) -> str:
+    """The subject of a sample id (``"<subject>@<z>"`` for one slice of a volume)."""
+    return sample_id.split("@", 1)[0]
+
+
 def split_ids(ids: Sequence[str], val: int, test: int, seed: int) -> Dict[str, List[str]]:
     """Deterministic subject-level split: ``{"train", "val", "test"}`` (train in permuted order)."""
     if val < 0 or test < 0 or val + test >= len(ids):
@@ -107,18 +112,40 @@ class SegmentationDataModule(L.LightningDataModule):
         augment: training-time intensity augmentation.
         patch_size: training crops (volumes); ``None`` for whole images.
         eval_batch_size: batch size of validation and test.
+        splits: explicit ``{"train": [...], "val": [...], "test": [...]}`` subject lists instead of
+            the seeded split (e.g. disjoint patient groups); ``train_fraction`` still applies.
     """
 
     def __init__(self, source: SubjectSource, batch_size: int = 8, val_subjects: int = 10, test_subjects: int = 20,
                  train_fraction: float = 1.0, train_subjects: Optional[int] = None, split_seed: int = 0,
                  num_workers: int = 0, augment: bool = True, patch_size: Optional[Sequence[int]] = None,
-                 eval_batch_size: Optional[int] = None):
+                 eval_batch_size: Optional[int] = None, splits: Optional[Dict[str, Sequence[str]]] = None):
         super().__init__()
         self.source = source
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.augment, self.patch_size = num_workers, augment, patch_size
-        self.splits = split_ids(source.ids, val_subjects, test_subjects, split_seed)
-        self.train_ids = train_subset(self.splits["train"], train_fraction, train_subjects)
+        # splits are made over subjects; a sample id "<subject>@<z>" (one slice of a volume) follows its subject
+        by_subject: Dict[str, List[str]] = {}
+        for i in source.ids:
+            by_subject.setdefault(subject_of(i), []).append(i)
+        subjects = list(by_subject)
+        if splits:
+            unknown = sorted({s for ids in splits.values() for s in ids} - set(subjects))
+            if unknown:
+                raise ValueError(f"split lists name subjects that are not in the data: {unknown[:10]}")
+            order = np.random.default_rng(split_seed).permutation(len(splits.get("train", [])))
+            subj = {"train": [list(splits["train"])[i] for i in order] if splits.get("train") else [],
+                    "val": sorted(splits.get("val", [])), "test": sorted(splits.get("test", []))}
+            overlap = (set(subj["train"]) & set(subj["val"])) | (set(subj["train"]) & set(subj["test"])) | (set(subj["val"]) & set(subj["test"]))
+            if overlap:
+                raise ValueError(f"subjects {sorted(overlap)[:10]} are in more than one split")
+        else:
+            subj = split_ids(subjects, val_subjects, test_subjects, split_seed)
+        self.subject_splits = subj
+        self.train_subject_ids = train_subset(subj["train"], train_fraction, train_subjects) if subj["train"] else []
+        expand = lambda ss: [i for s in ss for i in by_subject[s]]  # noqa: E731
+        self.splits = {k: expand(v) for k, v in subj.items()}
+        self.train_ids = expand(self.train_subject_ids)
         self.datasets: Dict[str, SubjectDataset] = {}
 
     @property

@@ -8,7 +8,7 @@ phantom) only needs a new source.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,3 +67,96 @@ class PhantomSource(SubjectSource):
         image = hu_window(s["image"], *self.window)[None]
         return {"image": image, "label": s["label"].astype(np.int64), "spacing": np.asarray(spacing, np.float32),
                 "phase": s["phase"]}
+
+
+class NiftiSource(SubjectSource):
+    """Subjects read from NIfTI files (nnU-Net v2, MSD or plain folder layouts).
+
+    Args:
+        root: dataset folder.
+        class_names: the experiment's classes (background first).
+        spatial_dims: 3 for volumes (teacher) or 2 for single slices (student).
+        preprocess: MONAI preprocessing (its ``shape`` is ``(X, Y, Z)``; ``Z = 1`` for 2D).
+        layout, image_pattern, label_pattern: see :func:`lightning_distill.data.nifti.discover`.
+        label_map, unmapped: see :class:`lightning_distill.data.nifti.LabelMapping`.
+        cases: keep only these case ids (e.g. one patient group); ``None`` keeps all.
+        slice_mode: for ``spatial_dims=2``: ``file`` (each file is one sample: a 2D NIfTI or a 3D
+            file with one slice) or ``all`` (every axial slice of 3D files is a sample, id
+            ``<case>@<z>``).
+        on_bad_case: ``error`` stops at the first bad case; ``skip`` leaves bad cases out and logs
+            one warning listing every skipped case and why.
+        require_foreground: a label with no organ voxel is a bad case.
+    """
+
+    def __init__(self, root, class_names: Sequence[str], spatial_dims: int, preprocess, layout: str = "auto",
+                 image_pattern: str = "images/*.nii.gz", label_pattern: Optional[str] = "labels/{case}.nii.gz",
+                 label_map: Optional[Dict] = None, unmapped: str = "background", cases: Optional[Sequence[str]] = None,
+                 slice_mode: str = "file", on_bad_case: str = "error", require_foreground: bool = True):
+        from lightning_distill.data.nifti import DataError, LabelMapping, discover
+
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if slice_mode not in ("file", "all"):
+            raise ValueError(f"slice_mode must be 'file' or 'all', got {slice_mode!r}")
+        if on_bad_case not in ("error", "skip"):
+            raise ValueError(f"on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
+        self.spatial_dims, self.class_names = spatial_dims, tuple(class_names)
+        self.preprocess, self.slice_mode, self.require_foreground = preprocess, slice_mode, require_foreground
+        self.index = discover(root, layout, image_pattern, label_pattern)
+        self.mapping = LabelMapping(self.class_names, self.index.labels, label_map or {}, unmapped, source=str(root))
+        by_id = {c.case_id: c for c in self.index.cases}
+        if cases is not None:
+            unknown = [c for c in cases if c not in by_id]
+            if unknown:
+                raise DataError(f"{root}: cases {unknown[:10]} are not in the dataset (it has {sorted(by_id)[:10]}...)")
+            by_id = {c: by_id[c] for c in cases}
+        self.cases = by_id
+        self._cache: Dict[str, Dict] = {}
+        self.skipped: Dict[str, str] = {}
+        for cid in list(by_id):  # read and check every case once (results are cached)
+            try:
+                self._load_case(cid)
+            except DataError as e:
+                if on_bad_case == "error":
+                    raise
+                self.skipped[cid] = str(e)
+                del self.cases[cid]
+        if self.skipped:
+            import warnings
+
+            warnings.warn(f"{root}: skipped {len(self.skipped)} bad case(s) (data.on_bad_case=skip):\n"
+                          + "\n".join(f"  {k}: {v}" for k, v in self.skipped.items()), stacklevel=2)
+        if not self.cases:
+            raise DataError(f"{root}: no usable case left")
+        if spatial_dims == 3 or slice_mode == "file":
+            self.ids = sorted(self.cases)
+        else:
+            self.ids = [f"{cid}@{z}" for cid in sorted(self.cases) for z in range(self._cache[cid]["label"].shape[-1])]
+
+    def _load_case(self, cid: str) -> Dict:
+        from lightning_distill.data.nifti import DataError, read_case
+
+        if cid in self._cache:
+            return self._cache[cid]
+        case = self.cases[cid]
+        image, label, affine, _ = read_case(case, 3, self.mapping, self.require_foreground)
+        if self.spatial_dims == 2 and self.slice_mode == "file" and image.shape[-1] != 1:
+            raise DataError(f"{case.images[0]}: a single-slice sample must be 2D (or 3D with one slice), got shape {image.shape[1:]}; "
+                            "use data.nifti.slice_mode=all to take every axial slice of volumes")
+        img, lbl, _ = self.preprocess(image, affine, label)
+        spacing = np.sqrt((img.affine[:3, :3].numpy() ** 2).sum(0)).astype(np.float32)
+        item = {"image": img.as_tensor().numpy(), "label": lbl.as_tensor()[0].numpy() if lbl is not None else None,
+                "spacing": spacing}
+        self._cache[cid] = item
+        return item
+
+    def load(self, subject_id: str) -> Dict:
+        if "@" in subject_id and self.spatial_dims == 2 and self.slice_mode == "all":
+            cid, z = subject_id.rsplit("@", 1)
+            item = self._load_case(cid)
+            z = int(z)
+            return {"image": item["image"][..., z], "label": item["label"][..., z], "spacing": item["spacing"][:2]}
+        item = self._load_case(subject_id)
+        if self.spatial_dims == 2:
+            return {"image": item["image"][..., 0], "label": item["label"][..., 0], "spacing": item["spacing"][:2]}
+        return item

@@ -1,0 +1,354 @@
+"""NIfTI datasets: discovery (nnU-Net v2, MSD, plain folders), validated reading and label maps.
+
+Every problem with an input file raises :class:`DataError` (a ``ValueError``) whose message starts
+with the offending path and says what is wrong: missing label file, unreadable or truncated file,
+image/label shape or affine mismatch, label values outside the dataset's label map, NaN/Inf voxels,
+an all-background label where organs are required, a wrong number of dimensions, a malformed
+``dataset.json``, an unreadable directory, an unknown organ name in a label map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+IGNORE_INDEX = 255
+
+
+class DataError(ValueError):
+    """A dataset file or folder is unusable; the message names it and the problem."""
+
+
+@dataclass
+class Case:
+    """One subject: image file(s) (one per channel) and an optional label file."""
+
+    case_id: str
+    images: List[Path]
+    label: Optional[Path] = None
+
+
+@dataclass
+class DatasetIndex:
+    """What discovery found: the cases and the dataset's own label names (id -> name)."""
+
+    root: Path
+    layout: str
+    cases: List[Case]
+    labels: Dict[int, str] = field(default_factory=dict)
+    channels: List[str] = field(default_factory=list)
+
+
+def _strip_ending(name: str) -> str:
+    for e in NIFTI_ENDINGS:
+        if name.endswith(e):
+            return name[: -len(e)]
+    return name
+
+
+def _listdir(path: Path) -> List[str]:
+    if not path.exists():
+        raise DataError(f"{path}: directory does not exist")
+    if not path.is_dir():
+        raise DataError(f"{path}: is not a directory")
+    try:
+        return sorted(os.listdir(path))
+    except OSError as e:
+        raise DataError(f"{path}: directory cannot be read ({e.strerror or e})") from e
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with path.open() as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: dataset.json is missing") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed dataset.json (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: malformed dataset.json (expected a JSON object, got {type(obj).__name__})")
+    return obj
+
+
+def _parse_labels(path: Path, raw, name_to_id: bool) -> Dict[int, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: malformed dataset.json: 'labels' must be a non-empty mapping")
+    out: Dict[int, str] = {}
+    try:
+        for k, v in raw.items():
+            if name_to_id:  # nnU-Net v2: {"liver": 1} (region lists are not supported)
+                if isinstance(v, (list, tuple)):
+                    raise DataError(f"{path}: region-based label {k!r}: {v} is not supported; use integer labels")
+                out[int(v)] = str(k)
+            else:  # MSD: {"1": "liver"}
+                out[int(k)] = str(v)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: malformed dataset.json: label entry {k!r}: {v!r} is not an integer label ({e})") from None
+    if 0 not in out:
+        raise DataError(f"{path}: malformed dataset.json: 'labels' has no background (0) entry")
+    return out
+
+
+def detect_layout(root: Path) -> str:
+    ds = root / "dataset.json"
+    if ds.is_file():
+        obj = _read_json(ds)
+        if "channel_names" in obj or "file_ending" in obj:
+            return "nnunet"
+        if "training" in obj:
+            return "msd"
+        raise DataError(f"{ds}: malformed dataset.json: neither nnU-Net v2 ('channel_names', 'file_ending') nor MSD ('training') keys")
+    return "folder"
+
+
+def discover(root: str | Path, layout: str = "auto", image_pattern: str = "images/*.nii.gz",
+             label_pattern: Optional[str] = "labels/{case}.nii.gz", require_labels: bool = True) -> DatasetIndex:
+    """Find the cases of a dataset.
+
+    Args:
+        root: dataset folder.
+        layout: ``auto``, ``nnunet`` (``dataset.json`` + ``imagesTr/<case>_<XXXX><ending>`` +
+            ``labelsTr/<case><ending>``), ``msd`` (``dataset.json`` with a ``training`` list) or
+            ``folder`` (images matched by ``image_pattern``, a glob relative to ``root``; the case id
+            is the file name without its ending and without a trailing ``_0000``; labels found by
+            ``label_pattern`` with ``{case}`` replaced).
+        require_labels: raise if a case has no label file.
+    """
+    root = Path(root)
+    _listdir(root)
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "nnunet":
+        return _discover_nnunet(root, require_labels)
+    if layout == "msd":
+        return _discover_msd(root, require_labels)
+    if layout == "folder":
+        return _discover_folder(root, image_pattern, label_pattern, require_labels)
+    raise DataError(f"{root}: unknown layout {layout!r}; valid: auto, nnunet, msd, folder")
+
+
+def _discover_nnunet(root: Path, require_labels: bool) -> DatasetIndex:
+    ds = root / "dataset.json"
+    obj = _read_json(ds)
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in obj:
+            raise DataError(f"{ds}: malformed nnU-Net dataset.json: missing {key!r}")
+    ending = str(obj["file_ending"])
+    if ending not in NIFTI_ENDINGS:
+        raise DataError(f"{ds}: file_ending {ending!r} is not NIfTI ({', '.join(NIFTI_ENDINGS)})")
+    try:
+        channels = [str(obj["channel_names"][k]) for k in sorted(obj["channel_names"], key=int)]
+    except (TypeError, ValueError, AttributeError):
+        raise DataError(f"{ds}: malformed dataset.json: 'channel_names' must map '0', '1', ... to names") from None
+    labels = _parse_labels(ds, obj["labels"], name_to_id=True)
+    img_dir, lbl_dir = root / "imagesTr", root / "labelsTr"
+    pat = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
+    found: Dict[str, Dict[int, Path]] = {}
+    for name in _listdir(img_dir):
+        m = pat.match(name)
+        if m:
+            found.setdefault(m.group(1), {})[int(m.group(2))] = img_dir / name
+    if not found:
+        raise DataError(f"{img_dir}: no images named <case>_0000{ending}")
+    cases = []
+    for cid in sorted(found):
+        chans = found[cid]
+        missing = [c for c in range(len(channels)) if c not in chans]
+        if missing:
+            raise DataError(f"{img_dir / (cid + '_%04d' % missing[0] + ending)}: missing channel {missing[0]} of case {cid!r} "
+                            f"(dataset.json declares {len(channels)} channels)")
+        label = lbl_dir / f"{cid}{ending}"
+        cases.append(Case(cid, [chans[c] for c in range(len(channels))], _label_or_fail(label, require_labels)))
+    return DatasetIndex(root, "nnunet", cases, labels, channels)
+
+
+def _label_or_fail(path: Path, required: bool) -> Optional[Path]:
+    if path.is_file():
+        return path
+    if required:
+        raise DataError(f"{path}: label file is missing")
+    return None
+
+
+def _discover_msd(root: Path, require_labels: bool) -> DatasetIndex:
+    ds = root / "dataset.json"
+    obj = _read_json(ds)
+    if not isinstance(obj.get("training"), list) or not obj["training"]:
+        raise DataError(f"{ds}: malformed MSD dataset.json: 'training' must be a non-empty list")
+    labels = _parse_labels(ds, obj.get("labels"), name_to_id=False)
+    channels = [str(v) for _, v in sorted((obj.get("modality") or {"0": "image"}).items(), key=lambda kv: int(kv[0]))]
+    cases = []
+    for i, entry in enumerate(obj["training"]):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DataError(f"{ds}: malformed MSD dataset.json: training[{i}] needs an 'image' entry")
+        img = (root / entry["image"]).resolve()
+        if not img.is_file():
+            raise DataError(f"{img}: image file listed in {ds} is missing")
+        label = (root / entry["label"]).resolve() if entry.get("label") else None
+        if label is None and require_labels:
+            raise DataError(f"{ds}: training[{i}] ({img.name}) has no 'label' entry")
+        cases.append(Case(_strip_ending(img.name), [img], _label_or_fail(label, require_labels) if label else None))
+    return DatasetIndex(root, "msd", cases, labels, channels)
+
+
+def _discover_folder(root: Path, image_pattern: str, label_pattern: Optional[str], require_labels: bool) -> DatasetIndex:
+    images = sorted(p for p in root.glob(image_pattern) if p.name.endswith(NIFTI_ENDINGS))
+    if not images:
+        raise DataError(f"{root}: no NIfTI file matches {image_pattern!r}")
+    cases = []
+    for img in images:
+        cid = re.sub(r"_0000$", "", _strip_ending(img.name))
+        label = root / label_pattern.format(case=cid) if label_pattern else None
+        if label is None and require_labels:
+            raise DataError(f"{root}: folder layout needs label_pattern to find labels")
+        cases.append(Case(cid, [img], _label_or_fail(label, require_labels) if label else None))
+    ids = [c.case_id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataError(f"{root}: several images map to the same case id {dup[:5]}; make image_pattern more specific")
+    return DatasetIndex(root, "folder", cases, {}, ["image"])
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def load_nifti(path: Path, what: str = "image"):
+    """``(array, affine, header)`` of a NIfTI file, with every failure turned into a DataError."""
+    import nibabel as nib
+
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file is missing")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001 - nibabel, gzip, zlib and EOF errors all mean the same
+        raise DataError(f"{path}: cannot read {what} as NIfTI ({type(e).__name__}: {e}); the file is corrupt, truncated or not NIfTI") from None
+    return data, np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def _squeeze_to(data: np.ndarray, ndim: int, path: Path, what: str) -> np.ndarray:
+    while data.ndim > ndim and data.shape[-1] == 1:  # trailing singleton dims (e.g. X, Y, 1)
+        data = data[..., 0]
+    if data.ndim == ndim - 1 and ndim == 3:  # 2D file where 3D is expected: one slice
+        data = data[..., None]
+    if data.ndim != ndim:
+        raise DataError(f"{path}: {what} has {data.ndim} dimensions {tuple(data.shape)}, expected {ndim}")
+    return data
+
+
+@dataclass
+class LabelMapping:
+    """Maps a dataset's label ids to the experiment's class indices.
+
+    Args:
+        class_names: the experiment's classes, background first.
+        dataset_labels: the dataset's ``{id: name}`` (from ``dataset.json``; may be empty).
+        label_map: ``{dataset label name or id: experiment class name}``; names of the experiment's
+            classes map to themselves by default. A value of ``"ignore"`` maps to the ignore index.
+        unmapped: what a dataset label with no mapping becomes: ``background``, ``ignore`` or
+            ``error``.
+    """
+
+    class_names: Sequence[str]
+    dataset_labels: Mapping[int, str] = field(default_factory=dict)
+    label_map: Mapping = field(default_factory=dict)
+    unmapped: str = "background"
+    source: str = ""
+
+    def __post_init__(self):
+        if self.unmapped not in ("background", "ignore", "error"):
+            raise DataError(f"{self.source}: unmapped must be background, ignore or error, got {self.unmapped!r}")
+        names = list(self.class_names)
+        index = {n: i for i, n in enumerate(names)}
+        by_name = {v: k for k, v in self.dataset_labels.items()}
+        lut: Dict[int, int] = {0: 0}
+        for k, v in self.dataset_labels.items():  # identical names map by default
+            if v in index:
+                lut[k] = index[v]
+        for key, target in dict(self.label_map).items():
+            if isinstance(key, str) and not key.lstrip("-").isdigit():
+                if key not in by_name:
+                    raise DataError(f"{self.source}: label map names dataset label {key!r}, which the dataset does not have "
+                                    f"(its labels: {sorted(by_name)})")
+                src = by_name[key]
+            else:
+                src = int(key)
+            if target == "ignore":
+                lut[src] = IGNORE_INDEX
+            elif target in index:
+                lut[src] = index[target]
+            else:
+                raise DataError(f"{self.source}: label map sends {key!r} to unknown organ {target!r}; "
+                                f"the experiment's classes are {names} (or 'ignore')")
+        self.lut = lut
+
+    def apply(self, label: np.ndarray, path: Path) -> np.ndarray:
+        """Remap ``label``; values outside the dataset's map raise, unmapped ones follow ``unmapped``."""
+        if not np.issubdtype(label.dtype, np.integer):
+            if not np.all(np.isfinite(label)):
+                raise DataError(f"{path}: label contains NaN or Inf values")
+            if not np.all(label == np.round(label)):
+                raise DataError(f"{path}: label contains non-integer values (is this an image, not a label?)")
+            label = label.astype(np.int64)
+        values = np.unique(label)
+        known = set(self.dataset_labels) if self.dataset_labels else None
+        if known is not None:
+            bad = [int(v) for v in values if int(v) not in known]
+            if bad:
+                raise DataError(f"{path}: label values {bad[:10]} are not in the dataset's label map {dict(self.dataset_labels)}")
+        out = np.zeros(label.shape, np.int64)
+        for v in values:
+            v = int(v)
+            if v in self.lut:
+                out[label == v] = self.lut[v]
+            elif self.unmapped == "ignore":
+                out[label == v] = IGNORE_INDEX
+            elif self.unmapped == "error":
+                raise DataError(f"{path}: label value {v} has no mapping to the experiment's classes {list(self.class_names)}")
+            # background: stays 0
+        return out
+
+
+def read_case(case: Case, ndim: int, mapping: LabelMapping, require_foreground: bool = True, atol: float = 1e-3):
+    """Read and check one case.
+
+    Returns:
+        ``(image (C, *spatial) float32, label (*spatial) int64 or None, affine (4, 4), header)``.
+    """
+    chans, affine, header = [], None, None
+    for p in case.images:
+        data, aff, hdr = load_nifti(p, "image")
+        data = _squeeze_to(data, ndim, p, "image")
+        if affine is None:
+            affine, header, shape0 = aff, hdr, data.shape
+        elif data.shape != shape0 or not np.allclose(aff, affine, atol=atol):
+            raise DataError(f"{p}: channel does not match {case.images[0].name} in shape or affine")
+        if not np.all(np.isfinite(data)):
+            n = int((~np.isfinite(data)).sum())
+            raise DataError(f"{p}: image contains {n} NaN or Inf voxels")
+        chans.append(data.astype(np.float32))
+    image = np.stack(chans)
+    label = None
+    if case.label is not None:
+        ldata, laff, _ = load_nifti(case.label, "label")
+        ldata = _squeeze_to(ldata, ndim, case.label, "label")
+        if ldata.shape != image.shape[1:]:
+            raise DataError(f"{case.label}: label shape {tuple(ldata.shape)} differs from image shape {tuple(image.shape[1:])} ({case.images[0]})")
+        if not np.allclose(laff, affine, atol=atol):
+            raise DataError(f"{case.label}: label affine differs from the image's ({case.images[0]}):\n{laff}\nvs\n{affine}")
+        label = mapping.apply(ldata, case.label)
+        if require_foreground and not np.any((label > 0) & (label != IGNORE_INDEX)):
+            raise DataError(f"{case.label}: label is empty (only background) after mapping to {list(mapping.class_names)}")
+    return image, label, affine, header

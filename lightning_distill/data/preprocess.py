@@ -1,0 +1,140 @@
+"""MONAI preprocessing of NIfTI cases, invertible so predictions map back to the input grid.
+
+Every case is handled as a 3D array ``(C, X, Y, Z)`` (a 2D file is a volume with ``Z = 1``), so one
+code path serves volumes and single slices. The steps, each optional and configured per dataset:
+orientation (to ``RAS`` by default), resampling to a target spacing (images linear, labels nearest;
+a non-positive entry keeps that axis's spacing), intensity (CT: HU window scaled to [0, 1]; MR:
+percentile clip scaled to [0, 1], or z-score over the non-zero voxels), foreground crop (image
+above a threshold, with a margin), and resizing to the model size (``pad_crop`` or ``resize``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Preprocess:
+    """Settings (see module docstring). ``shape`` is ``(X, Y, Z)``; for 2D data ``Z`` is 1."""
+
+    orientation: Optional[str] = "RAS"
+    spacing: Optional[Sequence[float]] = None
+    modality: str = "CT"  # CT | MR | none
+    ct_window: Tuple[float, float] = (-175.0, 250.0)
+    mr_norm: str = "percentile"  # percentile | zscore
+    percentiles: Tuple[float, float] = (0.5, 99.5)
+    crop_foreground: bool = False
+    crop_threshold: float = 0.05
+    crop_margin: int = 4
+    shape: Optional[Sequence[int]] = None
+    resize: str = "resize"  # resize | pad_crop
+
+    def __post_init__(self):
+        if self.modality not in ("CT", "MR", "none"):
+            raise ValueError(f"modality must be CT, MR or none, got {self.modality!r}")
+        if self.mr_norm not in ("percentile", "zscore"):
+            raise ValueError(f"mr_norm must be percentile or zscore, got {self.mr_norm!r}")
+        if self.resize not in ("resize", "pad_crop"):
+            raise ValueError(f"resize must be resize or pad_crop, got {self.resize!r}")
+
+    # ------------------------------------------------------------------ spatial
+    def spatial(self, mode: str):
+        """The invertible spatial transforms (``mode``: interpolation for Spacing/Resize)."""
+        from monai.transforms import Compose, Orientation, Resize, ResizeWithPadOrCrop, Spacing
+
+        ts = []
+        if self.orientation:
+            ts.append(Orientation(axcodes=self.orientation))
+        if self.spacing is not None:
+            pix = list(self.spacing) + [-1.0] * (3 - len(self.spacing))
+            ts.append(Spacing(pixdim=pix, mode=mode, padding_mode="border" if mode != "nearest" else "zeros"))
+        return Compose(ts), (
+            None if self.shape is None else
+            (Resize(spatial_size=list(self.shape), mode="nearest" if mode == "nearest" else ("trilinear" if mode == "bilinear" else mode))
+             if self.resize == "resize" else ResizeWithPadOrCrop(spatial_size=list(self.shape)))
+        )
+
+    def intensity(self, image: torch.Tensor) -> torch.Tensor:
+        if self.modality == "CT":
+            lo, hi = self.ct_window
+            return ((image.clamp(lo, hi) - lo) / (hi - lo)).float()
+        if self.modality == "MR":
+            out = []
+            for c in image:  # per channel
+                if self.mr_norm == "percentile":
+                    lo, hi = np.percentile(c.numpy(), self.percentiles)
+                    out.append(((c.clamp(float(lo), float(hi)) - lo) / max(float(hi - lo), 1e-6)))
+                else:
+                    nz = c[c != 0]
+                    mu, sd = (nz.mean(), nz.std()) if nz.numel() > 1 else (c.mean(), c.std())
+                    out.append((c - mu) / max(float(sd), 1e-6))
+            return torch.stack(out).float()
+        return image.float()
+
+    def __call__(self, image: np.ndarray, affine: np.ndarray, label: Optional[np.ndarray] = None):
+        """Preprocess one case.
+
+        Args:
+            image: ``(C, X, Y, Z)`` float array.
+            affine: ``(4, 4)`` voxel-to-world matrix.
+            label: ``(X, Y, Z)`` int array or ``None``.
+
+        Returns:
+            ``(image, label, chain)``: the image MetaTensor ``(C, *shape)`` (it carries MONAI's record
+            of the applied spatial operations), the label MetaTensor ``(1, *shape)`` int64 or
+            ``None``, and the list of spatial transforms applied to the image, which
+            :meth:`invert` undoes.
+        """
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialCrop
+
+        aff = torch.as_tensor(affine, dtype=torch.float64)
+        img = MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=aff)
+        pre, size = self.spatial("bilinear")
+        chain = list(pre.transforms)
+        img = pre(img)
+        img = MetaTensor(self.intensity(img.as_tensor()), affine=img.affine, applied_operations=img.applied_operations)
+        lbl = None
+        if label is not None:
+            pre_l, size_l = self.spatial("nearest")
+            lbl = pre_l(MetaTensor(torch.as_tensor(label[None], dtype=torch.float32), affine=aff.clone()))
+        if self.crop_foreground:
+            mask = img.as_tensor().amax(0) > self.crop_threshold
+            if mask.any():
+                idx = torch.nonzero(mask)
+                start = (idx.min(0).values - self.crop_margin).clamp_min(0)
+                end = torch.minimum(idx.max(0).values + 1 + self.crop_margin, torch.tensor(mask.shape))
+                crop = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())
+                img = crop(img)
+                chain.append(crop)
+                if lbl is not None:
+                    lbl = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())(lbl)
+        if size is not None:
+            img = size(img)
+            chain.append(size)
+            if lbl is not None:
+                lbl = size_l(lbl)
+        if lbl is not None:
+            lbl = MetaTensor(lbl.as_tensor().round().long(), affine=lbl.affine)
+        return img, lbl, chain
+
+    @staticmethod
+    def invert(probs: torch.Tensor, reference, chain) -> torch.Tensor:
+        """Map ``(K, *shape)`` probabilities on the preprocessed grid back to the input grid.
+
+        Args:
+            probs: per-class probabilities on the preprocessed grid.
+            reference: the preprocessed image MetaTensor returned by :meth:`__call__`.
+            chain: the transforms returned with it; undone in reverse order. Probabilities are
+                interpolated linearly; take the argmax afterwards.
+        """
+        from monai.data import MetaTensor
+        from monai.transforms import Compose
+
+        p = MetaTensor(probs.float(), affine=reference.affine.clone())
+        p.applied_operations = [dict(op) for op in reference.applied_operations]
+        return Compose(list(chain)).inverse(p).as_tensor()
