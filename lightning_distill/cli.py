@@ -39,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--image-pattern", default="images/*.nii.gz", help="folder layout: glob of images")
     sl.add_argument("--label-pattern", default="labels/{case}.nii.gz", help="folder layout: label path with {case}")
     sl.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    pr = sub.add_parser("predict", help="predict masks for a NIfTI file or folder with a trained checkpoint")
+    pr.add_argument("checkpoint", help="a .ckpt written by `lightning-distill fit` (e.g. runs/student/checkpoints/best.ckpt)")
+    pr.add_argument("input", help="a .nii/.nii.gz file or a folder of them")
+    pr.add_argument("output", help="output file (for one input file) or folder")
+    pr.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. preprocessing)")
+    ev = sub.add_parser("test", help="evaluate a checkpoint on the test split of its config (with overrides)")
+    ev.add_argument("checkpoint")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.nifti.slice_mode=all")
+    ev.add_argument("--out", help="results file (default: <output_dir>/results_test.json)")
+    ph = sub.add_parser("phantom", help="write a config's phantom population as an nnU-Net NIfTI dataset")
+    ph.add_argument("config")
+    ph.add_argument("dst")
+    ph.add_argument("overrides", nargs="*")
+    ph.add_argument("--overwrite", action="store_true")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -48,6 +62,25 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+    if args.command == "predict":
+        from lightning_distill.inference import predict
+
+        try:
+            written = predict(args.checkpoint, args.input, args.output, args.overrides)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"lightning-distill: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(written)} mask(s): {written[0] if len(written) == 1 else args.output}")
+        return 0
+    if args.command == "test":
+        from lightning_distill.train import evaluate
+
+        try:
+            evaluate(args.checkpoint, args.overrides, args.out)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            print(f"lightning-distill: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "slices":
         from lightning_distill.slices import extract_slices
 
@@ -84,6 +117,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"lightning-distill: error: {e}", file=sys.stderr)
         return 2
+    if args.command == "phantom":
+        from lightning_distill.data.sources import PhantomSource, export_phantom
+        from lightning_distill.train import build_source
+
+        src = build_source(cfg)
+        if not isinstance(src, PhantomSource):
+            print("lightning-distill: error: the config's data.source is not the phantom", file=sys.stderr)
+            return 2
+        try:
+            n = export_phantom(src, args.dst, overwrite=args.overwrite)
+        except FileExistsError as e:
+            print(f"lightning-distill: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {n} phantom cases to {args.dst}")
+        return 0
     if args.command == "config":
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0

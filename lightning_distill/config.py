@@ -246,5 +246,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return cfg
 
 
+def load_config_dict(values: Dict[str, Any], overrides: Sequence[str] = (), where: str = "config") -> DictConfig:
+    """Validate a config given as a dict (e.g. the one saved in a checkpoint), then apply overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(values))
+    except OmegaConfBaseException as e:
+        raise _explain(e, where) from None
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise _explain(e, "command-line override") from None
+
+
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -156,21 +156,48 @@ def fit(cfg: DictConfig) -> Dict[str, Any]:
         bank_cb.export(trainer, ckpt.last_model_path or None)
     best = None if fast else (ckpt.best_model_path or None)
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
+    extra = {"val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
+             "train_subjects": len(dm.train_subject_ids), "checkpoint": best,
+             "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes}
+    return _write_results(trainer, module, cfg, out / "results.json", extra, t0,
+                          f"{len(dm.train_subject_ids)} training subjects")
+
+
+def _write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str, Any], t0: float, note: str) -> Dict[str, Any]:
     summary = dict(module.test_summary or {})
     cases = summary.pop("cases", [])
-    results = {
-        "stage": cfg.stage,
-        "test": summary,
-        "val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
-        "train_subjects": len(dm.train_subject_ids),
-        "test_cases": cases,
-        "checkpoint": best,
-        "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes,
-        "wall_time_s": round(time.time() - t0, 1),
-        "version": __version__,
-    }
+    results = {"stage": cfg.stage, "test": summary, **extra, "test_cases": cases,
+               "wall_time_s": round(time.time() - t0, 1), "version": __version__}
     if trainer.is_global_zero:
-        _write_json(out / "results.json", results)
-        title = f"\n{cfg.stage} test Dice / HD95 ({summary.get('num_cases')} held-out samples, {len(dm.train_subject_ids)} training subjects) -> {out / 'results.json'}"
-        print(format_table(summary, title))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, results)
+        print(format_table(summary, f"\n{cfg.stage} test Dice / HD95 ({summary.get('num_cases')} held-out samples, {note}) -> {path}"))
     return results
+
+
+def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None) -> Dict[str, Any]:
+    """Test a checkpoint's network on the test split of its config with ``overrides`` applied.
+
+    Use it to evaluate on other data than the run's own test split, e.g. every axial slice of held-out
+    volumes (``data.nifti.slice_mode=all``) or a domain-shifted set. Writes ``out`` (default
+    ``<output_dir>/results_test.json``).
+    """
+    from lightning_distill.inference import load_checkpoint, load_network
+
+    t0 = time.time()
+    ckpt, cfg = load_checkpoint(checkpoint, overrides)
+    source = build_source(cfg)
+    names = class_names(cfg, source)
+    trained = list(ckpt["hyper_parameters"]["class_names"])
+    if names != trained:
+        raise ValueError(f"checkpoint {checkpoint} segments {trained}, the data's classes are {names}")
+    dm = build_datamodule(cfg, source)
+    module = SegmentationModule(load_network(ckpt, cfg), names,
+                                roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg))
+    targs = {k: v for k, v in {**_default_trainer_args(), **OmegaConf.to_container(cfg.trainer)}.items()
+             if k in ("accelerator", "devices", "precision", "enable_progress_bar")}
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, **targs)
+    trainer.test(module, datamodule=dm, verbose=False)
+    path = Path(out) if out else Path(cfg.output_dir) / "results_test.json"
+    return _write_results(trainer, module, cfg, path, {"checkpoint": str(checkpoint), "overrides": list(overrides)}, t0,
+                          f"checkpoint {checkpoint}")

@@ -7,7 +7,7 @@ from lightning_distill.networks import InputHook, build_network, head_module_nam
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("UNet", {"channels": [8, 16, 32], "strides": [2, 2]}, (1, 1, 32, 32, 16)),
     ("DynUNet", {"depth": 3, "filters": [8, 16, 32]}, (1, 1, 32, 32, 16)),
-    ("SwinUNETR", {"feature_size": 12}, (1, 1, 32, 32, 32)),
+    ("SwinUNETR", {"feature_size": 12}, (1, 1, 64, 64, 64)),  # needs sizes divisible by 32, >= 64
 ])
 def test_teacher_networks_by_name_and_their_head(name, kwargs, shape):
     net = build_network(name, 3, 1, 4, kwargs=kwargs).eval()

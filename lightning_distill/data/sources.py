@@ -16,6 +16,8 @@ from lightning_distill.data.phantom import CLASS_NAMES, PhantomSpec, hu_window, 
 
 # Physical extent of the phantom's normalised cube [-1, 1]^3, in mm (x, y, z).
 PHANTOM_EXTENT_MM = (400.0, 400.0, 300.0)
+# The phantom's array axes point to the patient's left, anterior and superior.
+PHANTOM_ORIENTATION = "LAS"
 
 
 class SubjectSource:
@@ -160,3 +162,41 @@ class NiftiSource(SubjectSource):
         if self.spatial_dims == 2:
             return {"image": item["image"][..., 0], "label": item["label"][..., 0], "spacing": item["spacing"][:2]}
         return item
+
+
+def export_phantom(source: PhantomSource, dst, overwrite: bool = False) -> int:
+    """Write a phantom population as an nnU-Net v2 raw dataset of NIfTI files (HU as int16).
+
+    Volumes (or single slices, as 2D files) get an LAS affine with the phantom's spacing, so they
+    behave like any scanner export: use them to try the NIfTI path end to end without real data.
+    Returns the number of cases written.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    import nibabel as nib
+
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(dst)
+    (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
+    shape = tuple(source.shape)
+    spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM, shape)] + ([PHANTOM_EXTENT_MM[2] / 48] if len(shape) == 2 else [])
+    affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])  # LAS
+    for sid in source.ids:
+        idx = int(sid.rsplit("_", 1)[1])
+        s = render_volume(source.spec, idx, shape) if len(shape) == 3 else render_slice(source.spec, idx, shape)
+        a = affine.copy()
+        if len(shape) == 2:  # place the slice at its z position
+            a[2, 3] = s["z"] * PHANTOM_EXTENT_MM[2] / 2
+        nib.save(nib.Nifti1Image(np.round(s["image"]).astype(np.int16), a), dst / "imagesTr" / f"{sid}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(s["label"].astype(np.uint8), a), dst / "labelsTr" / f"{sid}.nii.gz")
+    meta = {"name": f"phantom_seed{source.spec.seed}", "description": "lightning_distill synthetic abdominal CT phantom",
+            "channel_names": {"0": "CT"}, "labels": {n: i for i, n in enumerate(CLASS_NAMES)},
+            "numTraining": len(source.ids), "file_ending": ".nii.gz"}
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return len(source.ids)
