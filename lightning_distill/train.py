@@ -47,7 +47,8 @@ def build_source(cfg: DictConfig) -> SubjectSource:
             raise ValueError(f"data.shape must have 2 (slices) or 3 (volumes) entries, got {list(d.shape)}")
         pre = Preprocess(orientation=n.orientation, spacing=list(n.spacing) if n.spacing else None, modality=n.modality,
                          ct_window=tuple(n.ct_window), mr_norm=n.mr_norm, percentiles=tuple(n.percentiles),
-                         crop_foreground=n.crop_foreground, shape=list(d.shape) + ([1] if dims == 2 else []),
+                         crop_foreground=n.crop_foreground,
+                         shape=list(d.shape) + ([] if dims == 3 else [-1 if n.slice_mode == "all" else 1]),  # -1 keeps Z
                          resize=n.resize)
         if not cfg.classes:
             raise ValueError("data.source=nifti needs `classes`: the experiment's class names, background first "

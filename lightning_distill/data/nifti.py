@@ -33,6 +33,7 @@ class Case:
     case_id: str
     images: List[Path]
     label: Optional[Path] = None
+    expected_label: Optional[Path] = None  # where the layout says the label should be (if missing)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def _discover_nnunet(root: Path, require_labels: bool) -> DatasetIndex:
             raise DataError(f"{img_dir / (cid + '_%04d' % missing[0] + ending)}: missing channel {missing[0]} of case {cid!r} "
                             f"(dataset.json declares {len(channels)} channels)")
         label = lbl_dir / f"{cid}{ending}"
-        cases.append(Case(cid, [chans[c] for c in range(len(channels))], _label_or_fail(label, require_labels)))
+        cases.append(Case(cid, [chans[c] for c in range(len(channels))], _label_or_fail(label, require_labels), label))
     return DatasetIndex(root, "nnunet", cases, labels, channels)
 
 
@@ -198,7 +199,7 @@ def _discover_msd(root: Path, require_labels: bool) -> DatasetIndex:
         label = (root / entry["label"]).resolve() if entry.get("label") else None
         if label is None and require_labels:
             raise DataError(f"{ds}: training[{i}] ({img.name}) has no 'label' entry")
-        cases.append(Case(_strip_ending(img.name), [img], _label_or_fail(label, require_labels) if label else None))
+        cases.append(Case(_strip_ending(img.name), [img], _label_or_fail(label, require_labels) if label else None, label))
     return DatasetIndex(root, "msd", cases, labels, channels)
 
 
@@ -212,7 +213,7 @@ def _discover_folder(root: Path, image_pattern: str, label_pattern: Optional[str
         label = root / label_pattern.format(case=cid) if label_pattern else None
         if label is None and require_labels:
             raise DataError(f"{root}: folder layout needs label_pattern to find labels")
-        cases.append(Case(cid, [img], _label_or_fail(label, require_labels) if label else None))
+        cases.append(Case(cid, [img], _label_or_fail(label, require_labels) if label else None, label))
     ids = [c.case_id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -255,8 +256,9 @@ class LabelMapping:
     Args:
         class_names: the experiment's classes, background first.
         dataset_labels: the dataset's ``{id: name}`` (from ``dataset.json``; may be empty).
-        label_map: ``{dataset label name or id: experiment class name}``; names of the experiment's
-            classes map to themselves by default. A value of ``"ignore"`` maps to the ignore index.
+        label_map: ``{dataset label name or id: experiment class name}``; dataset labels named like
+            an experiment class map to it by default, and without label names (plain folders) label
+            id k is class k. A value of ``"ignore"`` maps to the ignore index.
         unmapped: what a dataset label with no mapping becomes: ``background``, ``ignore`` or
             ``error``.
     """
@@ -274,9 +276,12 @@ class LabelMapping:
         index = {n: i for i, n in enumerate(names)}
         by_name = {v: k for k, v in self.dataset_labels.items()}
         lut: Dict[int, int] = {0: 0}
-        for k, v in self.dataset_labels.items():  # identical names map by default
-            if v in index:
-                lut[k] = index[v]
+        if self.dataset_labels:
+            for k, v in self.dataset_labels.items():  # identical names map by default
+                if v in index:
+                    lut[k] = index[v]
+        else:  # no label names (plain folders): label ids are the experiment's class indices
+            lut.update({i: i for i in range(len(names))})
         for key, target in dict(self.label_map).items():
             if isinstance(key, str) and not key.lstrip("-").isdigit():
                 if key not in by_name:
@@ -321,7 +326,8 @@ class LabelMapping:
         return out
 
 
-def read_case(case: Case, ndim: int, mapping: LabelMapping, require_foreground: bool = True, atol: float = 1e-3):
+def read_case(case: Case, ndim: int, mapping: LabelMapping, require_foreground: bool = True, atol: float = 1e-3,
+              require_label: bool = True):
     """Read and check one case.
 
     Returns:
@@ -341,6 +347,8 @@ def read_case(case: Case, ndim: int, mapping: LabelMapping, require_foreground: 
         chans.append(data.astype(np.float32))
     image = np.stack(chans)
     label = None
+    if case.label is None and case.expected_label is not None and require_label:
+        raise DataError(f"{case.expected_label}: label file is missing")
     if case.label is not None:
         ldata, laff, _ = load_nifti(case.label, "label")
         ldata = _squeeze_to(ldata, ndim, case.label, "label")

@@ -104,7 +104,7 @@ class NiftiSource(SubjectSource):
             raise ValueError(f"on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
         self.spatial_dims, self.class_names = spatial_dims, tuple(class_names)
         self.preprocess, self.slice_mode, self.require_foreground = preprocess, slice_mode, require_foreground
-        self.index = discover(root, layout, image_pattern, label_pattern)
+        self.index = discover(root, layout, image_pattern, label_pattern, require_labels=False)  # checked per case
         self.mapping = LabelMapping(self.class_names, self.index.labels, label_map or {}, unmapped, source=str(root))
         by_id = {c.case_id: c for c in self.index.cases}
         if cases is not None:
