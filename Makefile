@@ -9,7 +9,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all train-teacher train-student train-baseline clean
+.PHONY: help install test test-all train-teacher train-student train-baseline train-chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,3 +44,6 @@ train-baseline: $(STAMP) ## train the plain 2D model (the student with lambda = 
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache
+
+train-chaos: $(STAMP) ## the real-MRI experiment on CHAOS T2 (needs $$CHAOS_DIR or ../shared/data/chaos_t2_mr; ~30 min)
+	experiments/chaos/run.sh

@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--names", nargs="+", help="column names (default: directory names)")
     r.add_argument("--plot", help="also save grouped per-organ Dice bars to this PNG")
     r.add_argument("--grid", action="store_true", help="pool runs over seeds: mean ± std per method and training size")
+    r.add_argument("--results-name", default="results.json", help="with --grid: which results file of each run")
     r.add_argument("--bank-plot", nargs=2, metavar=("BANK", "PNG"), help="also save a heatmap of a prototypes.pt")
     sl = sub.add_parser("slices", help="extract one axial slice per subject from 3D volumes into a 2D NIfTI dataset")
     sl.add_argument("src", help="dataset folder of 3D volumes (nnU-Net, MSD or plain folder layout)")
@@ -99,7 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from lightning_distill.report import compare_table, grid_table, plot_bank, plot_dice
 
         try:
-            print(grid_table(args.runs) if args.grid else compare_table(args.runs, args.names), end="")
+            print(grid_table(args.runs, args.results_name) if args.grid else compare_table(args.runs, args.names), end="")
             if args.plot:
                 plot_dice(args.runs, args.plot, args.names)
             if args.bank_plot:

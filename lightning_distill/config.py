@@ -54,7 +54,9 @@ class NiftiConfig:
     percentiles: List[float] = field(default_factory=lambda: [0.5, 99.5])
     orientation: Optional[str] = "RAS"
     spacing: Optional[List[float]] = None  # target mm; <= 0 keeps an axis
-    crop_foreground: bool = False
+    crop_foreground: bool = False  # crop to the image above crop_threshold (after intensity scaling)
+    crop_threshold: float = 0.05
+    crop_margin: int = 4
     resize: str = "resize"  # resize | pad_crop (to data.shape)
 
 

@@ -20,9 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.config import load_config_dict
 from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, load_nifti
-from lightning_distill.data.preprocess import Preprocess
-from lightning_distill.data.sources import PHANTOM_ORIENTATION
 from lightning_distill.networks import build_network
+from lightning_distill.train import make_preprocess
 
 
 def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[dict, DictConfig]:
@@ -47,21 +46,6 @@ def load_network(ckpt: dict, cfg: DictConfig) -> torch.nn.Module:
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
     return net.eval()
-
-
-def preprocess_for(cfg: DictConfig, depth: Optional[int] = None) -> Preprocess:
-    """The training preprocessing of ``cfg``; ``depth=-1`` keeps the input's number of slices."""
-    d = cfg.data
-    shape = list(d.shape) + ([1] if len(d.shape) == 2 else [])
-    if depth is not None:
-        shape[2] = depth
-    if d.source == "nifti":
-        n = d.nifti
-        return Preprocess(orientation=n.orientation, spacing=list(n.spacing) if n.spacing else None, modality=n.modality,
-                          ct_window=tuple(n.ct_window), mr_norm=n.mr_norm, percentiles=tuple(n.percentiles),
-                          crop_foreground=n.crop_foreground, shape=shape, resize=n.resize)
-    # phantom-trained: HU window of the phantom, its array orientation, resize to the model size
-    return Preprocess(orientation=PHANTOM_ORIENTATION, modality="CT", ct_window=tuple(d.window), shape=shape)
 
 
 def list_inputs(path: str | Path) -> List[Path]:
@@ -95,7 +79,7 @@ def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affin
     if vol.ndim != 3:
         raise DataError(f"expected a 2D or 3D image, got shape {data.shape}")
     student = len(cfg.data.shape) == 2
-    pre = preprocess_for(cfg, depth=-1 if student else None)
+    pre = make_preprocess(cfg, depth=-1 if student else None)
     img, _, chain = pre(vol[None].astype(np.float32), affine)
     x = img.as_tensor()[None]  # (1, C, X, Y, Z)
     if student:  # slice by slice: (Z, C, X, Y)

@@ -13,10 +13,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceLoss
+from monai.losses import MaskedDiceLoss
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_distill.data.nifti import IGNORE_INDEX
 from lightning_distill.losses.prototype import masked_class_mean, prototype_dist_terms
 from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, summarize
 from lightning_distill.networks import InputHook
@@ -48,7 +49,7 @@ class SegmentationModule(L.LightningModule):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.organs = self.class_names[1:]
-        self.dice_loss = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        self.dice_loss = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
         self.val_dice = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
         self.val_hd = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
         self._test_rows: List[Dict[str, Any]] = []
@@ -66,7 +67,22 @@ class SegmentationModule(L.LightningModule):
         return self.net(x)
 
     def seg_terms(self, logits: Tensor, label: Tensor) -> Dict[str, Tensor]:
-        return {"seg_dice": self.dice_loss(logits, label), "seg_ce": F.cross_entropy(logits, label[:, 0])}
+        """Dice and CE; pixels labelled ``IGNORE_INDEX`` (255) count in neither."""
+        ignore = label == IGNORE_INDEX
+        if ignore.any():
+            dice = self.dice_loss(logits, label.masked_fill(ignore, 0), mask=(~ignore).float())
+        else:
+            dice = self.dice_loss(logits, label)
+        return {"seg_dice": dice, "seg_ce": F.cross_entropy(logits, label[:, 0], ignore_index=IGNORE_INDEX)}
+
+    @staticmethod
+    def _eval_pair(logits: Tensor, label: Tensor):
+        """Predicted and true label maps with ignored pixels set to background in both."""
+        pred = logits.argmax(1, keepdim=True)
+        ignore = label == IGNORE_INDEX
+        if ignore.any():
+            return pred.masked_fill(ignore, 0), label.masked_fill(ignore, 0)
+        return pred, label
 
     def extra_terms(self, batch: Dict, logits: Tensor) -> Dict[str, Tensor]:
         """Additional (weighted) loss terms; none for plain segmentation."""
@@ -97,12 +113,12 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: Dict, batch_idx: int):
         out = self.model_step(batch, train=False)
-        pred = out["logits"].argmax(1)
-        dice = per_case_dice(pred, batch["label"], self.num_classes)
+        pred, label = self._eval_pair(out["logits"], batch["label"])
+        dice = per_case_dice(pred, label, self.num_classes)
         for i, m in enumerate(self.val_dice):
             m.update(dice[:, i])
         if self.hparams.val_hd95:
-            hd = per_case_hd95(pred, batch["label"], self.num_classes, batch["spacing"].cpu().numpy())
+            hd = per_case_hd95(pred, label, self.num_classes, batch["spacing"].cpu().numpy())
             for i, m in enumerate(self.val_hd):
                 m.update(hd[:, i])
         self.log("val/loss", out["loss"], batch_size=batch["image"].shape[0], sync_dist=True)
@@ -127,9 +143,9 @@ class SegmentationModule(L.LightningModule):
 
     def test_step(self, batch: Dict, batch_idx: int):
         out = self.model_step(batch, train=False)
-        pred = out["logits"].argmax(1)
-        dice = per_case_dice(pred, batch["label"], self.num_classes).cpu()
-        hd = per_case_hd95(pred, batch["label"], self.num_classes, batch["spacing"].cpu().numpy())
+        pred, label = self._eval_pair(out["logits"], batch["label"])
+        dice = per_case_dice(pred, label, self.num_classes).cpu()
+        hd = per_case_hd95(pred, label, self.num_classes, batch["spacing"].cpu().numpy())
         for i, cid in enumerate(batch["id"]):
             self._test_rows.append({"id": cid, "dice": dice[i], "hd95": hd[i]})
 

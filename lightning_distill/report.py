@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import List, Sequence
 
 
-def load_results(run_dir: str | Path) -> dict:
+def load_results(run_dir: str | Path, name: str = "results.json") -> dict:
     p = Path(run_dir)
-    p = p / "results.json" if p.is_dir() else p
+    p = p / name if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist (has the run finished?)")
     try:
@@ -100,7 +100,7 @@ def plot_bank(bank_path: str | Path, path: str | Path) -> None:
     plt.close(fig)
 
 
-def grid_table(run_dirs: Sequence[str | Path]) -> str:
+def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json") -> str:
     """Mean ± std over seeds of test Dice, grouped by method (lambda > 0 or not) and training size.
 
     Each run directory needs ``results.json`` and ``config.yaml``; runs that differ only in ``seed``
@@ -113,9 +113,10 @@ def grid_table(run_dirs: Sequence[str | Path]) -> str:
     groups: dict = {}
     organs: List[str] = []
     for d in run_dirs:
-        r = load_results(d)
+        r = load_results(d, results_name)
         cfg = OmegaConf.load(Path(d) / "config.yaml")
-        method = "distilled" if cfg.distill.weight and cfg.distill.prototypes else "baseline"
+        method = "distilled" if cfg.get("stage") == "student" and cfg.distill.weight and cfg.distill.prototypes else (
+            "teacher" if cfg.get("stage") == "teacher" else "baseline")
         key = (r["train_subjects"], method, cfg.model.name, cfg.model.encoder)
         groups.setdefault(key, []).append(r)
         organs = organs or list(r["test"]["dice"])

@@ -25,7 +25,7 @@ from lightning_distill.config import to_dict
 from lightning_distill.data.datamodules import SegmentationDataModule, SliceDataModule, VolumeDataModule
 from lightning_distill.data.phantom import PhantomSpec
 from lightning_distill.data.preprocess import Preprocess
-from lightning_distill.data.sources import NiftiSource, PhantomSource, SubjectSource
+from lightning_distill.data.sources import PHANTOM_ORIENTATION, NiftiSource, PhantomSource, SubjectSource
 from lightning_distill.metrics import format_table
 from lightning_distill.modules import SegmentationModule, StudentModule
 from lightning_distill.networks import build_network, head_module_name
@@ -45,11 +45,7 @@ def build_source(cfg: DictConfig) -> SubjectSource:
         dims = len(d.shape)
         if dims not in (2, 3):
             raise ValueError(f"data.shape must have 2 (slices) or 3 (volumes) entries, got {list(d.shape)}")
-        pre = Preprocess(orientation=n.orientation, spacing=list(n.spacing) if n.spacing else None, modality=n.modality,
-                         ct_window=tuple(n.ct_window), mr_norm=n.mr_norm, percentiles=tuple(n.percentiles),
-                         crop_foreground=n.crop_foreground,
-                         shape=list(d.shape) + ([] if dims == 3 else [-1 if n.slice_mode == "all" else 1]),  # -1 keeps Z
-                         resize=n.resize)
+        pre = make_preprocess(cfg, depth=-1 if dims == 2 and n.slice_mode == "all" else None)
         if not cfg.classes:
             raise ValueError("data.source=nifti needs `classes`: the experiment's class names, background first "
                              "(the dataset's labels are mapped to them with data.nifti.label_map)")
@@ -58,6 +54,25 @@ def build_source(cfg: DictConfig) -> SubjectSource:
                            unmapped=n.unmapped, cases=list(n.cases) if n.cases else None, slice_mode=n.slice_mode,
                            on_bad_case=d.on_bad_case, require_foreground=n.require_foreground)
     raise ValueError(f"unknown data.source {d.source!r}")
+
+
+def make_preprocess(cfg: DictConfig, depth: Optional[int] = None) -> Preprocess:
+    """The preprocessing of ``cfg``'s data (``depth=-1`` keeps the input's number of slices).
+
+    NIfTI data follow ``data.nifti``; phantom-trained models get the phantom's HU window and array
+    orientation, so they can predict NIfTI files too.
+    """
+    d = cfg.data
+    shape = list(d.shape) + ([1] if len(d.shape) == 2 else [])
+    if depth is not None:
+        shape[2] = depth
+    if d.source == "nifti":
+        n = d.nifti
+        return Preprocess(orientation=n.orientation, spacing=list(n.spacing) if n.spacing else None, modality=n.modality,
+                          ct_window=tuple(n.ct_window), mr_norm=n.mr_norm, percentiles=tuple(n.percentiles),
+                          crop_foreground=n.crop_foreground, crop_threshold=n.crop_threshold,
+                          crop_margin=n.crop_margin, shape=shape, resize=n.resize)
+    return Preprocess(orientation=PHANTOM_ORIENTATION, modality="CT", ct_window=tuple(d.window), shape=shape)
 
 
 def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None) -> SegmentationDataModule:

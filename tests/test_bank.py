@@ -136,3 +136,22 @@ def test_student_step_gradient_reaches_student_not_bank():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.parameters())
     assert not module.teacher_prototypes.requires_grad and torch.equal(module.teacher_prototypes, before)
     assert "teacher_prototypes" in module.state_dict()  # checkpoints carry the bank
+
+
+def test_ignore_index_pixels_count_in_no_loss_and_no_metric():
+    names = ["background", "a", "b"]
+    net = build_network("Unet", 2, 1, 3, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
+    module = StudentModule(net, names, bank=Bank(torch.softmax(torch.randn(3, 3), 1), torch.ones(3), names, 1.0, "prob"))
+    label = torch.randint(0, 3, (2, 1, 32, 32))
+    logits = torch.randn(2, 3, 32, 32)
+    ignored = label.clone()
+    ignored[:, :, :8] = 255
+    terms = module.seg_terms(logits, ignored)
+    assert all(torch.isfinite(v) for v in terms.values())
+    # changing the logits at ignored pixels changes nothing
+    other = logits.clone()
+    other[:, :, :8] = torch.randn(2, 3, 8, 32) * 10
+    terms2 = module.seg_terms(other, ignored)
+    assert all(torch.allclose(terms[k], terms2[k], atol=1e-6) for k in terms)
+    pred, lab = module._eval_pair(other, ignored)
+    assert (lab != 255).all() and (pred[:, :, :8] == 0).all()
