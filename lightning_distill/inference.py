@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.config import load_config_dict
-from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, load_nifti
+from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, load_nifti, reorient, slice_affine
 from lightning_distill.networks import build_network
 from lightning_distill.train import make_preprocess
 
@@ -71,27 +71,44 @@ def output_name(path: Path) -> str:
 
 @torch.no_grad()
 def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Label map (input shape) for one image array ``(X, Y)`` or ``(X, Y, Z)``."""
+    """Label map (input shape) for one image array ``(X, Y)`` or ``(X, Y, Z)``.
+
+    A 2D student predicts a 3D volume slice by slice: the volume is reoriented, and every axial slice
+    is preprocessed on its own, exactly as a single-slice file would be, then the stacked prediction
+    is put back in the input's axis order.
+    """
     from monai.inferers import sliding_window_inference
 
     two_d_file = data.ndim == 2
-    vol = data[..., None] if two_d_file else data
-    if vol.ndim != 3:
+    vol = (data[..., None] if two_d_file else data)[None].astype(np.float32)
+    if vol.ndim != 4:
         raise DataError(f"expected a 2D or 3D image, got shape {data.shape}")
-    student = len(cfg.data.shape) == 2
-    pre = make_preprocess(cfg, depth=-1 if student else None)
-    img, _, chain = pre(vol[None].astype(np.float32), affine)
-    x = img.as_tensor()[None]  # (1, C, X, Y, Z)
-    if student:  # slice by slice: (Z, C, X, Y)
-        slices = x[0].permute(3, 0, 1, 2)
-        logits = torch.cat([net(slices[i:i + 16]) for i in range(0, slices.shape[0], 16)])
-        probs = torch.softmax(logits.float(), 1).permute(1, 2, 3, 0)  # (K, X, Y, Z)
+    pre = make_preprocess(cfg)
+
+    def one(image: np.ndarray, aff: np.ndarray, predictor) -> np.ndarray:
+        img, _, chain = pre(image, aff)
+        probs = predictor(img.as_tensor()[None])
+        return pre.invert(probs, img, chain).argmax(0).numpy().astype(np.uint8)
+
+    if len(cfg.data.shape) == 2:  # student
+        def net2d(x):  # (1, C, X, Y, 1) -> (K, X, Y, 1)
+            return torch.softmax(net(x[..., 0]).float(), 1)[0][..., None]
+
+        if vol.shape[-1] == 1:
+            pred = one(vol, affine, net2d)
+        else:
+            oriented, o_aff, undo = reorient(vol, affine, pre.orientation)
+            pred = np.concatenate([one(oriented[..., z:z + 1], slice_affine(o_aff, z), net2d)
+                                   for z in range(oriented.shape[-1])], axis=-1)
+            pred = undo(pred)
     else:
         roi = list(cfg.data.patch_size or cfg.data.shape)
-        logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=2, predictor=net, overlap=0.25)
-        probs = torch.softmax(logits.float(), 1)[0]
-    back = pre.invert(probs, img, chain)
-    pred = back.argmax(0).numpy().astype(np.uint8)
+
+        def net3d(x):
+            logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=2, predictor=net, overlap=0.25)
+            return torch.softmax(logits.float(), 1)[0]
+
+        pred = one(vol, affine, net3d)
     return pred[..., 0] if two_d_file else pred
 
 

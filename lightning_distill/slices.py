@@ -28,14 +28,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from lightning_distill.data.nifti import DataError, discover, load_nifti
+from lightning_distill.data.nifti import DataError, discover, load_nifti, reorient, slice_affine
 
 
 def _canonical(data: np.ndarray, affine: np.ndarray):
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
-    return np.asarray(img.dataobj), img.affine
+    out, aff, _ = reorient(data[None], affine, "RAS")
+    return out[0], aff
 
 
 def _atomic_save(img, path: Path) -> None:
@@ -122,14 +120,12 @@ def extract_slices(src: str | Path, dst: str | Path, rule: str, value, layout: s
         if not 0 <= z < depth:
             raise DataError(f"{case.images[0]}: slice index {z} is outside 0..{depth - 1}")
         chosen[case.case_id] = z
-        for c, (vol, aff) in enumerate(chans):
-            a = aff.copy()
-            a[:3, 3] = aff[:3, :3] @ np.array([0, 0, z]) + aff[:3, 3]  # world position of slice z
-            _atomic_save(nib.Nifti1Image(np.ascontiguousarray(vol[:, :, z]), a), dst / "imagesTr" / f"{case.case_id}_{c:04d}.nii.gz")
+        for c, (vol, aff) in enumerate(chans):  # the slice keeps its world position
+            _atomic_save(nib.Nifti1Image(np.ascontiguousarray(vol[:, :, z]), slice_affine(aff, z)),
+                         dst / "imagesTr" / f"{case.case_id}_{c:04d}.nii.gz")
         if label is not None:
-            a = lab_aff.copy()
-            a[:3, 3] = lab_aff[:3, :3] @ np.array([0, 0, z]) + lab_aff[:3, 3]
-            _atomic_save(nib.Nifti1Image(np.ascontiguousarray(label[:, :, z]).astype(np.uint8), a), dst / "labelsTr" / f"{case.case_id}.nii.gz")
+            _atomic_save(nib.Nifti1Image(np.ascontiguousarray(label[:, :, z]).astype(np.uint8), slice_affine(lab_aff, z)),
+                         dst / "labelsTr" / f"{case.case_id}.nii.gz")
     meta = {
         "name": f"{src.name}_single_slice",
         "description": f"one axial slice per case of {src} (RAS, index from inferior), rule {rule}={value}",

@@ -45,7 +45,7 @@ def build_source(cfg: DictConfig) -> SubjectSource:
         dims = len(d.shape)
         if dims not in (2, 3):
             raise ValueError(f"data.shape must have 2 (slices) or 3 (volumes) entries, got {list(d.shape)}")
-        pre = make_preprocess(cfg, depth=-1 if dims == 2 and n.slice_mode == "all" else None)
+        pre = make_preprocess(cfg)
         if not cfg.classes:
             raise ValueError("data.source=nifti needs `classes`: the experiment's class names, background first "
                              "(the dataset's labels are mapped to them with data.nifti.label_map)")

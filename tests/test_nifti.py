@@ -262,3 +262,19 @@ def test_phantom_nifti_teacher_slices_student_predict_round_trip(tmp_path, tiny_
                  "data.val_subjects=1", "data.test_subjects=2", "--out", str(tmp_path / "all.json")]) == 0
     res = json.loads((tmp_path / "all.json").read_text())
     assert res["test"]["num_cases"] == 2 * 16 and "liver" in res["test"]["dice"]
+
+
+def test_reorient_round_trip_and_slice_affine():
+    from lightning_distill.data.nifti import reorient, slice_affine
+
+    data = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    aff = np.array([[0, 0, 2.0, 10], [-1.5, 0, 0, 20], [0, 1.5, 0, 30], [0, 0, 0, 1]])  # axes permuted and flipped
+    out, new_aff, undo = reorient(data, aff, "RAS")
+    assert out.shape == (2, 5, 3, 4) and (np.diag(new_aff)[:3] > 0).all()  # x<-axis 2, y<-axis 0 (flipped), z<-axis 1
+    assert np.array_equal(undo(out[1]), data[1])
+    # a voxel keeps its world position
+    ijk = np.array([1, 2, 3, 1.0])
+    world = aff @ ijk
+    new_ijk = np.linalg.solve(new_aff, world)
+    assert out[0][tuple(np.round(new_ijk[:3]).astype(int))] == data[0][1, 2, 3]
+    assert np.allclose(slice_affine(new_aff, 2) @ [0, 0, 0, 1], new_aff @ [0, 0, 2, 1])

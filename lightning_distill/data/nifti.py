@@ -360,3 +360,31 @@ def read_case(case: Case, ndim: int, mapping: LabelMapping, require_foreground: 
         if require_foreground and not np.any((label > 0) & (label != IGNORE_INDEX)):
             raise DataError(f"{case.label}: label is empty (only background) after mapping to {list(mapping.class_names)}")
     return image, label, affine, header
+
+
+def reorient(data: np.ndarray, affine: np.ndarray, axcodes: Optional[str]):
+    """Reorder/flip the spatial axes of ``data`` ``(C, X, Y, Z)`` to ``axcodes`` (e.g. ``"RAS"``).
+
+    Returns:
+        ``(data, affine, undo)`` where ``undo(array (X, Y, Z))`` maps an array on the new grid back
+        to the input's axis order (for writing predictions in the input's orientation).
+    """
+    import nibabel.orientations as no
+
+    if not axcodes:
+        return data, affine, (lambda a: a)
+    src = no.io_orientation(affine)
+    dst = no.axcodes2ornt(tuple(axcodes))
+    fwd = no.ornt_transform(src, dst)
+    shape = data.shape[1:]
+    out = np.stack([no.apply_orientation(c, fwd) for c in data])
+    new_affine = affine @ no.inv_ornt_aff(fwd, shape)
+    back = no.ornt_transform(dst, src)
+    return out, new_affine, (lambda a: no.apply_orientation(a, back))
+
+
+def slice_affine(affine: np.ndarray, z: int) -> np.ndarray:
+    """The affine of axial slice ``z`` of a volume (same axes, origin moved to the slice)."""
+    a = affine.copy()
+    a[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, float(z)]) + affine[:3, 3]
+    return a

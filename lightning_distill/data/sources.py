@@ -71,6 +71,11 @@ class PhantomSource(SubjectSource):
                 "phase": s["phase"]}
 
 
+def _spacing(affine) -> np.ndarray:
+    a = affine.numpy() if hasattr(affine, "numpy") else np.asarray(affine)
+    return np.sqrt((a[:3, :3] ** 2).sum(0)).astype(np.float32)
+
+
 class NiftiSource(SubjectSource):
     """Subjects read from NIfTI files (nnU-Net v2, MSD or plain folder layouts).
 
@@ -145,19 +150,36 @@ class NiftiSource(SubjectSource):
         if self.spatial_dims == 2 and self.slice_mode == "file" and image.shape[-1] != 1:
             raise DataError(f"{case.images[0]}: a single-slice sample must be 2D (or 3D with one slice), got shape {image.shape[1:]}; "
                             "use data.nifti.slice_mode=all to take every axial slice of volumes")
-        img, lbl, _ = self.preprocess(image, affine, label)
-        spacing = np.sqrt((img.affine[:3, :3].numpy() ** 2).sum(0)).astype(np.float32)
-        item = {"image": img.as_tensor().numpy(), "label": lbl.as_tensor()[0].numpy() if lbl is not None else None,
-                "spacing": spacing}
+        if self.spatial_dims == 2 and self.slice_mode == "all":
+            item = self._per_slice(image, label, affine)
+        else:
+            img, lbl, _ = self.preprocess(image, affine, label)
+            item = {"image": img.as_tensor().numpy(), "label": lbl.as_tensor()[0].numpy() if lbl is not None else None,
+                    "spacing": _spacing(img.affine)}
         self._cache[cid] = item
         return item
+
+    def _per_slice(self, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> Dict:
+        """Every axial slice preprocessed on its own, as a single-slice file would be."""
+        from lightning_distill.data.nifti import reorient, slice_affine
+
+        image, new_affine, _ = reorient(image, affine, self.preprocess.orientation)
+        label = reorient(label[None], affine, self.preprocess.orientation)[0][0] if label is not None else None
+        imgs, lbls, spacings = [], [], []
+        for z in range(image.shape[-1]):
+            img, lbl, _ = self.preprocess(image[..., z:z + 1], slice_affine(new_affine, z),
+                                          None if label is None else label[..., z:z + 1])
+            imgs.append(img.as_tensor().numpy())
+            lbls.append(lbl.as_tensor()[0].numpy())
+            spacings.append(_spacing(img.affine))
+        return {"image": np.concatenate(imgs, -1), "label": np.concatenate(lbls, -1), "spacing": np.stack(spacings)}
 
     def load(self, subject_id: str) -> Dict:
         if "@" in subject_id and self.spatial_dims == 2 and self.slice_mode == "all":
             cid, z = subject_id.rsplit("@", 1)
             item = self._load_case(cid)
             z = int(z)
-            return {"image": item["image"][..., z], "label": item["label"][..., z], "spacing": item["spacing"][:2]}
+            return {"image": item["image"][..., z], "label": item["label"][..., z], "spacing": item["spacing"][z][:2]}
         item = self._load_case(subject_id)
         if self.spatial_dims == 2:
             return {"image": item["image"][..., 0], "label": item["label"][..., 0], "spacing": item["spacing"][:2]}
