@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 from lightning_distill import __version__
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")  # Lightning-internal deprecation noise
     if args.command == "predict":
         from lightning_distill.inference import predict
 

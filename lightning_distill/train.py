@@ -56,16 +56,14 @@ def build_source(cfg: DictConfig) -> SubjectSource:
     raise ValueError(f"unknown data.source {d.source!r}")
 
 
-def make_preprocess(cfg: DictConfig, depth: Optional[int] = None) -> Preprocess:
-    """The preprocessing of ``cfg``'s data (``depth=-1`` keeps the input's number of slices).
+def make_preprocess(cfg: DictConfig) -> Preprocess:
+    """The preprocessing of ``cfg``'s data (2D data: one slice, ``Z = 1``).
 
     NIfTI data follow ``data.nifti``; phantom-trained models get the phantom's HU window and array
     orientation, so they can predict NIfTI files too.
     """
     d = cfg.data
     shape = list(d.shape) + ([1] if len(d.shape) == 2 else [])
-    if depth is not None:
-        shape[2] = depth
     if d.source == "nifti":
         n = d.nifti
         return Preprocess(orientation=n.orientation, spacing=list(n.spacing) if n.spacing else None, modality=n.modality,

@@ -48,7 +48,7 @@ class Preprocess:
 
         ts = []
         if self.orientation:
-            ts.append(Orientation(axcodes=self.orientation))
+            ts.append(Orientation(axcodes=self.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
         if self.spacing is not None:
             pix = list(self.spacing) + [-1.0] * (3 - len(self.spacing))
             ts.append(Spacing(pixdim=pix, mode=mode, padding_mode="border" if mode != "nearest" else "zeros"))
