@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print a markdown table comparing finished runs (their results.json)")
     r.add_argument("runs", nargs="+", help="run output directories (or results.json files)")
     r.add_argument("--names", nargs="+", help="column names (default: directory names)")
-    r.add_argument("--plot", help="also save grouped per-organ Dice bars to this PNG")
+    r.add_argument("--plot", help="also save a PNG: per-organ Dice bars (or, with --grid, Dice vs training subjects)")
     r.add_argument("--grid", action="store_true", help="pool runs over seeds: mean ± std per method and training size")
     r.add_argument("--results-name", default="results.json", help="with --grid: which results file of each run")
     r.add_argument("--bank-plot", nargs=2, metavar=("BANK", "PNG"), help="also save a heatmap of a prototypes.pt")
@@ -99,11 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {len(chosen)} single-slice cases to {args.dst}")
         return 0
     if args.command == "report":
-        from lightning_distill.report import compare_table, grid_table, plot_bank, plot_dice
+        from lightning_distill.report import compare_table, grid_table, plot_bank, plot_dice, plot_grid
 
         try:
             print(grid_table(args.runs, args.results_name) if args.grid else compare_table(args.runs, args.names), end="")
-            if args.plot:
+            if args.plot and args.grid:
+                plot_grid(args.runs, args.plot, args.results_name)
+            elif args.plot:
                 plot_dice(args.runs, args.plot, args.names)
             if args.bank_plot:
                 plot_bank(*args.bank_plot)

@@ -134,3 +134,36 @@ def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json
         out.append(f"| {n} | {method} | {name}/{enc} | {len(rs)} | {ms([r['test']['dice_mean'] for r in rs])} | "
                    + " | ".join(ms([r["test"]["dice"][o] for r in rs]) for o in organs) + " |")
     return "\n".join(out) + "\n"
+
+
+def plot_grid(run_dirs: Sequence[str | Path], path: str | Path, results_name: str = "results.json") -> None:
+    """Mean test Dice (± std over seeds) against training subjects, one line per method and model."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from omegaconf import OmegaConf
+
+    groups: dict = {}
+    for d in run_dirs:
+        r = load_results(d, results_name)
+        cfg = OmegaConf.load(Path(d) / "config.yaml")
+        method = "distilled" if cfg.distill.weight and cfg.distill.prototypes else "baseline"
+        groups.setdefault((method, cfg.model.name), {}).setdefault(r["train_subjects"], []).append(r["test"]["dice_mean"])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (method, model), by_n in sorted(groups.items()):
+        ns = sorted(by_n)
+        means = [statistics.mean(by_n[n]) for n in ns]
+        sds = [statistics.stdev(by_n[n]) if len(by_n[n]) > 1 else 0.0 for n in ns]
+        ax.errorbar(ns, means, yerr=sds, marker="o", capsize=3, label=f"{method} ({model})")
+    ax.set_xscale("log")
+    ax.set_xlabel("training subjects (single slices)")
+    ax.set_ylabel("mean test Dice (± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
