@@ -13,7 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.losses import MaskedDiceLoss
+from monai.losses import DiceLoss, MaskedDiceLoss
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -49,7 +49,8 @@ class SegmentationModule(L.LightningModule):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.organs = self.class_names[1:]
-        self.dice_loss = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        self.dice_loss = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        self.masked_dice_loss = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
         self.val_dice = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
         self.val_hd = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
         self._test_rows: List[Dict[str, Any]] = []
@@ -70,7 +71,7 @@ class SegmentationModule(L.LightningModule):
         """Dice and CE; pixels labelled ``IGNORE_INDEX`` (255) count in neither."""
         ignore = label == IGNORE_INDEX
         if ignore.any():
-            dice = self.dice_loss(logits, label.masked_fill(ignore, 0), mask=(~ignore).float())
+            dice = self.masked_dice_loss(logits, label.masked_fill(ignore, 0), mask=(~ignore).float())
         else:
             dice = self.dice_loss(logits, label)
         return {"seg_dice": dice, "seg_ce": F.cross_entropy(logits, label[:, 0], ignore_index=IGNORE_INDEX)}

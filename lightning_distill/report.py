@@ -114,6 +114,8 @@ def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json
     organs: List[str] = []
     for d in run_dirs:
         r = load_results(d, results_name)
+        if "train_subjects" not in r:  # an extra evaluation (`lightning-distill test`): the run's own size
+            r["train_subjects"] = load_results(d)["train_subjects"]
         cfg = OmegaConf.load(Path(d) / "config.yaml")
         method = "distilled" if cfg.get("stage") == "student" and cfg.distill.weight and cfg.distill.prototypes else (
             "teacher" if cfg.get("stage") == "teacher" else "baseline")
@@ -149,9 +151,10 @@ def plot_grid(run_dirs: Sequence[str | Path], path: str | Path, results_name: st
     groups: dict = {}
     for d in run_dirs:
         r = load_results(d, results_name)
+        n = r["train_subjects"] if "train_subjects" in r else load_results(d)["train_subjects"]
         cfg = OmegaConf.load(Path(d) / "config.yaml")
         method = "distilled" if cfg.distill.weight and cfg.distill.prototypes else "baseline"
-        groups.setdefault((method, cfg.model.name), {}).setdefault(r["train_subjects"], []).append(r["test"]["dice_mean"])
+        groups.setdefault((method, cfg.model.name), {}).setdefault(n, []).append(r["test"]["dice_mean"])
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for (method, model), by_n in sorted(groups.items()):
         ns = sorted(by_n)
