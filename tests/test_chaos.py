@@ -1,0 +1,67 @@
+"""Real data: the CHAOS T2 MRI set, read from $CHAOS_DIR or ../shared/data/chaos_t2_mr.
+
+Skipped cleanly when the data are not on this machine (they are never copied into the repo).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+CHAOS = os.environ.get("CHAOS_DIR", os.path.join(REPO, "..", "shared", "data", "chaos_t2_mr"))
+pytestmark = [
+    pytest.mark.chaos,
+    pytest.mark.skipif(not os.path.isfile(os.path.join(CHAOS, "dataset.json")), reason=f"CHAOS data not found at {CHAOS}"),
+]
+
+
+def test_chaos_teacher_config_reads_volumes_with_groups():
+    from lightning_distill.config import load_config
+    from lightning_distill.train import build_datamodule, build_source
+
+    cfg = load_config(os.path.join(REPO, "experiments/chaos/teacher.yaml"), [f"data.nifti.root={CHAOS}"])
+    src = build_source(cfg)
+    assert len(src.ids) == 20 and list(src.class_names) == ["background", "liver", "right_kidney", "left_kidney", "spleen"]
+    dm = build_datamodule(cfg, src)
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 6, "val": 1, "test": 6}
+    item = src.load("chaos_001")
+    assert item["image"].shape == (1, 96, 96, 32) and item["label"].shape == (96, 96, 32)
+    assert set(np.unique(item["label"])) == {0, 1, 2, 3, 4}
+    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+
+
+def test_chaos_student_groups_are_disjoint_from_teacher():
+    from lightning_distill.config import load_config
+
+    t = load_config(os.path.join(REPO, "experiments/chaos/teacher.yaml")).data.splits
+    s = load_config(os.path.join(REPO, "experiments/chaos/student.yaml")).data.splits
+    teacher = set(t.train) | set(t.val)
+    student = set(s.train) | set(s.val)
+    test = set(s.test)
+    assert not (teacher & student) and not (teacher & test) and not (student & test)
+    assert set(t.test) == test and len(teacher | student | test) == 20
+
+
+def test_chaos_single_slice_extraction(tmp_path):
+    from lightning_distill.data.nifti import discover
+    from lightning_distill.slices import extract_slices
+
+    index = discover(CHAOS)
+    src = tmp_path / "two"  # a 2-case copy-free view: symlinks to the real files
+    for sub in ("imagesTr", "labelsTr"):
+        (src / sub).mkdir(parents=True)
+    for case in index.cases[:2]:
+        os.symlink(case.images[0], src / "imagesTr" / case.images[0].name)
+        os.symlink(case.label, src / "labelsTr" / case.label.name)
+    meta = json.loads((index.root / "dataset.json").read_text())
+    (src / "dataset.json").write_text(json.dumps(meta))
+    chosen = extract_slices(src, tmp_path / "slices", "max-area", "left_kidney")
+    assert len(chosen) == 2
+    import nibabel as nib
+
+    first = index.cases[0].case_id
+    img = nib.load(str(tmp_path / "slices" / "imagesTr" / f"{first}_0000.nii.gz"))
+    assert img.shape == (256, 256) and np.allclose(img.header.get_zooms()[:2], (1.25, 1.25))
