@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.nifti.slice_mode=all")
     ev.add_argument("--out", help="results file (default: <output_dir>/results_test.json)")
+    ev.add_argument("--all", action="store_true", help="test on every subject of the data, not the config's test split")
     ph = sub.add_parser("phantom", help="write a config's phantom population as an nnU-Net NIfTI dataset")
     ph.add_argument("config")
     ph.add_argument("dst")
@@ -62,7 +63,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value words after an option (e.g. `test CKPT --out f.json a=b`) are overrides too
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")  # Lightning-internal deprecation noise
     if args.command == "predict":
@@ -79,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from lightning_distill.train import evaluate
 
         try:
-            evaluate(args.checkpoint, args.overrides, args.out)
+            evaluate(args.checkpoint, args.overrides, args.out, all_subjects=args.all)
         except (ValueError, FileNotFoundError, KeyError) as e:
             print(f"lightning-distill: error: {e}", file=sys.stderr)
             return 2

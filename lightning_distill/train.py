@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -169,9 +170,13 @@ def fit(cfg: DictConfig) -> Dict[str, Any]:
     if bank_cb.sums is not None:  # re-export now that the final checkpoint exists (records its hash)
         bank_cb.export(trainer, ckpt.last_model_path or None)
     best = None if fast else (ckpt.best_model_path or None)
+    if not fast and best is None:
+        warnings.warn(f"no validation ran during training (trainer.max_steps={targs.get('max_steps')} ends before the first "
+                      f"validation epoch), so {out / 'checkpoints' / 'best.ckpt'} was not written: testing the last weights "
+                      f"({ckpt.last_model_path or 'not saved'})", stacklevel=2)
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     extra = {"val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
-             "train_subjects": len(dm.train_subject_ids), "checkpoint": best,
+             "train_subjects": len(dm.train_subject_ids), "checkpoint": best or ckpt.last_model_path or None,
              "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes}
     return _write_results(trainer, module, cfg, out / "results.json", extra, t0,
                           f"{len(dm.train_subject_ids)} training subjects")
@@ -189,11 +194,12 @@ def _write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str
     return results
 
 
-def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None) -> Dict[str, Any]:
+def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subjects: bool = False) -> Dict[str, Any]:
     """Test a checkpoint's network on the test split of its config with ``overrides`` applied.
 
     Use it to evaluate on other data than the run's own test split, e.g. every axial slice of held-out
-    volumes (``data.nifti.slice_mode=all``) or a domain-shifted set. Writes ``out`` (default
+    volumes (``data.nifti.slice_mode=all``) or a domain-shifted set; ``all_subjects`` tests on every
+    subject of the data instead of the test split. Writes ``out`` (default
     ``<output_dir>/results_test.json``).
     """
     from lightning_distill.inference import load_checkpoint, load_network
@@ -205,6 +211,10 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None) -> Dict[s
     trained = list(ckpt["hyper_parameters"]["class_names"])
     if names != trained:
         raise ValueError(f"checkpoint {checkpoint} segments {trained}, the data's classes are {names}")
+    if all_subjects:
+        from lightning_distill.data.datamodules import subject_of
+
+        cfg.data.splits = {"train": [], "val": [], "test": sorted({subject_of(i) for i in source.ids})}
     dm = build_datamodule(cfg, source)
     module = SegmentationModule(load_network(ckpt, cfg), names,
                                 roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg))

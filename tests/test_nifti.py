@@ -262,6 +262,10 @@ def test_phantom_nifti_teacher_slices_student_predict_round_trip(tmp_path, tiny_
                  "data.val_subjects=1", "data.test_subjects=2", "--out", str(tmp_path / "all.json")]) == 0
     res = json.loads((tmp_path / "all.json").read_text())
     assert res["test"]["num_cases"] == 2 * 16 and "liver" in res["test"]["dice"]
+    # every subject of another dataset; overrides may also follow the options
+    assert main(["test", str(ckpt), "--all", "--out", str(tmp_path / "every.json"), f"data.nifti.root={vols}",
+                 "data.nifti.slice_mode=all"]) == 0
+    assert json.loads((tmp_path / "every.json").read_text())["test"]["num_cases"] == 8 * 16
 
 
 def test_reorient_round_trip_and_slice_affine():
