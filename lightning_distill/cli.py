@@ -72,89 +72,87 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")  # Lightning-internal deprecation noise
-    if args.command == "predict":
-        from lightning_distill.inference import predict
-
-        try:
-            written = predict(args.checkpoint, args.input, args.output, args.overrides)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"lightning-distill: error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {len(written)} mask(s): {written[0] if len(written) == 1 else args.output}")
-        return 0
-    if args.command == "test":
-        from lightning_distill.train import evaluate
-
-        try:
-            evaluate(args.checkpoint, args.overrides, args.out, all_subjects=args.all)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            print(f"lightning-distill: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "slices":
-        from lightning_distill.slices import extract_slices
-
-        for r in ("index", "fraction", "max_area", "list"):
-            if getattr(args, r) is not None:
-                rule, value = r.replace("_", "-"), getattr(args, r)
-        try:
-            chosen = extract_slices(args.src, args.dst, rule, value, layout=args.layout, overwrite=args.overwrite,
-                                    image_pattern=args.image_pattern, label_pattern=args.label_pattern)
-        except (ValueError, FileExistsError, FileNotFoundError) as e:
-            print(f"lightning-distill: error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {len(chosen)} single-slice cases to {args.dst}")
-        return 0
-    if args.command == "report":
-        from lightning_distill.report import compare_table, grid_table, plot_bank, plot_dice, plot_grid
-
-        try:
-            print(grid_table(args.runs, args.results_name) if args.grid else compare_table(args.runs, args.names), end="")
-            if args.plot and args.grid:
-                plot_grid(args.runs, args.plot, args.results_name)
-            elif args.plot:
-                plot_dice(args.runs, args.plot, args.names)
-            if args.bank_plot:
-                plot_bank(*args.bank_plot)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"lightning-distill: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    from omegaconf import OmegaConf
-
-    from lightning_distill.config import ConfigError, load_config
-
     try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"lightning-distill: error: {e}", file=sys.stderr)
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        # bad input, config or files: one clear line (ConfigError and DataError are ValueErrors)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lightning-distill: error: {msg}", file=sys.stderr)
         return 2
-    if args.command == "phantom":
-        from lightning_distill.data.sources import PhantomSource, export_phantom
-        from lightning_distill.train import build_source
 
-        src = build_source(cfg)
-        if not isinstance(src, PhantomSource):
-            print("lightning-distill: error: the config's data.source is not the phantom", file=sys.stderr)
-            return 2
-        try:
-            n = export_phantom(src, args.dst, overwrite=args.overwrite)
-        except FileExistsError as e:
-            print(f"lightning-distill: error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {n} phantom cases to {args.dst}")
-        return 0
-    if args.command == "config":
-        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
-        return 0
+
+def _load(args):
+    from lightning_distill.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _fit(args) -> int:
     from lightning_distill.train import fit
 
-    try:
-        fit(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"lightning-distill: error: {e}", file=sys.stderr)
-        return 2
+    fit(_load(args))
     return 0
+
+
+def _config(args) -> int:
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(_load(args), resolve=True), end="")
+    return 0
+
+
+def _predict(args) -> int:
+    from lightning_distill.inference import predict
+
+    written = predict(args.checkpoint, args.input, args.output, args.overrides)
+    print(f"wrote {len(written)} mask(s): {written[0] if len(written) == 1 else args.output}")
+    return 0
+
+
+def _test(args) -> int:
+    from lightning_distill.train import evaluate
+
+    evaluate(args.checkpoint, args.overrides, args.out, all_subjects=args.all)
+    return 0
+
+
+def _slices(args) -> int:
+    from lightning_distill.slices import extract_slices
+
+    rule = next(r for r in ("index", "fraction", "max_area", "list") if getattr(args, r) is not None)
+    chosen = extract_slices(args.src, args.dst, rule.replace("_", "-"), getattr(args, rule), layout=args.layout,
+                            overwrite=args.overwrite, image_pattern=args.image_pattern, label_pattern=args.label_pattern)
+    print(f"wrote {len(chosen)} single-slice cases to {args.dst}")
+    return 0
+
+
+def _report(args) -> int:
+    from lightning_distill.report import compare_table, grid_table, plot_bank, plot_dice, plot_grid
+
+    print(grid_table(args.runs, args.results_name) if args.grid else compare_table(args.runs, args.names), end="")
+    if args.plot and args.grid:
+        plot_grid(args.runs, args.plot, args.results_name)
+    elif args.plot:
+        plot_dice(args.runs, args.plot, args.names)
+    if args.bank_plot:
+        plot_bank(*args.bank_plot)
+    return 0
+
+
+def _phantom(args) -> int:
+    from lightning_distill.data.sources import PhantomSource, export_phantom
+    from lightning_distill.train import build_source
+
+    src = build_source(_load(args))
+    if not isinstance(src, PhantomSource):
+        raise ValueError(f"{args.config}: data.source is not the phantom")
+    n = export_phantom(src, args.dst, overwrite=args.overwrite)
+    print(f"wrote {n} phantom cases to {args.dst}")
+    return 0
+
+
+_COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
+             "report": _report, "phantom": _phantom}
 
 
 if __name__ == "__main__":

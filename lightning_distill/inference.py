@@ -10,9 +10,8 @@ input's shape, orientation, affine and header.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.config import load_config_dict
 from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, load_nifti, reorient, slice_affine
+from lightning_distill.io import save_nifti
 from lightning_distill.networks import build_network
 from lightning_distill.train import make_preprocess
 
@@ -119,15 +119,7 @@ def _save_like(pred: np.ndarray, header, affine: np.ndarray, path: Path) -> None
     hdr.set_data_dtype(np.uint8)
     out = nib.Nifti1Image(pred, affine, hdr)
     out.header.set_slope_inter(1, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz" if path.name.endswith(".gz") else ".nii")
-    os.close(fd)
-    try:
-        nib.save(out, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_nifti(out, path)
 
 
 def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, overrides: Sequence[str] = ()) -> List[Path]:

@@ -11,7 +11,7 @@ Each network also has a *head* module name: the module whose input is the penult
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn

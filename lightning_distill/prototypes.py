@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_distill import __version__
+from lightning_distill.io import atomic_write
 from lightning_distill.losses.prototype import class_means, masked_class_sums
 from lightning_distill.networks import InputHook
 
@@ -66,18 +66,6 @@ class Bank:
             )
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def file_sha256(path: str | os.PathLike) -> Optional[str]:
     p = Path(path)
     if not p.is_file():
@@ -107,7 +95,7 @@ def save_bank(path: str | os.PathLike, bank: Bank) -> None:
         "format": BANK_FORMAT,
         "version": __version__,
     }
-    _atomic_torch_save(obj, Path(path))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_bank(path: str | os.PathLike) -> Bank:

@@ -18,10 +18,6 @@ complete; an existing non-empty destination is refused unless ``overwrite``.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, Optional
@@ -29,24 +25,12 @@ from typing import Dict, Optional
 import numpy as np
 
 from lightning_distill.data.nifti import DataError, discover, load_nifti, reorient, slice_affine
+from lightning_distill.io import new_dataset_dir, save_nifti, write_json
 
 
 def _canonical(data: np.ndarray, affine: np.ndarray):
     out, aff, _ = reorient(data[None], affine, "RAS")
     return out[0], aff
-
-
-def _atomic_save(img, path: Path) -> None:
-    import nibabel as nib
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def choose_slice(label: Optional[np.ndarray], depth: int, rule: str, value, organ_id: Optional[int] = None) -> int:
@@ -90,12 +74,7 @@ def extract_slices(src: str | Path, dst: str | Path, rule: str, value, layout: s
                     listed[parts[0]] = int(parts[1])
         except OSError as e:
             raise DataError(f"{lf}: cannot read slice list ({e.strerror or e})") from None
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(dst)
-    (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
+    new_dataset_dir(dst, overwrite)
     chosen: Dict[str, int] = {}
     for case in index.cases:
         if rule == "list" and case.case_id not in listed:
@@ -121,10 +100,10 @@ def extract_slices(src: str | Path, dst: str | Path, rule: str, value, layout: s
             raise DataError(f"{case.images[0]}: slice index {z} is outside 0..{depth - 1}")
         chosen[case.case_id] = z
         for c, (vol, aff) in enumerate(chans):  # the slice keeps its world position
-            _atomic_save(nib.Nifti1Image(np.ascontiguousarray(vol[:, :, z]), slice_affine(aff, z)),
+            save_nifti(nib.Nifti1Image(np.ascontiguousarray(vol[:, :, z]), slice_affine(aff, z)),
                          dst / "imagesTr" / f"{case.case_id}_{c:04d}.nii.gz")
         if label is not None:
-            _atomic_save(nib.Nifti1Image(np.ascontiguousarray(label[:, :, z]).astype(np.uint8), slice_affine(lab_aff, z)),
+            save_nifti(nib.Nifti1Image(np.ascontiguousarray(label[:, :, z]).astype(np.uint8), slice_affine(lab_aff, z)),
                          dst / "labelsTr" / f"{case.case_id}.nii.gz")
     meta = {
         "name": f"{src.name}_single_slice",
@@ -137,8 +116,5 @@ def extract_slices(src: str | Path, dst: str | Path, rule: str, value, layout: s
         "slice_rule": {"rule": rule, "value": value},
         "slices": chosen,
     }
-    fd, tmp = tempfile.mkstemp(dir=dst, prefix=".dataset.json.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, dst / "dataset.json")
+    write_json(dst / "dataset.json", meta)
     return chosen

@@ -8,9 +8,7 @@ the prototype bank (``prototypes.pt``); a student also exports its own prototype
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +25,7 @@ from lightning_distill.data.datamodules import SegmentationDataModule, SliceData
 from lightning_distill.data.phantom import PhantomSpec
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.sources import PHANTOM_ORIENTATION, NiftiSource, PhantomSource, SubjectSource
+from lightning_distill.io import write_json
 from lightning_distill.metrics import format_table
 from lightning_distill.modules import SegmentationModule, StudentModule
 from lightning_distill.networks import build_network, head_module_name
@@ -112,13 +111,6 @@ def build_module(cfg: DictConfig, names, spatial_dims: int) -> SegmentationModul
                          feature_layer=cfg.distill.feature_layer or head_module_name(cfg.model.name), **common)
 
 
-def _write_json(path: Path, obj: Dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _default_trainer_args() -> Dict[str, Any]:
     gpu = torch.cuda.is_available()
     return {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10, "num_sanity_val_steps": 0,
@@ -189,7 +181,7 @@ def _write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str
                "wall_time_s": round(time.time() - t0, 1), "version": __version__}
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(path, results)
+        write_json(path, results)
         print(format_table(summary, f"\n{cfg.stage} test Dice / HD95 ({summary.get('num_cases')} held-out samples, {note}) -> {path}"))
     return results
 

@@ -1,17 +1,14 @@
 """NIfTI datasets: layouts, label maps, reorientation, bad input, slice extraction, predict."""
 
-import gzip
 import json
 import os
-import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from lightning_distill.cli import main
-from lightning_distill.data.nifti import DataError, LabelMapping, discover, read_case
+from lightning_distill.data.nifti import DataError, discover
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.sources import NiftiSource
 from lightning_distill.slices import extract_slices

@@ -220,7 +220,6 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Tuple[np.
     inner_muscle = rb <= (1.0 - s.fat - s.muscle) ** 2
 
     def put(mask, name_or_hu, cls):
-        nonlocal hu, label
         hu[mask] = hu_of[name_or_hu] if isinstance(name_or_hu, str) else name_or_hu
         label[mask] = cls
 

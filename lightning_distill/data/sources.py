@@ -193,19 +193,11 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False) -> int:
     behave like any scanner export: use them to try the NIfTI path end to end without real data.
     Returns the number of cases written.
     """
-    import json
-    import shutil
-    from pathlib import Path
-
     import nibabel as nib
 
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(dst)
-    (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
+    from lightning_distill.io import new_dataset_dir, save_nifti, write_json
+
+    dst = new_dataset_dir(dst, overwrite)
     shape = tuple(source.shape)
     spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM, shape)] + ([PHANTOM_EXTENT_MM[2] / 48] if len(shape) == 2 else [])
     affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])  # LAS
@@ -215,10 +207,10 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False) -> int:
         a = affine.copy()
         if len(shape) == 2:  # place the slice at its z position
             a[2, 3] = s["z"] * PHANTOM_EXTENT_MM[2] / 2
-        nib.save(nib.Nifti1Image(np.round(s["image"]).astype(np.int16), a), dst / "imagesTr" / f"{sid}_0000.nii.gz")
-        nib.save(nib.Nifti1Image(s["label"].astype(np.uint8), a), dst / "labelsTr" / f"{sid}.nii.gz")
+        save_nifti(nib.Nifti1Image(np.round(s["image"]).astype(np.int16), a), dst / "imagesTr" / f"{sid}_0000.nii.gz")
+        save_nifti(nib.Nifti1Image(s["label"].astype(np.uint8), a), dst / "labelsTr" / f"{sid}.nii.gz")
     meta = {"name": f"phantom_seed{source.spec.seed}", "description": "lightning_distill synthetic abdominal CT phantom",
             "channel_names": {"0": "CT"}, "labels": {n: i for i, n in enumerate(CLASS_NAMES)},
             "numTraining": len(source.ids), "file_ending": ".nii.gz"}
-    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    write_json(dst / "dataset.json", meta)
     return len(source.ids)
