@@ -69,3 +69,15 @@ def test_volume_datamodule_whole_volumes_and_patches():
     assert next(iter(dm.val_dataloader()))["image"].shape == (1, 1, 32, 32, 16)  # whole volumes
     with pytest.raises(ValueError, match="3D source"):
         VolumeDataModule(PhantomSource(PhantomSpec(), 6, (32, 32)))
+
+
+def test_explicit_subject_splits():
+    src = PhantomSource(PhantomSpec(seed=2), num_subjects=10, shape=(32, 32))
+    ids = src.ids
+    dm = SliceDataModule(src, batch_size=2, splits={"train": ids[:6], "val": ids[6:7], "test": ids[7:]}, train_fraction=0.5)
+    assert set(dm.train_ids) <= set(ids[:6]) and len(dm.train_ids) == 3
+    assert dm.splits["val"] == ids[6:7] and dm.splits["test"] == sorted(ids[7:])
+    with pytest.raises(ValueError, match="more than one split"):
+        SliceDataModule(src, splits={"train": ids[:6], "val": ids[5:7], "test": ids[7:]})
+    with pytest.raises(ValueError, match="not in the data"):
+        SliceDataModule(src, splits={"train": ["nobody"], "val": [], "test": ids[7:]})

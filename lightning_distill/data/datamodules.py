@@ -12,6 +12,7 @@ Batches are dicts: ``image`` ``(B, C, *spatial)`` float32, ``label`` ``(B, 1, *s
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
 import lightning as L
@@ -136,9 +137,9 @@ class SegmentationDataModule(L.LightningDataModule):
             order = np.random.default_rng(split_seed).permutation(len(splits.get("train", [])))
             subj = {"train": [list(splits["train"])[i] for i in order] if splits.get("train") else [],
                     "val": sorted(splits.get("val", [])), "test": sorted(splits.get("test", []))}
-            overlap = (set(subj["train"]) & set(subj["val"])) | (set(subj["train"]) & set(subj["test"])) | (set(subj["val"]) & set(subj["test"]))
+            overlap = sorted(s for s, n in Counter(subj["train"] + subj["val"] + subj["test"]).items() if n > 1)
             if overlap:
-                raise ValueError(f"subjects {sorted(overlap)[:10]} are in more than one split")
+                raise ValueError(f"subjects {overlap[:10]} are in more than one split (or listed twice)")
         else:
             subj = split_ids(subjects, val_subjects, test_subjects, split_seed)
         self.subject_splits = subj
