@@ -15,13 +15,12 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_distill.config import load_config_dict
 from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, load_nifti, reorient, slice_affine
 from lightning_distill.io import save_nifti
-from lightning_distill.networks import build_network
-from lightning_distill.train import make_preprocess
+from lightning_distill.train import build_net, make_preprocess
 
 
 def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[dict, DictConfig]:
@@ -41,8 +40,7 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[di
 
 def load_network(ckpt: dict, cfg: DictConfig) -> torch.nn.Module:
     names = list(ckpt["hyper_parameters"]["class_names"])
-    net = build_network(cfg.model.name, len(cfg.data.shape), 1, len(names), encoder=cfg.model.encoder,
-                        kwargs=OmegaConf.to_container(cfg.model.kwargs))
+    net = build_net(cfg, len(names))
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
     return net.eval()

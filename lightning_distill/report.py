@@ -100,35 +100,45 @@ def plot_bank(bank_path: str | Path, path: str | Path) -> None:
     plt.close(fig)
 
 
-def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json") -> str:
-    """Mean ± std over seeds of test Dice, grouped by method (lambda > 0 or not) and training size.
+def grid_groups(run_dirs: Sequence[str | Path], results_name: str = "results.json") -> dict:
+    """Runs pooled over seeds: ``{(training subjects, method, model, encoder): [results, ...]}``.
 
-    Each run directory needs ``results.json`` and ``config.yaml``; runs that differ only in ``seed``
-    are pooled.
+    ``method`` is ``teacher``, ``distilled`` (a student with lambda > 0 and a bank) or ``baseline``.
+    Each run directory needs its results file and ``config.yaml``; an extra evaluation written by
+    ``lightning-distill test`` takes the training size from the run's own ``results.json``.
     """
-    import statistics
-
     from omegaconf import OmegaConf
 
     groups: dict = {}
-    organs: List[str] = []
     for d in run_dirs:
         r = load_results(d, results_name)
-        if "train_subjects" not in r:  # an extra evaluation (`lightning-distill test`): the run's own size
-            r["train_subjects"] = load_results(d)["train_subjects"]
+        n = r["train_subjects"] if "train_subjects" in r else load_results(d)["train_subjects"]
         cfg = OmegaConf.load(Path(d) / "config.yaml")
-        method = "distilled" if cfg.get("stage") == "student" and cfg.distill.weight and cfg.distill.prototypes else (
-            "teacher" if cfg.get("stage") == "teacher" else "baseline")
-        key = (r["train_subjects"], method, cfg.model.name, cfg.model.encoder)
-        groups.setdefault(key, []).append(r)
-        organs = organs or list(r["test"]["dice"])
+        if cfg.get("stage") == "teacher":
+            method = "teacher"
+        else:
+            method = "distilled" if cfg.distill.weight and cfg.distill.prototypes else "baseline"
+        groups.setdefault((n, method, cfg.model.name, cfg.model.encoder), []).append(r)
+    return groups
+
+
+def _mean_sd(vals) -> tuple:
+    import statistics
+
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json") -> str:
+    """Mean ± std over seeds of test Dice per method, model and training size (see :func:`grid_groups`)."""
+    groups = grid_groups(run_dirs, results_name)
+    organs = list(next(iter(groups.values()))[0]["test"]["dice"])
 
     def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return "n/a"
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+        m, sd = _mean_sd(vals)
+        return "n/a" if m is None else f"{m:.3f} ± {sd:.3f}"
 
     out = ["| training subjects | method | model | seeds | mean Dice | " + " | ".join(organs) + " |",
            "|---|---|---|---|---|" + "---|" * len(organs)]
@@ -140,27 +150,19 @@ def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json
 
 def plot_grid(run_dirs: Sequence[str | Path], path: str | Path, results_name: str = "results.json") -> None:
     """Mean test Dice (± std over seeds) against training subjects, one line per method and model."""
-    import statistics
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from omegaconf import OmegaConf
 
-    groups: dict = {}
-    for d in run_dirs:
-        r = load_results(d, results_name)
-        n = r["train_subjects"] if "train_subjects" in r else load_results(d)["train_subjects"]
-        cfg = OmegaConf.load(Path(d) / "config.yaml")
-        method = "distilled" if cfg.distill.weight and cfg.distill.prototypes else "baseline"
-        groups.setdefault((method, cfg.model.name), {}).setdefault(n, []).append(r["test"]["dice_mean"])
+    lines: dict = {}
+    for (n, method, model, _), rs in grid_groups(run_dirs, results_name).items():
+        lines.setdefault((method, model), {})[n] = _mean_sd([r["test"]["dice_mean"] for r in rs])
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for (method, model), by_n in sorted(groups.items()):
+    for (method, model), by_n in sorted(lines.items()):
         ns = sorted(by_n)
-        means = [statistics.mean(by_n[n]) for n in ns]
-        sds = [statistics.stdev(by_n[n]) if len(by_n[n]) > 1 else 0.0 for n in ns]
-        ax.errorbar(ns, means, yerr=sds, marker="o", capsize=3, label=f"{method} ({model})")
+        ax.errorbar(ns, [by_n[n][0] for n in ns], yerr=[by_n[n][1] for n in ns], marker="o", capsize=3,
+                    label=f"{method} ({model})")
     ax.set_xscale("log")
     ax.set_xlabel("training subjects (single slices)")
     ax.set_ylabel("mean test Dice (± std over seeds)")

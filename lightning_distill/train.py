@@ -90,9 +90,14 @@ def class_names(cfg: DictConfig, source: SubjectSource):
     return names
 
 
-def build_module(cfg: DictConfig, names, spatial_dims: int) -> SegmentationModule:
-    net = build_network(cfg.model.name, spatial_dims, 1, len(names), encoder=cfg.model.encoder,
-                        kwargs=OmegaConf.to_container(cfg.model.kwargs))
+def build_net(cfg: DictConfig, num_classes: int):
+    """The run's network (2D or 3D by ``len(data.shape)``), one input channel."""
+    return build_network(cfg.model.name, len(cfg.data.shape), 1, num_classes, encoder=cfg.model.encoder,
+                         kwargs=OmegaConf.to_container(cfg.model.kwargs))
+
+
+def build_module(cfg: DictConfig, names) -> SegmentationModule:
+    net = build_net(cfg, len(names))
     common = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, scheduler=cfg.optim.scheduler,
                   dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight,
                   roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, val_hd95=cfg.val_hd95,
@@ -141,7 +146,7 @@ def fit(cfg: DictConfig) -> Dict[str, Any]:
     source = build_source(cfg)
     names = class_names(cfg, source)
     dm = build_datamodule(cfg, source)
-    module = build_module(cfg, names, source.spatial_dims)
+    module = build_module(cfg, names)
 
     teacher = cfg.stage == "teacher"
     b = cfg.bank
