@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEACHER_BANK ?= runs/teacher/prototypes.pt
 ARGS ?=
+BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all train-teacher train-student train-baseline train-chaos clean
+.PHONY: help install test test-all train-teacher train-student train-baseline train-chaos benchmark bench-chaos bench-speed clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -47,3 +48,12 @@ clean: ## remove run outputs (keeps .venv)
 
 train-chaos: $(STAMP) ## the real-MRI experiment on CHAOS T2 (needs $$CHAOS_DIR or ../shared/data/chaos_t2_mr; ~30 min)
 	experiments/chaos/run.sh
+
+benchmark: $(STAMP) ## run/resume the benchmark grid of $$BENCH (default phantom, ~25 min) -> docs/benchmarks/<name>.md
+	$(BIN)/lightning-distill benchmark $(BENCH) $(ARGS)
+
+bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~1 h) -> docs/benchmarks/chaos.md
+	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos.yaml $(ARGS)
+
+bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~5 min)
+	$(BIN)/python experiments/bench_speed.py $(ARGS)

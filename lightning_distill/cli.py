@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("dst")
     ph.add_argument("overrides", nargs="*")
     ph.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("benchmark", help="run (or resume) a benchmark grid and write its report (see experiments/benchmarks/)")
+    b.add_argument("config", help="benchmark YAML, e.g. experiments/benchmarks/phantom.yaml")
+    b.add_argument("overrides", nargs="*", help="key=value overrides of the benchmark YAML, e.g. seeds=[0] output_dir=runs/b")
+    b.add_argument("--quick", action="store_true", help="tiny sizes and a small grid (the same code path, about a minute)")
+    b.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
+    b.add_argument("--max-runs", type=int, help="stop after this many new student runs (the rest resume next time)")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -139,6 +145,18 @@ def _report(args) -> int:
     return 0
 
 
+def _benchmark(args) -> int:
+    from lightning_distill.benchmark import Benchmark, load_benchmark
+
+    cfg, base = load_benchmark(args.config, args.overrides, quick=args.quick)
+    words = ["lightning-distill benchmark", args.config, *(["--quick"] if args.quick else []), *args.overrides]
+    bench = Benchmark(cfg, base, quick=args.quick, command=" ".join(words))
+    records = None if args.report_only else bench.run(max_runs=args.max_runs)
+    path = bench.write_report(records)
+    print(f"report: {path}")
+    return 0
+
+
 def _phantom(args) -> int:
     from lightning_distill.data.sources import PhantomSource, export_phantom
     from lightning_distill.train import build_source
@@ -152,7 +170,7 @@ def _phantom(args) -> int:
 
 
 _COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
-             "report": _report, "phantom": _phantom}
+             "report": _report, "phantom": _phantom, "benchmark": _benchmark}
 
 
 if __name__ == "__main__":

@@ -129,6 +129,14 @@ class DistillConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """What ``checkpoints/`` keeps: ``best.ckpt`` (by ``val/dice``) and, with ``save_last``, ``last.ckpt``."""
+
+    save_last: bool = True
+    weights_only: bool = False  # drop optimizer/scheduler state (1/3 of the size; such a file cannot resume training)
+
+
+@dataclass
 class RunConfig:
     stage: str = "student"  # teacher | student
     output_dir: str = "runs/student"
@@ -142,6 +150,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,6 +161,14 @@ _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "none"),
             "bank.space": ("prob", "feature"), "optim.scheduler": ("cosine", "none")}
 
 
+_FREE_FORM = ("trainer", "data.splits", "data.nifti.label_map")
+
+
+def _free_form(key: str) -> bool:
+    """Mappings whose keys the schema does not fix."""
+    return key in _FREE_FORM or key.endswith("kwargs")
+
+
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
     keys = []
     if isinstance(node, DictConfig):
@@ -159,7 +176,7 @@ def _all_keys(node: Any, prefix: str = "") -> List[str]:
             full = f"{prefix}{k}"
             keys.append(full)
             child = node._get_node(k)
-            if isinstance(child, DictConfig) and not (full in ("trainer", "data.splits", "data.nifti.label_map") or full.endswith("kwargs")):
+            if isinstance(child, DictConfig) and not _free_form(full):
                 keys.extend(_all_keys(child, full + "."))
     return keys
 
@@ -232,13 +249,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
                     raise _explain(e, str(source)) from None
     except OmegaConfBaseException as e:
         raise _explain(e, str(path)) from None
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must be key=value, got {bad}")
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        raise _explain(e, "command-line override") from None
+    cfg = apply_overrides(cfg, overrides)
     where = str(path) if path else "config"
     _check_trainer(OmegaConf.to_container(cfg.trainer), where)
     for key, choices in _CHOICES.items():
@@ -255,10 +266,36 @@ def load_config_dict(values: Dict[str, Any], overrides: Sequence[str] = (), wher
         cfg = OmegaConf.merge(cfg, OmegaConf.create(values))
     except OmegaConfBaseException as e:
         raise _explain(e, where) from None
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        raise _explain(e, "command-line override") from None
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Apply ``key=value`` overrides; ``~key`` deletes an entry of a free-form mapping.
+
+    Deleting is for ``model.kwargs``, ``trainer``, ``data.nifti.label_map`` and the like, e.g.
+    ``~model.kwargs.decoder_channels`` when switching to an architecture without that argument
+    (merging ``model.kwargs={}`` would keep the old entries).
+    """
+    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
+    if bad:
+        raise ConfigError(f"overrides must be key=value (or ~key to delete a mapping entry), got {bad}")
+    for o in overrides:
+        if o.startswith("~"):
+            key = o[1:].split("=", 1)[0]
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if not isinstance(node, DictConfig) or leaf not in node:
+                raise ConfigError(f"command-line override {o!r}: there is no {key!r} to delete")
+            if not _free_form(parent):
+                raise ConfigError(f"command-line override {o!r}: {key!r} is a schema key; only entries of free-form "
+                                  f"mappings ({', '.join(_FREE_FORM)}, *.kwargs) can be deleted")
+            del node[leaf]
+        else:
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
+            except OmegaConfBaseException as e:
+                raise _explain(e, "command-line override") from None
+    return cfg
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

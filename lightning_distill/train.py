@@ -136,14 +136,20 @@ def _logger(cfg: DictConfig, out: Path):
     return CSVLogger(save_dir=str(out), name="", version="logs")
 
 
-def fit(cfg: DictConfig) -> Dict[str, Any]:
-    """Train, test on the held-out split, and write the run's outputs. Returns ``results.json``'s dict."""
+def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, Any]:
+    """Train, test on the held-out split, and write the run's outputs. Returns ``results.json``'s dict.
+
+    Args:
+        cfg: a validated run config (:func:`lightning_distill.config.load_config`).
+        source: the data source built from ``cfg.data`` (default: built here); benchmarks pass one
+            to reuse it across runs on the same data.
+    """
     t0 = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    source = build_source(cfg)
+    source = source or build_source(cfg)
     names = class_names(cfg, source)
     dm = build_datamodule(cfg, source)
     module = build_module(cfg, names)
@@ -157,7 +163,8 @@ def fit(cfg: DictConfig) -> Dict[str, Any]:
     targs = {**_default_trainer_args(), **OmegaConf.to_container(cfg.trainer)}
     fast = bool(targs.get("fast_dev_run"))
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val/dice", mode="max",
-                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
+                           save_top_k=1, save_last=cfg.checkpoint.save_last, auto_insert_metric_name=False,
+                           save_weights_only=cfg.checkpoint.weights_only)
     callbacks = [bank_cb, ckpt]
     logger = _logger(cfg, out)
     if logger:
@@ -174,6 +181,7 @@ def fit(cfg: DictConfig) -> Dict[str, Any]:
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     extra = {"val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
              "train_subjects": len(dm.train_subject_ids), "checkpoint": best or ckpt.last_model_path or None,
+             "steps": trainer.global_step,
              "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes}
     return _write_results(trainer, module, cfg, out / "results.json", extra, t0,
                           f"{len(dm.train_subject_ids)} training subjects")

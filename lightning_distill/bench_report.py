@@ -1,0 +1,402 @@
+"""The benchmark report: markdown tables and PNG plots computed from the benchmark's JSON lines.
+
+Statistics (also stated in every report):
+
+* a run's score on a test case is the mean Dice over the organs present in that case's ground truth;
+* per setting (architecture, training fraction, method): mean ± std over seeds of the run's mean
+  test Dice (the per-organ means averaged over organs, as in ``results.json``);
+* paired difference method − baseline: the mean over seeds and test cases of the per-case score
+  differences of runs with the same seed, architecture and fraction; its 95% CI is a two-level
+  bootstrap (seeds resampled with replacement, then test cases), percentile interval;
+* verdict: "better" when the whole CI is above 0, "worse" when it is below 0, otherwise
+  "no clear difference";
+* low-data check: per architecture and method, the smallest training fraction whose mean Dice is at
+  least the baseline's mean at the largest fraction.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from omegaconf import DictConfig
+
+OWN_TEST = "test"
+
+
+def case_scores(cases: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """``{case id: mean Dice over the organs present}`` (cases with no organ present are left out)."""
+    out = {}
+    for c in cases:
+        vals = [v for v in c["dice"].values() if v is not None]
+        if vals:
+            out[c["id"]] = float(np.mean(vals))
+    return out
+
+
+def paired_bootstrap(a: Dict[int, Dict[str, float]], b: Dict[int, Dict[str, float]], n: int = 2000,
+                     seed: int = 0) -> Optional[Dict[str, float]]:
+    """Mean paired difference ``a - b`` over common seeds and cases, with a two-level bootstrap 95% CI.
+
+    Args:
+        a, b: ``{seed: {case id: score}}`` of the two methods.
+        n: bootstrap resamples.
+        seed: RNG seed (the report is reproducible).
+
+    Returns:
+        ``{"mean", "lo", "hi", "seeds", "cases"}``, or ``None`` without a common seed and case.
+    """
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    cases = sorted(set.intersection(*[set(a[s]) & set(b[s]) for s in seeds]))
+    if not cases:
+        return None
+    d = np.array([[a[s][c] - b[s][c] for c in cases] for s in seeds])  # seeds x cases
+    rng = np.random.default_rng(seed)
+    si = rng.integers(0, len(seeds), size=(n, len(seeds)))
+    ci = rng.integers(0, len(cases), size=(n, len(cases)))
+    stats = np.array([d[si[k]][:, ci[k]].mean() for k in range(n)])
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "seeds": len(seeds), "cases": len(cases)}
+
+
+def verdict(ci: Optional[Dict[str, float]]) -> str:
+    if ci is None:
+        return "n/a"
+    if ci["lo"] > 0:
+        return "better"
+    if ci["hi"] < 0:
+        return "worse"
+    return "no clear difference"
+
+
+def _ms(vals: Sequence[Optional[float]], nd: int = 3) -> str:
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.{nd}f} ± {sd:.{nd}f}"
+
+
+def _mean(vals) -> Optional[float]:
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    return statistics.mean(vals) if vals else None
+
+
+def _test_of(rec: Dict[str, Any], test_set: str) -> Optional[Dict[str, Any]]:
+    """``{"test": summary, "test_cases": [...]}`` of a record for one test set."""
+    if test_set == OWN_TEST:
+        return {"test": rec["test"], "test_cases": rec["test_cases"]}
+    return rec.get("test_sets", {}).get(test_set)
+
+
+class Table:
+    """Student records indexed by (test set, arch, fraction, method) -> {seed: test dict}."""
+
+    def __init__(self, cfg: DictConfig, records: Sequence[Dict[str, Any]]):
+        self.cfg = cfg
+        self.methods = list(cfg.methods)
+        self.archs = list(cfg.archs)
+        self.fractions = sorted(float(f) for f in cfg.fractions)
+        self.test_sets = [OWN_TEST, *cfg.test_sets]
+        keys = {f"{m}|{a}|f{f:g}|s{s}" for m in self.methods for a in self.archs for f in self.fractions for s in cfg.seeds}
+        self.students = [r for r in records if r.get("kind") == "student" and r["key"] in keys]
+        self.teachers = [r for r in records if r.get("kind") == "teacher"]
+        self.expected = len(keys)
+        self.data: Dict[Tuple, Dict[int, Dict]] = {}
+        self.subjects: Dict[float, int] = {}
+        for r in self.students:
+            self.subjects[float(r["fraction"])] = r["train_subjects"]
+            for ts in self.test_sets:
+                t = _test_of(r, ts)
+                if t is not None:
+                    self.data.setdefault((ts, r["arch"], float(r["fraction"]), r["method"]), {})[r["seed"]] = t
+        self.organs = list(self.students[0]["test"]["dice"]) if self.students else []
+
+    def runs(self, ts, arch, frac, method) -> Dict[int, Dict]:
+        return self.data.get((ts, arch, frac, method), {})
+
+    def dice(self, ts, arch, frac, method) -> List[Optional[float]]:
+        return [t["test"]["dice_mean"] for t in self.runs(ts, arch, frac, method).values()]
+
+    def scores(self, ts, arch, frac, method) -> Dict[int, Dict[str, float]]:
+        return {s: case_scores(t["test_cases"]) for s, t in self.runs(ts, arch, frac, method).items()}
+
+    def diff(self, ts, arch, frac, method) -> Optional[Dict[str, float]]:
+        return paired_bootstrap(self.scores(ts, arch, frac, method), self.scores(ts, arch, frac, self.cfg.baseline),
+                                n=int(self.cfg.bootstrap))
+
+    def frac_label(self, f: float) -> str:
+        n = self.subjects.get(f)
+        return f"{f:g} ({n})" if n is not None else f"{f:g}"
+
+    def low_data(self, ts, arch, method) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+        """(baseline mean at the largest fraction, smallest fraction where ``method`` reaches it, its mean there)."""
+        full = self.fractions[-1]
+        ref = _mean(self.dice(ts, arch, full, self.cfg.baseline))
+        if ref is None:
+            return None, None, None
+        for f in self.fractions:
+            m = _mean(self.dice(ts, arch, f, method))
+            if m is not None and m >= ref:
+                return ref, f, m
+        return ref, None, None
+
+    def low_data_claim(self, ts, arch, method) -> Optional[str]:
+        """One sentence: does ``method`` reach the full-data baseline with fewer subjects than the baseline needs?"""
+        base = self.cfg.baseline
+        ref, f_m, mean = self.low_data(ts, arch, method)
+        _, f_b, _ = self.low_data(ts, arch, base)
+        if ref is None:
+            return None
+        where = f"the {base}'s mean at fraction {self.fractions[-1]:g} ({ref:.3f})"
+        if f_m is None:
+            return f"{method} never reaches {where}: **not reproduced**."
+        said = f"{method} reaches {where} at fraction {self.frac_label(f_m)} ({mean:.3f})"
+        if f_b is not None and f_m < f_b:
+            return f"{said}, the {base} only at {self.frac_label(f_b)}: **reproduced** (means over seeds; see the CIs)."
+        return f"{said}, and so does the {base} itself at {self.frac_label(f_b)}: **not reproduced** (no data saved)."
+
+
+def write_report(cfg: DictConfig, records: Sequence[Dict[str, Any]], command: str = "", quick: bool = False) -> Path:
+    """Write ``cfg.report`` (markdown) and its plots; returns the report's path."""
+    tab = Table(cfg, records)
+    report = Path(cfg.report)
+    img = report.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if tab.students:
+        p1 = img / f"{cfg.name}_dice_vs_fraction.png"
+        plot_dice_vs_fraction(tab, p1)
+        p2 = img / f"{cfg.name}_organs.png"
+        plot_organs(tab, p2)
+        plots = [("Mean test Dice against the training fraction (± std over seeds)", p1),
+                 ("Per-organ test Dice at the smallest and the largest training fraction (mean over seeds)", p2)]
+    text = render(tab, command, plots=[(t, p.relative_to(report.parent)) for t, p in plots], quick=quick)
+    from lightning_distill.io import atomic_write
+
+    atomic_write(report, lambda tmp: Path(tmp).write_text(text))
+    return report
+
+
+def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), quick: bool = False) -> str:
+    cfg = tab.cfg
+    base = cfg.baseline
+    others = [m for m in tab.methods if m != base]
+    L: List[str] = [f"# Benchmark: {cfg.name}" + (" (--quick)" if quick else ""), ""]
+    if cfg.description:
+        L += [cfg.description.strip(), ""]
+    finished = len(tab.students)
+    versions = sorted({str(r.get("version")) for r in tab.students})
+    wall = sum(r["wall_time_s"] for r in [*tab.students, *tab.teachers])
+    L += [f"Generated by `{command}` from `{Path(cfg.output_dir) / 'results.jsonl'}`: **{finished} of "
+          f"{tab.expected} student runs finished**; lightning_distill {', '.join(versions) or 'n/a'}; "
+          f"{platform.machine()}, {_cpu_count()} CPU cores. Do not edit by hand: re-run the command (finished runs are "
+          f"skipped, only the report is rebuilt). Sum of run wall times: {wall / 60:.1f} min.", ""]
+    if quick:
+        L += ["> **--quick**: tiny data and a few steps, to exercise the code path; the numbers mean nothing.", ""]
+    if finished < tab.expected:
+        L += [f"> **Incomplete**: {tab.expected - finished} runs are missing; every number below uses the finished "
+              "runs only. Re-run the command to complete the grid.", ""]
+    L += _setup(tab, quick)
+    if not tab.students:
+        return "\n".join(L + ["No student run has finished yet.", ""])
+    L += _summary(tab, others)
+    for ts in tab.test_sets:
+        title = "own test split" if ts == OWN_TEST else f"test set `{ts}`"
+        desc = "" if ts == OWN_TEST else cfg.test_sets[ts].description
+        L += [f"## Test Dice: {title}", ""]
+        if desc:
+            L += [desc.strip(), ""]
+        head = "| arch | fraction (subjects) | " + " | ".join(tab.methods) + " | " + " | ".join(
+            f"Δ {m} − {base} [95% CI] | verdict" for m in others) + " |"
+        L += [head, "|" + "---|" * (2 + len(tab.methods) + 2 * len(others))]
+        for a in tab.archs:
+            for f in tab.fractions:
+                cells = [_ms(tab.dice(ts, a, f, m)) for m in tab.methods]
+                for m in others:
+                    ci = tab.diff(ts, a, f, m)
+                    cells += ["n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]", verdict(ci)]
+                L.append(f"| {a} | {tab.frac_label(f)} | " + " | ".join(cells) + " |")
+        L += ["", f"### Low-data check ({title})", "",
+              f"Smallest training fraction at which a method's mean Dice reaches the {base}'s mean at the largest "
+              f"fraction ({tab.fractions[-1]:g}).", "",
+              f"| arch | {base} at {tab.fractions[-1]:g} | method | smallest fraction reaching it | its mean Dice there |",
+              "|---|---|---|---|---|"]
+        for a in tab.archs:
+            for m in tab.methods:
+                ref, f, mean = tab.low_data(ts, a, m)
+                L.append(f"| {a} | {_num(ref)} | {m} | {'none' if f is None else tab.frac_label(f)} | {_num(mean)} |")
+        L.append("")
+    L += _organs(tab), ""
+    for title, p in plots:
+        L += [f"![{title}]({p})", "", f"*{title}.*", ""]
+    L += ["## How the numbers are computed", "",
+          "- Mean Dice of a run: per-organ means over its test cases, averaged over organs (organs absent from a "
+          "case's ground truth do not count for that case). Tables show mean ± std over seeds.",
+          "- Δ: per-case paired difference (a case's score is its mean Dice over the organs present) between runs "
+          "with the same architecture, fraction and seed, averaged over seeds and cases; 95% CI from a two-level "
+          f"bootstrap ({int(cfg.bootstrap)} resamples of seeds, then of test cases; percentile interval).",
+          "- Verdict: *better* / *worse* when the whole CI is above / below 0, otherwise *no clear difference*.",
+          "- Training subsets are nested (the smaller fraction's subjects are inside the larger one's); validation "
+          "and test subjects are the same for every run.", ""]
+    return "\n".join(L)
+
+
+def _num(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _setup(tab: Table, quick: bool) -> List[str]:
+    cfg = tab.cfg
+
+    def ovr(words: Sequence[str], quick_words: Sequence[str]) -> str:
+        text = f"`{' '.join(words)}`" if words else "no overrides"
+        return text + (f", and for --quick `{' '.join(quick_words)}`" if quick and quick_words else "")
+
+    L = ["## Setup", ""]
+    for name, spec in cfg.teachers.items():
+        L.append(f"- Teacher `{name}`: `{spec.config}` with {ovr(spec.overrides, cfg.quick.teacher_overrides)}.")
+        for r in tab.teachers:
+            if r["teacher"] == name:
+                c = r["config"]
+                L.append(f"  {c['model']['name']} on {c['data']['shape']} inputs, {r['train_subjects']} training subjects, "
+                         f"{r['steps']} steps; its own test Dice {_num(r['test'].get('dice_mean'))} "
+                         f"({r['test'].get('num_cases')} cases), {r['wall_time_s']:.0f} s. Trained once for the whole grid.")
+    L.append(f"- Students: `{cfg.student.config}` with {ovr(cfg.student.overrides, cfg.quick.student_overrides)}.")
+    if tab.students:
+        r = tab.students[0]
+        c = r["config"]
+        L.append(f"  {c['data']['shape']} inputs, batch {c['data']['batch_size']}, {r['steps']} steps, "
+                 f"{r['test']['num_cases']} test cases; median run {statistics.median(x['wall_time_s'] for x in tab.students):.0f} s.")
+    for m, o in cfg.methods.items():
+        L.append(f"- Method `{m}`: {ovr(o, [])}")
+    for a, o in cfg.archs.items():
+        L.append(f"- Architecture `{a}`: {ovr(o, [])}")
+    L.append(f"- Fractions (training subjects): {', '.join(tab.frac_label(f) for f in tab.fractions)}; seeds "
+             f"{list(cfg.seeds)}.")
+    for name, t in cfg.test_sets.items():
+        L.append(f"- Extra test set `{name}`: {ovr(t.overrides, [])}" + (" (every subject)" if t.all_subjects else "")
+                 + (f": {t.description.strip()}" if t.description else ""))
+    L.append("")
+    return L
+
+
+def _summary(tab: Table, others: Sequence[str]) -> List[str]:
+    base = tab.cfg.baseline
+    L = ["## Summary", ""]
+    for ts in tab.test_sets:
+        label = "" if ts == OWN_TEST else f" (test set `{ts}`)"
+        for m in others:
+            groups: Dict[str, List[str]] = {"better": [], "worse": [], "no clear difference": [], "n/a": []}
+            for a in tab.archs:
+                for f in tab.fractions:
+                    groups[verdict(tab.diff(ts, a, f, m))].append(f"{a} at {f:g}")
+            n = sum(len(v) for v in groups.values())
+            parts = [f"**{m}** vs {base}{label}: better in {len(groups['better'])} of {n} settings"
+                     + (f" ({', '.join(groups['better'])})" if groups["better"] else "")]
+            parts.append(f"worse in {len(groups['worse'])}" + (f" ({', '.join(groups['worse'])})" if groups["worse"] else ""))
+            parts.append(f"no clear difference in {len(groups['no clear difference'])}")
+            L.append("- " + "; ".join(parts) + ".")
+            if not groups["better"]:
+                L.append(f"  - {m} does **not** improve on {base} in any setting of this benchmark{label}.")
+            for a in tab.archs:
+                claim = tab.low_data_claim(ts, a, m)
+                if claim:
+                    L.append(f"  - Low-data claim, {a}: {claim}")
+    L.append("")
+    return L
+
+
+def _organs(tab: Table) -> str:
+    L = ["## Per-organ Dice and HD95 (own test split; mean over seeds)", "",
+         "| arch | fraction | method | " + " | ".join(tab.organs) + " | HD95 mm (mean ± std) |",
+         "|---|---|---|" + "---|" * (len(tab.organs) + 1)]
+    for a in tab.archs:
+        for f in tab.fractions:
+            for m in tab.methods:
+                runs = tab.runs(OWN_TEST, a, f, m)
+                if not runs:
+                    continue
+                cells = [_num(_mean([t["test"]["dice"][o] for t in runs.values()])) for o in tab.organs]
+                hd = _ms([t["test"].get("hd95_mean") for t in runs.values()], nd=1)
+                L.append(f"| {a} | {tab.frac_label(f)} | {m} | " + " | ".join(cells) + f" | {hd} |")
+    return "\n".join(L)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_dice_vs_fraction(tab: Table, path: Path) -> None:
+    plt = _plt()
+    panels = [(ts, a) for ts in tab.test_sets for a in tab.archs]
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, (ts, a) in zip(axes.flat, panels):
+        for m in tab.methods:
+            xs, ys, es = [], [], []
+            for f in tab.fractions:
+                vals = [v for v in tab.dice(ts, a, f, m) if v is not None]
+                if vals:
+                    xs.append(tab.subjects.get(f, f))
+                    ys.append(statistics.mean(vals))
+                    es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+        ax.set_xscale("log")
+        ax.set_title(a if ts == OWN_TEST else f"{a}, {ts}", fontsize=10)
+        ax.set_xlabel("training subjects")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("mean test Dice")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_organs(tab: Table, path: Path) -> None:
+    plt = _plt()
+    fracs = sorted({tab.fractions[0], tab.fractions[-1]})
+    bars = [(m, f) for f in fracs for m in tab.methods]
+    fig, axes = plt.subplots(len(tab.archs), 1, figsize=(max(6, 1.1 * len(tab.organs) + 2), 3.0 * len(tab.archs)),
+                             squeeze=False, sharey=True)
+    width = 0.8 / len(bars)
+    x = np.arange(len(tab.organs))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, a in zip(axes[:, 0], tab.archs):
+        for i, (m, f) in enumerate(bars):
+            runs = tab.runs(OWN_TEST, a, f, m)
+            vals = [_mean([t["test"]["dice"][o] for t in runs.values()]) for o in tab.organs]
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width,
+                   color=colors[tab.methods.index(m) % len(colors)], alpha=0.55 if f != fracs[-1] else 1.0,
+                   hatch="//" if f != fracs[-1] else None, label=f"{m}, fraction {f:g}")
+        ax.set_xticks(x)
+        ax.set_xticklabels(tab.organs, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("Dice")
+        ax.set_ylim(0, 1)
+        ax.set_title(a, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,389 @@
+"""Quality benchmarks: a grid of methods x training fractions x architectures x seeds from one YAML.
+
+``lightning-distill benchmark experiments/benchmarks/phantom.yaml`` (``make benchmark``):
+
+1. runs the ``prepare`` commands whose outputs are missing (e.g. extracting single slices);
+2. trains each teacher the methods refer to, once (``{teachers.NAME}`` in a method's overrides is
+   replaced by that teacher's output folder, e.g. ``distill.prototypes={teachers.ct3d}/prototypes.pt``);
+3. trains every student of the grid, in order seed -> fraction -> architecture -> method, so that an
+   interrupted benchmark has complete method pairs, and evaluates it on the extra ``test_sets``;
+4. appends one JSON line per finished run to ``<output_dir>/results.jsonl`` (written atomically);
+   a re-run skips the keys already there, so a killed benchmark resumes where it stopped. A finished
+   run whose resolved config differs from what the YAML asks for now is an error, not a silent mix;
+5. writes the markdown report and its PNG plots from the JSON lines (:mod:`lightning_distill.bench_report`).
+
+Paths of run configs in the benchmark YAML are relative to the YAML file; output paths are relative
+to the working directory (like ``output_dir`` in run configs). ``--quick`` applies the ``quick:``
+section (tiny sizes, a smaller grid) and writes elsewhere: it exercises the same code path in a
+couple of minutes and is what the tests run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_distill.config import ConfigError, load_config, to_dict
+from lightning_distill.io import atomic_write
+
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass
+class StageSpec:
+    """A run config (YAML, relative to the benchmark file) and overrides applied to every run of it."""
+
+    config: str = MISSING
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TestSetSpec:
+    """An extra evaluation of every student: its best checkpoint tested with these overrides."""
+
+    overrides: List[str] = field(default_factory=list)
+    all_subjects: bool = False  # every subject of the (overridden) data, not the run's test split
+    description: str = ""
+
+
+@dataclass
+class PrepareSpec:
+    """A ``lightning-distill`` command run before anything else, unless ``creates`` exists."""
+
+    creates: str = MISSING
+    command: List[str] = MISSING
+
+
+@dataclass
+class QuickSpec:
+    """``--quick``: extra overrides and a smaller grid (same code path, minutes instead of tens)."""
+
+    teacher_overrides: List[str] = field(default_factory=list)
+    student_overrides: List[str] = field(default_factory=list)
+    fractions: Optional[List[float]] = None
+    seeds: Optional[List[int]] = None
+    archs: Optional[List[str]] = None
+    methods: Optional[List[str]] = None
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = MISSING
+    description: str = ""
+    output_dir: str = "runs/benchmarks/${name}"
+    report: str = "docs/benchmarks/${name}.md"  # plots go to <report folder>/img/<name>_*.png
+    prepare: List[PrepareSpec] = field(default_factory=list)
+    teachers: Dict[str, StageSpec] = field(default_factory=dict)
+    student: StageSpec = field(default_factory=StageSpec)
+    baseline: str = "baseline"  # the method the others are compared with
+    methods: Dict[str, List[str]] = field(default_factory=dict)  # name -> overrides
+    archs: Dict[str, List[str]] = field(default_factory=dict)  # name -> overrides
+    fractions: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    test_sets: Dict[str, TestSetSpec] = field(default_factory=dict)  # extra evaluations (the run's own test split is "test")
+    keep_checkpoints: bool = False  # False: delete each student's checkpoints once it is evaluated
+    bootstrap: int = 2000  # bootstrap resamples for the confidence intervals
+    quick: QuickSpec = field(default_factory=QuickSpec)
+
+
+@dataclass(frozen=True)
+class GridRun:
+    method: str
+    arch: str
+    fraction: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}|{self.arch}|f{self.fraction:g}|s{self.seed}"
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.method}_{self.arch}_f{self.fraction:g}_s{self.seed}"
+
+
+def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool = False) -> Tuple[DictConfig, Path]:
+    """Load and check a benchmark YAML; returns the config and the folder run configs are relative to.
+
+    Raises:
+        ConfigError: unknown keys, wrong types, unknown method/architecture names, a baseline that is
+            not among the methods, fractions outside (0, 1], or an unknown ``{teachers.NAME}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
+    schema = OmegaConf.structured(BenchmarkConfig)
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
+                          f"{', '.join(schema.keys())})") from None
+    if quick:
+        q = cfg.quick
+        for key in ("fractions", "seeds"):
+            if q[key] is not None:
+                cfg[key] = q[key]
+        for key in ("archs", "methods"):
+            if q[key] is not None:
+                unknown = [n for n in q[key] if n not in cfg[key]]
+                if unknown:
+                    raise ConfigError(f"{path}: quick.{key} names {unknown}, not in {key} ({list(cfg[key])})")
+                cfg[key] = {n: cfg[key][n] for n in q[key]}
+        cfg.output_dir = cfg.output_dir.rstrip("/") + "-quick"
+        cfg.report = str(Path(cfg.output_dir) / "report.md")
+    _check(cfg, path)
+    return cfg, path.parent
+
+
+def _check(cfg: DictConfig, path: Path) -> None:
+    where = str(path)
+    for key in ("name",):
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{where}: '{key}' is required")
+    if OmegaConf.is_missing(cfg.student, "config"):
+        raise ConfigError(f"{where}: 'student.config' (the students' run config) is required")
+    if not cfg.methods or not cfg.archs:
+        raise ConfigError(f"{where}: 'methods' and 'archs' each need at least one entry")
+    if cfg.baseline not in cfg.methods:
+        raise ConfigError(f"{where}: baseline {cfg.baseline!r} is not one of the methods {list(cfg.methods)}")
+    bad = [f for f in cfg.fractions if not 0.0 < f <= 1.0]
+    if bad or not cfg.fractions or not cfg.seeds:
+        raise ConfigError(f"{where}: fractions must be in (0, 1] and seeds non-empty (fractions {list(cfg.fractions)})")
+    for m, ovr in cfg.methods.items():
+        for o in ovr:
+            for name in _teacher_refs(o):
+                if name not in cfg.teachers:
+                    raise ConfigError(f"{where}: method {m!r} refers to {{teachers.{name}}}, but the teachers are "
+                                      f"{list(cfg.teachers)}")
+    reserved = {"test"}
+    if reserved & set(cfg.test_sets):
+        raise ConfigError(f"{where}: test set name 'test' is reserved for each run's own test split")
+
+
+def _teacher_refs(override: str) -> List[str]:
+    import re
+
+    return re.findall(r"\{teachers\.([A-Za-z0-9_\-]+)\}", override)
+
+
+def grid(cfg: DictConfig) -> List[GridRun]:
+    """Every student run of the benchmark, in run order (seed, fraction, architecture, method)."""
+    return [GridRun(m, a, float(f), int(s)) for s in cfg.seeds for f in cfg.fractions for a in cfg.archs for m in cfg.methods]
+
+
+# ---------------------------------------------------------------------------------------- results file
+def read_records(path: str | Path) -> List[Dict[str, Any]]:
+    """The JSON lines of a results file (``[]`` when it does not exist yet).
+
+    Raises:
+        ValueError: a line is not valid JSON (names the file and line).
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {i}: not a JSON record ({e.msg}); the file is damaged: remove that line "
+                             "to re-run the run it belonged to") from None
+    return records
+
+
+def append_record(path: str | Path, record: Dict[str, Any]) -> None:
+    """Add one JSON line; the file is rewritten atomically, so a crash keeps the previous lines intact."""
+    path = Path(path)
+    previous = path.read_text() if path.exists() else ""
+    if previous and not previous.endswith("\n"):
+        previous += "\n"
+    text = previous + json.dumps(record) + "\n"  # key order kept (organ order)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def config_digest(run_cfg: Dict[str, Any]) -> str:
+    """SHA-256 of a resolved run config without the fields that only say where outputs go."""
+    d = json.loads(json.dumps(run_cfg))
+    d.pop("output_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- running
+class Benchmark:
+    """Runs (or resumes) one benchmark and writes its report.
+
+    Args:
+        cfg: from :func:`load_benchmark`.
+        base: folder the run-config paths are relative to.
+        quick: the ``quick:`` overrides are applied to every run.
+        command: the command line to quote in the report.
+    """
+
+    def __init__(self, cfg: DictConfig, base: Path, quick: bool = False, command: str = ""):
+        self.cfg, self.base, self.quick, self.command = cfg, Path(base), quick, command
+        self.out = Path(cfg.output_dir)
+        self.results_path = self.out / RESULTS_FILE
+        self._sources: Dict[str, Any] = {}
+
+    # -- configs
+    def _stage_config(self, spec: DictConfig, extra: Sequence[str], quick_overrides: Sequence[str]) -> DictConfig:
+        path = self.base / spec.config
+        ovr = [*spec.overrides, *(quick_overrides if self.quick else []), *extra]
+        return load_config(path, ovr)
+
+    def teacher_dir(self, name: str) -> Path:
+        return self.out / "teachers" / name
+
+    def teacher_config(self, name: str) -> DictConfig:
+        return self._stage_config(self.cfg.teachers[name], [f"output_dir={self.teacher_dir(name)}"],
+                                  self.cfg.quick.teacher_overrides)
+
+    def _resolve(self, override: str) -> str:
+        for name in _teacher_refs(override):
+            override = override.replace(f"{{teachers.{name}}}", str(self.teacher_dir(name)))
+        return override
+
+    def run_overrides(self, run: GridRun) -> List[str]:
+        c = self.cfg
+        return [*c.archs[run.arch], *(self._resolve(o) for o in c.methods[run.method]), f"seed={run.seed}",
+                f"data.train_fraction={run.fraction}", f"output_dir={self.out / 'runs' / run.dirname}"]
+
+    def run_config(self, run: GridRun) -> DictConfig:
+        return self._stage_config(self.cfg.student, self.run_overrides(run), self.cfg.quick.student_overrides)
+
+    def _source(self, cfg: DictConfig):
+        """One data source per distinct data config, shared by the runs (NIfTI sources read once)."""
+        from lightning_distill.train import build_source
+
+        data = to_dict(cfg.data)
+        for k in ("train_fraction", "train_subjects", "batch_size", "eval_batch_size", "num_workers", "augment",
+                  "patch_size", "val_subjects", "test_subjects", "split_seed", "splits"):
+            data.pop(k, None)
+        key = json.dumps([data, cfg.classes and list(cfg.classes)], sort_keys=True, default=str)
+        if key not in self._sources:
+            self._sources[key] = build_source(cfg)
+        return self._sources[key]
+
+    # -- state
+    def finished(self) -> Dict[str, Dict[str, Any]]:
+        return {r["key"]: r for r in read_records(self.results_path)}
+
+    def pending(self) -> List[GridRun]:
+        done = self.finished()
+        return [r for r in grid(self.cfg) if r.key not in done]
+
+    def _check_same_config(self, key: str, record: Dict[str, Any], cfg: DictConfig) -> None:
+        digest = config_digest(to_dict(cfg))
+        if record.get("config_digest") != digest:
+            raise ConfigError(f"{self.results_path}: run {key!r} was finished with a different run config than "
+                              f"{self.cfg.name!r} now asks for (digest {record.get('config_digest')} vs {digest}); "
+                              "use another output_dir (output_dir=...) or delete the old results to start over")
+
+    # -- running
+    def run(self, max_runs: Optional[int] = None, log=print) -> List[Dict[str, Any]]:
+        """Prepare, train the teachers and every pending student run; returns all records."""
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # one line per run instead of Lightning's banners
+        self._prepare(log)
+        done = self.finished()
+        used = sorted({n for m in self.cfg.methods.values() for o in m for n in _teacher_refs(o)})
+        for name in used:
+            self._teacher(name, done, log)
+        runs = grid(self.cfg)
+        todo = []
+        for r in runs:
+            if r.key in done:
+                self._check_same_config(r.key, done[r.key], self.run_config(r))
+            else:
+                todo.append(r)
+        log(f"benchmark {self.cfg.name}: {len(runs)} student runs, {len(runs) - len(todo)} already finished, "
+            f"{len(todo)} to run -> {self.results_path}")
+        for i, r in enumerate(todo[:max_runs] if max_runs is not None else todo, 1):
+            rec = self._student(r)
+            log(f"[{len(runs) - len(todo) + i}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
+                f"seed {r.seed}: test Dice {_fmt(rec['test']['dice_mean'])} ({rec['wall_time_s']:.0f} s)")
+        log(f"benchmark {self.cfg.name}: this invocation took {time.time() - t0:.0f} s")
+        return read_records(self.results_path)
+
+    def _prepare(self, log) -> None:
+        from lightning_distill.cli import main
+
+        for p in self.cfg.prepare:
+            if Path(p.creates).exists():
+                continue
+            log(f"prepare: lightning-distill {' '.join(p.command)}")
+            rc = main([str(a) for a in p.command])
+            if rc != 0 or not Path(p.creates).exists():
+                raise RuntimeError(f"prepare step `lightning-distill {' '.join(p.command)}` failed (exit {rc}) "
+                                   f"or did not create {p.creates}")
+
+    def _teacher(self, name: str, done: Dict[str, Dict], log) -> None:
+        from lightning_distill.train import fit
+
+        key = f"teacher|{name}"
+        cfg = self.teacher_config(name)
+        if key in done:
+            self._check_same_config(key, done[key], cfg)
+            return
+        log(f"teacher {name}: training -> {self.teacher_dir(name)}")
+        res = fit(cfg, source=self._source(cfg))
+        append_record(self.results_path, self._record(key, "teacher", cfg, res, {"teacher": name}))
+        log(f"teacher {name}: test Dice {_fmt(res['test'].get('dice_mean'))} ({res['wall_time_s']:.0f} s)")
+
+    def _student(self, r: GridRun) -> Dict[str, Any]:
+        from lightning_distill.train import evaluate, fit
+
+        cfg = self.run_config(r)
+        t0 = time.time()
+        res = fit(cfg, source=self._source(cfg))
+        extra: Dict[str, Any] = {}
+        for name, ts in self.cfg.test_sets.items():
+            ckpt = res.get("checkpoint")
+            if not ckpt:
+                raise RuntimeError(f"run {r.key}: no checkpoint to evaluate on test set {name!r}")
+            ev = evaluate(ckpt, list(ts.overrides), out=str(Path(cfg.output_dir) / f"results_{name}.json"),
+                          all_subjects=ts.all_subjects)
+            extra[name] = {"test": ev["test"], "test_cases": ev["test_cases"]}
+        if not self.cfg.keep_checkpoints:
+            shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
+        rec = self._record(r.key, "student", cfg, res, {"method": r.method, "arch": r.arch, "fraction": r.fraction,
+                                                          "seed": r.seed, "test_sets": extra})
+        rec["wall_time_s"] = round(time.time() - t0, 1)
+        append_record(self.results_path, rec)
+        return rec
+
+    @staticmethod
+    def _record(key: str, kind: str, cfg: DictConfig, res: Dict[str, Any], fields: Dict[str, Any]) -> Dict[str, Any]:
+        return {"key": key, "kind": kind, **fields, "train_subjects": res.get("train_subjects"),
+                "steps": res.get("steps"), "test": res["test"], "test_cases": res["test_cases"],
+                "val_dice_best": res.get("val", {}).get("dice_best"), "wall_time_s": res["wall_time_s"],
+                "config_digest": config_digest(to_dict(cfg)), "config": to_dict(cfg), "version": res.get("version"),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def write_report(self, records: Optional[List[Dict[str, Any]]] = None) -> Path:
+        from lightning_distill.bench_report import write_report
+
+        records = read_records(self.results_path) if records is None else records
+        return write_report(self.cfg, records, self.command, quick=self.quick)
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def iter_students(records: Sequence[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+    return (r for r in records if r.get("kind") == "student")
