@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all train-teacher train-student train-baseline train-chaos benchmark bench-chaos bench-speed clean
+.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-chaos benchmark bench-chaos bench-speed clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ test: $(STAMP) ## run the fast test suite (slow tests deselected)
 test-all: $(STAMP) ## run every test, slow ones included
 	$(BIN)/python -m pytest -q
 
+test-slow: $(STAMP) ## run only the slow tests (CI runs them after `make test`)
+	$(BIN)/python -m pytest -m slow -q
+
 train-teacher: $(STAMP) ## pretrain the 3D teacher on phantom volumes and export its prototype bank
 	$(BIN)/lightning-distill fit experiments/teacher.yaml $(ARGS)
 
@@ -42,6 +45,14 @@ train-student: $(STAMP) $(TEACHER_BANK) ## train the distilled 2D student (pretr
 
 train-baseline: $(STAMP) ## train the plain 2D model (the student with lambda = 0)
 	$(BIN)/lightning-distill fit experiments/baseline.yaml $(ARGS)
+
+SIKD_TEACHER ?= runs/sikd_teacher/checkpoints/best.ckpt
+
+$(SIKD_TEACHER): | $(STAMP)
+	$(BIN)/lightning-distill fit experiments/sikd_teacher.yaml
+
+train-sikd: $(STAMP) $(SIKD_TEACHER) ## SIKD on the phantom: teacher on class-mean slices (first use), then the student
+	$(BIN)/lightning-distill fit experiments/sikd.yaml distill.teacher=$(SIKD_TEACHER) $(ARGS)
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache

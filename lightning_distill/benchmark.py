@@ -20,7 +20,6 @@ couple of minutes and is what the tests run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -37,14 +36,22 @@ from lightning_distill.config import ConfigError, load_config, to_dict
 from lightning_distill.io import atomic_write
 
 RESULTS_FILE = "results.jsonl"
+PER_AXES = ("arch", "fraction", "seed")
 
 
 @dataclass
 class StageSpec:
-    """A run config (YAML, relative to the benchmark file) and overrides applied to every run of it."""
+    """A run config (YAML, relative to the benchmark file) and overrides applied to every run of it.
+
+    ``per`` (teachers only): train one teacher per value of these grid axes (``arch``, ``fraction``,
+    ``seed``), with that setting's architecture overrides, training fraction and seed, e.g. a 2D SIKD
+    teacher per architecture and fraction, so it never sees more labelled data than its student.
+    """
 
     config: str = MISSING
     overrides: List[str] = field(default_factory=list)
+    quick_overrides: List[str] = field(default_factory=list)  # added with --quick
+    per: List[str] = field(default_factory=list)  # teachers: subset of [arch, fraction, seed]
 
 
 @dataclass
@@ -66,10 +73,8 @@ class PrepareSpec:
 
 @dataclass
 class QuickSpec:
-    """``--quick``: extra overrides and a smaller grid (same code path, minutes instead of tens)."""
+    """``--quick``: a smaller grid (with each stage's ``quick_overrides``: same code path, a minute)."""
 
-    teacher_overrides: List[str] = field(default_factory=list)
-    student_overrides: List[str] = field(default_factory=list)
     fractions: Optional[List[float]] = None
     seeds: Optional[List[int]] = None
     archs: Optional[List[str]] = None
@@ -159,6 +164,10 @@ def _check(cfg: DictConfig, path: Path) -> None:
     bad = [f for f in cfg.fractions if not 0.0 < f <= 1.0]
     if bad or not cfg.fractions or not cfg.seeds:
         raise ConfigError(f"{where}: fractions must be in (0, 1] and seeds non-empty (fractions {list(cfg.fractions)})")
+    for name, spec in cfg.teachers.items():
+        bad = [a for a in spec.per if a not in PER_AXES]
+        if bad:
+            raise ConfigError(f"{where}: teachers.{name}.per has {bad}; valid axes: {list(PER_AXES)}")
     for m, ovr in cfg.methods.items():
         for o in ovr:
             for name in _teacher_refs(o):
@@ -213,11 +222,36 @@ def append_record(path: str | Path, record: Dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def config_digest(run_cfg: Dict[str, Any]) -> str:
-    """SHA-256 of a resolved run config without the fields that only say where outputs go."""
-    d = json.loads(json.dumps(run_cfg))
-    d.pop("output_dir", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """Keys whose values differ between a finished run's config and the one asked for now.
+
+    ``output_dir`` is ignored, and so is a key that is new in the schema (absent from ``old``) while it
+    has its default value: new options default to the old behaviour, so such runs stay valid.
+    """
+    from lightning_distill.config import RunConfig
+
+    defaults = _flat(to_dict(OmegaConf.structured(RunConfig)))
+    a, b = _flat(old), _flat(new)
+    changes = []
+    for k in sorted(set(a) | set(b)):
+        if k == "output_dir" or a.get(k, _MISSING) == b.get(k, _MISSING):
+            continue
+        if k not in a and k in defaults and b[k] == defaults[k]:
+            continue
+        changes.append(f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}")
+    return changes
+
+
+_MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -238,30 +272,49 @@ class Benchmark:
         self._sources: Dict[str, Any] = {}
 
     # -- configs
-    def _stage_config(self, spec: DictConfig, extra: Sequence[str], quick_overrides: Sequence[str]) -> DictConfig:
-        path = self.base / spec.config
-        ovr = [*spec.overrides, *(quick_overrides if self.quick else []), *extra]
-        return load_config(path, ovr)
+    def _stage_config(self, spec: DictConfig, extra: Sequence[str]) -> DictConfig:
+        ovr = [*spec.overrides, *(spec.quick_overrides if self.quick else []), *extra]
+        return load_config(self.base / spec.config, ovr)
 
-    def teacher_dir(self, name: str) -> Path:
-        return self.out / "teachers" / name
+    def teacher_instance(self, name: str, run: Optional[GridRun] = None) -> Tuple[str, List[str]]:
+        """The folder name of teacher ``name`` for ``run`` and the grid overrides it trains with."""
+        per = list(self.cfg.teachers[name].per)
+        if per and run is None:
+            raise ValueError(f"teacher {name!r} is trained per {per}: it needs a grid run")
+        inst, extra = name, []
+        if "arch" in per:
+            inst += f"_{run.arch}"
+            extra += list(self.cfg.archs[run.arch])
+        if "fraction" in per:
+            inst += f"_f{run.fraction:g}"
+            extra.append(f"data.train_fraction={run.fraction}")
+        if "seed" in per:
+            inst += f"_s{run.seed}"
+            extra.append(f"seed={run.seed}")
+        return inst, extra
 
-    def teacher_config(self, name: str) -> DictConfig:
-        return self._stage_config(self.cfg.teachers[name], [f"output_dir={self.teacher_dir(name)}"],
-                                  self.cfg.quick.teacher_overrides)
+    def teacher_dir(self, instance: str) -> Path:
+        return self.out / "teachers" / instance
 
-    def _resolve(self, override: str) -> str:
+    def teacher_config(self, name: str, run: Optional[GridRun] = None) -> DictConfig:
+        inst, extra = self.teacher_instance(name, run)
+        return self._stage_config(self.cfg.teachers[name], [*extra, f"output_dir={self.teacher_dir(inst)}"])
+
+    def _resolve(self, override: str, run: GridRun) -> str:
         for name in _teacher_refs(override):
-            override = override.replace(f"{{teachers.{name}}}", str(self.teacher_dir(name)))
+            override = override.replace(f"{{teachers.{name}}}", str(self.teacher_dir(self.teacher_instance(name, run)[0])))
         return override
 
     def run_overrides(self, run: GridRun) -> List[str]:
         c = self.cfg
-        return [*c.archs[run.arch], *(self._resolve(o) for o in c.methods[run.method]), f"seed={run.seed}",
+        return [*c.archs[run.arch], *(self._resolve(o, run) for o in c.methods[run.method]), f"seed={run.seed}",
                 f"data.train_fraction={run.fraction}", f"output_dir={self.out / 'runs' / run.dirname}"]
 
     def run_config(self, run: GridRun) -> DictConfig:
-        return self._stage_config(self.cfg.student, self.run_overrides(run), self.cfg.quick.student_overrides)
+        return self._stage_config(self.cfg.student, self.run_overrides(run))
+
+    def teachers_of(self, run: GridRun) -> List[str]:
+        return sorted({n for o in self.cfg.methods[run.method] for n in _teacher_refs(o)})
 
     def _source(self, cfg: DictConfig):
         """One data source per distinct data config, shared by the runs (NIfTI sources read once)."""
@@ -285,11 +338,12 @@ class Benchmark:
         return [r for r in grid(self.cfg) if r.key not in done]
 
     def _check_same_config(self, key: str, record: Dict[str, Any], cfg: DictConfig) -> None:
-        digest = config_digest(to_dict(cfg))
-        if record.get("config_digest") != digest:
+        changes = config_changes(record.get("config", {}), to_dict(cfg))
+        if changes:
             raise ConfigError(f"{self.results_path}: run {key!r} was finished with a different run config than "
-                              f"{self.cfg.name!r} now asks for (digest {record.get('config_digest')} vs {digest}); "
-                              "use another output_dir (output_dir=...) or delete the old results to start over")
+                              f"{self.cfg.name!r} now asks for ({'; '.join(changes[:5])}"
+                              f"{'; ...' if len(changes) > 5 else ''}); use another output_dir (output_dir=...) or "
+                              "delete the old results to start over")
 
     # -- running
     def run(self, max_runs: Optional[int] = None, log=print) -> List[Dict[str, Any]]:
@@ -300,9 +354,6 @@ class Benchmark:
             logging.getLogger(name).setLevel(logging.WARNING)  # one line per run instead of Lightning's banners
         self._prepare(log)
         done = self.finished()
-        used = sorted({n for m in self.cfg.methods.values() for o in m for n in _teacher_refs(o)})
-        for name in used:
-            self._teacher(name, done, log)
         runs = grid(self.cfg)
         todo = []
         for r in runs:
@@ -313,6 +364,8 @@ class Benchmark:
         log(f"benchmark {self.cfg.name}: {len(runs)} student runs, {len(runs) - len(todo)} already finished, "
             f"{len(todo)} to run -> {self.results_path}")
         for i, r in enumerate(todo[:max_runs] if max_runs is not None else todo, 1):
+            for name in self.teachers_of(r):  # trained once, when a run first needs it
+                self._teacher(name, r, done, log)
             rec = self._student(r)
             log(f"[{len(runs) - len(todo) + i}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
                 f"seed {r.seed}: test Dice {_fmt(rec['test']['dice_mean'])} ({rec['wall_time_s']:.0f} s)")
@@ -331,18 +384,21 @@ class Benchmark:
                 raise RuntimeError(f"prepare step `lightning-distill {' '.join(p.command)}` failed (exit {rc}) "
                                    f"or did not create {p.creates}")
 
-    def _teacher(self, name: str, done: Dict[str, Dict], log) -> None:
+    def _teacher(self, name: str, run: GridRun, done: Dict[str, Dict], log) -> None:
         from lightning_distill.train import fit
 
-        key = f"teacher|{name}"
-        cfg = self.teacher_config(name)
+        inst, _ = self.teacher_instance(name, run)
+        key = f"teacher|{inst}"
+        cfg = self.teacher_config(name, run)
         if key in done:
             self._check_same_config(key, done[key], cfg)
             return
-        log(f"teacher {name}: training -> {self.teacher_dir(name)}")
+        log(f"teacher {inst}: training -> {self.teacher_dir(inst)}")
         res = fit(cfg, source=self._source(cfg))
-        append_record(self.results_path, self._record(key, "teacher", cfg, res, {"teacher": name}))
-        log(f"teacher {name}: test Dice {_fmt(res['test'].get('dice_mean'))} ({res['wall_time_s']:.0f} s)")
+        rec = self._record(key, "teacher", cfg, res, {"teacher": name, "instance": inst})
+        append_record(self.results_path, rec)
+        done[key] = rec
+        log(f"teacher {inst}: test Dice {_fmt(res['test'].get('dice_mean'))} ({res['wall_time_s']:.0f} s)")
 
     def _student(self, r: GridRun) -> Dict[str, Any]:
         from lightning_distill.train import evaluate, fit
@@ -371,7 +427,7 @@ class Benchmark:
         return {"key": key, "kind": kind, **fields, "train_subjects": res.get("train_subjects"),
                 "steps": res.get("steps"), "test": res["test"], "test_cases": res["test_cases"],
                 "val_dice_best": res.get("val", {}).get("dice_best"), "wall_time_s": res["wall_time_s"],
-                "config_digest": config_digest(to_dict(cfg)), "config": to_dict(cfg), "version": res.get("version"),
+                "config": to_dict(cfg), "version": res.get("version"),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def write_report(self, records: Optional[List[Dict[str, Any]]] = None) -> Path:

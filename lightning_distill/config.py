@@ -25,6 +25,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ShiftConfig:
+    """A documented domain shift of phantom images (identity by default), for cross-domain tests.
+
+    Applied to the windowed image ``x`` in [0, 1], in this order: resolution (down-sample by
+    ``resolution`` then back, linear), intensity mapping ``x ** gamma``, contrast
+    ``(x - 0.5) * contrast + 0.5 + brightness``, then Gaussian noise of std ``noise`` (per-subject
+    seed); the result is clipped to [0, 1]. Labels are unchanged.
+    """
+
+    resolution: float = 1.0  # >= 1: down-sampling factor
+    gamma: float = 1.0
+    contrast: float = 1.0
+    brightness: float = 0.0
+    noise: float = 0.0
+
+
+@dataclass
 class PhantomConfig:
     """Synthetic phantom population (see :class:`lightning_distill.data.phantom.PhantomSpec`)."""
 
@@ -33,6 +50,7 @@ class PhantomConfig:
     noise_hu: List[float] = field(default_factory=lambda: [10.0, 25.0])
     blur: float = 0.6
     slice_z: List[float] = field(default_factory=lambda: [-0.5, -0.1])
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
 
 
 @dataclass
@@ -89,6 +107,7 @@ class ModelConfig:
     name: str = "Unet"
     encoder: str = "resnet18"
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    skip_connections: bool = True  # False: smp encoder-decoders decode from the bottleneck only (SIKD teacher option)
 
 
 @dataclass
@@ -118,14 +137,18 @@ class BankConfig:
 
 @dataclass
 class DistillConfig:
-    """Student distillation: lambda * (beta * inter + gamma * intra) prototype DIST."""
+    """Student distillation. ``method``: ``prototype`` (the core: lambda * (beta * inter + gamma * intra)
+    prototype DIST against the teacher's bank), ``sikd`` (weight * MSE to a class-mean teacher's
+    penultimate features) or ``pixel`` (pixel-wise DIST with a paired 2D teacher)."""
 
+    method: str = "prototype"  # prototype | sikd | pixel
     weight: float = 1.0  # lambda; 0 = baseline
+    teacher: Optional[str] = None  # sikd / pixel: the 2D teacher's checkpoint (.ckpt of `lightning-distill fit`)
     prototypes: Optional[str] = None  # path of the teacher's prototypes.pt
     beta: float = 1.0
     gamma: float = 1.0
     tau: Optional[float] = None  # default: the bank's tau
-    feature_layer: Optional[str] = None  # feature-space banks: the student's head module
+    feature_layer: Optional[str] = None  # feature-space banks / sikd: the student's head module (input = penultimate features)
 
 
 @dataclass
@@ -143,6 +166,7 @@ class RunConfig:
     seed: int = 0
     classes: Optional[List[str]] = None  # default: the data source's class names
     logger: str = "csv"  # csv | wandb | none
+    input_transform: str = "none"  # none | class_mean (SIKD teacher: train and test on class-wise averaged images)
     val_hd95: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,7 +182,8 @@ _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "none"),
             "data.nifti.layout": ("auto", "nnunet", "msd", "folder"), "data.nifti.unmapped": ("background", "ignore", "error"),
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),
             "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.resize": ("resize", "pad_crop"),
-            "bank.space": ("prob", "feature"), "optim.scheduler": ("cosine", "none")}
+            "bank.space": ("prob", "feature"), "distill.method": ("prototype", "sikd", "pixel"),
+            "input_transform": ("none", "class_mean"), "optim.scheduler": ("cosine", "none")}
 
 
 _FREE_FORM = ("trainer", "data.splits", "data.nifti.label_map")

@@ -127,6 +127,9 @@ def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, over
     existing folder), else a folder; masks keep the input's file name (``_0000`` dropped).
     """
     ckpt, cfg = load_checkpoint(checkpoint, overrides)
+    if cfg.input_transform != "none":
+        raise ValueError(f"checkpoint {checkpoint} was trained on {cfg.input_transform} images, which are built from "
+                         "labels: it cannot predict unlabelled images (predict with the student)")
     net = load_network(ckpt, cfg)
     files = list_inputs(inputs)
     out = Path(output)

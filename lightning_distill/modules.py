@@ -36,15 +36,20 @@ class SegmentationModule(L.LightningModule):
         roi_size: sliding-window size for validation/test inference (``None``: whole input).
         val_hd95: also compute HD95 during validation (slower); test always computes it.
         config: resolved run config, saved with the hyperparameters (so it is in checkpoints).
+        input_transform: ``"none"``, or ``"class_mean"``: the network sees class-wise averaged images
+            in every split (the SIKD teacher; needs labels, so it cannot predict unlabelled data).
     """
 
     def __init__(self, net: nn.Module, class_names: Sequence[str], lr: float = 1e-3, weight_decay: float = 1e-4,
                  scheduler: str = "cosine", dice_weight: float = 1.0, ce_weight: float = 1.0,
-                 roi_size: Optional[Sequence[int]] = None, val_hd95: bool = False, config: Optional[Dict] = None):
+                 roi_size: Optional[Sequence[int]] = None, val_hd95: bool = False, config: Optional[Dict] = None,
+                 input_transform: str = "none"):
         super().__init__()
         if scheduler not in ("cosine", "none"):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
-        self.save_hyperparameters(ignore=["net", "bank"])
+        if input_transform not in ("none", "class_mean"):
+            raise ValueError(f"input_transform must be 'none' or 'class_mean', got {input_transform!r}")
+        self.save_hyperparameters(ignore=["net", "bank", "teacher"])
         self.net = net
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
@@ -95,6 +100,10 @@ class SegmentationModule(L.LightningModule):
     def model_step(self, batch: Dict, train: bool = True) -> Dict[str, Any]:
         """Shared by train/val/test: logits, every loss term, and their weighted sum."""
         image, label = batch["image"], batch["label"]
+        if self.hparams.input_transform == "class_mean":
+            from lightning_distill.methods.sikd import class_mean_image
+
+            image = class_mean_image(image, label, self.num_classes)
         logits = self.net(image) if train else self.predict_logits(image)
         terms = self.seg_terms(logits, label)
         if train:
@@ -174,6 +183,9 @@ class SegmentationModule(L.LightningModule):
             self.log(f"test/dice_{o}", float("nan") if v is None else v)
 
     def predict_step(self, batch: Dict, batch_idx: int):
+        if self.hparams.input_transform != "none":
+            raise ValueError(f"a network trained on {self.hparams.input_transform} inputs needs labels to build them "
+                             "and cannot predict unlabelled images (use the student)")
         return self.predict_logits(batch["image"]).argmax(1)
 
     def configure_optimizers(self):

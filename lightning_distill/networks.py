@@ -66,6 +66,7 @@ def build_network(
     out_channels: int,
     encoder: str = "resnet18",
     kwargs: Optional[Mapping[str, Any]] = None,
+    skip_connections: bool = True,
 ) -> nn.Module:
     """Build a segmentation network by short name.
 
@@ -77,6 +78,8 @@ def build_network(
         out_channels: number of classes K.
         encoder: smp encoder name (ignored by MONAI networks).
         kwargs: extra constructor arguments.
+        skip_connections: ``False`` decodes from the bottleneck only (smp encoder-decoders: every
+            encoder feature but the deepest is zeroed by a forward hook); SIKD's U-Net teacher option.
 
     Raises:
         KeyError: unknown name; the message lists the valid names.
@@ -92,11 +95,32 @@ def build_network(
         import segmentation_models_pytorch as smp
 
         kw.setdefault("encoder_weights", None)
-        return smp.create_model(name, encoder_name=encoder, in_channels=in_channels, classes=out_channels, **kw)
+        net = smp.create_model(name, encoder_name=encoder, in_channels=in_channels, classes=out_channels, **kw)
+        if not skip_connections:
+            drop_skip_connections(net)
+        return net
+    if not skip_connections:
+        raise ValueError(f"skip_connections=False is for segmentation-models-pytorch encoder-decoders, not {name!r}")
     raise KeyError(
         f"unknown network {name!r}; valid names: MONAI (2D/3D) {sorted(MONAI_NETWORKS)}, "
         f"segmentation-models-pytorch (2D) {sorted(archs)}"
     )
+
+
+def drop_skip_connections(net: nn.Module) -> nn.Module:
+    """Make an smp encoder-decoder decode from its deepest feature only (no skip connections).
+
+    A forward hook on ``net.encoder`` replaces every feature map but the last by zeros of the same
+    shape, so the decoder's layers and weights are unchanged but receive no encoder detail.
+    """
+    if not hasattr(net, "encoder"):
+        raise ValueError(f"{type(net).__name__} has no `encoder` module: cannot drop its skip connections")
+
+    def hook(module, inputs, features):
+        return [torch.zeros_like(f) for f in features[:-1]] + [features[-1]]
+
+    net.encoder.register_forward_hook(hook)
+    return net
 
 
 def head_module_name(name: str) -> str:

@@ -24,7 +24,7 @@ from lightning_distill.config import to_dict
 from lightning_distill.data.datamodules import SegmentationDataModule, SliceDataModule, VolumeDataModule
 from lightning_distill.data.phantom import PhantomSpec
 from lightning_distill.data.preprocess import Preprocess
-from lightning_distill.data.sources import PHANTOM_ORIENTATION, NiftiSource, PhantomSource, SubjectSource
+from lightning_distill.data.sources import PHANTOM_ORIENTATION, DomainShift, NiftiSource, PhantomSource, SubjectSource
 from lightning_distill.io import write_json
 from lightning_distill.metrics import format_table
 from lightning_distill.modules import SegmentationModule, StudentModule
@@ -37,7 +37,7 @@ def build_source(cfg: DictConfig) -> SubjectSource:
     if d.source == "phantom":
         p = d.phantom
         spec = PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur, slice_z=tuple(p.slice_z))
-        return PhantomSource(spec, d.num_subjects, tuple(d.shape), window=tuple(d.window))
+        return PhantomSource(spec, d.num_subjects, tuple(d.shape), window=tuple(d.window), shift=DomainShift(**p.shift))
     if d.source == "nifti":
         n = d.nifti
         if not n.root:
@@ -93,7 +93,7 @@ def class_names(cfg: DictConfig, source: SubjectSource):
 def build_net(cfg: DictConfig, num_classes: int):
     """The run's network (2D or 3D by ``len(data.shape)``), one input channel."""
     return build_network(cfg.model.name, len(cfg.data.shape), 1, num_classes, encoder=cfg.model.encoder,
-                         kwargs=OmegaConf.to_container(cfg.model.kwargs))
+                         kwargs=OmegaConf.to_container(cfg.model.kwargs), skip_connections=cfg.model.skip_connections)
 
 
 def build_module(cfg: DictConfig, names) -> SegmentationModule:
@@ -103,7 +103,19 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
                   roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, val_hd95=cfg.val_hd95,
                   config=to_dict(cfg))
     if cfg.stage == "teacher":
-        return SegmentationModule(net, names, **common)
+        return SegmentationModule(net, names, input_transform=cfg.input_transform, **common)
+    if cfg.input_transform != "none":
+        raise ValueError(f"input_transform={cfg.input_transform} is for teachers (stage=teacher); a student sees the original images")
+    d = cfg.distill
+    if d.method in ("sikd", "pixel") and d.weight != 0:
+        from lightning_distill.methods import PixelDistModule, SIKDModule
+
+        teacher = load_teacher_network(d.teacher, names, f"distill.method={d.method}")
+        if d.method == "sikd":
+            layer = d.feature_layer or head_module_name(cfg.model.name)
+            return SIKDModule(net, names, teacher=teacher, feature_layer=layer, distill_weight=d.weight, **common)
+        return PixelDistModule(net, names, teacher=teacher, distill_weight=d.weight, beta=d.beta, gamma=d.gamma,
+                               tau=1.0 if d.tau is None else d.tau, **common)
     bank = None
     if cfg.distill.prototypes:
         bank = load_bank(cfg.distill.prototypes)
@@ -114,6 +126,20 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     return StudentModule(net, names, bank=bank, distill_weight=cfg.distill.weight, beta=cfg.distill.beta,
                          gamma=cfg.distill.gamma, tau=cfg.distill.tau,
                          feature_layer=cfg.distill.feature_layer or head_module_name(cfg.model.name), **common)
+
+
+def load_teacher_network(checkpoint: Optional[str], names, why: str):
+    """The network of a 2D teacher checkpoint (built from the checkpoint's own config), checked against ``names``."""
+    from lightning_distill.inference import load_checkpoint, load_network
+
+    if not checkpoint:
+        raise ValueError(f"{why} needs distill.teacher: the 2D teacher's checkpoint (e.g. "
+                         "runs/sikd_teacher/checkpoints/best.ckpt), or distill.weight=0 for the baseline")
+    ckpt, tcfg = load_checkpoint(checkpoint)
+    trained = list(ckpt["hyper_parameters"]["class_names"])
+    if trained != list(names):
+        raise ValueError(f"teacher checkpoint {checkpoint} segments {trained}, the student's classes are {list(names)}")
+    return load_network(ckpt, tcfg)
 
 
 def _default_trainer_args() -> Dict[str, Any]:
@@ -221,7 +247,7 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
 
         cfg.data.splits = {"train": [], "val": [], "test": sorted({subject_of(i) for i in source.ids})}
     dm = build_datamodule(cfg, source)
-    module = SegmentationModule(load_network(ckpt, cfg), names,
+    module = SegmentationModule(load_network(ckpt, cfg), names, input_transform=cfg.input_transform,
                                 roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg))
     targs = {k: v for k, v in {**_default_trainer_args(), **OmegaConf.to_container(cfg.trainer)}.items()
              if k in ("accelerator", "devices", "precision", "enable_progress_bar")}

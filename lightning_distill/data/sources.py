@@ -35,6 +35,50 @@ class SubjectSource:
         return len(self.ids)
 
 
+@dataclass(frozen=True)
+class DomainShift:
+    """A deterministic domain shift of windowed phantom images in [0, 1] (identity by default).
+
+    In order: ``resolution`` (down-sample by this factor, linear, then back to the grid: a coarser
+    scanner), ``gamma`` (``x ** gamma``: a non-linear intensity mapping), ``contrast`` and
+    ``brightness`` (``(x - 0.5) * contrast + 0.5 + brightness``), ``noise`` (extra Gaussian noise,
+    std in window units, seeded per subject); clipped to [0, 1]. Labels are not changed.
+    """
+
+    resolution: float = 1.0
+    gamma: float = 1.0
+    contrast: float = 1.0
+    brightness: float = 0.0
+    noise: float = 0.0
+
+    def __post_init__(self):
+        if self.resolution < 1.0 or self.gamma <= 0 or self.contrast <= 0 or self.noise < 0:
+            raise ValueError(f"invalid domain shift {self}: resolution >= 1, gamma > 0, contrast > 0, noise >= 0")
+
+    @property
+    def identity(self) -> bool:
+        return self == DomainShift()
+
+    def apply(self, image: np.ndarray, seed: int) -> np.ndarray:
+        """``image``: ``(C, *spatial)`` in [0, 1]."""
+        if self.identity:
+            return image
+        from scipy.ndimage import zoom
+
+        x = image.astype(np.float32)
+        if self.resolution > 1.0:
+            out = np.empty_like(x)
+            for c in range(x.shape[0]):
+                small = zoom(x[c], 1.0 / self.resolution, order=1)
+                out[c] = zoom(small, [n / m for n, m in zip(x.shape[1:], small.shape)], order=1)[tuple(slice(0, n) for n in x.shape[1:])]
+            x = out
+        x = np.clip(x, 0.0, 1.0) ** self.gamma
+        x = (x - 0.5) * self.contrast + 0.5 + self.brightness
+        if self.noise > 0:
+            x = x + np.random.default_rng(seed).normal(0.0, self.noise, x.shape).astype(np.float32)
+        return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
 @dataclass
 class PhantomSource(SubjectSource):
     """Subjects of the synthetic abdominal phantom.
@@ -44,12 +88,14 @@ class PhantomSource(SubjectSource):
         num_subjects: size of the population.
         shape: ``(X, Y, Z)`` for volumes, ``(X, Y)`` for single axial slices.
         window: HU window mapped to [0, 1].
+        shift: a domain shift applied after windowing (identity by default).
     """
 
     spec: PhantomSpec
     num_subjects: int
     shape: Sequence[int]
     window: Tuple[float, float] = (-175.0, 250.0)
+    shift: DomainShift = DomainShift()
 
     def __post_init__(self):
         if len(self.shape) not in (2, 3):
@@ -66,7 +112,7 @@ class PhantomSource(SubjectSource):
         else:
             s = render_slice(self.spec, idx, self.shape)
             spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM[:2], self.shape)]
-        image = hu_window(s["image"], *self.window)[None]
+        image = self.shift.apply(hu_window(s["image"], *self.window)[None], seed=self.spec.seed * 100003 + idx)
         return {"image": image, "label": s["label"].astype(np.int64), "spacing": np.asarray(spacing, np.float32),
                 "phase": s["phase"]}
 

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Speed benchmark (`make bench-speed`): what each distillation method costs per training step.
+
+In one process, the variants train the same student network (from ``experiments/student.yaml``) on
+the same batches; the variants are interleaved step by step (round-robin), so machine drift hits them
+alike. A step is the shared ``model_step`` (forward, every loss term) + backward + AdamW step; the
+median over ``--steps`` rounds is reported as a ratio to the baseline.
+
+Variants: ``baseline`` (segmentation loss only), ``prototype-dist`` (the core method: the student's
+batch prototypes against a K x K bank, no teacher network), ``pixel-dist`` (classic pixel-wise DIST
+with a paired 2D teacher of the same architecture, run under ``no_grad`` every step), ``sikd``
+(class-mean image + frozen same-architecture teacher forward + feature MSE through hooks).
+
+Also measured: throughput of the slice (student) and volume (teacher) training loaders, cold (first
+pass, which renders/decodes and caches) and warm (cached), against what a training step consumes
+(batch size / median step time); and the peak resident memory of each variant's steps (Linux
+``VmHWM``, reset through ``/proc/self/clear_refs`` before each variant's step).
+
+Public tools only: ``time.perf_counter``, ``statistics.median``, ``/proc``. Usage::
+
+    python experiments/bench_speed.py [--steps 25] [--out docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lightning_distill import __version__  # noqa: E402
+from lightning_distill.config import load_config  # noqa: E402
+from lightning_distill.io import atomic_write  # noqa: E402
+from lightning_distill.methods import PixelDistModule, SIKDModule  # noqa: E402
+from lightning_distill.networks import head_module_name  # noqa: E402
+from lightning_distill.modules import SegmentationModule, StudentModule  # noqa: E402
+from lightning_distill.prototypes import Bank  # noqa: E402
+from lightning_distill.train import build_datamodule, build_net, build_source, class_names  # noqa: E402
+
+TARGETS = {"prototype-dist": 1.05, "sikd": 1.6}  # step-time ratios to the baseline asked for by the issues
+LOADER_TARGET = 5.0  # loader throughput / training consumption
+
+
+# ------------------------------------------------------------------------------------------- memory
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib() -> Optional[float]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------- variants
+def _synthetic_bank(names: List[str]) -> Bank:
+    """A valid K x K bank (rows are distributions): step time does not depend on its values."""
+    k = len(names)
+    p = torch.softmax(torch.randn(k, k) + 4 * torch.eye(k), dim=1)
+    return Bank(prototypes=p, counts=torch.ones(k), class_names=names, tau=1.0, space="prob", meta={"path": "synthetic"})
+
+
+def build_variants(cfg, names) -> Dict[str, SegmentationModule]:
+    common = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, scheduler="none")
+    torch.manual_seed(0)
+    variants = {"baseline": SegmentationModule(build_net(cfg, len(names)), names, **common)}
+    torch.manual_seed(0)
+    variants["prototype-dist"] = StudentModule(build_net(cfg, len(names)), names, bank=_synthetic_bank(names),
+                                               distill_weight=1.0, **common)
+    torch.manual_seed(0)
+    variants["pixel-dist"] = PixelDistModule(build_net(cfg, len(names)), names, teacher=build_net(cfg, len(names)),
+                                             distill_weight=1.0, **common)
+    torch.manual_seed(0)
+    no_skip = cfg.copy()
+    no_skip.model.skip_connections = False  # the SIKD teacher, as in experiments/sikd_teacher.yaml
+    variants["sikd"] = SIKDModule(build_net(cfg, len(names)), names, teacher=build_net(no_skip, len(names)),
+                                  feature_layer=head_module_name(cfg.model.name), distill_weight=2.0, **common)
+    return variants
+
+
+def _optimizer(module: SegmentationModule) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=module.hparams.lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=module.hparams.lr)
+
+
+def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rounds: int, warmup: int = 3):
+    """Round-robin over variants; returns ``{name: ([step seconds], peak MiB or None)}``."""
+    opts = {n: _optimizer(m) for n, m in variants.items()}
+    for m in variants.values():
+        m.train()
+    times: Dict[str, List[float]] = {n: [] for n in variants}
+    peaks: Dict[str, float] = {}
+    can_reset = _reset_peak()
+    for r in range(warmup + rounds):
+        batch = batches[r % len(batches)]
+        for name, module in variants.items():
+            if can_reset:
+                _reset_peak()
+            t = time.perf_counter()
+            opts[name].zero_grad(set_to_none=True)
+            loss = module.model_step(batch, train=True)["loss"]
+            loss.backward()
+            opts[name].step()
+            dt = time.perf_counter() - t
+            if r >= warmup:
+                times[name].append(dt)
+                peak = _peak_mib() if can_reset else None
+                if peak is not None:
+                    peaks[name] = max(peaks.get(name, 0.0), peak)
+    return {n: (times[n], peaks.get(n)) for n in variants}
+
+
+def loader_rate(make_loader: Callable, passes: int = 2) -> List[float]:
+    """Samples per second of each full pass over a training loader (pass 1 is cold: no cache yet)."""
+    loader = make_loader()
+    rates = []
+    for _ in range(passes):
+        n, t = 0, time.perf_counter()
+        for batch in loader:
+            n += batch["image"].shape[0]
+        rates.append(n / (time.perf_counter() - t))
+    return rates
+
+
+def median_step(cfg, names, batch, rounds: int) -> float:
+    """Median step time of a plain segmentation module (the teacher's consumption)."""
+    module = SegmentationModule(build_net(cfg, len(names)), names, scheduler="none")
+    return statistics.median(time_steps({"teacher": module}, [batch], rounds, warmup=2)["teacher"][0])
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=25, help="timed rounds per variant (after 3 warm-up rounds)")
+    ap.add_argument("--student", default=str(REPO / "experiments/student.yaml"))
+    ap.add_argument("--teacher", default=str(REPO / "experiments/teacher.yaml"))
+    ap.add_argument("--out", help="write the markdown report here (e.g. docs/performance.md)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the student config (e.g. data.shape=[64,64])")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t_start = time.time()
+
+    scfg = load_config(args.student, args.overrides)
+    ssrc = build_source(scfg)
+    names = class_names(scfg, ssrc)
+    sdm = build_datamodule(scfg, ssrc)
+    sdm.setup()
+    batches = [b for _, b in zip(range(4), sdm.train_dataloader())]
+    variants = build_variants(scfg, names)
+    res = time_steps(variants, batches, args.steps)
+    base = statistics.median(res["baseline"][0])
+
+    rows = []
+    for name, (ts, peak) in res.items():
+        med = statistics.median(ts)
+        q1, _, q3 = statistics.quantiles(ts, n=4)
+        target = TARGETS.get(name)
+        ok = "" if target is None else ("meets" if med / base <= target else "MISSES") + f" ≤ {target:.2f}×"
+        rows.append((name, med, q1, q3, med / base, peak, ok))
+
+    # loaders: the student's slices and the teacher's volumes, against what training consumes
+    student_sps = scfg.data.batch_size / base
+    s_rates = loader_rate(lambda: build_datamodule(scfg, build_source(scfg)).train_dataloader())
+    tcfg = load_config(args.teacher)
+    tsrc = build_source(tcfg)
+    tdm = build_datamodule(tcfg, tsrc)
+    tdm.setup()
+    tbatch = next(iter(tdm.train_dataloader()))
+    t_step = median_step(tcfg, class_names(tcfg, tsrc), tbatch, max(5, args.steps // 3))
+    teacher_sps = tcfg.data.batch_size / t_step
+    t_rates = loader_rate(lambda: build_datamodule(tcfg, build_source(tcfg)).train_dataloader())
+    loaders = [("slices (student)", scfg, s_rates, student_sps), ("volumes (teacher)", tcfg, t_rates, teacher_sps)]
+
+    text = render(args, scfg, tcfg, rows, loaders, t_step, time.time() - t_start)
+    print(text)
+    if args.out:
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def render(args, scfg, tcfg, rows, loaders, t_step, wall) -> str:
+    cmd = "make bench-speed" if args.out == "docs/performance.md" and not args.overrides else \
+        "python experiments/bench_speed.py " + " ".join(sys.argv[1:])
+    L = ["# Performance", "",
+         f"Generated by `{cmd}` (`experiments/bench_speed.py`; {wall:.0f} s). lightning_distill {__version__}, "
+         f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
+         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}, fp32. Do not edit by hand.", "",
+         "## Training-step cost of each method", "",
+         f"Student `{scfg.model.name}/{scfg.model.encoder}` on {list(scfg.data.shape)} single slices, batch "
+         f"{scfg.data.batch_size}, the same 4 batches for every variant; variants interleaved step by step; "
+         f"{args.steps} timed rounds after 3 warm-up rounds. A step = `model_step` (forward and every loss term) + "
+         "backward + fused AdamW step.", "",
+         "| method | median step (s) | IQR (s) | × baseline | target | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
+    for name, med, q1, q3, ratio, peak, ok in rows:
+        L.append(f"| {name} | {med:.3f} | {q1:.3f}–{q3:.3f} | {ratio:.3f} | {ok or '—'} | "
+                 f"{'n/a' if peak is None else f'{peak:.0f}'} |")
+    L += ["", "- `prototype-dist` never runs a teacher: its extra cost is a class-masked mean of the softmax and two "
+          "K×K Pearson terms. `pixel-dist` runs a same-size 2D teacher forward pass (no backward) every step and "
+          "needs paired 2D teacher inputs. `sikd` builds the class-mean image and runs its (skip-less) teacher forward "
+          "every step, then an MSE on the penultimate features found through forward hooks. CMEDL joins this table "
+          "when it lands.",
+          "- Peak RSS is the process's peak resident memory during that variant's steps (it includes the process's "
+          "baseline: the Python runtime, the loaded libraries and the other variants' weights).", "",
+          "## Data loaders", "",
+          "Training loaders of the run configs (`num_workers` as configured), one full pass cold (renders or reads "
+          "and caches each subject) and one warm (cached). Consumption = batch size / median training-step time "
+          f"(teacher `{tcfg.model.name}` step on {list(tcfg.data.shape)}: {t_step:.3f} s).", "",
+          "| loader | workers | cold (samples/s) | warm (samples/s) | training consumes (samples/s) | cold / consumption | warm / consumption | target (warm) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for name, cfg, rates, need in loaders:
+        ratio = rates[-1] / need
+        L.append(f"| {name} | {cfg.data.num_workers} | {rates[0]:.0f} | {rates[-1]:.0f} | {need:.1f} | {rates[0] / need:.0f}× | {ratio:.0f}× | "
+                 f"{'meets' if ratio >= LOADER_TARGET else 'MISSES'} ≥ {LOADER_TARGET:.0f}× |")
+    L += ["", "The cold pass happens once per run (subjects are cached in memory after their first use).", ""]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""SIKD: shape-intensity knowledge distillation (Dong, Du, Xu, "Shape-intensity knowledge
+distillation for robust medical image segmentation"; method as in the authors' code, whdong-whu/SIKD).
+
+A teacher of the student's architecture is trained on *class-wise averaged images* (every pixel
+replaced by the mean intensity of its class in that image and channel), so it sees shape and the
+class-level intensity layout without texture or noise. The student trains on the original images
+with the segmentation loss plus ``weight * MSE`` between its penultimate-layer features and the
+frozen teacher's on the averaged image of the same sample (weight 2.0 by default). Features are
+pulled through forward hooks by module name; only the student is used at inference.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_distill.data.nifti import IGNORE_INDEX
+from lightning_distill.methods.frozen import FrozenTeacher
+from lightning_distill.modules import SegmentationModule
+from lightning_distill.networks import InputHook
+
+
+def class_mean_image(image: Tensor, label: Tensor, num_classes: int, eps: float = 1e-8,
+                     ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Replace every pixel by the mean intensity of its class, per image and per channel.
+
+    ``x̄ = Σ_i 1[y = i] · (Σ x · 1[y = i]) / (Σ 1[y = i] + eps)`` over the spatial axes, background
+    (class 0) included. Pixels labelled ``ignore_index`` keep their own intensity and do not count
+    in any class mean. Works for 2D and 3D (``B C spatial...``).
+
+    Args:
+        image: ``(B, C, *spatial)`` float.
+        label: ``(B, 1, *spatial)`` integer labels in ``[0, num_classes)`` (or ``ignore_index``).
+        num_classes: K.
+        eps: added to the pixel count (a class absent from an image gets mean 0, used by no pixel).
+
+    Returns:
+        ``(B, C, *spatial)``, same dtype as ``image``.
+
+    Raises:
+        ValueError: shapes that do not match, or labels outside ``[0, num_classes)``.
+    """
+    if label.ndim != image.ndim or label.shape[1] != 1 or label.shape[0] != image.shape[0] or label.shape[2:] != image.shape[2:]:
+        raise ValueError(f"class_mean_image needs image (B, C, *spatial) and label (B, 1, *spatial), got "
+                         f"{tuple(image.shape)} and {tuple(label.shape)}")
+    lab = label[:, 0].long()
+    ignore = lab == ignore_index
+    lab = lab.masked_fill(ignore, 0)
+    if lab.numel() and (lab.min() < 0 or lab.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}) (or {ignore_index}), got values in "
+                         f"[{int(lab.min())}, {int(lab.max())}]")
+    onehot = F.one_hot(lab, num_classes).movedim(-1, 1).to(image.dtype) * (~ignore).unsqueeze(1).to(image.dtype)  # B K *sp
+    dims = tuple(range(3, image.ndim + 1))
+    sums = (image.unsqueeze(2) * onehot.unsqueeze(1)).sum(dims)  # B C K
+    counts = onehot.sum(tuple(range(2, image.ndim)))  # B K
+    means = sums / (counts.unsqueeze(1) + eps)  # B C K
+    shape = means.shape + (1,) * (image.ndim - 2)
+    out = (means.reshape(shape) * onehot.unsqueeze(1)).sum(2)  # B C *sp
+    return torch.where(ignore.unsqueeze(1), image, out)
+
+
+def sikd_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """MSE between student and (detached) teacher feature maps of one shape ``(B, D, *spatial)``."""
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(f"SIKD needs student and teacher features of one shape, got {tuple(student_features.shape)} "
+                         f"and {tuple(teacher_features.shape)} (use the same architecture for both)")
+    return F.mse_loss(student_features.float(), teacher_features.detach().float())
+
+
+class SIKDModule(SegmentationModule):
+    """Student: segmentation on original images + ``weight * MSE`` to the class-mean teacher's features.
+
+    Logged terms: ``train/seg_dice``, ``train/seg_ce``, ``train/sikd_mse``.
+
+    Args:
+        net: the student network.
+        class_names: the K class names.
+        teacher: the trained teacher network (same architecture; frozen here).
+        feature_layer: module name whose *input* is the penultimate feature map (smp:
+            ``segmentation_head``), in the student and, by default, in the teacher.
+        teacher_feature_layer: the teacher's module name, if it differs.
+        distill_weight: weight of the MSE term (2.0 in the paper's code).
+        **kwargs: :class:`~lightning_distill.modules.SegmentationModule` arguments.
+    """
+
+    def __init__(self, net: nn.Module, class_names: Sequence[str], teacher: nn.Module,
+                 feature_layer: str = "segmentation_head", teacher_feature_layer: Optional[str] = None,
+                 distill_weight: float = 2.0, **kwargs):
+        super().__init__(net, class_names, **kwargs)
+        self.teacher = FrozenTeacher(teacher)
+        self.distill_weight = float(distill_weight)
+        self._student_hook = InputHook(net, feature_layer, which="input")
+        self._teacher_hook = InputHook(teacher, teacher_feature_layer or feature_layer, which="input", detach=True)
+
+    def term_weights(self) -> Dict[str, float]:
+        return {**super().term_weights(), "sikd_mse": self.distill_weight}
+
+    def extra_terms(self, batch: Dict, logits: Tensor) -> Dict[str, Tensor]:
+        student = self._student_hook.pop()
+        self.teacher(class_mean_image(batch["image"], batch["label"], self.num_classes))
+        return {"sikd_mse": sikd_loss(student, self._teacher_hook.pop())}
