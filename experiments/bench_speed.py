@@ -13,8 +13,8 @@ with a paired 2D teacher of the same architecture, run under ``no_grad`` every s
 
 Also measured: throughput of the slice (student) and volume (teacher) training loaders, cold (first
 pass, which renders/decodes and caches) and warm (cached), against what a training step consumes
-(batch size / median step time); and the peak resident memory of each variant's steps (Linux
-``VmHWM``, reset through ``/proc/self/clear_refs`` before each variant's step).
+(batch size / median step time); and the peak resident memory of each variant, each in its own
+child process (Linux ``VmHWM``).
 
 Public tools only: ``time.perf_counter``, ``statistics.median``, ``/proc``. Usage::
 
@@ -51,15 +51,6 @@ LOADER_TARGET = 5.0  # loader throughput / training consumption
 
 
 # ------------------------------------------------------------------------------------------- memory
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def _peak_mib() -> Optional[float]:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -78,21 +69,27 @@ def _synthetic_bank(names: List[str]) -> Bank:
     return Bank(prototypes=p, counts=torch.ones(k), class_names=names, tau=1.0, space="prob", meta={"path": "synthetic"})
 
 
-def build_variants(cfg, names) -> Dict[str, SegmentationModule]:
+VARIANTS = ("baseline", "prototype-dist", "pixel-dist", "sikd")
+
+
+def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, SegmentationModule]:
     common = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, scheduler="none")
-    torch.manual_seed(0)
-    variants = {"baseline": SegmentationModule(build_net(cfg, len(names)), names, **common)}
-    torch.manual_seed(0)
-    variants["prototype-dist"] = StudentModule(build_net(cfg, len(names)), names, bank=_synthetic_bank(names),
-                                               distill_weight=1.0, **common)
-    torch.manual_seed(0)
-    variants["pixel-dist"] = PixelDistModule(build_net(cfg, len(names)), names, teacher=build_net(cfg, len(names)),
-                                             distill_weight=1.0, **common)
-    torch.manual_seed(0)
     no_skip = cfg.copy()
     no_skip.model.skip_connections = False  # the SIKD teacher, as in experiments/sikd_teacher.yaml
-    variants["sikd"] = SIKDModule(build_net(cfg, len(names)), names, teacher=build_net(no_skip, len(names)),
-                                  feature_layer=head_module_name(cfg.model.name), distill_weight=2.0, **common)
+    make = {
+        "baseline": lambda: SegmentationModule(build_net(cfg, len(names)), names, **common),
+        "prototype-dist": lambda: StudentModule(build_net(cfg, len(names)), names, bank=_synthetic_bank(names),
+                                                distill_weight=1.0, **common),
+        "pixel-dist": lambda: PixelDistModule(build_net(cfg, len(names)), names, teacher=build_net(cfg, len(names)),
+                                              distill_weight=1.0, **common),
+        "sikd": lambda: SIKDModule(build_net(cfg, len(names)), names, teacher=build_net(no_skip, len(names)),
+                                   feature_layer=head_module_name(cfg.model.name), distill_weight=2.0, **common),
+    }
+    variants = {}
+    for name in VARIANTS:
+        if only is None or name == only:
+            torch.manual_seed(0)
+            variants[name] = make[name]()
     return variants
 
 
@@ -110,13 +107,9 @@ def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rou
     for m in variants.values():
         m.train()
     times: Dict[str, List[float]] = {n: [] for n in variants}
-    peaks: Dict[str, float] = {}
-    can_reset = _reset_peak()
     for r in range(warmup + rounds):
         batch = batches[r % len(batches)]
         for name, module in variants.items():
-            if can_reset:
-                _reset_peak()
             t = time.perf_counter()
             opts[name].zero_grad(set_to_none=True)
             loss = module.model_step(batch, train=True)["loss"]
@@ -125,10 +118,34 @@ def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rou
             dt = time.perf_counter() - t
             if r >= warmup:
                 times[name].append(dt)
-                peak = _peak_mib() if can_reset else None
-                if peak is not None:
-                    peaks[name] = max(peaks.get(name, 0.0), peak)
-    return {n: (times[n], peaks.get(n)) for n in variants}
+    return times
+
+
+def memory_of(name: str, student: str, overrides, steps: int = 3) -> None:
+    """Child process: peak RSS (MiB) before and after ``steps`` training steps of one variant alone."""
+    cfg = load_config(student, overrides)
+    src = build_source(cfg)
+    names = class_names(cfg, src)
+    dm = build_datamodule(cfg, src)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    module = build_variants(cfg, names, only=name)[name]
+    before = _peak_mib()
+    time_steps({name: module}, [batch], steps, warmup=0)
+    print(f"PEAK {before} {_peak_mib()}")
+
+
+def measure_memory(names, student: str, overrides) -> Dict[str, tuple]:
+    """Each variant in its own process, so that one variant's allocations do not hide another's."""
+    import subprocess
+
+    out = {}
+    for n in names:
+        r = subprocess.run([sys.executable, __file__, "--memory-of", n, "--student", student, *overrides],
+                           capture_output=True, text=True)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("PEAK ")]
+        out[n] = tuple(float(v) for v in line[0].split()[1:]) if r.returncode == 0 and line else (None, None)
+    return out
 
 
 def loader_rate(make_loader: Callable, passes: int = 2) -> List[float]:
@@ -146,7 +163,7 @@ def loader_rate(make_loader: Callable, passes: int = 2) -> List[float]:
 def median_step(cfg, names, batch, rounds: int) -> float:
     """Median step time of a plain segmentation module (the teacher's consumption)."""
     module = SegmentationModule(build_net(cfg, len(names)), names, scheduler="none")
-    return statistics.median(time_steps({"teacher": module}, [batch], rounds, warmup=2)["teacher"][0])
+    return statistics.median(time_steps({"teacher": module}, [batch], rounds, warmup=2)["teacher"])
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -156,9 +173,13 @@ def main(argv=None) -> int:
     ap.add_argument("--student", default=str(REPO / "experiments/student.yaml"))
     ap.add_argument("--teacher", default=str(REPO / "experiments/teacher.yaml"))
     ap.add_argument("--out", help="write the markdown report here (e.g. docs/performance.md)")
+    ap.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # child process of measure_memory
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the student config (e.g. data.shape=[64,64])")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory_of:
+        memory_of(args.memory_of, args.student, args.overrides)
+        return 0
     t_start = time.time()
 
     scfg = load_config(args.student, args.overrides)
@@ -169,15 +190,17 @@ def main(argv=None) -> int:
     batches = [b for _, b in zip(range(4), sdm.train_dataloader())]
     variants = build_variants(scfg, names)
     res = time_steps(variants, batches, args.steps)
-    base = statistics.median(res["baseline"][0])
+    del variants
+    base = statistics.median(res["baseline"])
+    memory = measure_memory(list(res), args.student, args.overrides)
 
     rows = []
-    for name, (ts, peak) in res.items():
+    for name, ts in res.items():
         med = statistics.median(ts)
         q1, _, q3 = statistics.quantiles(ts, n=4)
         target = TARGETS.get(name)
         ok = "" if target is None else ("meets" if med / base <= target else "MISSES") + f" ≤ {target:.2f}×"
-        rows.append((name, med, q1, q3, med / base, peak, ok))
+        rows.append((name, med, q1, q3, med / base, memory[name], ok))
 
     # loaders: the student's slices and the teacher's volumes, against what training consumes
     student_sps = scfg.data.batch_size / base
@@ -212,17 +235,20 @@ def render(args, scfg, tcfg, rows, loaders, t_step, wall) -> str:
          f"{scfg.data.batch_size}, the same 4 batches for every variant; variants interleaved step by step; "
          f"{args.steps} timed rounds after 3 warm-up rounds. A step = `model_step` (forward and every loss term) + "
          "backward + fused AdamW step.", "",
-         "| method | median step (s) | IQR (s) | × baseline | target | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
-    for name, med, q1, q3, ratio, peak, ok in rows:
-        L.append(f"| {name} | {med:.3f} | {q1:.3f}–{q3:.3f} | {ratio:.3f} | {ok or '—'} | "
-                 f"{'n/a' if peak is None else f'{peak:.0f}'} |")
+         "| method | median step (s) | IQR (s) | × baseline | target | peak RSS (MiB) | training adds (MiB) |",
+         "|---|---|---|---|---|---|---|"]
+    for name, med, q1, q3, ratio, (before, after), ok in rows:
+        mem = "n/a | n/a" if after is None else f"{after:.0f} | {after - before:.0f}"
+        L.append(f"| {name} | {med:.3f} | {q1:.3f}–{q3:.3f} | {ratio:.3f} | {ok or '—'} | {mem} |")
     L += ["", "- `prototype-dist` never runs a teacher: its extra cost is a class-masked mean of the softmax and two "
           "K×K Pearson terms. `pixel-dist` runs a same-size 2D teacher forward pass (no backward) every step and "
           "needs paired 2D teacher inputs. `sikd` builds the class-mean image and runs its (skip-less) teacher forward "
           "every step, then an MSE on the penultimate features found through forward hooks. CMEDL joins this table "
           "when it lands.",
-          "- Peak RSS is the process's peak resident memory during that variant's steps (it includes the process's "
-          "baseline: the Python runtime, the loaded libraries and the other variants' weights).", "",
+          "- Memory: each variant alone in a fresh process (same config, one batch, 3 steps): peak resident memory "
+          "(Linux `VmHWM`, which includes the Python runtime, libraries and the loaded data) and how much the training "
+          "steps add to the peak reached after building the data and the networks (activations, gradients, "
+          "optimizer state, the teacher's forward).", "",
           "## Data loaders", "",
           "Training loaders of the run configs (`num_workers` as configured), one full pass cold (renders or reads "
           "and caches each subject) and one warm (cached). Consumption = batch size / median training-step time "
