@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from omegaconf import DictConfig
 
+from lightning_distill.benchmark import _cpu_count
+
 OWN_TEST = "test"
 
 
@@ -250,12 +252,6 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
 
 def _num(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.3f}"
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _setup(tab: Table, quick: bool) -> List[str]:

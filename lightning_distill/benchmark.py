@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class BenchmarkConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     test_sets: Dict[str, TestSetSpec] = field(default_factory=dict)  # extra evaluations (the run's own test split is "test")
     keep_checkpoints: bool = False  # False: delete each student's checkpoints once it is evaluated
+    jobs: int = 1  # student runs at once, each in its own process with cores // jobs torch threads
     bootstrap: int = 2000  # bootstrap resamples for the confidence intervals
     quick: QuickSpec = field(default_factory=QuickSpec)
 
@@ -212,14 +214,26 @@ def read_records(path: str | Path) -> List[Dict[str, Any]]:
     return records
 
 
-def append_record(path: str | Path, record: Dict[str, Any]) -> None:
-    """Add one JSON line; the file is rewritten atomically, so a crash keeps the previous lines intact."""
+def append_record(path: str | Path, record: Dict[str, Any]) -> bool:
+    """Add one JSON line unless a record with the same ``key`` is there already; returns whether it was added.
+
+    The file is rewritten atomically (temp file + rename), so a crash keeps the previous lines intact;
+    an exclusive lock on ``<path>.lock`` serialises writers (parallel benchmark workers).
+    """
+    import fcntl
+
     path = Path(path)
-    previous = path.read_text() if path.exists() else ""
-    if previous and not previous.endswith("\n"):
-        previous += "\n"
-    text = previous + json.dumps(record) + "\n"  # key order kept (organ order)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if any(r.get("key") == record.get("key") for r in read_records(path)):
+            return False
+        previous = path.read_text() if path.exists() else ""
+        if previous and not previous.endswith("\n"):
+            previous += "\n"
+        text = previous + json.dumps(record) + "\n"  # key order kept (organ order)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        return True
 
 
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -346,8 +360,18 @@ class Benchmark:
                               "delete the old results to start over")
 
     # -- running
-    def run(self, max_runs: Optional[int] = None, log=print) -> List[Dict[str, Any]]:
-        """Prepare, train the teachers and every pending student run; returns all records."""
+    def run(self, max_runs: Optional[int] = None, log=print, jobs: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Prepare, train the teachers and every pending student run; returns all records.
+
+        Args:
+            max_runs: stop after this many new student runs.
+            log: progress printer.
+            jobs: student runs at once (default ``cfg.jobs``), each in its own process with
+                ``cores // jobs`` torch threads; teachers are trained first, one at a time.
+        """
+        jobs = int(self.cfg.jobs if jobs is None else jobs)
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
@@ -363,14 +387,39 @@ class Benchmark:
                 todo.append(r)
         log(f"benchmark {self.cfg.name}: {len(runs)} student runs, {len(runs) - len(todo)} already finished, "
             f"{len(todo)} to run -> {self.results_path}")
-        for i, r in enumerate(todo[:max_runs] if max_runs is not None else todo, 1):
-            for name in self.teachers_of(r):  # trained once, when a run first needs it
+        selected = todo[:max_runs] if max_runs is not None else todo
+        for r in selected:  # every teacher a pending run needs, each trained once
+            for name in self.teachers_of(r):
                 self._teacher(name, r, done, log)
-            rec = self._student(r)
+
+        def report(i: int, r: GridRun, rec: Dict[str, Any]) -> None:
             log(f"[{len(runs) - len(todo) + i}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
                 f"seed {r.seed}: test Dice {_fmt(rec['test']['dice_mean'])} ({rec['wall_time_s']:.0f} s)")
+
+        if jobs == 1 or len(selected) <= 1:
+            for i, r in enumerate(selected, 1):
+                report(i, r, self._student(r))
+        else:
+            self._run_parallel(selected, jobs, report)
         log(f"benchmark {self.cfg.name}: this invocation took {time.time() - t0:.0f} s")
         return read_records(self.results_path)
+
+    def _run_parallel(self, runs: Sequence[GridRun], jobs: int, report) -> None:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        threads = max(1, _cpu_count() // jobs)
+        state = (OmegaConf.to_container(self.cfg, resolve=True), str(self.base), self.quick, threads)
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                    initargs=state) as pool:
+            futures = {pool.submit(_worker_run, r): r for r in runs}
+            try:
+                for i, f in enumerate(cf.as_completed(futures), 1):
+                    report(i, futures[f], f.result())
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
     def _prepare(self, log) -> None:
         from lightning_distill.cli import main
@@ -435,6 +484,28 @@ class Benchmark:
 
         records = read_records(self.results_path) if records is None else records
         return write_report(self.cfg, records, self.command, quick=self.quick)
+
+
+_WORKER: Optional[Benchmark] = None
+
+
+def _worker_init(cfg: Dict[str, Any], base: str, quick: bool, threads: int) -> None:
+    import torch
+
+    global _WORKER
+    torch.set_num_threads(threads)
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    _WORKER = Benchmark(OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), cfg), Path(base), quick=quick)
+
+
+def _worker_run(run: GridRun) -> Dict[str, Any]:
+    assert _WORKER is not None
+    return _WORKER._student(run)
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _fmt(v: Optional[float]) -> str:

@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny sizes and a small grid (the same code path, about a minute)")
     b.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
     b.add_argument("--max-runs", type=int, help="stop after this many new student runs (the rest resume next time)")
+    b.add_argument("--jobs", type=int, help="student runs at once, each in its own process (default: the YAML's `jobs`)")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -151,7 +152,7 @@ def _benchmark(args) -> int:
     cfg, base = load_benchmark(args.config, args.overrides, quick=args.quick)
     words = ["lightning-distill benchmark", args.config, *(["--quick"] if args.quick else []), *args.overrides]
     bench = Benchmark(cfg, base, quick=args.quick, command=" ".join(words))
-    records = None if args.report_only else bench.run(max_runs=args.max_runs)
+    records = None if args.report_only else bench.run(max_runs=args.max_runs, jobs=args.jobs)
     path = bench.write_report(records)
     print(f"report: {path}")
     return 0

@@ -67,6 +67,8 @@ def test_results_file_appends_atomically_and_names_a_damaged_line(tmp_path, monk
         append_record(path, {"key": "c"})
     monkeypatch.undo()
     assert path.read_text() == before and not [p for p in tmp_path.iterdir() if p.name != "results.jsonl"]
+    assert append_record(path, {"key": "a", "x": 3}) is False  # a key is recorded once (parallel workers, orphans)
+    assert path.read_text() == before
     path.write_text(before + '{"key": "c", "x"\n')
     with pytest.raises(ValueError, match=r"results.jsonl, line 3"):
         read_records(path)
@@ -245,3 +247,15 @@ def test_quick_benchmark_killed_midway_resumes_and_writes_a_wellformed_report(tm
     for png in ("phantom_dice_vs_fraction.png", "phantom_organs.png"):
         assert (report.parent / "img" / png).read_bytes()[:4] == b"\x89PNG"
     assert bench_report.OWN_TEST and json.loads(results.read_text().splitlines()[0])["kind"] == "teacher"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_with_two_parallel_jobs(tmp_path):
+    from lightning_distill.cli import main
+
+    out = tmp_path / "par"
+    assert main(["benchmark", PHANTOM, "--quick", "--jobs", "2", f"output_dir={out}", "seeds=[0]"]) == 0
+    records = read_records(Path(f"{out}-quick") / "results.jsonl")
+    keys = [r["key"] for r in records if r["kind"] == "student"]
+    assert len(keys) == len(set(keys)) == 8
+    assert "**8 of 8 student runs finished**" in (Path(f"{out}-quick") / "report.md").read_text()
