@@ -161,7 +161,9 @@ class Table:
             return f"{method} never reaches {where}: **not reproduced**."
         said = f"{method} reaches {where} at fraction {self.frac_label(f_m)} ({mean:.3f})"
         if f_b is not None and f_m < f_b:
-            return f"{said}, the {base} only at {self.frac_label(f_b)}: **reproduced** (means over seeds; see the CIs)."
+            ci = self.diff(ts, arch, f_m, method)
+            return (f"{said}, the {base} only at {self.frac_label(f_b)}: **reproduced on the means** over seeds "
+                    f"(paired difference at that fraction: {verdict(ci)}).")
         return f"{said}, and so does the {base} itself at {self.frac_label(f_b)}: **not reproduced** (no data saved)."
 
 

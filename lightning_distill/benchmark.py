@@ -131,11 +131,11 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
     schema = OmegaConf.structured(BenchmarkConfig)
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(schema, OmegaConf.load(path))
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
                           f"{', '.join(schema.keys())})") from None
-    if quick:
+    if quick:  # the quick grid first, so that command-line overrides (e.g. seeds=[0]) still win
         q = cfg.quick
         for key in ("fractions", "seeds"):
             if q[key] is not None:
@@ -146,6 +146,12 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
                 if unknown:
                     raise ConfigError(f"{path}: quick.{key} names {unknown}, not in {key} ({list(cfg[key])})")
                 cfg[key] = {n: cfg[key][n] for n in q[key]}
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
+                          f"{', '.join(schema.keys())})") from None
+    if quick:
         cfg.output_dir = cfg.output_dir.rstrip("/") + "-quick"
         cfg.report = str(Path(cfg.output_dir) / "report.md")
     _check(cfg, path)
@@ -388,23 +394,40 @@ class Benchmark:
         log(f"benchmark {self.cfg.name}: {len(runs)} student runs, {len(runs) - len(todo)} already finished, "
             f"{len(todo)} to run -> {self.results_path}")
         selected = todo[:max_runs] if max_runs is not None else todo
-        for r in selected:  # every teacher a pending run needs, each trained once
+        teachers: Dict[str, Tuple[str, GridRun]] = {}  # every teacher a pending run needs, each trained once
+        for r in selected:
             for name in self.teachers_of(r):
-                self._teacher(name, r, done, log)
+                inst = self.teacher_instance(name, r)[0]
+                if f"teacher|{inst}" in done:
+                    self._check_same_config(f"teacher|{inst}", done[f"teacher|{inst}"], self.teacher_config(name, r))
+                else:
+                    teachers.setdefault(inst, (name, r))
 
-        def report(i: int, r: GridRun, rec: Dict[str, Any]) -> None:
+        def report(i: int, task: Tuple, rec: Dict[str, Any]) -> None:
+            dice, secs = _fmt(rec["test"].get("dice_mean")), rec["wall_time_s"]
+            if task[0] == "teacher":
+                log(f"teacher {rec['instance']}: test Dice {dice} ({secs:.0f} s)")
+                return
+            r = task[1]
             log(f"[{len(runs) - len(todo) + i}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
-                f"seed {r.seed}: test Dice {_fmt(rec['test']['dice_mean'])} ({rec['wall_time_s']:.0f} s)")
+                f"seed {r.seed}: test Dice {dice} ({secs:.0f} s)")
 
-        if jobs == 1 or len(selected) <= 1:
-            for i, r in enumerate(selected, 1):
-                report(i, r, self._student(r))
-        else:
-            self._run_parallel(selected, jobs, report)
+        for phase in ([("teacher", name, r) for name, r in teachers.values()], [("student", r) for r in selected]):
+            if phase and phase[0][0] == "teacher":
+                log(f"training {len(phase)} teacher(s): {', '.join(teachers)}")
+            if jobs == 1 or len(phase) <= 1:
+                for i, task in enumerate(phase, 1):
+                    report(i, task, self._task(task))
+            else:
+                self._run_parallel(phase, jobs, report)
         log(f"benchmark {self.cfg.name}: this invocation took {time.time() - t0:.0f} s")
         return read_records(self.results_path)
 
-    def _run_parallel(self, runs: Sequence[GridRun], jobs: int, report) -> None:
+    def _task(self, task: Tuple) -> Dict[str, Any]:
+        return self._teacher(task[1], task[2]) if task[0] == "teacher" else self._student(task[1])
+
+    def _run_parallel(self, tasks: Sequence[Tuple], jobs: int, report) -> None:
+        """Run tasks in ``jobs`` worker processes (``cores // jobs`` torch threads each); report in finishing order."""
         import concurrent.futures as cf
         import multiprocessing as mp
 
@@ -412,7 +435,7 @@ class Benchmark:
         state = (OmegaConf.to_container(self.cfg, resolve=True), str(self.base), self.quick, threads)
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                     initargs=state) as pool:
-            futures = {pool.submit(_worker_run, r): r for r in runs}
+            futures = {pool.submit(_worker_run, t): t for t in tasks}
             try:
                 for i, f in enumerate(cf.as_completed(futures), 1):
                     report(i, futures[f], f.result())
@@ -433,21 +456,15 @@ class Benchmark:
                 raise RuntimeError(f"prepare step `lightning-distill {' '.join(p.command)}` failed (exit {rc}) "
                                    f"or did not create {p.creates}")
 
-    def _teacher(self, name: str, run: GridRun, done: Dict[str, Dict], log) -> None:
+    def _teacher(self, name: str, run: GridRun) -> Dict[str, Any]:
         from lightning_distill.train import fit
 
         inst, _ = self.teacher_instance(name, run)
-        key = f"teacher|{inst}"
         cfg = self.teacher_config(name, run)
-        if key in done:
-            self._check_same_config(key, done[key], cfg)
-            return
-        log(f"teacher {inst}: training -> {self.teacher_dir(inst)}")
         res = fit(cfg, source=self._source(cfg))
-        rec = self._record(key, "teacher", cfg, res, {"teacher": name, "instance": inst})
+        rec = self._record(f"teacher|{inst}", "teacher", cfg, res, {"teacher": name, "instance": inst})
         append_record(self.results_path, rec)
-        done[key] = rec
-        log(f"teacher {inst}: test Dice {_fmt(res['test'].get('dice_mean'))} ({res['wall_time_s']:.0f} s)")
+        return rec
 
     def _student(self, r: GridRun) -> Dict[str, Any]:
         from lightning_distill.train import evaluate, fit
@@ -492,16 +509,19 @@ _WORKER: Optional[Benchmark] = None
 def _worker_init(cfg: Dict[str, Any], base: str, quick: bool, threads: int) -> None:
     import torch
 
+    import warnings
+
     global _WORKER
     torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")  # as in cli.main
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     _WORKER = Benchmark(OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), cfg), Path(base), quick=quick)
 
 
-def _worker_run(run: GridRun) -> Dict[str, Any]:
+def _worker_run(task: Tuple) -> Dict[str, Any]:
     assert _WORKER is not None
-    return _WORKER._student(run)
+    return _WORKER._task(task)
 
 
 def _cpu_count() -> int:
