@@ -267,14 +267,15 @@ def _setup(tab: Table, quick: bool) -> List[str]:
     for name, spec in cfg.teachers.items():
         per = f", one per {' × '.join(spec.per)}" if spec.per else ", trained once for the whole grid"
         L.append(f"- Teacher `{name}`{per}: `{spec.config}` with {ovr(spec.overrides, spec.quick_overrides)}.")
-        recs = [r for r in tab.teachers if r["teacher"] == name]
-        if recs:
-            c = recs[0]["config"]
-            dice = [r["test"].get("dice_mean") for r in recs]
-            L.append(f"  {c['model']['name']} on {c['data']['shape']} inputs, {recs[0]['steps']} steps; own test Dice "
-                     f"{_ms(dice) if len(recs) > 1 else _num(dice[0])} ({recs[0]['test'].get('num_cases')} cases"
-                     f"{f', {len(recs)} teachers' if len(recs) > 1 else ''}), "
-                     f"{sum(r['wall_time_s'] for r in recs):.0f} s in all.")
+        recs = sorted((r for r in tab.teachers if r["teacher"] == name), key=lambda r: r.get("instance", ""))
+        if len(recs) == 1:
+            r, c = recs[0], recs[0]["config"]
+            L.append(f"  {c['model']['name']} on {c['data']['shape']} inputs, {r['steps']} steps; own test Dice "
+                     f"{_num(r['test'].get('dice_mean'))} ({r['test'].get('num_cases')} cases), {r['wall_time_s']:.0f} s.")
+        elif recs:
+            L.append(f"  {len(recs)} teachers, {recs[0]['steps']} steps each, {sum(r['wall_time_s'] for r in recs):.0f} s "
+                     f"in all; own test Dice ({recs[0]['test'].get('num_cases')} cases): "
+                     + ", ".join(f"{r.get('instance', '?')} {_num(r['test'].get('dice_mean'))}" for r in recs) + ".")
     L.append(f"- Students: `{cfg.student.config}` with {ovr(cfg.student.overrides, cfg.student.quick_overrides)}.")
     if tab.students:
         r = tab.students[0]
