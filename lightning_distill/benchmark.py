@@ -131,7 +131,11 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
     schema = OmegaConf.structured(BenchmarkConfig)
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    try:
+        cfg = OmegaConf.merge(schema, node)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
                           f"{', '.join(schema.keys())})") from None

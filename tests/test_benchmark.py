@@ -110,8 +110,8 @@ def test_benchmark_unknown_teacher_reference(tmp_path):
 def test_default_grid_is_the_issue_grid_and_every_run_config_is_valid():
     cfg, base = load_benchmark(PHANTOM)
     runs = grid(cfg)
-    assert len(runs) == 2 * 4 * 2 * 3 and len({r.key for r in runs}) == len(runs)
-    assert [r.seed for r in runs[:16]] == [0] * 16  # seed-major: complete method pairs come first
+    assert len(runs) == 3 * 4 * 2 * 3 and len({r.key for r in runs}) == len(runs)
+    assert [r.seed for r in runs[:24]] == [0] * 24  # seed-major: complete method sets come first
     b = Benchmark(cfg, base)
     for r in runs:
         c = b.run_config(r)  # raises on any invalid override
@@ -158,11 +158,20 @@ def _fake_training(monkeypatch, calls):
     monkeypatch.setattr(Benchmark, "_source", lambda self, cfg: None)
 
 
+GRID = BASE.replace("archs: {Unet: []}", "archs: {Unet: [], FPN: [model.name=FPN, ~model.kwargs.decoder_channels]}") + """
+student: {config: %s/experiments/student.yaml, overrides: ["data.shape=[64,64]", trainer.max_steps=120]}
+fractions: [0.1, 0.25, 0.5, 1.0]
+seeds: [0, 1]
+jobs: 1
+""" % REPO
+
+
 def test_resume_runs_only_missing_keys_and_refuses_changed_configs(tmp_path, monkeypatch):
     calls = []
     _fake_training(monkeypatch, calls)
     out = tmp_path / "bench"
-    cfg, base = load_benchmark(PHANTOM, [f"output_dir={out}", f"report={tmp_path}/report.md", "seeds=[0,1]"])
+    grid_yaml = _bench_yaml(tmp_path, GRID.replace(f"student: {{config: {REPO}/experiments/student.yaml}}\n", ""))
+    cfg, base = load_benchmark(grid_yaml, [f"output_dir={out}", f"report={tmp_path}/report.md"])
     b = Benchmark(cfg, base, command="test")
     b.run(max_runs=5, log=lambda *_: None)  # "killed" after 5 student runs
     assert len(calls) == 1 + 5  # the teacher, then 5 students
@@ -180,9 +189,9 @@ def test_resume_runs_only_missing_keys_and_refuses_changed_configs(tmp_path, mon
     text = path.read_text()
     assert "**32 of 32 student runs finished**" in text
     assert "+0.020 [+0.020, +0.020] | better" in text
-    assert (path.parent / "img" / "phantom_dice_vs_fraction.png").read_bytes()[:4] == b"\x89PNG"
+    assert (path.parent / "img" / "t_dice_vs_fraction.png").read_bytes()[:4] == b"\x89PNG"
     # a changed run config is an error, not a silent mix of old and new results
-    cfg2, _ = load_benchmark(PHANTOM, [f"output_dir={out}", "seeds=[0,1]", "student.overrides=[trainer.max_steps=7]"])
+    cfg2, _ = load_benchmark(grid_yaml, [f"output_dir={out}", "student.overrides=[trainer.max_steps=7]"])
     with pytest.raises(ConfigError, match=r"different run config.*data.shape: \[64, 64\] -> \[128, 128\]"):
         Benchmark(cfg2, base).run(log=lambda *_: None)
 
@@ -205,11 +214,12 @@ def test_config_changes_ignore_new_schema_keys_at_their_default():
 def test_incomplete_grid_report_says_so(tmp_path, monkeypatch):
     calls = []
     _fake_training(monkeypatch, calls)
-    cfg, base = load_benchmark(PHANTOM, [f"output_dir={tmp_path}/b", f"report={tmp_path}/r.md"])
+    grid_yaml = _bench_yaml(tmp_path, GRID.replace(f"student: {{config: {REPO}/experiments/student.yaml}}\n", ""))
+    cfg, base = load_benchmark(grid_yaml, [f"output_dir={tmp_path}/b", f"report={tmp_path}/r.md"])
     b = Benchmark(cfg, base)
     b.run(max_runs=3, log=lambda *_: None)
     text = b.write_report().read_text()
-    assert "**3 of 48 student runs finished**" in text and "**Incomplete**" in text
+    assert "**3 of 32 student runs finished**" in text and "**Incomplete**" in text
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -42,3 +42,18 @@ def test_pixel_dist_module_trains_only_the_student():
     opt = m.configure_optimizers() if m._trainer else torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
     assert not any(id(p) in teacher_params for g in opt.param_groups for p in g["params"])
     assert "teacher" not in m.hparams  # the network is not saved as a hyperparameter
+
+
+def test_pixel_dist_student_through_the_cli_with_a_2d_teacher_checkpoint(tmp_path, tiny_student):
+    import csv
+
+    from conftest import REPO
+    from lightning_distill.cli import main
+
+    teacher = tmp_path / "teacher2d"
+    assert main(["fit", f"{REPO}/experiments/baseline.yaml", f"output_dir={teacher}", *tiny_student]) == 0
+    student = tmp_path / "pixel"
+    assert main(["fit", f"{REPO}/experiments/student.yaml", f"output_dir={student}", "distill.method=pixel",
+                 f"distill.teacher={teacher}/checkpoints/best.ckpt", "distill.prototypes=null", *tiny_student]) == 0
+    rows = list(csv.DictReader(open(student / "logs" / "metrics.csv")))
+    assert any(r.get("train/pixel_dist") for r in rows)
