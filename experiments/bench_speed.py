@@ -93,17 +93,9 @@ def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, Segmenta
     return variants
 
 
-def _optimizer(module: SegmentationModule) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, lr=module.hparams.lr, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=module.hparams.lr)
-
-
 def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rounds: int, warmup: int = 3):
-    """Round-robin over variants; returns ``{name: ([step seconds], peak MiB or None)}``."""
-    opts = {n: _optimizer(m) for n, m in variants.items()}
+    """Round-robin over variants; returns ``{name: [step seconds]}``."""
+    opts = {n: m.make_optimizer() for n, m in variants.items()}
     for m in variants.values():
         m.train()
     times: Dict[str, List[float]] = {n: [] for n in variants}

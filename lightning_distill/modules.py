@@ -188,12 +188,16 @@ class SegmentationModule(L.LightningModule):
                              "and cannot predict unlabelled images (use the student)")
         return self.predict_logits(batch["image"]).argmax(1)
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (a frozen teacher's are left out)."""
         params = [p for p in self.parameters() if p.requires_grad]
         try:  # the fused kernel is ~6x faster than the default loop on CPU (12M params: 8 vs 50 ms)
-            opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True)
+            return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True)
         except (RuntimeError, ValueError):  # devices or dtypes without a fused kernel
-            opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+            return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer()
         if self.hparams.scheduler == "cosine":
             total = self.trainer.estimated_stepping_batches
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
