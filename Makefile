@@ -67,4 +67,4 @@ bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos.yaml $(ARGS)
 
 bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~5 min)
-	$(BIN)/python experiments/bench_speed.py $(ARGS)
+	$(BIN)/python experiments/bench_speed.py --out docs/performance.md $(ARGS)
