@@ -516,11 +516,24 @@ def _worker_init(cfg: Dict[str, Any], base: str, quick: bool, threads: int) -> N
     import warnings
 
     global _WORKER
+    _die_with_parent()
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")  # as in cli.main
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     _WORKER = Benchmark(OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), cfg), Path(base), quick=quick)
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the benchmark process dies (e.g. killed), instead of finishing its run
+    as an orphan. Elsewhere a worker finishes its current run; its record is still written once."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _worker_run(task: Tuple) -> Dict[str, Any]:

@@ -235,12 +235,13 @@ def test_quick_benchmark_killed_midway_resumes_and_writes_a_wellformed_report(tm
     args = [sys.executable, "-m", "lightning_distill.cli", "benchmark", PHANTOM, "--quick", f"output_dir={out}"]
     results = Path(f"{out}-quick") / "results.jsonl"
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
     deadline = time.time() + 300
     while len(_student_lines(results)) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the benchmark and its worker processes, as a pre-empted job
     proc.wait()
+    time.sleep(1.0)
     before = results.read_text()
     done_before = len(_student_lines(results))
     assert 3 <= done_before < total, "the kill should land mid-grid"
