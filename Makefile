@@ -57,14 +57,14 @@ train-sikd: $(STAMP) $(SIKD_TEACHER) ## SIKD on the phantom: teacher on class-me
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache
 
-train-chaos: $(STAMP) ## the real-MRI experiment on CHAOS T2 (needs $$CHAOS_DIR or ../shared/data/chaos_t2_mr; ~30 min)
+train-chaos: $(STAMP) ## the real-MRI experiment on CHAOS T2 (needs CHAOS_DIR or ../shared/data/chaos_t2_mr; ~30 min)
 	experiments/chaos/run.sh
 
-benchmark: $(STAMP) ## run/resume the benchmark grid of $$BENCH (default phantom, ~30 min) -> docs/benchmarks/<name>.md
+benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom, ~30 min) -> docs/benchmarks/<name>.md
 	$(BIN)/lightning-distill benchmark $(BENCH) $(ARGS)
 
-bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~1 h) -> docs/benchmarks/chaos.md
+bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~30 min) -> docs/benchmarks/chaos.md
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos.yaml $(ARGS)
 
-bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~5 min)
+bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~3 min) -> docs/performance.md
 	$(BIN)/python experiments/bench_speed.py --out docs/performance.md $(ARGS)
