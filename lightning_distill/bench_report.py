@@ -26,6 +26,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from lightning_distill.benchmark import _cpu_count
+from lightning_distill.report import fmt_mean_sd, mean_sd
 
 OWN_TEST = "test"
 
@@ -77,17 +78,8 @@ def verdict(ci: Optional[Dict[str, float]]) -> str:
     return "no clear difference"
 
 
-def _ms(vals: Sequence[Optional[float]], nd: int = 3) -> str:
-    vals = [v for v in vals if v is not None and not math.isnan(v)]
-    if not vals:
-        return "n/a"
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.{nd}f} ± {sd:.{nd}f}"
-
-
 def _mean(vals) -> Optional[float]:
-    vals = [v for v in vals if v is not None and not math.isnan(v)]
-    return statistics.mean(vals) if vals else None
+    return mean_sd(vals)[0]
 
 
 def _test_of(rec: Dict[str, Any], test_set: str) -> Optional[Dict[str, Any]]:
@@ -222,7 +214,7 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
         L += [head, "|" + "---|" * (2 + len(tab.methods) + 2 * len(others))]
         for a in tab.archs:
             for f in tab.fractions:
-                cells = [_ms(tab.dice(ts, a, f, m)) for m in tab.methods]
+                cells = [fmt_mean_sd(tab.dice(ts, a, f, m)) for m in tab.methods]
                 for m in others:
                     ci = tab.diff(ts, a, f, m)
                     cells += ["n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]", verdict(ci)]
@@ -332,7 +324,7 @@ def _organs(tab: Table) -> str:
                 if not runs:
                     continue
                 cells = [_num(_mean([t["test"]["dice"][o] for t in runs.values()])) for o in tab.organs]
-                hd = _ms([t["test"].get("hd95_mean") for t in runs.values()], nd=1)
+                hd = fmt_mean_sd([t["test"].get("hd95_mean") for t in runs.values()], nd=1)
                 L.append(f"| {a} | {tab.frac_label(f)} | {m} | " + " | ".join(cells) + f" | {hd} |")
     return "\n".join(L)
 

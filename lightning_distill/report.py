@@ -122,13 +122,21 @@ def grid_groups(run_dirs: Sequence[str | Path], results_name: str = "results.jso
     return groups
 
 
-def _mean_sd(vals) -> tuple:
+def mean_sd(vals) -> tuple:
+    """``(mean, sample std)`` of the values that are not None/NaN (std 0 for one value; ``(None, None)`` for none)."""
+    import math
     import statistics
 
-    vals = [v for v in vals if v is not None]
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
     if not vals:
         return None, None
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt_mean_sd(vals, nd: int = 3) -> str:
+    """``"m ± sd"`` of :func:`mean_sd` (``"n/a"`` without values)."""
+    m, sd = mean_sd(vals)
+    return "n/a" if m is None else f"{m:.{nd}f} ± {sd:.{nd}f}"
 
 
 def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json") -> str:
@@ -136,15 +144,11 @@ def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json
     groups = grid_groups(run_dirs, results_name)
     organs = list(next(iter(groups.values()))[0]["test"]["dice"])
 
-    def ms(vals):
-        m, sd = _mean_sd(vals)
-        return "n/a" if m is None else f"{m:.3f} ± {sd:.3f}"
-
     out = ["| training subjects | method | model | seeds | mean Dice | " + " | ".join(organs) + " |",
            "|---|---|---|---|---|" + "---|" * len(organs)]
     for (n, method, name, enc), rs in sorted(groups.items()):
-        out.append(f"| {n} | {method} | {name}/{enc} | {len(rs)} | {ms([r['test']['dice_mean'] for r in rs])} | "
-                   + " | ".join(ms([r["test"]["dice"][o] for r in rs]) for o in organs) + " |")
+        out.append(f"| {n} | {method} | {name}/{enc} | {len(rs)} | {fmt_mean_sd([r['test']['dice_mean'] for r in rs])} | "
+                   + " | ".join(fmt_mean_sd([r["test"]["dice"][o] for r in rs]) for o in organs) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -157,7 +161,7 @@ def plot_grid(run_dirs: Sequence[str | Path], path: str | Path, results_name: st
 
     lines: dict = {}
     for (n, method, model, _), rs in grid_groups(run_dirs, results_name).items():
-        lines.setdefault((method, model), {})[n] = _mean_sd([r["test"]["dice_mean"] for r in rs])
+        lines.setdefault((method, model), {})[n] = mean_sd([r["test"]["dice_mean"] for r in rs])
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for (method, model), by_n in sorted(lines.items()):
         ns = sorted(by_n)

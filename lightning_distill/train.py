@@ -136,10 +136,15 @@ def load_teacher_network(checkpoint: Optional[str], names, why: str):
         raise ValueError(f"{why} needs distill.teacher: the 2D teacher's checkpoint (e.g. "
                          "runs/sikd_teacher/checkpoints/best.ckpt), or distill.weight=0 for the baseline")
     ckpt, tcfg = load_checkpoint(checkpoint)
+    check_classes(ckpt, f"teacher checkpoint {checkpoint}", names, "the student's classes")
+    return load_network(ckpt, tcfg)
+
+
+def check_classes(ckpt: dict, what: str, names, whose: str) -> None:
+    """Raise ``ValueError`` when a checkpoint segments other classes (or another order) than ``names``."""
     trained = list(ckpt["hyper_parameters"]["class_names"])
     if trained != list(names):
-        raise ValueError(f"teacher checkpoint {checkpoint} segments {trained}, the student's classes are {list(names)}")
-    return load_network(ckpt, tcfg)
+        raise ValueError(f"{what} segments {trained}, {whose} are {list(names)}")
 
 
 def _default_trainer_args() -> Dict[str, Any]:
@@ -239,9 +244,7 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     ckpt, cfg = load_checkpoint(checkpoint, overrides)
     source = build_source(cfg)
     names = class_names(cfg, source)
-    trained = list(ckpt["hyper_parameters"]["class_names"])
-    if names != trained:
-        raise ValueError(f"checkpoint {checkpoint} segments {trained}, the data's classes are {names}")
+    check_classes(ckpt, f"checkpoint {checkpoint}", names, "the data's classes")
     if all_subjects:
         from lightning_distill.data.datamodules import subject_of
 
