@@ -11,13 +11,20 @@ Statistics (also stated in every report):
 * verdict: "better" when the whole CI is above 0, "worse" when it is below 0, otherwise
   "no clear difference";
 * low-data check: per architecture and method, the smallest training fraction whose mean Dice is at
-  least the baseline's mean at the largest fraction.
+  least the baseline's mean at the largest fraction;
+* surface Dice (normalised surface distance) of an organ on a case: the fraction of the boundary pixels
+  of prediction and ground truth that lie within the tolerance of the other's boundary, in mm; the
+  tolerance is the run's ``surface_tolerance_mm``, by default one voxel (per case, its largest
+  spacing). NaN when the ground truth lacks the organ, 0 when the prediction is empty. Per
+  setting: mean ± std over seeds of the run's ``surface_dice_mean`` (likewise ``hd95_mean``); "n/a"
+  for records written before surface Dice existed. The paired bootstrap uses Dice only.
 """
 
 from __future__ import annotations
 
 import math
 import platform
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -118,6 +125,18 @@ class Table:
     def dice(self, ts, arch, frac, method) -> List[Optional[float]]:
         return [t["test"]["dice_mean"] for t in self.runs(ts, arch, frac, method).values()]
 
+    def metric(self, ts, arch, frac, method, key: str) -> List[Optional[float]]:
+        """A summary value (``"surface_dice_mean"``, ``"hd95_mean"``) of every seed's run; None where absent."""
+        return [t["test"].get(key) for t in self.runs(ts, arch, frac, method).values()]
+
+    def surface_tolerance(self) -> str:
+        """The surface Dice tolerance of the finished runs, in words."""
+        tols = {(r.get("config") or {}).get("surface_tolerance_mm") for r in self.students}
+        words = sorted("one voxel = the case's largest spacing" if t is None else f"{float(t):g} mm" for t in tols)
+        if not words:
+            return "n/a"
+        return " or ".join(words) + (" (differs between runs)" if len(words) > 1 else "")
+
     def scores(self, ts, arch, frac, method) -> Dict[int, Dict[str, float]]:
         return {s: case_scores(t["test_cases"]) for s, t in self.runs(ts, arch, frac, method).items()}
 
@@ -173,11 +192,27 @@ def write_report(cfg: DictConfig, records: Sequence[Dict[str, Any]], command: st
         plot_organs(tab, p2)
         plots = [("Mean test Dice against the training fraction (± std over seeds)", p1),
                  ("Per-organ test Dice at the smallest and the largest training fraction (mean over seeds)", p2)]
+        example = translation_example(tab)
+        if example is not None:
+            rec, src = example
+            p3 = img / f"{cfg.name}_translations.png"
+            shutil.copyfile(src, p3)
+            plots.append((f"Translated images of one run ({rec['method']}, {rec['arch']}, fraction {rec['fraction']:g}, "
+                          f"seed {rec['seed']}; validation images, after training)", p3))
     text = render(tab, command, plots=[(t, p.relative_to(report.parent)) for t, p in plots], quick=quick)
     from lightning_distill.io import atomic_write
 
     atomic_write(report, lambda tmp: Path(tmp).write_text(text))
     return report
+
+
+def translation_example(tab: Table) -> Optional[Tuple[Dict[str, Any], Path]]:
+    """A run that saved translated images (CMEDL): the largest fraction, then the smallest seed."""
+    runs = [r for r in tab.students if r.get("translations") and Path(r["translations"]).is_file()]
+    if not runs:
+        return None
+    best = min(runs, key=lambda r: (-r["fraction"], r["seed"], r["arch"], r["method"]))
+    return best, Path(best["translations"])
 
 
 def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), quick: bool = False) -> str:
@@ -219,6 +254,16 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
                     ci = tab.diff(ts, a, f, m)
                     cells += ["n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]", verdict(ci)]
                 L.append(f"| {a} | {tab.frac_label(f)} | " + " | ".join(cells) + " |")
+        L += ["", f"### Surface Dice and HD95 per setting ({title})", "",
+              f"Mean ± std over seeds of each run's mean surface Dice (tolerance {tab.surface_tolerance()}) and mean "
+              "HD95 in mm; n/a for runs recorded without surface Dice.", "",
+              "| arch | fraction (subjects) | " + " | ".join(f"{m} surface Dice | {m} HD95 (mm)" for m in tab.methods) + " |",
+              "|" + "---|" * (2 + 2 * len(tab.methods))]
+        for a in tab.archs:
+            for f in tab.fractions:
+                cells = [c for m in tab.methods for c in (fmt_mean_sd(tab.metric(ts, a, f, m, "surface_dice_mean")),
+                                                          fmt_mean_sd(tab.metric(ts, a, f, m, "hd95_mean"), nd=1))]
+                L.append(f"| {a} | {tab.frac_label(f)} | " + " | ".join(cells) + " |")
         L += ["", f"### Low-data check ({title})", "",
               f"Smallest training fraction at which a method's mean Dice reaches the {base}'s mean at the largest "
               f"fraction ({tab.fractions[-1]:g}).", "",
@@ -239,6 +284,11 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
           "with the same architecture, fraction and seed, averaged over seeds and cases; 95% CI from a two-level "
           f"bootstrap ({int(cfg.bootstrap)} resamples of seeds, then of test cases; percentile interval).",
           "- Verdict: *better* / *worse* when the whole CI is above / below 0, otherwise *no clear difference*.",
+          "- Surface Dice (normalised surface distance): per organ and case, the fraction of the boundary pixels of "
+          "prediction and ground truth that lie within the tolerance of the other's boundary (tolerance: "
+          f"{tab.surface_tolerance()}; distances in mm with the case's spacing); NaN when the ground truth lacks the organ, 0 "
+          "when the prediction is empty. Tables show mean ± std over seeds of each run's mean over organs, as for "
+          "HD95 (mm); the paired difference and verdict use Dice only.",
           "- Training subsets are nested (the smaller fraction's subjects are inside the larger one's); validation "
           "and test subjects are the same for every run.", ""]
     return "\n".join(L)
@@ -314,9 +364,9 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
 
 
 def _organs(tab: Table) -> str:
-    L = ["## Per-organ Dice and HD95 (own test split; mean over seeds)", "",
-         "| arch | fraction | method | " + " | ".join(tab.organs) + " | HD95 mm (mean ± std) |",
-         "|---|---|---|" + "---|" * (len(tab.organs) + 1)]
+    L = ["## Per-organ Dice, surface Dice and HD95 (own test split; mean over seeds)", "",
+         "| arch | fraction | method | " + " | ".join(tab.organs) + " | surface Dice (mean ± std) | HD95 mm (mean ± std) |",
+         "|---|---|---|" + "---|" * (len(tab.organs) + 2)]
     for a in tab.archs:
         for f in tab.fractions:
             for m in tab.methods:
@@ -324,8 +374,9 @@ def _organs(tab: Table) -> str:
                 if not runs:
                     continue
                 cells = [_num(_mean([t["test"]["dice"][o] for t in runs.values()])) for o in tab.organs]
+                sd = fmt_mean_sd([t["test"].get("surface_dice_mean") for t in runs.values()])
                 hd = fmt_mean_sd([t["test"].get("hd95_mean") for t in runs.values()], nd=1)
-                L.append(f"| {a} | {tab.frac_label(f)} | {m} | " + " | ".join(cells) + f" | {hd} |")
+                L.append(f"| {a} | {tab.frac_label(f)} | {m} | " + " | ".join(cells) + f" | {sd} | {hd} |")
     return "\n".join(L)
 
 

@@ -498,6 +498,7 @@ class Benchmark:
                 "steps": res.get("steps"), "test": res["test"], "test_cases": res["test_cases"],
                 "val_dice_best": res.get("val", {}).get("dice_best"), "wall_time_s": res["wall_time_s"],
                 "config": to_dict(cfg), "version": res.get("version"),
+                **({"translations": res["translations"]} if res.get("translations") else {}),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def write_report(self, records: Optional[List[Dict[str, Any]]] = None) -> Path:

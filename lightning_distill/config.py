@@ -50,6 +50,7 @@ class PhantomConfig:
     noise_hu: List[float] = field(default_factory=lambda: [10.0, 25.0])
     blur: float = 0.6
     slice_z: List[float] = field(default_factory=lambda: [-0.5, -0.1])
+    modality: str = "CT"  # CT | MR (MRI-like rendering of the same anatomy)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
 
@@ -139,9 +140,10 @@ class BankConfig:
 class DistillConfig:
     """Student distillation. ``method``: ``prototype`` (the core: lambda * (beta * inter + gamma * intra)
     prototype DIST against the teacher's bank), ``sikd`` (weight * MSE to a class-mean teacher's
-    penultimate features) or ``pixel`` (pixel-wise DIST with a paired 2D teacher)."""
+    penultimate features), ``pixel`` (pixel-wise DIST with a paired 2D teacher) or ``cmedl``
+    (weight * feature hint from a teacher trained concurrently on translated images; see ``cmedl``)."""
 
-    method: str = "prototype"  # prototype | sikd | pixel
+    method: str = "prototype"  # prototype | sikd | pixel | cmedl
     weight: float = 1.0  # lambda; 0 = baseline
     teacher: Optional[str] = None  # sikd / pixel: the 2D teacher's checkpoint (.ckpt of `lightning-distill fit`)
     prototypes: Optional[str] = None  # path of the teacher's prototypes.pt
@@ -149,6 +151,31 @@ class DistillConfig:
     gamma: float = 1.0
     tau: Optional[float] = None  # default: the bank's tau
     feature_layer: Optional[str] = None  # feature-space banks / sikd: the student's head module (input = penultimate features)
+
+
+@dataclass
+class CMEDLConfig:
+    """CMEDL (``distill.method=cmedl``): concurrent translator + teacher + student; ``distill.weight``
+    is the hint weight. ``data`` is the student's labelled modality A, ``cmedl.target`` the teacher's
+    modality B (unpaired images; its labels, if any, are not used). See
+    :mod:`lightning_distill.methods.cmedl`. Loss weights, hint layers and ``translator_seg`` are not
+    given by the paper's public sources: the defaults are CycleGAN's where it has one."""
+
+    target: DataConfig = field(default_factory=lambda: DataConfig(phantom=PhantomConfig(seed=1, modality="MR")))
+    translator: str = "resnet"  # resnet | unet | none (no translation: the teacher sees the student's images)
+    channels: int = 32  # generator width (CycleGAN: 64)
+    blocks: int = 6  # resnet: residual blocks; unet: depth (levels)
+    disc_channels: int = 32  # PatchGAN width (CycleGAN: 64)
+    disc_layers: int = 3  # 3 = the 70x70 PatchGAN
+    hint_layers: Optional[List[str]] = None  # module names (output; 'name:input' for the input); default: last two decoder blocks
+    teacher_weight: float = 1.0  # the teacher's segmentation loss
+    adv_weight: float = 1.0
+    cycle_weight: float = 10.0
+    identity_weight: float = 0.0
+    translator_seg: bool = True  # the teacher's segmentation loss also trains the A->B generator
+    gan_lr: float = 2.0e-4
+    gan_betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
+    examples: int = 4  # translated examples in output_dir/translations.png
 
 
 @dataclass
@@ -168,12 +195,14 @@ class RunConfig:
     logger: str = "csv"  # csv | wandb | none
     input_transform: str = "none"  # none | class_mean (SIKD teacher: train and test on class-wise averaged images)
     val_hd95: bool = False
+    surface_tolerance_mm: Optional[float] = None  # surface Dice tolerance (mm); None = one voxel (the largest spacing)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    cmedl: CMEDLConfig = field(default_factory=CMEDLConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     trainer: Dict[str, Any] = field(default_factory=dict)
 
@@ -181,12 +210,14 @@ class RunConfig:
 _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"),
             "data.nifti.layout": ("auto", "nnunet", "msd", "folder"), "data.nifti.unmapped": ("background", "ignore", "error"),
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),
+            "data.phantom.modality": ("CT", "MR"),
             "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.resize": ("resize", "pad_crop"),
-            "bank.space": ("prob", "feature"), "distill.method": ("prototype", "sikd", "pixel"),
+            "bank.space": ("prob", "feature"), "distill.method": ("prototype", "sikd", "pixel", "cmedl"),
+            "cmedl.translator": ("resnet", "unet", "none"),
             "input_transform": ("none", "class_mean"), "optim.scheduler": ("cosine", "none")}
 
 
-_FREE_FORM = ("trainer", "data.splits", "data.nifti.label_map")
+_FREE_FORM = ("trainer", "data.splits", "data.nifti.label_map", "cmedl.target.splits", "cmedl.target.nifti.label_map")
 
 
 def _free_form(key: str) -> bool:
@@ -277,7 +308,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     cfg = apply_overrides(cfg, overrides)
     where = str(path) if path else "config"
     _check_trainer(OmegaConf.to_container(cfg.trainer), where)
-    for key, choices in _CHOICES.items():
+    checks = {**_CHOICES, **{"cmedl.target." + k[5:]: c for k, c in _CHOICES.items() if k.startswith("data.")}}
+    for key, choices in checks.items():
         v = OmegaConf.select(cfg, key)
         if v not in choices:
             raise ConfigError(f"{where}: {key}={v!r} is not one of {list(choices)}")

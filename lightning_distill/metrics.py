@@ -8,7 +8,14 @@ How absent classes count (documented in README, "Metrics"):
 * HD95 (MONAI ``compute_hausdorff_distance``, percentile 95, in mm using the case's spacing) is NaN
   when the ground truth is empty; when the ground truth is present but the prediction is empty, it is
   the diagonal of the image in mm (the largest distance possible), so a missed organ is penalised.
-* ``dice_mean`` is the mean over organs (foreground classes) of the per-organ means.
+* Surface Dice (normalised surface distance, NSD; MONAI ``compute_surface_dice``, in mm using the
+  case's spacing) is the fraction of the boundary pixels of prediction and ground truth together that
+  lie within the tolerance of the other's boundary. The tolerance defaults to one voxel: per case, the
+  largest spacing of that case. It is NaN when the ground truth has no pixel of k (MONAI returns 0
+  when only the prediction has k; that false positive is not counted, as in Dice), and 0 when the
+  ground truth is present but the prediction is empty (as MONAI returns).
+* ``dice_mean`` is the mean over organs (foreground classes) of the per-organ means (likewise
+  ``hd95_mean`` and ``surface_dice_mean``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from torch import Tensor
 
 
@@ -71,11 +78,41 @@ def per_case_hd95(pred: Tensor, label: Tensor, num_classes: int, spacing: Option
     return torch.where(gt_present, hd, torch.full_like(hd, float("nan")))
 
 
+def per_case_surface_dice(pred: Tensor, label: Tensor, num_classes: int, spacing: Optional[Sequence[Sequence[float]]] = None,
+                          tolerance_mm: Optional[float] = None) -> Tensor:
+    """Surface Dice (NSD) per case and foreground class (see module docstring for empty masks).
+
+    Args:
+        pred, label, num_classes: as in :func:`per_case_dice`.
+        spacing: per-case voxel spacing ``(B, ndim)`` in mm; 1 mm if ``None``.
+        tolerance_mm: boundary tolerance in mm, the same for every class; ``None``: one voxel, i.e.
+            per case the largest spacing of that case.
+
+    Returns:
+        ``(B, K - 1)`` float tensor in [0, 1].
+    """
+    p, y = one_hot(pred, num_classes), one_hot(label, num_classes)
+    b = p.shape[0]
+    nd = p.ndim - 2
+    sp = np.ones((b, nd)) if spacing is None else np.asarray(spacing, dtype=float).reshape(b, nd)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on every empty mask; handled below
+        for i in range(b):  # the tolerance may differ per case; MONAI takes one threshold per class
+            tol = float(sp[i].max()) if tolerance_mm is None else float(tolerance_mm)
+            rows.append(compute_surface_dice(p[i:i + 1], y[i:i + 1], class_thresholds=[tol] * (num_classes - 1),
+                                             include_background=False, spacing=[list(sp[i])]).float().cpu())
+    nsd = torch.cat(rows) if rows else torch.zeros(0, num_classes - 1)
+    gt_present = y[:, 1:].flatten(2).sum(-1).cpu() > 0
+    # MONAI: NaN when both are empty, 0 when only one is; a prediction without ground truth -> NaN here
+    return torch.where(gt_present, nsd, torch.full_like(nsd, float("nan")))
+
+
 def nanmean(x: Tensor, dim: int = 0) -> Tensor:
     return torch.nanmean(x.float(), dim=dim)
 
 
-def summarize(dice: Tensor, hd95: Optional[Tensor], organs: Sequence[str]) -> Dict:
+def summarize(dice: Tensor, hd95: Optional[Tensor], organs: Sequence[str], surface_dice: Optional[Tensor] = None) -> Dict:
     """Per-organ means (NaN ignored) of ``(N, K - 1)`` per-case tables -> a JSON-ready dict."""
 
     def clean(v: float) -> Optional[float]:
@@ -88,6 +125,10 @@ def summarize(dice: Tensor, hd95: Optional[Tensor], organs: Sequence[str]) -> Di
         h = nanmean(hd95)
         out["hd95"] = {o: clean(float(v)) for o, v in zip(organs, h)}
         out["hd95_mean"] = clean(float(torch.nanmean(h)))
+    if surface_dice is not None:
+        sd = nanmean(surface_dice)
+        out["surface_dice"] = {o: clean(float(v)) for o, v in zip(organs, sd)}
+        out["surface_dice_mean"] = clean(float(torch.nanmean(sd)))
     out["num_cases"] = int(dice.shape[0])
     return out
 
@@ -96,25 +137,32 @@ def format_table(summary: Dict, title: str = "") -> str:
     """A per-organ markdown table of :func:`summarize` output."""
     organs = list(summary["dice"])
     has_hd = "hd95" in summary
+    has_sd = "surface_dice" in summary
     lines = [title] if title else []
-    lines.append("| organ | Dice |" + (" HD95 (mm) |" if has_hd else ""))
-    lines.append("|---|---|" + ("---|" if has_hd else ""))
+    lines.append("| organ | Dice |" + (" surface Dice |" if has_sd else "") + (" HD95 (mm) |" if has_hd else ""))
+    lines.append("|---|---|" + ("---|" if has_sd else "") + ("---|" if has_hd else ""))
 
     def f(v, nd):
         return "n/a" if v is None else f"{v:.{nd}f}"
 
     for o in organs:
-        lines.append(f"| {o} | {f(summary['dice'][o], 3)} |" + (f" {f(summary['hd95'][o], 1)} |" if has_hd else ""))
-    lines.append(f"| **mean** | **{f(summary['dice_mean'], 3)}** |" + (f" **{f(summary['hd95_mean'], 1)}** |" if has_hd else ""))
+        lines.append(f"| {o} | {f(summary['dice'][o], 3)} |" + (f" {f(summary['surface_dice'].get(o), 3)} |" if has_sd else "")
+                     + (f" {f(summary['hd95'][o], 1)} |" if has_hd else ""))
+    lines.append(f"| **mean** | **{f(summary['dice_mean'], 3)}** |"
+                 + (f" **{f(summary.get('surface_dice_mean'), 3)}** |" if has_sd else "")
+                 + (f" **{f(summary['hd95_mean'], 1)}** |" if has_hd else ""))
     return "\n".join(lines)
 
 
-def collect_cases(ids: List[str], dice: Tensor, hd95: Optional[Tensor], organs: Sequence[str]) -> List[Dict]:
+def collect_cases(ids: List[str], dice: Tensor, hd95: Optional[Tensor], organs: Sequence[str],
+                  surface_dice: Optional[Tensor] = None) -> List[Dict]:
     """Per-case records for ``results.json`` (benchmarks bootstrap over them)."""
     rows = []
     for i, cid in enumerate(ids):
         row = {"id": cid, "dice": {o: (None if math.isnan(float(v)) else float(v)) for o, v in zip(organs, dice[i])}}
         if hd95 is not None:
             row["hd95"] = {o: (None if math.isnan(float(v)) else float(v)) for o, v in zip(organs, hd95[i])}
+        if surface_dice is not None:
+            row["surface_dice"] = {o: (None if math.isnan(float(v)) else float(v)) for o, v in zip(organs, surface_dice[i])}
         rows.append(row)
     return rows

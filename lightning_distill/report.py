@@ -19,7 +19,7 @@ def load_results(run_dir: str | Path, name: str = "results.json") -> dict:
 
 
 def compare_table(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None) -> str:
-    """One row per organ, one Dice column per run (HD95 in a second table), means last."""
+    """One row per organ, one Dice column per run (surface Dice, when recorded, and HD95 in more tables), means last."""
     results = [load_results(r) for r in run_dirs]
     names = list(names) if names else [Path(r).name for r in run_dirs]
     organs: List[str] = list(results[0]["test"]["dice"])
@@ -28,7 +28,10 @@ def compare_table(run_dirs: Sequence[str | Path], names: Sequence[str] | None = 
         return "n/a" if v is None else f"{v:.{nd}f}"
 
     out = []
-    for metric, nd, mean_key, title in (("dice", 3, "dice_mean", "Dice"), ("hd95", 1, "hd95_mean", "HD95 (mm)")):
+    tables = [("dice", 3, "dice_mean", "Dice"), ("hd95", 1, "hd95_mean", "HD95 (mm)")]
+    if any("surface_dice" in r["test"] for r in results):  # runs from before surface Dice show n/a
+        tables.insert(1, ("surface_dice", 3, "surface_dice_mean", "surface Dice"))
+    for metric, nd, mean_key, title in tables:
         out.append(f"| {title} | " + " | ".join(names) + " |")
         out.append("|---|" + "---|" * len(names))
         for o in organs:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill import __version__
 from lightning_distill.config import to_dict
-from lightning_distill.data.datamodules import SegmentationDataModule, SliceDataModule, VolumeDataModule
+from lightning_distill.data.datamodules import SegmentationDataModule, SliceDataModule, UnpairedDataModule, VolumeDataModule
 from lightning_distill.data.phantom import PhantomSpec
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.sources import PHANTOM_ORIENTATION, DomainShift, NiftiSource, PhantomSource, SubjectSource
@@ -36,7 +36,8 @@ def build_source(cfg: DictConfig) -> SubjectSource:
     d = cfg.data
     if d.source == "phantom":
         p = d.phantom
-        spec = PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur, slice_z=tuple(p.slice_z))
+        spec = PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur, slice_z=tuple(p.slice_z),
+                           modality=p.modality)
         return PhantomSource(spec, d.num_subjects, tuple(d.shape), window=tuple(d.window), shift=DomainShift(**p.shift))
     if d.source == "nifti":
         n = d.nifti
@@ -59,8 +60,9 @@ def build_source(cfg: DictConfig) -> SubjectSource:
 def make_preprocess(cfg: DictConfig) -> Preprocess:
     """The preprocessing of ``cfg``'s data (2D data: one slice, ``Z = 1``).
 
-    NIfTI data follow ``data.nifti``; phantom-trained models get the phantom's HU window and array
-    orientation, so they can predict NIfTI files too.
+    NIfTI data follow ``data.nifti``; phantom-trained models get the phantom's HU window (MR
+    phantom: per-image 0.5/99.5 percentile normalisation) and array orientation, so they can
+    predict NIfTI files too.
     """
     d = cfg.data
     shape = list(d.shape) + ([1] if len(d.shape) == 2 else [])
@@ -70,17 +72,41 @@ def make_preprocess(cfg: DictConfig) -> Preprocess:
                           ct_window=tuple(n.ct_window), mr_norm=n.mr_norm, percentiles=tuple(n.percentiles),
                           crop_foreground=n.crop_foreground, crop_threshold=n.crop_threshold,
                           crop_margin=n.crop_margin, shape=shape, resize=n.resize)
+    if d.phantom.modality == "MR":  # the phantom source's per-image percentile normalisation
+        return Preprocess(orientation=PHANTOM_ORIENTATION, modality="MR", mr_norm="percentile", percentiles=(0.5, 99.5),
+                          shape=shape)
     return Preprocess(orientation=PHANTOM_ORIENTATION, modality="CT", ct_window=tuple(d.window), shape=shape)
 
 
-def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None) -> SegmentationDataModule:
+def uses_target(cfg: DictConfig) -> bool:
+    """Whether the run trains on two modalities (CMEDL: ``cfg.cmedl.target`` beside ``cfg.data``)."""
+    return cfg.stage == "student" and cfg.distill.method == "cmedl"
+
+
+def target_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``data`` replaced by ``cmedl.target`` (to build the teacher modality's source)."""
+    tcfg = cfg.copy()
+    tcfg.data = cfg.cmedl.target
+    return tcfg
+
+
+def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
+                     target: Optional[SubjectSource] = None) -> SegmentationDataModule:
+    """The run's data module; with CMEDL, training batches also carry unpaired ``image_b`` of ``cmedl.target``."""
     source = source or build_source(cfg)
     d = cfg.data
+    common = dict(batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
+                  train_fraction=d.train_fraction, train_subjects=d.train_subjects, split_seed=d.split_seed,
+                  num_workers=d.num_workers, augment=d.augment, patch_size=d.patch_size, eval_batch_size=d.eval_batch_size,
+                  splits=OmegaConf.to_container(d.splits) if d.splits else None)
+    if uses_target(cfg):
+        t = cfg.cmedl.target
+        target = target or build_source(target_config(cfg))
+        return UnpairedDataModule(source, target, target_val_subjects=t.val_subjects, target_test_subjects=t.test_subjects,
+                                  target_fraction=t.train_fraction, target_split_seed=t.split_seed,
+                                  target_splits=OmegaConf.to_container(t.splits) if t.splits else None, **common)
     cls = VolumeDataModule if source.spatial_dims == 3 else SliceDataModule
-    return cls(source, batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
-               train_fraction=d.train_fraction, train_subjects=d.train_subjects, split_seed=d.split_seed,
-               num_workers=d.num_workers, augment=d.augment, patch_size=d.patch_size, eval_batch_size=d.eval_batch_size,
-               splits=OmegaConf.to_container(d.splits) if d.splits else None)
+    return cls(source, **common)
 
 
 def class_names(cfg: DictConfig, source: SubjectSource):
@@ -101,12 +127,14 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     common = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, scheduler=cfg.optim.scheduler,
                   dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight,
                   roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, val_hd95=cfg.val_hd95,
-                  config=to_dict(cfg))
+                  surface_tolerance=cfg.surface_tolerance_mm, config=to_dict(cfg))
     if cfg.stage == "teacher":
         return SegmentationModule(net, names, input_transform=cfg.input_transform, **common)
     if cfg.input_transform != "none":
         raise ValueError(f"input_transform={cfg.input_transform} is for teachers (stage=teacher); a student sees the original images")
     d = cfg.distill
+    if d.method == "cmedl":
+        return build_cmedl(cfg, net, names, common)
     if d.method in ("sikd", "pixel") and d.weight != 0:
         from lightning_distill.methods import PixelDistModule, SIKDModule
 
@@ -126,6 +154,27 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     return StudentModule(net, names, bank=bank, distill_weight=cfg.distill.weight, beta=cfg.distill.beta,
                          gamma=cfg.distill.gamma, tau=cfg.distill.tau,
                          feature_layer=cfg.distill.feature_layer or head_module_name(cfg.model.name), **common)
+
+
+def build_cmedl(cfg: DictConfig, net, names, common: Dict[str, Any]):
+    """CMEDL: a teacher of the student's architecture, and the translator of ``cmedl.translator``."""
+    from lightning_distill.methods.cmedl import CMEDLModule
+    from lightning_distill.methods.translator import build_generator, patch_discriminator
+
+    c, dims = cfg.cmedl, len(cfg.data.shape)
+    if list(c.target.shape) != list(cfg.data.shape):
+        raise ValueError(f"cmedl.target.shape {list(c.target.shape)} must equal data.shape {list(cfg.data.shape)}")
+    teacher = build_net(cfg, len(names))
+    nets = {}
+    if c.translator != "none":
+        size = {"blocks": c.blocks} if c.translator == "resnet" else {"depth": c.blocks}
+        gen = lambda: build_generator(c.translator, channels=c.channels, spatial_dims=dims, **size)  # noqa: E731
+        disc = lambda: patch_discriminator(channels=c.disc_channels, layers=c.disc_layers, spatial_dims=dims)  # noqa: E731
+        nets = {"g_ab": gen(), "g_ba": gen(), "d_a": disc(), "d_b": disc()}
+    return CMEDLModule(net, names, teacher=teacher, hint_layers=list(c.hint_layers) if c.hint_layers else None,
+                       hint_weight=cfg.distill.weight, teacher_weight=c.teacher_weight, adv_weight=c.adv_weight,
+                       cycle_weight=c.cycle_weight, identity_weight=c.identity_weight, translator_seg=c.translator_seg,
+                       gan_lr=c.gan_lr, gan_betas=list(c.gan_betas), **nets, **common)
 
 
 def load_teacher_network(checkpoint: Optional[str], names, why: str):
@@ -210,10 +259,17 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
                       f"validation epoch), so {out / 'checkpoints' / 'best.ckpt'} was not written: testing the last weights "
                       f"({ckpt.last_model_path or 'not saved'})", stacklevel=2)
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
+    figure = None
+    if uses_target(cfg) and trainer.is_global_zero and cfg.cmedl.examples > 0:
+        from lightning_distill.methods.cmedl import save_translation_figure
+
+        figure = save_translation_figure(module, dm, out / "translations.png", cfg.cmedl.examples)
     extra = {"val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
              "train_subjects": len(dm.train_subject_ids), "checkpoint": best or ckpt.last_model_path or None,
              "steps": trainer.global_step,
              "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes}
+    if figure:
+        extra["translations"] = str(figure)
     return _write_results(trainer, module, cfg, out / "results.json", extra, t0,
                           f"{len(dm.train_subject_ids)} training subjects")
 
@@ -251,7 +307,8 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
         cfg.data.splits = {"train": [], "val": [], "test": sorted({subject_of(i) for i in source.ids})}
     dm = build_datamodule(cfg, source)
     module = SegmentationModule(load_network(ckpt, cfg), names, input_transform=cfg.input_transform,
-                                roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg))
+                                roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg),
+                                surface_tolerance=cfg.surface_tolerance_mm)
     targs = {k: v for k, v in {**_default_trainer_args(), **OmegaConf.to_container(cfg.trainer)}.items()
              if k in ("accelerator", "devices", "precision", "enable_progress_bar")}
     trainer = L.Trainer(logger=False, enable_checkpointing=False, **targs)

@@ -59,11 +59,12 @@ class SubjectDataset(Dataset):
         augment: intensity augmentation (scale, shift, noise) for training.
         patch_size: random crop of this size (training volumes); ``None`` keeps whole images.
         cache: keep decoded samples in memory.
+        labels: load labels (``False``: images only, for unlabelled data).
     """
 
     def __init__(self, source: SubjectSource, ids: Sequence[str], augment: bool = False,
-                 patch_size: Optional[Sequence[int]] = None, cache: bool = True):
-        self.source, self.ids, self.augment = source, list(ids), augment
+                 patch_size: Optional[Sequence[int]] = None, cache: bool = True, labels: bool = True):
+        self.source, self.ids, self.augment, self.labels = source, list(ids), augment, labels
         self.patch_size = tuple(patch_size) if patch_size else None
         self.cache: Optional[Dict[str, Dict]] = {} if cache else None
 
@@ -75,15 +76,19 @@ class SubjectDataset(Dataset):
             return self.cache[sid]
         s = self.source.load(sid)
         item = {"image": torch.as_tensor(s["image"], dtype=torch.float32),
-                "label": torch.as_tensor(s["label"], dtype=torch.int64)[None],
                 "spacing": torch.as_tensor(s["spacing"], dtype=torch.float32), "id": sid}
+        if self.labels:
+            if s.get("label") is None:
+                raise ValueError(f"subject {sid!r} has no label map (labelled data are needed here)")
+            item["label"] = torch.as_tensor(s["label"], dtype=torch.int64)[None]
         if self.cache is not None:
             self.cache[sid] = item
         return item
 
     def __getitem__(self, i: int) -> Dict:
         item = dict(self._load(self.ids[i]))
-        image, label = item["image"], item["label"]
+        image = item["image"]
+        label = item.get("label", torch.zeros((1,) + tuple(image.shape[1:]), dtype=torch.int64))
         if self.patch_size is not None:
             spatial = image.shape[1:]
             if any(p > s for p, s in zip(self.patch_size, spatial)):
@@ -95,7 +100,9 @@ class SubjectDataset(Dataset):
             scale = 1.0 + 0.1 * (2 * torch.rand(()) - 1)
             shift = 0.05 * (2 * torch.rand(()) - 1)
             image = image * scale + shift + 0.02 * torch.randn_like(image)
-        item["image"], item["label"] = image.contiguous(), label.contiguous()
+        item["image"] = image.contiguous()
+        if self.labels:
+            item["label"] = label.contiguous()
         return item
 
 
@@ -192,3 +199,67 @@ class SliceDataModule(SegmentationDataModule):
         if source.spatial_dims != 2:
             raise ValueError(f"SliceDataModule needs a 2D source, got {source.spatial_dims}D")
         super().__init__(source, **kwargs)
+
+
+class UnpairedDataset(Dataset):
+    """Every sample of ``first`` with the image of a random sample of ``second`` as ``image_b``.
+
+    The two are unpaired (other subjects, other modality); the partner is drawn with torch's RNG, so
+    it follows ``seed_everything`` and the loader workers' seeds. Batches gain ``image_b``
+    ``(B, C, *spatial)`` and ``id_b``.
+    """
+
+    def __init__(self, first: Dataset, second: Dataset):
+        if len(second) == 0:
+            raise ValueError("the unpaired (second) dataset is empty")
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, i: int) -> Dict:
+        item = dict(self.first[i])
+        other = self.second[int(torch.randint(len(self.second), ()))]
+        item["image_b"], item["id_b"] = other["image"], other["id"]
+        return item
+
+
+class UnpairedDataModule(SegmentationDataModule):
+    """Labelled samples of ``source`` (modality A) whose training batches carry unpaired images of
+    ``target`` (modality B, labels not used): the data of CMEDL.
+
+    Validation and test are ``source``'s (the student's modality). ``target`` is split like any
+    source (its own ``target_val_subjects`` / ``target_test_subjects`` are held out) and its training
+    pool (``target_fraction`` of it) gives the B images.
+
+    Args:
+        source: labelled data of the student's modality.
+        target: data of the teacher's modality, same spatial dims and shape.
+        target_val_subjects, target_test_subjects, target_fraction, target_split_seed, target_splits:
+            the target's split (as for :class:`SegmentationDataModule`).
+        **kwargs: :class:`SegmentationDataModule` arguments for ``source``.
+    """
+
+    def __init__(self, source: SubjectSource, target: SubjectSource, target_val_subjects: int = 0,
+                 target_test_subjects: int = 0, target_fraction: float = 1.0, target_split_seed: int = 0,
+                 target_splits: Optional[Dict[str, Sequence[str]]] = None, **kwargs):
+        super().__init__(source, **kwargs)
+        if target.spatial_dims != source.spatial_dims:
+            raise ValueError(f"the target data are {target.spatial_dims}D but the source data {source.spatial_dims}D")
+        self.target = target
+        tdm = SegmentationDataModule(target, val_subjects=target_val_subjects, test_subjects=target_test_subjects,
+                                     train_fraction=target_fraction, split_seed=target_split_seed, splits=target_splits)
+        self.target_ids = tdm.train_ids
+        if not self.target_ids:
+            raise ValueError("no target subject is left for training (check the target's split)")
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        first = self.datasets["train"]
+        second = SubjectDataset(self.target, self.target_ids, augment=self.augment, patch_size=self.patch_size, labels=False)
+        a, b = first._load(first.ids[0])["image"].shape, second._load(second.ids[0])["image"].shape
+        if a != b:
+            raise ValueError(f"source images {tuple(a)} ({first.ids[0]}) and target images {tuple(b)} ({second.ids[0]}) "
+                             "differ in shape: give both the same data.shape")
+        return DataLoader(UnpairedDataset(first, second), batch_size=self.batch_size, shuffle=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False)

@@ -20,12 +20,24 @@ What makes it a task in which 3D context matters and 2D is not at ceiling:
 
 Intensities are HU-like; :func:`hu_window` maps them to [0, 1] with an abdominal window.
 Everything is deterministic given ``(population seed, subject id)``.
+
+``PhantomSpec(modality="MR")`` renders the same anatomy and label map (same subject draw) as an
+MRI-like, T2-weighted-like image in arbitrary units, so CT and MR populations of different seeds
+are unpaired people. What differs from CT: another intensity table with another organ ordering and
+no contrast phases (the subject's phase is still drawn and reported, but ignored): fluid (stomach,
+spinal canal) brightest, spleen clearly brighter than liver, kidney medulla brighter than cortex,
+fat bright-intermediate, muscle and psoas dark, the aorta a flow void, cortical bone and gas near
+zero, bowel and colon intermediate with per-subject and per-loop spread; a smooth multiplicative
+bias field per subject (roughly +-20-35 % over the field of view), and Rician noise (magnitude of
+signal plus complex Gaussian noise, the subject's ``noise_hu`` draw times :data:`MR_NOISE_PER_HU`).
+MR images have no fixed scale: sources normalise them per image (0.5 and 99.5 percentiles to 0
+and 1) instead of a window.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -63,6 +75,35 @@ _HU: Dict[str, Dict[str, float]] = {
     "gas": {"noncontrast": -850, "arterial": -850, "venous": -850},
 }
 
+MODALITIES: Tuple[str, ...] = ("CT", "MR")
+
+# T2-weighted-like MR signal per structure (arbitrary units, no contrast phases), with the relative
+# (log-normal) per-subject jitter of each. The ordering differs from CT on purpose: fluid >> kidney
+# medulla ~ fat > visceral fat ~ kidney cortex > spleen >> liver; spleen/liver and kidney
+# cortex/medulla are reversed or separated relative to CT; aorta (flow void), cortical bone and gas
+# are near zero. Bowel/colon contents vary (larger jitter, plus a per-loop factor).
+_MR: Dict[str, Tuple[float, float]] = {
+    "air": (0.0, 0.0),
+    "fat": (650.0, 0.05),
+    "visceral": (560.0, 0.06),
+    "muscle": (140.0, 0.08),
+    "liver": (240.0, 0.06),
+    "spleen": (470.0, 0.06),
+    "kidney_cortex": (520.0, 0.05),
+    "kidney_medulla": (680.0, 0.05),
+    "aorta": (35.0, 0.2),
+    "bone": (380.0, 0.08),
+    "cortical": (15.0, 0.2),
+    "canal": (950.0, 0.04),
+    "bowel": (400.0, 0.15),
+    "colon": (330.0, 0.15),
+    "stomach": (1000.0, 0.04),
+    "gas": (5.0, 0.2),
+}
+MR_BOWEL_LOOP_SD = 0.2  # relative spread of single bowel loops around the subject's bowel signal
+MR_TEXTURE = 6.0  # amplitude (a.u.) of each of the 3 soft-texture sinusoids in MR (CT: 2 HU)
+MR_NOISE_PER_HU = 1.0  # Rician noise sigma (a.u.) per HU of the subject's noise_hu draw
+
 
 @dataclass
 class PhantomSpec:
@@ -75,6 +116,8 @@ class PhantomSpec:
         blur: Gaussian point-spread sigma in voxels applied before the noise.
         slice_z: (min, max) of the axial position (normalised z) of a single slice; the default is
             kidney level, like the L1-level single-slice cohorts the method targets.
+        modality: ``CT`` (HU) or ``MR`` (MRI-like, T2-weighted-like, arbitrary units; see the
+            module docstring). The anatomy and labels of a subject do not depend on it.
     """
 
     seed: int = 0
@@ -82,6 +125,11 @@ class PhantomSpec:
     noise_hu: Tuple[float, float] = (10.0, 25.0)
     blur: float = 0.6
     slice_z: Tuple[float, float] = (-0.5, -0.1)
+    modality: str = "CT"
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"phantom modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}")
 
 
 @dataclass
@@ -202,15 +250,21 @@ def _warp(s: Subject, x, y, z):
     return out
 
 
-def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Optional[Dict[str, float]] = None,
+           texture: float = 2.0) -> Tuple[np.ndarray, np.ndarray]:
     """Evaluate a subject's anatomy at the coordinates ``x, y, z`` (same shape).
 
+    Args:
+        levels: intensity per structure (keys of ``_HU``; optional ``bowel_<i>`` per bowel loop);
+            default: the subject's CT HU in its contrast phase (MR: :func:`mr_levels`).
+        texture: amplitude of each of the 3 soft-texture sinusoids inside the body.
+
     Returns:
-        ``(hu, label)``: noise-free HU intensities (float32) and labels (uint8, indices of
-        :data:`CLASS_NAMES`), both of the coordinates' shape.
+        ``(hu, label)``: noise-free intensities (float32; HU by default) and labels (uint8, indices
+        of :data:`CLASS_NAMES`), both of the coordinates' shape.
     """
     x, y, z = _warp(s, x, y, z)
-    hu_of = {k: v[s.phase] + s.intensity_jitter[k] for k, v in _HU.items()}
+    hu_of = levels if levels is not None else {k: v[s.phase] + s.intensity_jitter[k] for k, v in _HU.items()}
     label = np.zeros(x.shape, np.uint8)
     hu = np.full(x.shape, hu_of["air"], np.float32)
     bx, by = s.body
@@ -228,8 +282,8 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Tuple[np.
     put(inner_fat & ~inner_muscle, "muscle", c["muscle"])
     put(inner_muscle, "visceral", c["background"])
     o = s.organs
-    for b in s.bowel:
-        put(b.inside(x, y, z) & inner_muscle, "bowel", 0)
+    for i, b in enumerate(s.bowel):
+        put(b.inside(x, y, z) & inner_muscle, hu_of.get(f"bowel_{i}", hu_of["bowel"]), 0)
     for side in ("colon_r", "colon_l"):
         put(o[side].inside(x, y, z) & inner_muscle, "colon", 0)
     st = o["stomach"]
@@ -252,9 +306,9 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Tuple[np.
     # spinal canal behind the body: background
     canal = _Ellipsoid(v.center + np.array([0.0, -0.17, 0.0]), np.array([0.06, 0.05, 5.0]), 0.0, v.tilt)
     put(canal.inside(x, y, z) & body, "canal", 0)
-    # soft texture inside the body (+-6 HU)
+    # soft texture inside the body (CT: +-6 HU)
     p = np.stack([x, y, z], axis=-1)
-    tex = sum(np.sin(t[3] * (p @ t[:3]) + t[4]) for t in s.texture) * 2.0
+    tex = sum(np.sin(t[3] * (p @ t[:3]) + t[4]) for t in s.texture) * texture
     hu = np.where(body, hu + tex, hu).astype(np.float32)
     return hu, label
 
@@ -266,6 +320,58 @@ def _finish(s: Subject, spec: PhantomSpec, hu: np.ndarray, stream: int, blur_axe
     return (hu + noise).astype(np.float32)
 
 
+# Random streams of ``_rng(spec, subject_id, stream)``: 0 anatomy (sample_subject), 1/2 CT noise
+# (volume/slice), 3 MR levels, 4 MR bias field, 5/6 MR noise (volume/slice).
+def mr_levels(spec: PhantomSpec, s: Subject) -> Dict[str, float]:
+    """The subject's MR signal per structure (``_MR`` with per-subject jitter, and one value per
+    bowel loop as ``bowel_<i>``), in arbitrary units; for :func:`render`'s ``levels``."""
+    r = _rng(spec, s.subject_id, 3)
+    levels = {k: float(m * np.exp(r.normal(0, sd))) for k, (m, sd) in _MR.items()}
+    for i, f in enumerate(r.normal(0, MR_BOWEL_LOOP_SD, len(s.bowel))):
+        levels[f"bowel_{i}"] = levels["bowel"] * float(np.exp(f))
+    return levels
+
+
+def bias_field(spec: PhantomSpec, s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The subject's smooth multiplicative MR bias field at scanner coordinates ``x, y, z``.
+
+    ``exp`` of a random linear gradient (slope 0.12-0.2 per normalised unit) plus two
+    long-wavelength sinusoids (wavelength 4-8 normalised units, amplitude 0.04-0.1), so the field
+    varies by roughly +-20-35 % over the field of view. It is a function of the unwarped
+    coordinates (a property of the coil, not of the anatomy), shared by volumes and slices.
+    """
+    r = _rng(spec, s.subject_id, 4)
+    g = r.normal(size=3)
+    g *= r.uniform(0.12, 0.2) / np.linalg.norm(g)
+    d = r.normal(size=(2, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    amp, freq, ph = r.uniform(0.04, 0.1, 2), r.uniform(2 * np.pi / 8, 2 * np.pi / 4, 2), r.uniform(0, 2 * np.pi, 2)
+    p = np.stack([x, y, z], axis=-1)
+    log_b = p @ g + sum(amp[j] * np.sin(freq[j] * (p @ d[j]) + ph[j]) for j in range(2))
+    return np.exp(log_b)
+
+
+def _finish_mr(s: Subject, spec: PhantomSpec, img: np.ndarray, stream: int, blur_axes: Sequence[float],
+               bias: np.ndarray) -> np.ndarray:
+    """Blur, bias field, then Rician noise: ``|signal + n1 + i n2|`` with ``n1, n2 ~ N(0, sigma)``."""
+    if spec.blur > 0:
+        img = gaussian_filter(img, sigma=[spec.blur * b for b in blur_axes])
+    img = img * bias
+    n = _rng(spec, s.subject_id, stream).normal(0, s.noise_hu * MR_NOISE_PER_HU, (2,) + img.shape)
+    return np.sqrt((img + n[0]) ** 2 + n[1] ** 2).astype(np.float32)
+
+
+def _acquire(spec: PhantomSpec, s: Subject, x, y, z, blur_axes: Sequence[float], ct_stream: int, mr_stream: int):
+    """Render and acquire one image in ``spec.modality``: ``(image float32, label uint8)``."""
+    if spec.modality == "CT":
+        hu, label = render(s, x, y, z)
+        return _finish(s, spec, hu, ct_stream, blur_axes), label
+    if spec.modality == "MR":
+        sig, label = render(s, x, y, z, levels=mr_levels(spec, s), texture=MR_TEXTURE)
+        return _finish_mr(s, spec, sig, mr_stream, blur_axes, bias_field(spec, s, x, y, z)), label
+    raise ValueError(f"phantom modality must be one of {', '.join(MODALITIES)}, got {spec.modality!r}")
+
+
 def render_volume(spec: PhantomSpec, subject_id: int, shape: Sequence[int] = (64, 64, 48)):
     """Render one subject as a 3D volume.
 
@@ -275,31 +381,29 @@ def render_volume(spec: PhantomSpec, subject_id: int, shape: Sequence[int] = (64
         shape: ``(X, Y, Z)`` grid; axial slices lie along the last axis.
 
     Returns:
-        dict with ``image`` (float32 HU, ``shape``), ``label`` (uint8, ``shape``), ``phase``,
-        ``subject_id``.
+        dict with ``image`` (float32 HU, ``shape``; MR: arbitrary units >= 0), ``label`` (uint8,
+        ``shape``), ``phase`` (drawn but ignored for MR), ``subject_id``.
     """
     s = sample_subject(spec, subject_id)
     axes = [np.linspace(-1, 1, n, dtype=np.float64) for n in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
-    hu, label = render(s, x, y, z)
-    return {"image": _finish(s, spec, hu, 1, (1, 1, 1)), "label": label, "phase": s.phase,
-            "subject_id": s.subject_id}
+    image, label = _acquire(spec, s, x, y, z, (1, 1, 1), 1, 5)
+    return {"image": image, "label": label, "phase": s.phase, "subject_id": s.subject_id}
 
 
 def render_slice(spec: PhantomSpec, subject_id: int, shape: Sequence[int] = (128, 128), z: float | None = None):
     """Render one axial slice of a subject (at its own ``slice_z`` unless ``z`` is given).
 
     Returns:
-        dict with ``image`` (float32 HU, ``shape``), ``label`` (uint8), ``phase``, ``z``,
-        ``subject_id``.
+        dict with ``image`` (float32 HU, ``shape``; MR: arbitrary units >= 0), ``label`` (uint8),
+        ``phase`` (drawn but ignored for MR), ``z``, ``subject_id``.
     """
     s = sample_subject(spec, subject_id)
     zz = s.slice_z if z is None else float(z)
     axes = [np.linspace(-1, 1, n, dtype=np.float64) for n in shape]
     x, y = np.meshgrid(*axes, indexing="ij")
-    hu, label = render(s, x, y, np.full_like(x, zz))
-    return {"image": _finish(s, spec, hu, 2, (1, 1)), "label": label, "phase": s.phase, "z": zz,
-            "subject_id": s.subject_id}
+    image, label = _acquire(spec, s, x, y, np.full_like(x, zz), (1, 1), 2, 6)
+    return {"image": image, "label": label, "phase": s.phase, "z": zz, "subject_id": s.subject_id}
 
 
 def hu_window(hu: np.ndarray, lo: float = -175.0, hi: float = 250.0) -> np.ndarray:

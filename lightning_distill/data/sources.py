@@ -79,6 +79,17 @@ class DomainShift:
         return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
+def mr_percentile_normalise(image: np.ndarray, percentiles: Tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Map one MR image's ``percentiles`` to 0 and 1, clipped (float32, same shape), exactly as
+    :class:`~lightning_distill.data.preprocess.Preprocess` (``modality="MR"``) does for NIfTI files."""
+    import torch
+
+    from lightning_distill.data.preprocess import Preprocess
+
+    pre = Preprocess(modality="MR", mr_norm="percentile", percentiles=tuple(percentiles))
+    return pre.intensity(torch.from_numpy(np.ascontiguousarray(image, np.float32))[None])[0].numpy()
+
+
 @dataclass
 class PhantomSource(SubjectSource):
     """Subjects of the synthetic abdominal phantom.
@@ -87,8 +98,12 @@ class PhantomSource(SubjectSource):
         spec: population settings (seed, phases, noise).
         num_subjects: size of the population.
         shape: ``(X, Y, Z)`` for volumes, ``(X, Y)`` for single axial slices.
-        window: HU window mapped to [0, 1].
+        window: HU window mapped to [0, 1] (CT only).
         shift: a domain shift applied after windowing (identity by default).
+
+    ``spec.modality == "MR"`` images are normalised per image instead of windowed: the 0.5 and
+    99.5 percentiles map to 0 and 1, clipped (:func:`mr_percentile_normalise`, the MR path of
+    :class:`~lightning_distill.data.preprocess.Preprocess`); the shift applies after it.
     """
 
     spec: PhantomSpec
@@ -112,7 +127,8 @@ class PhantomSource(SubjectSource):
         else:
             s = render_slice(self.spec, idx, self.shape)
             spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM[:2], self.shape)]
-        image = self.shift.apply(hu_window(s["image"], *self.window)[None], seed=self.spec.seed * 100003 + idx)
+        image = mr_percentile_normalise(s["image"]) if self.spec.modality == "MR" else hu_window(s["image"], *self.window)
+        image = self.shift.apply(image[None], seed=self.spec.seed * 100003 + idx)
         return {"image": image, "label": s["label"].astype(np.int64), "spacing": np.asarray(spacing, np.float32),
                 "phase": s["phase"]}
 
@@ -233,7 +249,8 @@ class NiftiSource(SubjectSource):
 
 
 def export_phantom(source: PhantomSource, dst, overwrite: bool = False) -> int:
-    """Write a phantom population as an nnU-Net v2 raw dataset of NIfTI files (HU as int16).
+    """Write a phantom population as an nnU-Net v2 raw dataset of NIfTI files (CT: HU as int16;
+    MR: arbitrary units as float32, channel name ``MR``).
 
     Volumes (or single slices, as 2D files) get an LAS affine with the phantom's spacing, so they
     behave like any scanner export: use them to try the NIfTI path end to end without real data.
@@ -247,16 +264,19 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False) -> int:
     shape = tuple(source.shape)
     spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM, shape)] + ([PHANTOM_EXTENT_MM[2] / 48] if len(shape) == 2 else [])
     affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])  # LAS
+    mr = source.spec.modality == "MR"
     for sid in source.ids:
         idx = int(sid.rsplit("_", 1)[1])
         s = render_volume(source.spec, idx, shape) if len(shape) == 3 else render_slice(source.spec, idx, shape)
         a = affine.copy()
         if len(shape) == 2:  # place the slice at its z position
             a[2, 3] = s["z"] * PHANTOM_EXTENT_MM[2] / 2
-        save_nifti(nib.Nifti1Image(np.round(s["image"]).astype(np.int16), a), dst / "imagesTr" / f"{sid}_0000.nii.gz")
+        img = s["image"].astype(np.float32) if mr else np.round(s["image"]).astype(np.int16)
+        save_nifti(nib.Nifti1Image(img, a), dst / "imagesTr" / f"{sid}_0000.nii.gz")
         save_nifti(nib.Nifti1Image(s["label"].astype(np.uint8), a), dst / "labelsTr" / f"{sid}.nii.gz")
-    meta = {"name": f"phantom_seed{source.spec.seed}", "description": "lightning_distill synthetic abdominal CT phantom",
-            "channel_names": {"0": "CT"}, "labels": {n: i for i, n in enumerate(CLASS_NAMES)},
+    desc = "MRI-like (T2-weighted-like)" if mr else "CT"
+    meta = {"name": f"phantom_seed{source.spec.seed}", "description": f"lightning_distill synthetic abdominal {desc} phantom",
+            "channel_names": {"0": "MR" if mr else "CT"}, "labels": {n: i for i, n in enumerate(CLASS_NAMES)},
             "numTraining": len(source.ids), "file_ending": ".nii.gz"}
     write_json(dst / "dataset.json", meta)
     return len(source.ids)

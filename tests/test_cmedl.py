@@ -1,0 +1,204 @@
+"""CMEDL: translator networks, gradient isolation, optimiser steps, data, CLI run and checkpoints."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_STUDENT
+from lightning_distill.methods.cmedl import CMEDLModule, default_hint_layers, hint_loss
+from lightning_distill.methods.translator import build_generator, lsgan_loss, patch_discriminator
+from lightning_distill.networks import build_network
+
+NAMES = ["background", "a", "b"]
+CMEDL = [*TINY_STUDENT, "distill.method=cmedl", "distill.prototypes=null", "cmedl.channels=8", "cmedl.blocks=2",
+         "cmedl.disc_channels=8", "cmedl.target.num_subjects=8", "cmedl.target.shape=[64,64]",
+         "cmedl.target.val_subjects=0", "cmedl.target.test_subjects=0", "cmedl.examples=2"]
+
+
+@pytest.mark.parametrize("name,kw", [("resnet", {"blocks": 2}), ("unet", {"depth": 4})])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_translator_output_shape_and_range(name, kw, dims):
+    torch.manual_seed(0)
+    g = build_generator(name, channels=4, spatial_dims=dims, **kw)
+    shape = (2, 1) + (32,) * dims
+    x = torch.rand(shape)
+    y = g(x * 3 - 1)  # even far outside [0, 1] the output stays in it
+    assert y.shape == x.shape
+    assert float(y.detach().min()) >= 0.0 and float(y.detach().max()) <= 1.0
+    d = patch_discriminator(channels=4, layers=3, spatial_dims=dims)
+    s = d(x)
+    assert s.shape[:2] == (2, 1) and all(n < 32 for n in s.shape[2:])
+
+
+def test_translator_factory_lists_valid_names_and_lsgan_targets():
+    with pytest.raises(KeyError, match=r"\['resnet', 'unet'\]"):
+        build_generator("pix2pixHD")
+    assert lsgan_loss(torch.ones(3), True) == 0 and lsgan_loss(torch.ones(3), False) == 1
+    with pytest.raises(ValueError, match="depth >= 2"):
+        build_generator("unet", depth=1)
+
+
+def test_hint_loss_and_default_layers():
+    s, t = [torch.ones(1, 2, 4, 4), torch.zeros(1, 3, 2, 2)], [torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2, 2)]
+    assert hint_loss(s, t) == pytest.approx(0.5)  # mean of MSE 1 and MSE 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        hint_loss([torch.ones(1, 2, 4, 4)], [torch.ones(1, 2, 2, 2)])
+    with pytest.raises(ValueError, match="one teacher feature per student feature"):
+        hint_loss([torch.ones(1)], [])
+    unet = build_network("Unet", 2, 1, 3)
+    assert default_hint_layers(unet) == ["decoder.blocks.3", "decoder.blocks.4"]
+    assert default_hint_layers(build_network("FPN", 2, 1, 3)) == ["segmentation_head:input"]
+
+
+def _module(translator=True, translator_seg=True, hint_weight=1.0):
+    torch.manual_seed(0)
+    net = lambda: build_network("Unet", 2, 1, 3, kwargs={"decoder_channels": [16, 8, 8, 8, 8]})  # noqa: E731
+    nets = {}
+    if translator:
+        nets = dict(g_ab=build_generator("resnet", channels=4, blocks=1), g_ba=build_generator("resnet", channels=4, blocks=1),
+                    d_a=patch_discriminator(channels=4), d_b=patch_discriminator(channels=4))
+    return CMEDLModule(net(), NAMES, teacher=net(), hint_weight=hint_weight, translator_seg=translator_seg,
+                       scheduler="none", **nets)
+
+
+def _batch(b=2, n=64):
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.rand(b, 1, n, n, generator=g), "label": torch.randint(0, 3, (b, 1, n, n), generator=g),
+            "image_b": torch.rand(b, 1, n, n, generator=g)}
+
+
+def _reaches(term, module):
+    params = list(module.parameters())
+    grads = torch.autograd.grad(term, params, allow_unused=True, retain_graph=True)
+    got = {id(p) for p, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
+    return {name for name in ("net", "teacher", "g_ab", "g_ba", "d_a", "d_b")
+            if getattr(module, name) is not None and any(id(p) in got for p in getattr(module, name).parameters())}
+
+
+@pytest.mark.parametrize("translator_seg", [True, False])
+def test_gradients_reach_only_the_intended_networks(translator_seg):
+    m = _module(translator_seg=translator_seg)
+    m.train()
+    terms = m.compute_terms(_batch())["terms"]
+    assert set(terms) == {"seg_dice", "seg_ce", "teacher_dice", "teacher_ce", "hint", "gan_g", "cycle", "gan_d"}
+    reach = {k: _reaches(v, m) for k, v in terms.items()}
+    # the student learns only from its own segmentation loss and the hint
+    assert reach["seg_dice"] == {"net"} and reach["seg_ce"] == {"net"}
+    assert reach["hint"] == {"net"}  # teacher features are detached in the hint
+    # the discriminators' loss reaches only the discriminators (fakes are detached)
+    assert reach["gan_d"] == {"d_a", "d_b"}
+    # the generators' adversarial term does not train the discriminators it goes through
+    assert reach["gan_g"] == {"g_ab", "g_ba"} and reach["cycle"] == {"g_ab", "g_ba"}
+    # the teacher's segmentation loss trains the teacher, and G_AB only when translator_seg
+    assert reach["teacher_dice"] == ({"teacher", "g_ab"} if translator_seg else {"teacher"})
+    assert all(p.requires_grad for p in m.parameters())  # the discriminators were unfrozen again
+
+
+def test_without_translator_the_teacher_sees_the_student_images():
+    m = _module(translator=False)
+    m.train()
+    out = m.compute_terms(_batch())
+    assert set(out["terms"]) == {"seg_dice", "seg_ce", "teacher_dice", "teacher_ce", "hint"}
+    assert _reaches(out["terms"]["hint"], m) == {"net"}
+    with pytest.raises(ValueError, match="all four translator networks"):
+        CMEDLModule(build_network("Unet", 2, 1, 3), NAMES, teacher=build_network("Unet", 2, 1, 3),
+                    g_ab=build_generator("resnet", channels=4, blocks=1))
+
+
+def _fit_args(out, *extra):
+    return ["fit", os.path.join(REPO, "experiments/student.yaml"), f"output_dir={out}", *CMEDL, *extra]
+
+
+def test_every_optimiser_steps_and_max_steps_counts_batches(tmp_path):
+    import lightning as L
+
+    from lightning_distill.config import load_config
+    from lightning_distill.train import build_datamodule, build_module
+
+    cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), CMEDL[:-1] + ["trainer.max_steps=3"])
+    L.seed_everything(0)
+    module = build_module(cfg, NAMES_PHANTOM())
+    dm = build_datamodule(cfg)
+    before = {k: [p.detach().clone() for p in getattr(module, k).parameters()] for k in ("net", "teacher", "g_ab", "g_ba", "d_a", "d_b")}
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 3 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3
+    for k, ps in before.items():
+        changed = sum(not torch.equal(a, b) for a, b in zip(ps, getattr(module, k).parameters()))
+        assert changed > 0.9 * len(ps), f"{k}: only {changed}/{len(ps)} parameter tensors changed"
+    opts = module.optimizers()
+    assert [len(o.optimizer.state) > 0 for o in opts] == [True, True, True]  # generators, discriminators, segmenters
+
+
+def NAMES_PHANTOM():
+    from lightning_distill.data.phantom import CLASS_NAMES
+
+    return list(CLASS_NAMES)
+
+
+def test_unpaired_batches_and_shape_mismatch(tmp_path):
+    from lightning_distill.config import load_config
+    from lightning_distill.train import build_datamodule
+
+    cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), CMEDL)
+    dm = build_datamodule(cfg)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image_b"].shape == batch["image"].shape and "label" in batch
+    assert all(i.startswith("phantom1_") for i in batch["id_b"])  # the target population (other subjects)
+    assert not set(dm.target_ids) & set(dm.train_ids)
+    bad = load_config(os.path.join(REPO, "experiments/student.yaml"), CMEDL + ["cmedl.target.shape=[32,32]"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        build_datamodule(bad).train_dataloader()
+
+
+def test_config_errors():
+    from lightning_distill.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="cmedl.translator"):
+        load_config(None, ["cmedl.translator=pix2pix"])
+    with pytest.raises(ConfigError, match="cycle_weight"):
+        load_config(None, ["cmedl.cycle_weigth=3"])
+    with pytest.raises(ConfigError, match="cmedl.target.source"):
+        load_config(None, ["cmedl.target.source=dicom"])
+
+
+def test_fit_through_the_cli_checkpoint_round_trip_and_resume(tmp_path):
+    import json
+
+    from lightning_distill.cli import main
+    from lightning_distill.inference import load_checkpoint, load_network
+    from lightning_distill.train import build_module
+
+    out = tmp_path / "cmedl"
+    assert main(_fit_args(out, "trainer.max_steps=4", "trainer.check_val_every_n_epoch=null",
+                          "trainer.val_check_interval=2")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 4 and res["test"]["dice_mean"] is not None and (out / "translations.png").stat().st_size > 1000
+    metrics = (out / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/hint", "train/gan_g", "train/gan_d", "train/cycle", "train/teacher_dice", "val/teacher_dice", "val/dice"):
+        assert key in metrics
+    # round trip: the checkpoint restores all five networks; the student alone predicts
+    ckpt, cfg = load_checkpoint(out / "checkpoints" / "last.ckpt")
+    fresh = build_module(cfg, NAMES_PHANTOM())
+    fresh.load_state_dict(ckpt["state_dict"])
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} >= {"net", "teacher", "g_ab", "g_ba", "d_a", "d_b"}
+    assert len(ckpt["optimizer_states"]) == 3
+    student = load_network(ckpt, cfg)
+    x = torch.rand(1, 1, 64, 64)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(student(x), fresh.net(x))
+        assert torch.equal(fresh.g_ab(x), fresh.g_ab(x)) and 0 <= float(fresh.g_ab(x).min())
+    # resume from the last checkpoint (optimizer states of all three optimisers) to 6 steps
+    import lightning as L
+
+    from lightning_distill.train import build_datamodule
+
+    module = build_module(cfg, NAMES_PHANTOM())
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=build_datamodule(cfg), ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+    assert trainer.global_step == 6
+    assert not torch.equal(module.g_ab.body[1].weight, fresh.g_ab.body[1].weight)  # the generator trained on

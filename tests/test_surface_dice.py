@@ -1,0 +1,188 @@
+"""Surface Dice (normalised surface distance) per case, in summaries, tables and a module's test run."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from lightning_distill.metrics import collect_cases, format_table, per_case_surface_dice, summarize
+
+from conftest import REPO, TINY_TEACHER
+
+
+def _square(shift: int = 0, size: int = 16) -> torch.Tensor:
+    """A ``(1, 1, size, size)`` label map: a 6x6 square of class 1 at rows 4..9, columns 4+shift..9+shift."""
+    m = torch.zeros(1, 1, size, size, dtype=torch.long)
+    m[..., 4:10, 4 + shift:10 + shift] = 1
+    return m
+
+
+def test_identical_masks_score_one():
+    sq = _square()
+    assert per_case_surface_dice(sq, sq, 2).tolist() == [[1.0]]
+
+
+def test_square_shifted_by_two_pixels_hand_computed():
+    # Boundary pixels (MONAI, no subvoxels: the mask minus its erosion) of a 6x6 square: 20.
+    # Ground truth G: rows 4..9 x columns 4..9; prediction P: the same shifted right by 2 (columns 6..11).
+    # Distances of P's boundary pixels to G's boundary (pixels, spacing 1):
+    #   top and bottom rows, columns 6..9: on G's top/bottom row            -> 0 (8 pixels)
+    #   top and bottom rows, columns 10, 11: nearest is G's corner (4|9, 9) -> 1, 2 (each row)
+    #   left column 6, rows 5..8: G's top/bottom row or G's left column 4   -> 1, 2, 2, 1
+    #   right column 11, rows 5..8: G's right column 9                      -> 2, 2, 2, 2
+    # Within 1 pixel: 8 + 2 + 2 = 12 of 20; by symmetry G -> P also 12 of 20.
+    # NSD = (12 + 12) / (20 + 20) = 0.6. With a tolerance >= 2 pixels every distance counts: 1.0.
+    pred, gt = _square(shift=2), _square()
+    assert per_case_surface_dice(pred, gt, 2).item() == pytest.approx(0.6)  # default: one voxel
+    assert per_case_surface_dice(pred, gt, 2, tolerance_mm=1.0).item() == pytest.approx(0.6)
+    assert per_case_surface_dice(pred, gt, 2, tolerance_mm=3.0).item() == pytest.approx(1.0)
+
+
+def test_tolerance_is_in_mm_and_follows_spacing():
+    pred, gt = _square(shift=2), _square()
+    # a fixed 1 mm tolerance: coarser pixels make the same 2-pixel shift larger in mm -> stricter
+    coarse = per_case_surface_dice(pred, gt, 2, spacing=[[2.0, 2.0]], tolerance_mm=1.0).item()
+    assert coarse == pytest.approx(0.4) and coarse < 0.6  # only the 8 zero distances per side count: 16/40
+    # anisotropic: the shift is along the last axis; at 0.5 mm there the shift is 1 mm -> within 1 mm
+    fine = per_case_surface_dice(pred, gt, 2, spacing=[[1.0, 0.5]], tolerance_mm=1.0).item()
+    assert fine == pytest.approx(1.0)
+    # default tolerance = one voxel = the case's largest spacing: isotropic scaling changes nothing
+    assert per_case_surface_dice(pred, gt, 2, spacing=[[2.0, 2.0]]).item() == pytest.approx(0.6)
+    # and the largest spacing (1 mm here) is used, not the smallest
+    assert per_case_surface_dice(pred, gt, 2, spacing=[[1.0, 0.5]]).item() == pytest.approx(1.0)
+
+
+def test_tolerance_is_per_case_when_spacing_differs_in_a_batch():
+    pred, gt = torch.cat([_square(shift=2)] * 2), torch.cat([_square()] * 2)
+    out = per_case_surface_dice(pred, gt, 2, spacing=[[1.0, 1.0], [2.0, 2.0]])
+    assert out[:, 0].tolist() == pytest.approx([0.6, 0.6])  # one voxel each
+    out = per_case_surface_dice(pred, gt, 2, spacing=[[1.0, 1.0], [2.0, 2.0]], tolerance_mm=1.0)
+    assert out[:, 0].tolist() == pytest.approx([0.6, 0.4])
+
+
+def test_absent_classes():
+    empty, sq = _square() * 0, _square()
+    # ground truth lacks the class: NaN whether or not it is predicted (MONAI gives 0 for a false positive)
+    assert math.isnan(per_case_surface_dice(sq, empty, 2).item())
+    assert math.isnan(per_case_surface_dice(empty, empty, 2).item())
+    # ground truth has it, prediction empty: 0
+    assert per_case_surface_dice(empty, sq, 2).item() == 0.0
+    # several classes, one case: class 2 absent from both -> NaN, class 1 perfect
+    three = per_case_surface_dice(sq, sq, 3)
+    assert three.shape == (1, 2) and three[0, 0] == 1.0 and math.isnan(three[0, 1])
+
+
+def test_3d_and_batch_shapes():
+    gt = torch.zeros(2, 1, 12, 12, 8, dtype=torch.long)
+    gt[:, :, 3:9, 3:9, 2:6] = 1
+    gt[1, :, 0:2, 0:2, 0:2] = 2
+    pred = gt.clone()
+    pred[0] = 0
+    pred[0, :, 3:9, 4:10, 2:6] = 1  # shifted by one voxel along the second axis
+    out = per_case_surface_dice(pred, gt, 3, spacing=[[1.0, 1.0, 2.0], [1.0, 1.0, 2.0]])
+    assert out.shape == (2, 2)
+    assert 0.0 < out[0, 0] <= 1.0 and math.isnan(out[0, 1])  # case 0 has no class 2
+    assert out[1].tolist() == [1.0, 1.0]
+    # a 1-voxel shift is within one voxel (2 mm, the largest spacing) -> 1; strict 0 mm tolerance -> less
+    assert out[0, 0] == pytest.approx(1.0)
+    assert per_case_surface_dice(pred[:1], gt[:1], 3, spacing=[[1.0, 1.0, 2.0]], tolerance_mm=0.0)[0, 0] < 1.0
+
+
+def test_summaries_cases_and_table_carry_surface_dice():
+    organs = ["liver", "spleen"]
+    dice = torch.tensor([[0.9, float("nan")], [0.7, 0.5]])
+    hd = torch.tensor([[2.0, float("nan")], [4.0, 6.0]])
+    sd = torch.tensor([[0.8, float("nan")], [0.6, 0.4]])
+    s = summarize(dice, hd, organs, surface_dice=sd)
+    assert s["surface_dice"] == {"liver": pytest.approx(0.7), "spleen": pytest.approx(0.4)}
+    assert s["surface_dice_mean"] == pytest.approx(0.55)
+    assert "surface_dice" not in summarize(dice, hd, organs) and "surface_dice_mean" not in summarize(dice, None, organs)
+    cases = collect_cases(["a", "b"], dice, hd, organs, surface_dice=sd)
+    assert cases[0]["surface_dice"] == {"liver": pytest.approx(0.8), "spleen": None}
+    assert "surface_dice" not in collect_cases(["a", "b"], dice, hd, organs)[0]
+    table = format_table(s, "t")
+    assert "| organ | Dice | surface Dice | HD95 (mm) |" in table and "| spleen | 0.500 | 0.400 | 6.0 |" in table
+    assert "**0.550**" in table
+    old = format_table(summarize(dice, hd, organs))
+    assert "surface Dice" not in old and "| organ | Dice | HD95 (mm) |" in old
+    assert all(ln.count("|") == table.splitlines()[1].count("|") for ln in table.splitlines()[1:])
+
+
+def test_module_test_run_reports_surface_dice(tmp_path):
+    """A tiny untrained 3D teacher tested on phantom data: surface Dice in the summary, per case and logged."""
+    import lightning as L
+
+    from lightning_distill.config import load_config
+    from lightning_distill.train import build_datamodule, build_module, build_source, class_names
+
+    cfg = load_config(os.path.join(REPO, "experiments/teacher.yaml"),
+                      [f"output_dir={tmp_path}", *TINY_TEACHER, "surface_tolerance_mm=2.5"])
+    source = build_source(cfg)
+    names = class_names(cfg, source)
+    module = build_module(cfg, names)
+    assert module.hparams.surface_tolerance == 2.5
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.test(module, datamodule=build_datamodule(cfg, source), verbose=False)
+    s = module.test_summary
+    assert set(s["surface_dice"]) == set(s["dice"]) and "surface_dice_mean" in s
+    assert all(v is None or 0.0 <= v <= 1.0 for v in s["surface_dice"].values())
+    assert s["cases"] and all(set(c["surface_dice"]) == set(c["dice"]) for c in s["cases"])
+    for c in s["cases"]:  # absent classes agree with Dice
+        assert all((c["dice"][o] is None) == (c["surface_dice"][o] is None) for o in c["dice"])
+    assert "test/surface_dice" in trainer.callback_metrics
+
+
+def test_benchmark_report_shows_surface_dice_and_hd95_per_setting(tmp_path, monkeypatch):
+    """Surface Dice and HD95 (mean ± std over seeds) per setting; records without surface Dice show n/a."""
+    import lightning_distill.train as train
+    from lightning_distill.benchmark import Benchmark, load_benchmark
+
+    from test_benchmark import GRID, _bench_yaml
+
+    def fake_fit(cfg, source=None):
+        seed, frac = int(cfg.seed), float(cfg.data.train_fraction)
+        score = 0.5 + 0.1 * frac + (0.02 if cfg.distill.weight else 0.0)
+        test = {"dice": {"liver": score, "spleen": score}, "dice_mean": score, "hd95_mean": 3.0 + seed, "num_cases": 2}
+        if frac == 1.0:  # the other runs stand for records written before surface Dice existed
+            test.update(surface_dice={"liver": 0.4 + 0.1 * seed, "spleen": 0.4 + 0.1 * seed}, surface_dice_mean=0.4 + 0.1 * seed)
+        cases = [{"id": f"c{i}", "dice": {"liver": score, "spleen": score}} for i in range(2)]
+        return {"test": test, "test_cases": cases, "train_subjects": int(10 * frac), "steps": 1, "wall_time_s": 0.1,
+                "val": {"dice_best": score}, "version": "test"}
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    monkeypatch.setattr(Benchmark, "_source", lambda self, cfg: None)
+    grid_yaml = _bench_yaml(tmp_path, GRID.replace(f"student: {{config: {REPO}/experiments/student.yaml}}\n", ""))
+    cfg, base = load_benchmark(grid_yaml, [f"output_dir={tmp_path}/b", f"report={tmp_path}/r.md", "bootstrap=20"])
+    b = Benchmark(cfg, base)
+    b.run(log=lambda *_: None)
+    text = b.write_report().read_text()
+    lines = text.splitlines()
+    i = lines.index("### Surface Dice and HD95 per setting (own test split)")
+    assert "(tolerance one voxel = the case's largest spacing)" in lines[i + 2]
+    table = lines[i + 4:i + 4 + 2 + 8]
+    assert table[0] == ("| arch | fraction (subjects) | baseline surface Dice | baseline HD95 (mm) | "
+                        "kd surface Dice | kd HD95 (mm) |")
+    assert all(ln.count("|") == table[0].count("|") for ln in table)
+    assert "| Unet | 1 (10) | 0.450 ± 0.071 | 3.5 ± 0.7 | 0.450 ± 0.071 | 3.5 ± 0.7 |" in table
+    assert "| Unet | 0.1 (1) | n/a | 3.5 ± 0.7 | n/a | 3.5 ± 0.7 |" in table
+    assert "surface Dice (mean ± std) | HD95 mm (mean ± std) |" in text  # the per-organ table
+    assert "Surface Dice (normalised surface distance)" in text and "use Dice only" in text
+
+
+def test_compare_table_adds_surface_dice_when_recorded(tmp_path):
+    import json
+
+    from lightning_distill.report import compare_table
+
+    old = {"test": {"dice": {"liver": 0.8}, "dice_mean": 0.8, "hd95": {"liver": 3.0}, "hd95_mean": 3.0, "num_cases": 2}}
+    new = json.loads(json.dumps(old))
+    new["test"].update(surface_dice={"liver": 0.7}, surface_dice_mean=0.7)
+    for name, r in (("old", old), ("new", new)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    assert "surface Dice" not in compare_table([tmp_path / "old"])
+    text = compare_table([tmp_path / "old", tmp_path / "new"])
+    assert "| surface Dice | old | new |" in text and "| liver | n/a | 0.700 |" in text
+    assert text.index("| Dice |") < text.index("| surface Dice |") < text.index("| HD95 (mm) |")
