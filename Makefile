@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-chaos benchmark bench-chaos bench-speed clean
+.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ $(SIKD_TEACHER): | $(STAMP)
 train-sikd: $(STAMP) $(SIKD_TEACHER) ## SIKD on the phantom: teacher on class-mean slices (first use), then the student
 	$(BIN)/lightning-distill fit experiments/sikd.yaml distill.teacher=$(SIKD_TEACHER) $(ARGS)
 
+train-cmedl: $(STAMP) ## CMEDL on the phantom: CT student, MRI teacher on pseudo-MRI, translator, all at once (~10 min)
+	$(BIN)/lightning-distill fit experiments/cmedl.yaml $(ARGS)
+
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache
 
@@ -65,6 +68,9 @@ benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom, 
 
 bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~30 min) -> docs/benchmarks/chaos.md
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos.yaml $(ARGS)
+
+bench-cmedl: $(STAMP) ## CMEDL vs the plain CT model on the two-modality phantom (~25 min) -> docs/benchmarks/cmedl.md
+	$(BIN)/lightning-distill benchmark experiments/benchmarks/cmedl.yaml $(ARGS)
 
 bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~3 min) -> docs/performance.md
 	$(BIN)/python experiments/bench_speed.py --out docs/performance.md $(ARGS)

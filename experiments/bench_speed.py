@@ -9,7 +9,9 @@ median over ``--steps`` rounds is reported as a ratio to the baseline.
 Variants: ``baseline`` (segmentation loss only), ``prototype-dist`` (the core method: the student's
 batch prototypes against a K x K bank, no teacher network), ``pixel-dist`` (classic pixel-wise DIST
 with a paired 2D teacher of the same architecture, run under ``no_grad`` every step), ``sikd``
-(class-mean image + frozen same-architecture teacher forward + feature MSE through hooks).
+(class-mean image + frozen same-architecture teacher forward + feature MSE through hooks), ``cmedl``
+(the whole concurrent update: two generators and two PatchGANs of ``experiments/cmedl.yaml``, the
+teacher on pseudo-MRI, the hint, three optimiser steps; its batches carry unpaired MRI-like images).
 
 Also measured: throughput of the slice (student) and volume (teacher) training loaders, cold (first
 pass, which renders/decodes and caches) and warm (cached), against what a training step consumes
@@ -40,11 +42,11 @@ sys.path.insert(0, str(REPO))
 from lightning_distill import __version__  # noqa: E402
 from lightning_distill.config import load_config  # noqa: E402
 from lightning_distill.io import atomic_write  # noqa: E402
-from lightning_distill.methods import PixelDistModule, SIKDModule  # noqa: E402
+from lightning_distill.methods import CMEDLModule, PixelDistModule, SIKDModule  # noqa: E402
 from lightning_distill.networks import head_module_name  # noqa: E402
 from lightning_distill.modules import SegmentationModule, StudentModule  # noqa: E402
 from lightning_distill.prototypes import Bank  # noqa: E402
-from lightning_distill.train import build_datamodule, build_net, build_source, class_names  # noqa: E402
+from lightning_distill.train import build_cmedl, build_datamodule, build_net, build_source, class_names  # noqa: E402
 
 TARGETS = {"prototype-dist": 1.05, "sikd": 1.6}  # step-time ratios to the baseline asked for by the issues
 LOADER_TARGET = 5.0  # loader throughput / training consumption
@@ -69,7 +71,18 @@ def _synthetic_bank(names: List[str]) -> Bank:
     return Bank(prototypes=p, counts=torch.ones(k), class_names=names, tau=1.0, space="prob", meta={"path": "synthetic"})
 
 
-VARIANTS = ("baseline", "prototype-dist", "pixel-dist", "sikd")
+VARIANTS = ("baseline", "prototype-dist", "pixel-dist", "sikd", "cmedl")
+
+
+def cmedl_config(cfg):
+    """``cfg`` (the student's) with CMEDL on: the translator of ``experiments/cmedl.yaml``, MRI-like
+    target slices of the student's shape. Its batches serve every variant (the others ignore ``image_b``)."""
+    c = load_config(REPO / "experiments/cmedl.yaml").cmedl
+    out = cfg.copy()
+    out.distill.method, out.distill.prototypes = "cmedl", None
+    out.cmedl = c
+    out.cmedl.target.shape = list(cfg.data.shape)
+    return out
 
 
 def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, SegmentationModule]:
@@ -84,6 +97,7 @@ def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, Segmenta
                                               distill_weight=1.0, **common),
         "sikd": lambda: SIKDModule(build_net(cfg, len(names)), names, teacher=build_net(no_skip, len(names)),
                                    feature_layer=head_module_name(cfg.model.name), distill_weight=2.0, **common),
+        "cmedl": lambda: build_cmedl(cmedl_config(cfg), build_net(cfg, len(names)), names, common),
     }
     variants = {}
     for name in VARIANTS:
@@ -95,7 +109,7 @@ def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, Segmenta
 
 def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rounds: int, warmup: int = 3):
     """Round-robin over variants; returns ``{name: [step seconds]}``."""
-    opts = {n: m.make_optimizer() for n, m in variants.items()}
+    steps = {n: _stepper(m) for n, m in variants.items()}
     for m in variants.values():
         m.train()
     times: Dict[str, List[float]] = {n: [] for n in variants}
@@ -103,14 +117,26 @@ def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rou
         batch = batches[r % len(batches)]
         for name, module in variants.items():
             t = time.perf_counter()
-            opts[name].zero_grad(set_to_none=True)
-            loss = module.model_step(batch, train=True)["loss"]
-            loss.backward()
-            opts[name].step()
+            steps[name](batch)
             dt = time.perf_counter() - t
             if r >= warmup:
                 times[name].append(dt)
     return times
+
+
+def _stepper(module: SegmentationModule) -> Callable[[Dict], None]:
+    """One training step of ``module`` on a batch: forward, every loss term, backward, optimiser step(s)."""
+    if isinstance(module, CMEDLModule):
+        opts = module.configure_optimizers()  # [generators, discriminators, segmenters] (scheduler "none")
+        return lambda batch: module.update(batch, *opts)
+    opt = module.make_optimizer()
+
+    def step(batch: Dict) -> None:
+        opt.zero_grad(set_to_none=True)
+        module.model_step(batch, train=True)["loss"].backward()
+        opt.step()
+
+    return step
 
 
 def memory_of(name: str, student: str, overrides, steps: int = 3) -> None:
@@ -118,7 +144,7 @@ def memory_of(name: str, student: str, overrides, steps: int = 3) -> None:
     cfg = load_config(student, overrides)
     src = build_source(cfg)
     names = class_names(cfg, src)
-    dm = build_datamodule(cfg, src)
+    dm = build_datamodule(cmedl_config(cfg) if name == "cmedl" else cfg, src)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     module = build_variants(cfg, names, only=name)[name]
@@ -177,7 +203,7 @@ def main(argv=None) -> int:
     scfg = load_config(args.student, args.overrides)
     ssrc = build_source(scfg)
     names = class_names(scfg, ssrc)
-    sdm = build_datamodule(scfg, ssrc)
+    sdm = build_datamodule(cmedl_config(scfg), ssrc)  # batches with unpaired image_b for CMEDL
     sdm.setup()
     batches = [b for _, b in zip(range(4), sdm.train_dataloader())]
     variants = build_variants(scfg, names)
@@ -235,8 +261,11 @@ def render(args, scfg, tcfg, rows, loaders, t_step, wall) -> str:
     L += ["", "- `prototype-dist` never runs a teacher: its extra cost is a class-masked mean of the softmax and two "
           "K×K Pearson terms. `pixel-dist` runs a same-size 2D teacher forward pass (no backward) every step and "
           "needs paired 2D teacher inputs. `sikd` builds the class-mean image and runs its (skip-less) teacher forward "
-          "every step, then an MSE on the penultimate features found through forward hooks. CMEDL joins this table "
-          "when it lands.",
+          "every step, then an MSE on the penultimate features found through forward hooks. `cmedl` trains five "
+          "networks at once: G_AB and G_BA (four generator passes for the cycle), two PatchGANs (generator and "
+          "discriminator passes), the teacher on pseudo-MRI and the student, with three optimiser steps; its "
+          "translator is `experiments/cmedl.yaml`'s (ResNet generator, width "
+          f"{load_config(REPO / 'experiments/cmedl.yaml').cmedl.channels}).",
           "- Memory: each variant alone in a fresh process (same config, one batch, 3 steps): peak resident memory "
           "(Linux `VmHWM`, which includes the Python runtime, libraries and the loaded data) and how much the training "
           "steps add to the peak reached after building the data and the networks (activations, gradients, "

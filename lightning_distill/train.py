@@ -101,7 +101,11 @@ def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
                   splits=OmegaConf.to_container(d.splits) if d.splits else None)
     if uses_target(cfg):
         t = cfg.cmedl.target
-        target = target or build_source(target_config(cfg))
+        if target is None:
+            tcfg = target_config(cfg)
+            if not tcfg.classes:  # the target's labels are not used; NIfTI reading still maps them to classes
+                tcfg.classes = list(source.class_names)
+            target = build_source(tcfg)
         return UnpairedDataModule(source, target, target_val_subjects=t.val_subjects, target_test_subjects=t.test_subjects,
                                   target_fraction=t.train_fraction, target_split_seed=t.split_seed,
                                   target_splits=OmegaConf.to_container(t.splits) if t.splits else None, **common)

@@ -273,3 +273,33 @@ def test_quick_benchmark_with_two_parallel_jobs(tmp_path):
     keys = [r["key"] for r in records if r["kind"] == "student"]
     assert len(keys) == len(set(keys)) == total
     assert f"**{total} of {total} student runs finished**" in (Path(f"{out}-quick") / "report.md").read_text()
+
+
+CMEDL_BENCH = os.path.join(REPO, "experiments/benchmarks/cmedl.yaml")
+
+
+def test_cmedl_grid_is_valid_and_pairs_cmedl_with_the_plain_model():
+    cfg, base = load_benchmark(CMEDL_BENCH)
+    runs = grid(cfg)
+    assert len(runs) == 2 * 2 * 3 and sorted(set(r.seed for r in runs)) == [0, 1, 2]
+    b = Benchmark(cfg, base)
+    for r in runs:
+        c = b.run_config(r)
+        assert c.distill.method == ("cmedl" if r.method == "cmedl" else "prototype")
+        assert c.data.phantom.modality == "CT" and c.cmedl.target.phantom.modality == "MR"
+        assert c.data.phantom.seed != c.cmedl.target.phantom.seed  # unpaired: other subjects
+        assert (c.distill.weight == 0) == (r.method == "baseline")
+
+
+@pytest.mark.slow
+def test_quick_cmedl_benchmark_reports_three_metrics_and_translated_images(tmp_path):
+    from lightning_distill.cli import main
+
+    out = tmp_path / "cmedl"
+    assert main(["benchmark", CMEDL_BENCH, "--quick", f"output_dir={out}", "seeds=[0]"]) == 0
+    report = (Path(f"{out}-quick") / "report.md").read_text()
+    assert "Surface Dice and HD95 per setting" in report and "cmedl_translations.png" in report
+    assert (Path(f"{out}-quick") / "img" / "cmedl_translations.png").stat().st_size > 1000
+    records = [r for r in read_records(Path(f"{out}-quick") / "results.jsonl") if r["kind"] == "student"]
+    assert {r["method"] for r in records} == {"baseline", "cmedl"}
+    assert all(r["test"].get("surface_dice_mean") is not None for r in records)

@@ -31,7 +31,7 @@ Logged terms: ``train/seg_dice``, ``train/seg_ce`` (student), ``train/teacher_di
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,34 +183,51 @@ class CMEDLModule(SegmentationModule):
                 "cycle": h.cycle_weight, "identity": h.identity_weight}
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: Dict, batch_idx: int):
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        opt_seg = opts[-1]
+    def update(self, batch: Dict, opt_g, opt_d, opt_seg, backward: Optional[Callable] = None,
+               step: Optional[Callable] = None, step_seg: Optional[Callable] = None) -> Dict:
+        """One CMEDL update: generators and segmenters on the weighted sum, then the discriminators.
+
+        ``opt_g`` and ``opt_d`` are ``None`` without a translator. ``backward(loss)`` defaults to
+        ``loss.backward()``, ``step(opt)`` and ``step_seg(opt)`` to ``opt.step()`` (the training step
+        passes Lightning's manual backward and steps; the speed benchmark plain torch optimisers).
+        Returns ``compute_terms``' dict with the total ``loss``.
+        """
+        backward = backward or (lambda loss: loss.backward())
+        step = step or (lambda o: o.step())
+        step_seg = step_seg or step
         out = self.compute_terms(batch)
         terms = out["terms"]
         w = self.term_weights()
         loss = sum(w[k] * v for k, v in terms.items() if k in w and w[k] != 0.0)
-        gen_opts = [opts[0], opt_seg] if self.translate else [opt_seg]
-        for o in gen_opts:
-            o.zero_grad()
-        self.manual_backward(loss)
+        for o in (opt_g, opt_seg):
+            if o is not None:
+                o.zero_grad()
+        backward(loss)
+        if opt_g is not None:
+            step(opt_g)
+        step_seg(opt_seg)
         if self.translate:
-            self._step_uncounted(opts[0])
-        opt_seg.step()  # the one counted step: trainer.global_step / max_steps count training batches
-        if self.translate:
-            opt_d = opts[1]
             opt_d.zero_grad()
-            self.manual_backward(terms["gan_d"])
-            self._step_uncounted(opt_d)
+            backward(terms["gan_d"])
+            step(opt_d)
+        out["loss"] = loss
+        return out
+
+    def training_step(self, batch: Dict, batch_idx: int):
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        opt_g, opt_d = (opts[0], opts[1]) if self.translate else (None, None)
+        # the segmenters' step is the one Lightning counts: trainer.global_step / max_steps count batches
+        out = self.update(batch, opt_g, opt_d, opts[-1], backward=self.manual_backward, step=self._step_uncounted,
+                          step_seg=lambda o: o.step())
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
         bs = batch["image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for k, v in terms.items():
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        for k, v in out["terms"].items():
             self.log(f"train/{k}", v, batch_size=bs)
-        return {"loss": loss.detach(), "logits": out["logits"].detach()}
+        return {"loss": out["loss"].detach(), "logits": out["logits"].detach()}
 
     def _step_uncounted(self, opt) -> None:
         """Step a Lightning-wrapped optimizer through the strategy (precision plugin, gradient scaler)
