@@ -91,15 +91,16 @@ def target_config(cfg: DictConfig) -> DictConfig:
 
 
 def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
-                     target: Optional[SubjectSource] = None) -> SegmentationDataModule:
-    """The run's data module; with CMEDL, training batches also carry unpaired ``image_b`` of ``cmedl.target``."""
+                     target: Optional[SubjectSource] = None, training: bool = True) -> SegmentationDataModule:
+    """The run's data module; with CMEDL, training batches also carry unpaired ``image_b`` of
+    ``cmedl.target`` (``training=False``: evaluation only, the target data are not needed)."""
     source = source or build_source(cfg)
     d = cfg.data
     common = dict(batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
                   train_fraction=d.train_fraction, train_subjects=d.train_subjects, split_seed=d.split_seed,
                   num_workers=d.num_workers, augment=d.augment, patch_size=d.patch_size, eval_batch_size=d.eval_batch_size,
                   splits=OmegaConf.to_container(d.splits) if d.splits else None)
-    if uses_target(cfg):
+    if training and uses_target(cfg):
         t = cfg.cmedl.target
         if target is None:
             tcfg = target_config(cfg)
@@ -309,7 +310,7 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
         from lightning_distill.data.datamodules import subject_of
 
         cfg.data.splits = {"train": [], "val": [], "test": sorted({subject_of(i) for i in source.ids})}
-    dm = build_datamodule(cfg, source)
+    dm = build_datamodule(cfg, source, training=False)
     module = SegmentationModule(load_network(ckpt, cfg), names, input_transform=cfg.input_transform,
                                 roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg),
                                 surface_tolerance=cfg.surface_tolerance_mm)

@@ -191,6 +191,10 @@ def test_fit_through_the_cli_checkpoint_round_trip_and_resume(tmp_path):
     with torch.no_grad():
         assert torch.equal(student(x), fresh.net(x))
         assert torch.equal(fresh.g_ab(x), fresh.g_ab(x)) and 0 <= float(fresh.g_ab(x).min())
+    # evaluating the student needs neither the translator nor the teacher's modality data
+    assert main(["test", res["checkpoint"], "--out", str(tmp_path / "eval.json"),
+                 "cmedl.target.source=nifti", f"cmedl.target.nifti.root={tmp_path / 'absent'}"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["test"]["dice_mean"] == pytest.approx(res["test"]["dice_mean"])
     # resume from the last checkpoint (optimizer states of all three optimisers) to 6 steps
     import lightning as L
 
@@ -221,3 +225,27 @@ def test_target_modality_from_nifti_files(tmp_path):
     b = batch["image_b"]
     assert len(dm.target_ids) == 6 and b.std() > 0.05
     assert -0.3 < float(b.min()) and float(b.max()) < 1.3  # percentile-normalised to [0, 1], then augmented
+
+
+TINY_CMEDL = [o for o in CMEDL if not o.startswith(("distill.", "cmedl.target.shape"))] + ["cmedl.target.shape=[64,64]"]
+
+
+@pytest.mark.parametrize("setting,student,teacher,translate", [
+    ("cmedl.yaml", "CT", "MR", True),         # informative teacher: MRI teaches CT
+    ("cmedl_weak.yaml", "MR", "CT", True),    # weak teacher: CT teaches MRI
+    ("cmedl_equal.yaml", "MR", "MR", False),  # equal teacher: MRI teaches MRI
+])
+def test_paper_settings_fast_dev_run(tmp_path, setting, student, teacher, translate):
+    import json
+
+    from lightning_distill.cli import main
+    from lightning_distill.config import load_config
+
+    path = os.path.join(REPO, "experiments", setting)
+    cfg = load_config(path, TINY_CMEDL)
+    assert (cfg.data.phantom.modality, cfg.cmedl.target.phantom.modality) == (student, teacher)
+    assert (cfg.cmedl.translator != "none") == translate and cfg.distill.method == "cmedl"
+    out = tmp_path / "run"
+    assert main(["fit", path, f"output_dir={out}", *TINY_CMEDL, "trainer.fast_dev_run=true"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["test"]["num_cases"] > 0 and (out / "translations.png").is_file()
