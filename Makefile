@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed clean
+.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ install: $(STAMP) ## create .venv and install the package with its test tools (f
 
 test: $(STAMP) ## run the fast test suite (slow tests deselected)
 	$(BIN)/python -m pytest -m "not slow" -q
+
+test-notebooks: $(STAMP) ## execute every notebook in notebooks/ (also part of make test)
+	$(BIN)/python -m pytest -q tests/test_notebooks.py
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(BIN)/python -m pytest -q
@@ -68,6 +71,19 @@ benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom, 
 
 bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~30 min) -> docs/benchmarks/chaos.md
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos.yaml $(ARGS)
+
+SWEEP ?= experiments/sweeps/student.yaml
+SWEEP_ID ?=
+
+sweep: $(STAMP) ## create a W&B sweep from SWEEP on your configured W&B server (prints its id)
+	WANDB_MODE=online $(BIN)/wandb sweep $(SWEEP)
+
+agent: $(STAMP) ## run a W&B agent for SWEEP_ID=entity/project/id (trials log online to the server)
+	@test -n "$(SWEEP_ID)" || { echo "usage: make agent SWEEP_ID=entity/project/sweep_id (from make sweep)"; exit 2; }
+	PATH="$(abspath $(BIN)):$$PATH" WANDB_MODE=online $(BIN)/wandb agent $(SWEEP_ID)
+
+sweep-local: $(STAMP) ## run COUNT trials of SWEEP here without a W&B server -> runs/sweeps/<name>/results.md
+	$(BIN)/lightning-distill sweep --local $(SWEEP) --count $(or $(COUNT),4) $(ARGS)
 
 bench-cmedl: $(STAMP) ## CMEDL vs the plain CT model on the two-modality phantom (~25 min) -> docs/benchmarks/cmedl.md
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/cmedl.yaml $(ARGS)

@@ -203,7 +203,37 @@ def write_report(cfg: DictConfig, records: Sequence[Dict[str, Any]], command: st
     from lightning_distill.io import atomic_write
 
     atomic_write(report, lambda tmp: Path(tmp).write_text(text))
+    write_runs_csv(tab, report.parent / "data" / f"{cfg.name}_runs.csv")
     return report
+
+
+def write_runs_csv(tab: Table, path: Path) -> Path:
+    """One row per finished student run and test set: the setting, the seed and the run's summary
+    metrics (mean and per-organ Dice; surface Dice and HD95 where recorded), for notebooks and
+    spreadsheets (``notebooks/03_benchmark_comparison.ipynb``)."""
+    import csv
+    import io
+
+    from lightning_distill.io import atomic_write
+
+    cols = ["benchmark", "test_set", "method", "arch", "fraction", "train_subjects", "seed", "dice_mean",
+            "surface_dice_mean", "hd95_mean", *[f"dice_{o}" for o in tab.organs]]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in sorted(tab.students, key=lambda r: (r["method"], r["arch"], float(r["fraction"]), r["seed"])):
+        for ts in tab.test_sets:
+            t = _test_of(r, ts)
+            if t is None:
+                continue
+            test = t["test"]
+            row = {"benchmark": tab.cfg.name, "test_set": ts, "method": r["method"], "arch": r["arch"],
+                   "fraction": r["fraction"], "train_subjects": r["train_subjects"], "seed": r["seed"],
+                   **{k: test.get(k) for k in ("dice_mean", "surface_dice_mean", "hd95_mean")},
+                   **{f"dice_{o}": (test.get("dice") or {}).get(o) for o in tab.organs}}
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    return path
 
 
 def translation_example(tab: Table) -> Optional[Tuple[Dict[str, Any], Path]]:

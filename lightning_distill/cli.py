@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
     b.add_argument("--max-runs", type=int, help="stop after this many new student runs (the rest resume next time)")
     b.add_argument("--jobs", type=int, help="student runs at once, each in its own process (default: the YAML's `jobs`)")
+    sw = sub.add_parser("sweep", help="check a W&B sweep YAML, or run its trials here without a W&B server (--local)")
+    sw.add_argument("sweep", help="W&B sweep YAML, e.g. experiments/sweeps/student.yaml")
+    sw.add_argument("overrides", nargs="*", help="key=value overrides appended to every trial (e.g. trainer.max_steps=100)")
+    sw.add_argument("--local", action="store_true", help="sample the sweep's space here and run the trials one by one")
+    sw.add_argument("--count", type=int, help="trials (random/bayes: required; grid: at most this many)")
+    sw.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    sw.add_argument("--out", help="folder of the trials and results.md (default: runs/sweeps/<sweep name>)")
+    sw.add_argument("--dry-run", action="store_true", help="print the trial command lines only")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -170,8 +178,28 @@ def _phantom(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from lightning_distill.sweep import command_for, load_sweep, run_local, sample
+
+    sweep = load_sweep(args.sweep)
+    if not args.local:
+        points = sample(sweep, args.count or (None if sweep["method"] == "grid" else 1), args.seed)
+        print(f"{args.sweep}: valid {sweep['method']} sweep of {len(sweep['parameters'])} parameters, metric "
+              f"{sweep['metric']['name']} ({sweep['metric']['goal']}); an agent would run e.g.:\n  "
+              + " ".join(command_for(sweep, points[0])))
+        print("With a W&B server: make sweep SWEEP=FILE, then make agent SWEEP_ID=...; without: add --local --count N")
+        return 0
+    out = args.out or str(Path("runs") / "sweeps" / str(sweep.get("name") or Path(args.sweep).stem))
+    records = run_local(args.sweep, args.count, out, seed=args.seed, extra=args.overrides, dry_run=args.dry_run)
+    if records:
+        print(f"results: {Path(out) / 'results.md'}")
+    return 0 if all(r["returncode"] == 0 for r in records) else 1
+
+
 _COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
-             "report": _report, "phantom": _phantom, "benchmark": _benchmark}
+             "report": _report, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep}
 
 
 if __name__ == "__main__":

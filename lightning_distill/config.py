@@ -192,7 +192,8 @@ class RunConfig:
     output_dir: str = "runs/student"
     seed: int = 0
     classes: Optional[List[str]] = None  # default: the data source's class names
-    logger: str = "csv"  # csv | wandb | none
+    logger: str = "csv"  # csv | wandb (offline unless WANDB_MODE says otherwise) | tensorboard (if installed) | none
+    pictures: int = 4  # validation samples drawn as overlays after each validation (0: no pictures)
     input_transform: str = "none"  # none | class_mean (SIKD teacher: train and test on class-wise averaged images)
     val_hd95: bool = False
     surface_tolerance_mm: Optional[float] = None  # surface Dice tolerance (mm); None = one voxel (the largest spacing)
@@ -207,7 +208,7 @@ class RunConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-_CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"),
+_CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorboard", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"),
             "data.nifti.layout": ("auto", "nnunet", "msd", "folder"), "data.nifti.unmapped": ("background", "ignore", "error"),
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),
             "data.phantom.modality": ("CT", "MR"),

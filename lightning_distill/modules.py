@@ -183,13 +183,11 @@ class SegmentationModule(L.LightningModule):
         summary = summarize(dice, hd, self.organs, surface_dice=sd)
         summary["cases"] = collect_cases([r["id"] for r in rows], dice, hd, self.organs, surface_dice=sd)
         self.test_summary = summary
-        self.log("test/dice", summary["dice_mean"] if summary["dice_mean"] is not None else float("nan"))
-        self.log("test/hd95", summary["hd95_mean"] if summary["hd95_mean"] is not None else float("nan"))
-        self.log("test/surface_dice",
-                 summary["surface_dice_mean"] if summary["surface_dice_mean"] is not None else float("nan"))
-        for o in self.organs:
-            v = summary["dice"][o]
-            self.log(f"test/dice_{o}", float("nan") if v is None else v)
+        nan = lambda v: float("nan") if v is None else v  # noqa: E731
+        for metric in ("dice", "hd95", "surface_dice"):  # test/dice, test/dice_liver, test/hd95_liver, ...
+            self.log(f"test/{metric}", nan(summary[f"{metric}_mean"]))
+            for o in self.organs:
+                self.log(f"test/{metric}_{o}", nan(summary[metric][o]))
 
     def predict_step(self, batch: Dict, batch_idx: int):
         if self.hparams.input_transform != "none":

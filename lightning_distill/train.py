@@ -209,16 +209,41 @@ def _default_trainer_args() -> Dict[str, Any]:
 
 
 def _logger(cfg: DictConfig, out: Path):
+    """The run's logger. W&B runs offline (``<output_dir>/wandb/offline-run-*``) unless the user set
+    ``WANDB_MODE`` (e.g. ``online`` with a configured server); the project is ``WANDB_PROJECT`` or
+    ``lightning_distill``; the resolved config is the run's config (a plain dict)."""
     if cfg.logger == "none":
         return False
     if cfg.logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
         os.environ.setdefault("WANDB_MODE", "offline")
-        return WandbLogger(save_dir=str(out), project="lightning_distill", config=to_dict(cfg))
+        return WandbLogger(save_dir=str(out), project=os.environ.get("WANDB_PROJECT", "lightning_distill"),
+                           name=out.name, config=to_dict(cfg))
+    if cfg.logger == "tensorboard":
+        import importlib.util
+
+        if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+            raise ValueError("logger=tensorboard needs the tensorboard package (pip install tensorboard); "
+                             "logger=csv and logger=wandb need nothing extra")
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(out), name="", version="tensorboard")
     from lightning.pytorch.loggers import CSVLogger
 
     return CSVLogger(save_dir=str(out), name="", version="logs")
+
+
+def _finish_logger(logger, files: Dict[str, Optional[str]], is_global_zero: bool) -> None:
+    """W&B: log ``files`` (``{artifact type: path}``) as artifacts, then close the run (a later
+    ``fit`` in the same process starts its own)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger) and is_global_zero:
+        from lightning_distill.visuals import log_artifacts
+
+        log_artifacts(logger, files, logger.experiment.name or "run")
+        logger.experiment.finish()
 
 
 def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, Any]:
@@ -251,6 +276,10 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
                            save_top_k=1, save_last=cfg.checkpoint.save_last, auto_insert_metric_name=False,
                            save_weights_only=cfg.checkpoint.weights_only)
     callbacks = [bank_cb, ckpt]
+    if cfg.pictures > 0:
+        from lightning_distill.visuals import RunPictures
+
+        callbacks.append(RunPictures(out, names, num_samples=cfg.pictures))
     logger = _logger(cfg, out)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -275,8 +304,12 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
              "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes}
     if figure:
         extra["translations"] = str(figure)
-    return _write_results(trainer, module, cfg, out / "results.json", extra, t0,
-                          f"{len(dm.train_subject_ids)} training subjects")
+    results = _write_results(trainer, module, cfg, out / "results.json", extra, t0,
+                             f"{len(dm.train_subject_ids)} training subjects")
+    own_bank = str(out / (b.export if teacher else "student_prototypes.pt"))
+    _finish_logger(logger, {"prototype-bank": own_bank, "teacher-prototype-bank": None if teacher else cfg.distill.prototypes,
+                            "model": best, "results": str(out / "results.json")}, trainer.is_global_zero)
+    return results
 
 
 def _write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str, Any], t0: float, note: str) -> Dict[str, Any]:

@@ -8,10 +8,13 @@ import pytest
 from conftest import REPO
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+# a line each notebook prints when it ran through its main part
+EXPECTED = {"01_data_exploration.ipynb": "student slices", "02_prototype_bank_and_dist.ipynb": "DIST inter=",
+            "03_benchmark_comparison.ipynb": "better in"}
 
 
 def test_there_are_notebooks():
-    assert NOTEBOOKS, "notebooks/ has no notebook"
+    assert sorted(map(os.path.basename, NOTEBOOKS)) == sorted(EXPECTED), "notebooks/ and EXPECTED differ"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -20,7 +23,7 @@ def test_notebook_runs(path, tmp_path):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(path, as_version=4)
     env_bank = os.environ.get("LD_BANK")
-    os.environ["LD_BANK"] = str(tmp_path / "no_bank.pt")  # deterministic: the illustrative branch
+    os.environ["LD_BANK"] = str(tmp_path / "no_bank.pt")  # deterministic: the notebook trains its own tiny teacher
     try:
         nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                 resources={"metadata": {"path": os.path.dirname(path)}}).execute()
@@ -31,4 +34,5 @@ def test_notebook_runs(path, tmp_path):
             os.environ["LD_BANK"] = env_bank
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert any("DIST inter=" in o.get("text", "") for o in outputs)
+    assert any(EXPECTED[os.path.basename(path)] in o.get("text", "") for o in outputs)
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)

@@ -1,0 +1,106 @@
+"""Loggers and pictures: an offline W&B run holds the metrics, images and artifacts; PNGs whatever the logger."""
+
+import glob
+import os
+import struct
+
+import pytest
+
+from conftest import REPO, TINY_STUDENT
+
+BLOCK, HEADER = 32768, 7
+
+
+def wandb_records(path):
+    """The protobuf records of an offline ``run-*.wandb`` file (W&B's LevelDB-style log: 32 KiB
+    blocks of ``crc32 | length (2 B) | type (1 B) | data`` chunks, type 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, buf = HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        if kind == 0 and length == 0:
+            break
+        chunk = data[pos + HEADER:pos + HEADER + length]
+        pos += HEADER + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def _history_keys(records):
+    keys = set()
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            keys |= {i.key or ".".join(i.nested_key) for i in r.history.item}
+    return keys
+
+
+def test_wandb_offline_run_has_metrics_images_and_artifacts(tmp_path, teacher_bank, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning_distill.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "student"
+    assert main(["fit", os.path.join(REPO, "experiments/student.yaml"), f"output_dir={out}", *TINY_STUDENT,
+                 f"distill.prototypes={teacher_bank / 'prototypes.pt'}", "logger=wandb", "pictures=2"]) == 0
+    runs = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1, runs
+    records = list(wandb_records(runs[0]))
+    kinds = {r.WhichOneof("record_type") for r in records}
+    assert {"run", "config", "history", "summary", "artifact", "exit"} <= kinds
+    keys = _history_keys(records)
+    for k in ("train/seg_dice", "train/seg_ce", "train/dist_inter", "train/dist_intra", "train/loss",
+              "val/dice", "val/dice_liver", "test/dice_liver", "test/hd95_liver", "test/surface_dice_liver",
+              "lr-AdamW", "val/overlays", "prototypes/heatmaps"):
+        assert any(key == k or key.startswith(k + ".") for key in keys), f"{k} not logged; have {sorted(keys)[:40]}"
+    # the config is the resolved run config, as a plain dict
+    cfg_keys = {u.key for r in records if r.WhichOneof("record_type") == "config" for u in r.config.update}
+    assert {"distill", "data", "model", "stage"} <= cfg_keys
+    arts = {r.artifact.type: [m.path for m in r.artifact.manifest.contents]
+            for r in records if r.WhichOneof("record_type") == "artifact"}
+    assert arts.get("model") == ["best.ckpt"] and arts.get("prototype-bank") == ["student_prototypes.pt"]
+    assert arts.get("teacher-prototype-bank") == ["prototypes.pt"] and "results" in arts
+    media = out / "wandb" / os.path.basename(os.path.dirname(runs[0])) / "files" / "media" / "images"
+    assert glob.glob(str(media / "val" / "overlays*.png")) and glob.glob(str(media / "mask" / "val" / "overlays*.mask.png"))
+    assert glob.glob(str(media / "prototypes" / "heatmaps*.png"))
+    # the same pictures as PNG in the run folder
+    assert (out / "images" / "overlays.png").stat().st_size > 5000
+    assert (out / "images" / "prototypes.png").stat().st_size > 5000
+    assert len(glob.glob(str(out / "images" / "steps" / "overlays_step*.png"))) >= 2
+
+
+def test_pictures_without_any_logger_and_for_a_teacher(tmp_path):
+    from lightning_distill.cli import main
+    from conftest import TINY_TEACHER
+
+    out = tmp_path / "teacher"
+    assert main(["fit", os.path.join(REPO, "experiments/teacher.yaml"), f"output_dir={out}", *TINY_TEACHER,
+                 "logger=none", "bank.start=0"]) == 0
+    assert (out / "images" / "overlays.png").stat().st_size > 5000  # 3D: the axial slice with most foreground
+    assert (out / "images" / "prototypes.png").stat().st_size > 5000  # the bank accumulated so far
+    assert not (out / "wandb").exists() and not (out / "logs").exists()
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    from lightning_distill.cli import main
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    rc = main(["fit", os.path.join(REPO, "experiments/student.yaml"), f"output_dir={tmp_path}", *TINY_STUDENT,
+               "distill.weight=0", "distill.prototypes=null", "logger=tensorboard"])
+    assert rc == 2
