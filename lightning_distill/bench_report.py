@@ -33,7 +33,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from lightning_distill.benchmark import _cpu_count
-from lightning_distill.report import fmt_mean_sd, mean_sd
+from lightning_distill.report import fmt_mean_sd, mean_sd, new_figure
 
 OWN_TEST = "test"
 
@@ -410,21 +410,11 @@ def _organs(tab: Table) -> str:
     return "\n".join(L)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_dice_vs_fraction(tab: Table, path: Path) -> None:
-    plt = _plt()
     panels = [(ts, a) for ts in tab.test_sets for a in tab.archs]
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    fig, axes = new_figure(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
     for ax, (ts, a) in zip(axes.flat, panels):
         for m in tab.methods:
             xs, ys, es = [], [], []
@@ -446,18 +436,18 @@ def plot_dice_vs_fraction(tab: Table, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def plot_organs(tab: Table, path: Path) -> None:
-    plt = _plt()
     fracs = sorted({tab.fractions[0], tab.fractions[-1]})
     bars = [(m, f) for f in fracs for m in tab.methods]
-    fig, axes = plt.subplots(len(tab.archs), 1, figsize=(max(6, 1.1 * len(tab.organs) + 2), 3.0 * len(tab.archs)),
+    fig, axes = new_figure(len(tab.archs), 1, figsize=(max(6, 1.1 * len(tab.organs) + 2), 3.0 * len(tab.archs)),
                              squeeze=False, sharey=True)
+    import matplotlib
+
     width = 0.8 / len(bars)
     x = np.arange(len(tab.organs))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, a in zip(axes[:, 0], tab.archs):
         for i, (m, f) in enumerate(bars):
             runs = tab.runs(OWN_TEST, a, f, m)
@@ -474,4 +464,3 @@ def plot_organs(tab: Table, path: Path) -> None:
     axes[0, 0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -7,6 +7,17 @@ from pathlib import Path
 from typing import List, Sequence
 
 
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """``(figure, axes)`` as ``pyplot.subplots`` would return, but a bare ``matplotlib.figure.Figure``:
+    the package never imports pyplot or switches matplotlib's backend, so plotting from a notebook
+    (inline figures) or a GUI session keeps working, and nothing needs closing. Save with
+    ``fig.savefig``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 def load_results(run_dir: str | Path, name: str = "results.json") -> dict:
     p = Path(run_dir)
     p = p / name if p.is_dir() else p
@@ -47,10 +58,6 @@ def compare_table(run_dirs: Sequence[str | Path], names: Sequence[str] | None = 
 
 def plot_dice(run_dirs: Sequence[str | Path], path: str | Path, names: Sequence[str] | None = None) -> None:
     """Grouped bars of per-organ test Dice, one colour per run, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     results = [load_results(r) for r in run_dirs]
@@ -58,7 +65,7 @@ def plot_dice(run_dirs: Sequence[str | Path], path: str | Path, names: Sequence[
     organs = list(results[0]["test"]["dice"])
     x = np.arange(len(organs) + 1)
     w = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(1.1 * len(x) + 2, 4))
+    fig, ax = new_figure(figsize=(1.1 * len(x) + 2, 4))
     for i, (n, r) in enumerate(zip(names, results)):
         vals = [r["test"]["dice"].get(o) for o in organs] + [r["test"].get("dice_mean")]
         ax.bar(x + (i - (len(results) - 1) / 2) * w, [np.nan if v is None else v for v in vals], w, label=n)
@@ -70,21 +77,15 @@ def plot_dice(run_dirs: Sequence[str | Path], path: str | Path, names: Sequence[
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_bank(bank_path: str | Path, path: str | Path) -> None:
     """Heatmap of a prototype bank (rows: classes; columns: predicted classes or features)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from lightning_distill.prototypes import load_bank
 
     bank = load_bank(bank_path)
     p = bank.prototypes
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = new_figure(figsize=(6, 5))
     if bank.space == "prob":
         im = ax.imshow(p.clamp_min(1e-4).log10(), cmap="viridis", vmin=-4, vmax=0)
         fig.colorbar(im, label="log10 mean probability")
@@ -100,7 +101,6 @@ def plot_bank(bank_path: str | Path, path: str | Path) -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def grid_groups(run_dirs: Sequence[str | Path], results_name: str = "results.json") -> dict:
@@ -157,15 +157,10 @@ def grid_table(run_dirs: Sequence[str | Path], results_name: str = "results.json
 
 def plot_grid(run_dirs: Sequence[str | Path], path: str | Path, results_name: str = "results.json") -> None:
     """Mean test Dice (± std over seeds) against training subjects, one line per method and model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines: dict = {}
     for (n, method, model, _), rs in grid_groups(run_dirs, results_name).items():
         lines.setdefault((method, model), {})[n] = mean_sd([r["test"]["dice_mean"] for r in rs])
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = new_figure(figsize=(5.5, 4))
     for (method, model), by_n in sorted(lines.items()):
         ns = sorted(by_n)
         ax.errorbar(ns, [by_n[n][0] for n in ns], yerr=[by_n[n][1] for n in ns], marker="o", capsize=3,
@@ -178,4 +173,3 @@ def plot_grid(run_dirs: Sequence[str | Path], path: str | Path, results_name: st
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -23,15 +23,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_distill.io import atomic_write
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from lightning_distill.report import new_figure
 
 
 def to_2d(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor):
@@ -49,21 +41,20 @@ def to_2d(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor):
 
 
 def _label_cmap(num_classes: int):
+    import matplotlib
     from matplotlib.colors import ListedColormap
 
-    plt = _plt()
-    colours = plt.get_cmap("tab10" if num_classes <= 11 else "tab20")(np.arange(1, num_classes) % 20)
+    colours = matplotlib.colormaps["tab10" if num_classes <= 11 else "tab20"](np.arange(1, num_classes) % 20)
     return ListedColormap(colours)
 
 
 def save_overlays(path: str | Path, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
                   preds: Sequence[np.ndarray], ids: Sequence[str], class_names: Sequence[str], title: str = "") -> Path:
     """One row per sample: the image, the ground truth over it, the prediction over it (PNG)."""
-    plt = _plt()
     k = len(class_names)
     cmap = _label_cmap(k)
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n + 0.6), squeeze=False)
+    fig, axes = new_figure(n, 3, figsize=(7.5, 2.5 * n + 0.6), squeeze=False)
     for r, (img, y, p, sid) in enumerate(zip(images, truths, preds, ids)):
         for c, (lab, name) in enumerate([(None, str(sid)), (y, "ground truth"), (p, "prediction")]):
             ax = axes[r][c]
@@ -75,13 +66,14 @@ def save_overlays(path: str | Path, images: Sequence[np.ndarray], truths: Sequen
             ax.set_title(name, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap((i - 1) / max(k - 2, 1))) for i in range(1, k)]
+    from matplotlib.patches import Rectangle
+
+    handles = [Rectangle((0, 0), 1, 1, color=cmap((i - 1) / max(k - 2, 1))) for i in range(1, k)]
     fig.legend(handles, class_names[1:], loc="lower center", ncol=min(k - 1, 5), fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 if n < 3 else 0.03, 1, 0.97 if title else 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
     return Path(path)
 
 
@@ -91,9 +83,8 @@ def save_prototype_heatmaps(path: str | Path, matrices: Dict[str, torch.Tensor],
 
     K x K probability matrices share a log10 colour scale; other (feature) matrices get their own.
     """
-    plt = _plt()
     n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+    fig, axes = new_figure(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
     k = len(class_names)
     for ax, (name, m) in zip(axes[0], matrices.items()):
         m = m.detach().float().cpu()
@@ -113,7 +104,6 @@ def save_prototype_heatmaps(path: str | Path, matrices: Dict[str, torch.Tensor],
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
     return Path(path)
 
 

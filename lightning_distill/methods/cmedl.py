@@ -296,12 +296,8 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
     """PNG of ``n`` validation images of the student's modality through the translator and both
     segmenters (A, pseudo-B, reconstructed A, teacher and student predictions, truth), and of ``n``
     target images (B, pseudo-A). Returns the path, or ``None`` when there is no validation image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from lightning_distill.io import atomic_write
+    from lightning_distill.report import new_figure
 
     dm.setup()
     val = dm.datasets["val"] if len(dm.datasets["val"]) else dm.datasets["test"]
@@ -326,7 +322,7 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
         cols += [("b", "real B (unpaired)"), ("fake_a", "pseudo-A = G_BA(B)")]
     ex["truth"] = label.float()
     k = module.num_classes
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.9 * len(cols), 1.9 * n + 0.4), squeeze=False)
+    fig, axes = new_figure(n, len(cols), figsize=(1.9 * len(cols), 1.9 * n + 0.4), squeeze=False)
     for r in range(n):
         for c, (key, title) in enumerate(cols):
             ax = axes[r][c]
@@ -345,5 +341,4 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
                 ax.set_title(title, fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    plt.close(fig)
     return path
