@@ -43,6 +43,7 @@ def test_sweep_parses_and_every_parameter_is_a_config_key(path):
 def test_command_is_exactly_what_a_wandb_agent_builds(path):
     wandb_utils = pytest.importorskip("wandb.sdk.launch.sweeps.utils")
     sweep = load_sweep(path)
+    assert wandb_utils.load_sweep_config(path) == sweep  # wandb's own reader (used by `wandb sweep`) reads the same
     point = sample(sweep, 1, seed=3)[0]
     agent = wandb_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})
     ours = command_for(sweep, point)
