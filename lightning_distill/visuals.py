@@ -15,6 +15,7 @@ per validation step is kept in ``images/steps/``.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -177,10 +178,9 @@ class RunPictures(Callback):
             paths.append(p)
             self._log_images(trainer, "prototypes/heatmaps", [str(p)], step)
         steps = self.dir / "steps"
-        for p in paths:
-            import shutil
-
+        if paths:
             steps.mkdir(parents=True, exist_ok=True)
+        for p in paths:
             shutil.copyfile(p, steps / f"{p.stem}_step{step:06d}.png")
         self.written = paths
         return paths
