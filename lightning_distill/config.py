@@ -180,9 +180,12 @@ class CMEDLConfig:
 
 @dataclass
 class CheckpointConfig:
-    """What ``checkpoints/`` keeps: ``best.ckpt`` (by ``val/dice``) and, with ``save_last``, ``last.ckpt``."""
+    """What ``checkpoints/`` keeps: ``best.ckpt`` (by ``val/dice``) and, with ``save_last``, ``last.ckpt``
+    (after every validation and, with ``every_n_steps``, every that many training steps, so a
+    pre-empted run loses at most that many steps; ``resume=auto`` continues from it)."""
 
     save_last: bool = True
+    every_n_steps: Optional[int] = 100  # also write last.ckpt every N training steps (null: only after validation)
     weights_only: bool = False  # drop optimizer/scheduler state (1/3 of the size; such a file cannot resume training)
 
 
@@ -191,6 +194,7 @@ class RunConfig:
     stage: str = "student"  # teacher | student
     output_dir: str = "runs/student"
     seed: int = 0
+    resume: Optional[str] = None  # a checkpoint to continue training from, or `auto`: <output_dir>/checkpoints/last.ckpt if it exists
     classes: Optional[List[str]] = None  # default: the data source's class names
     logger: str = "csv"  # csv | wandb (offline unless WANDB_MODE says otherwise) | tensorboard (if installed) | none
     pictures: int = 4  # validation samples drawn as overlays after each validation (0: no pictures)

@@ -17,6 +17,7 @@ from monai.losses import DiceLoss, MaskedDiceLoss
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_distill import __version__
 from lightning_distill.data.nifti import IGNORE_INDEX
 from lightning_distill.losses.prototype import masked_class_mean, prototype_dist_terms
 from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, summarize
@@ -62,6 +63,25 @@ class SegmentationModule(L.LightningModule):
         self.val_hd = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
         self._test_rows: List[Dict[str, Any]] = []
         self.test_summary: Optional[Dict] = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Every checkpoint (weights-only ones too) carries ``checkpoint["lightning_distill"]``: the
+        package version, the class names, the resolved run config and the run's prototype bank so far
+        (the :class:`~lightning_distill.prototypes.PrototypeBank` callback's, when it has accumulated)."""
+        from lightning_distill.prototypes import PrototypeBank, bank_record
+
+        meta: Dict[str, Any] = {"version": __version__, "class_names": list(self.class_names),
+                                "config": self.hparams.get("config")}
+        trainer = self._trainer
+        for cb in (trainer.callbacks if trainer is not None else []):
+            if isinstance(cb, PrototypeBank) and cb.sums is not None:
+                meta["prototype_bank"] = bank_record(cb.bank())
+        checkpoint["lightning_distill"] = meta
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Refuse a checkpoint of another class set (before any weight is loaded); warn on another version."""
+        check_checkpoint(checkpoint, self.class_names)
 
     # ------------------------------------------------------------------ core
     def forward(self, x: Tensor) -> Tensor:
@@ -210,6 +230,32 @@ class SegmentationModule(L.LightningModule):
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
+
+
+def checkpoint_class_names(checkpoint: Dict[str, Any]) -> Optional[List[str]]:
+    meta = checkpoint.get("lightning_distill") or {}
+    names = meta.get("class_names") or (checkpoint.get("hyper_parameters") or {}).get("class_names")
+    return list(names) if names is not None else None
+
+
+def check_checkpoint(checkpoint: Dict[str, Any], class_names: Sequence[str], source: str = "the checkpoint") -> None:
+    """Raise ``ValueError`` when ``checkpoint`` was trained on other classes (or another order) than
+    ``class_names``; warn when it was written by another lightning_distill version."""
+    import warnings
+
+    trained = checkpoint_class_names(checkpoint)
+    if trained is None:
+        raise ValueError(f"{source} has no class names: it was not written by lightning_distill")
+    if trained != list(class_names):
+        missing = [c for c in class_names if c not in trained]
+        extra = [c for c in trained if c not in class_names]
+        raise ValueError(f"{source} was trained on the classes {trained}, this run segments {list(class_names)} "
+                         f"(not in the checkpoint: {missing}; not in this run: {extra}"
+                         f"{'; same names in another order' if not missing and not extra else ''}). "
+                         "A checkpoint can only continue (or initialise) a run with the same class set.")
+    version = (checkpoint.get("lightning_distill") or {}).get("version")
+    if version is not None and version != __version__:
+        warnings.warn(f"{source} was written by lightning_distill {version}, this is {__version__}", stacklevel=2)
 
 
 TeacherModule = SegmentationModule

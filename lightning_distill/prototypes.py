@@ -77,14 +77,9 @@ def file_sha256(path: str | os.PathLike) -> Optional[str]:
     return h.hexdigest()
 
 
-def save_bank(path: str | os.PathLike, bank: Bank) -> None:
-    """Write a bank atomically (temp file + rename) as a plain dict of tensors and metadata.
-
-    Keys: ``prototypes`` (K x C float32), ``counts`` (K), ``class_names``, ``num_classes``, ``tau``,
-    ``space`` (``prob``/``feature``), ``format``, ``version`` and the metadata (``mode``, ``config``,
-    ``checkpoint``, ``checkpoint_sha256``, ...).
-    """
-    obj = {
+def bank_record(bank: Bank) -> Dict[str, Any]:
+    """The bank as the plain dict that :func:`save_bank` writes (and checkpoints carry)."""
+    return {
         **bank.meta,
         "prototypes": bank.prototypes.detach().float().cpu(),
         "counts": bank.counts.detach().cpu(),
@@ -95,11 +90,24 @@ def save_bank(path: str | os.PathLike, bank: Bank) -> None:
         "format": BANK_FORMAT,
         "version": __version__,
     }
+
+
+def save_bank(path: str | os.PathLike, bank: Bank) -> None:
+    """Write a bank atomically (temp file + rename) as a plain dict of tensors and metadata.
+
+    Keys: ``prototypes`` (K x C float32), ``counts`` (K), ``class_names``, ``num_classes``, ``tau``,
+    ``space`` (``prob``/``feature``), ``format``, ``version`` and the metadata (``mode``, ``config``,
+    ``checkpoint``, ``checkpoint_sha256``, ...).
+    """
+    obj = bank_record(bank)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_bank(path: str | os.PathLike) -> Bank:
-    """Load and validate a bank written by :func:`save_bank`.
+    """Load and validate a bank written by :func:`save_bank`, or the bank a checkpoint carries.
+
+    A ``.ckpt`` of ``lightning-distill fit`` holds the bank of its run as it was when the checkpoint
+    was written (a teacher's: the prototype bank so far; a student's: its own prototypes).
 
     Raises:
         FileNotFoundError: no such file.
@@ -109,10 +117,16 @@ def load_bank(path: str | os.PathLike) -> Bank:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prototype bank {str(p)!r} does not exist (train a teacher first: `make train-teacher`)")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+    ckpt = p.suffix == ".ckpt"
+    try:  # a checkpoint holds optimizer state and config objects besides tensors
+        obj = torch.load(p, map_location="cpu", weights_only=not ckpt)
     except Exception as e:  # noqa: BLE001 - any unpickling error means a bad file
         raise ValueError(f"prototype bank {str(p)!r} could not be read ({type(e).__name__}: {e}); the file is truncated or not a bank") from e
+    if ckpt:
+        obj = (obj.get("lightning_distill") or {}).get("prototype_bank") if isinstance(obj, dict) else None
+        if obj is None:
+            raise ValueError(f"checkpoint {str(p)!r} carries no prototype bank (written before the bank started "
+                             "accumulating, see bank.start, or not by lightning_distill)")
     if not isinstance(obj, dict) or any(k not in obj for k in _REQUIRED):
         missing = [k for k in _REQUIRED if not isinstance(obj, dict) or k not in obj]
         raise ValueError(f"prototype bank {str(p)!r} lacks the keys {missing}; it was not written by lightning_distill")

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill import __version__
@@ -25,7 +26,7 @@ from lightning_distill.data.datamodules import SegmentationDataModule, SliceData
 from lightning_distill.data.phantom import PhantomSpec
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.sources import PHANTOM_ORIENTATION, DomainShift, NiftiSource, PhantomSource, SubjectSource
-from lightning_distill.io import write_json
+from lightning_distill.io import atomic_write, write_json
 from lightning_distill.metrics import format_table
 from lightning_distill.modules import SegmentationModule, StudentModule
 from lightning_distill.networks import build_network, head_module_name
@@ -99,7 +100,7 @@ def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
     common = dict(batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
                   train_fraction=d.train_fraction, train_subjects=d.train_subjects, split_seed=d.split_seed,
                   num_workers=d.num_workers, augment=d.augment, patch_size=d.patch_size, eval_batch_size=d.eval_batch_size,
-                  splits=OmegaConf.to_container(d.splits) if d.splits else None)
+                  splits=OmegaConf.to_container(d.splits) if d.splits else None, seed=cfg.seed)
     if training and uses_target(cfg):
         t = cfg.cmedl.target
         if target is None:
@@ -258,9 +259,11 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    if rank_zero_only.rank == 0:  # DDP processes re-run this function; one of them writes
+        atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     source = source or build_source(cfg)
     names = class_names(cfg, source)
+    resume = resume_checkpoint(cfg, names)
     dm = build_datamodule(cfg, source)
     module = build_module(cfg, names)
 
@@ -274,17 +277,29 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     fast = bool(targs.get("fast_dev_run"))
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val/dice", mode="max",
                            save_top_k=1, save_last=cfg.checkpoint.save_last, auto_insert_metric_name=False,
+                           enable_version_counter=False,  # best.ckpt / last.ckpt keep their names (resume=auto finds them)
                            save_weights_only=cfg.checkpoint.weights_only)
     callbacks = [bank_cb, ckpt]
+    every = cfg.checkpoint.every_n_steps
+    if every is not None and every < 1:
+        raise ValueError(f"checkpoint.every_n_steps must be a positive number of steps or null, got {every}")
+    if cfg.checkpoint.save_last and every and not fast:  # last.ckpt also mid-epoch, for pre-empted jobs
+        callbacks.append(ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
+                                         every_n_train_steps=every, save_on_train_epoch_end=False,
+                                         enable_version_counter=False, save_weights_only=cfg.checkpoint.weights_only))
     if cfg.pictures > 0:
         from lightning_distill.visuals import RunPictures
 
         callbacks.append(RunPictures(out, names, num_samples=cfg.pictures))
+    previous_log = _previous_csv_rows(cfg, out, resume)
     logger = _logger(cfg, out)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if previous_log:  # a new CSV logger empties metrics.csv: keep the interrupted run's rows
+        for row in previous_log:
+            logger.experiment.log_metrics(row, step=int(row.pop("step")))
     trainer = L.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **targs)
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
     if bank_cb.sums is not None:  # re-export now that the final checkpoint exists (records its hash)
         bank_cb.export(trainer, ckpt.last_model_path or None)
     best = None if fast else (ckpt.best_model_path or None)
@@ -310,6 +325,67 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     _finish_logger(logger, {"prototype-bank": own_bank, "teacher-prototype-bank": None if teacher else cfg.distill.prototypes,
                             "model": best, "results": str(out / "results.json")}, trainer.is_global_zero)
     return results
+
+
+def resume_checkpoint(cfg: DictConfig, names) -> Optional[str]:
+    """The checkpoint ``fit`` continues from (``cfg.resume``), checked before training starts.
+
+    ``resume=auto`` takes ``<output_dir>/checkpoints/last.ckpt`` when it exists and starts afresh
+    otherwise (so a pre-empted job can be re-submitted with the same command). The checkpoint must be
+    readable, hold optimizer state (not ``checkpoint.weights_only``) and segment the same classes;
+    config values that differ from the checkpoint's (other than ``trainer``, ``resume``, ``logger``,
+    ``pictures``) are listed in a warning.
+    """
+    from lightning_distill.inference import load_checkpoint
+    from lightning_distill.modules import check_checkpoint
+
+    if not cfg.resume:
+        return None
+    auto = cfg.resume == "auto"
+    path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt" if auto else Path(cfg.resume)
+    if auto and not path.is_file():
+        print(f"resume=auto: no {path} yet, starting from scratch")
+        return None
+    ckpt, old = load_checkpoint(path)
+    check_checkpoint(ckpt, names, f"checkpoint {path}")
+    if "optimizer_states" not in ckpt or "loops" not in ckpt:
+        raise ValueError(f"checkpoint {path} holds weights only (checkpoint.weights_only=true) and cannot resume training; "
+                         "to start a new run from its weights, use it as a teacher or drop `resume`")
+    now, then = _flat(to_dict(cfg)), _flat(to_dict(old))
+    changed = sorted(k for k in now.keys() | then.keys()
+                     if k.split(".")[0] not in ("trainer", "resume", "logger", "pictures") and now.get(k) != then.get(k))
+    if changed:
+        warnings.warn(f"resuming from {path} with config values that differ from the checkpoint's: "
+                      + ", ".join(f"{k}={now.get(k)!r} (was {then.get(k)!r})" for k in changed), stacklevel=2)
+    print(f"resuming from {path} (step {ckpt.get('global_step')}, epoch {ckpt.get('epoch')})")
+    return str(path)
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    items: Dict[str, Any] = {}
+    for k, v in d.items():
+        items.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return items
+
+
+def _previous_csv_rows(cfg: DictConfig, out: Path, resume: Optional[str]) -> list:
+    """Rows of ``logs/metrics.csv`` up to the resumed checkpoint's step (a resumed run re-logs the rest)."""
+    csv_path = out / "logs" / "metrics.csv"
+    if not resume or cfg.logger != "csv" or not csv_path.is_file() or rank_zero_only.rank != 0:
+        return []
+    import csv
+
+    step = int(torch.load(resume, map_location="cpu", weights_only=False).get("global_step", 0))
+    rows = []
+    with csv_path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            row = {k: float(v) for k, v in r.items() if v not in (None, "")}
+            s = row.get("step")
+            if s is not None and (s < step or (s == step and any(k.startswith("val/") for k in row))):
+                rows.append(row)
+    return rows
 
 
 def _write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str, Any], t0: float, note: str) -> Dict[str, Any]:

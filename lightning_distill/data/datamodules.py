@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_distill.data.sampling import EpochSampler, ResumableLoader, sample_generator
 from lightning_distill.data.sources import SubjectSource
 
 
@@ -85,7 +86,10 @@ class SubjectDataset(Dataset):
             self.cache[sid] = item
         return item
 
-    def __getitem__(self, i: int) -> Dict:
+    def __getitem__(self, key) -> Dict:
+        """``key``: an index, or ``(index, draw_seed)`` (training, see :mod:`.sampling`): the crop and
+        augmentation then draw from a generator of that seed instead of torch's global RNG."""
+        i, gen = sample_generator(key)
         item = dict(self._load(self.ids[i]))
         image = item["image"]
         label = item.get("label", torch.zeros((1,) + tuple(image.shape[1:]), dtype=torch.int64))
@@ -93,13 +97,13 @@ class SubjectDataset(Dataset):
             spatial = image.shape[1:]
             if any(p > s for p, s in zip(self.patch_size, spatial)):
                 raise ValueError(f"patch_size {self.patch_size} is larger than subject {self.ids[i]!r} of shape {tuple(spatial)}")
-            starts = [int(torch.randint(0, s - p + 1, ())) for s, p in zip(spatial, self.patch_size)]
+            starts = [int(torch.randint(0, s - p + 1, (), generator=gen)) for s, p in zip(spatial, self.patch_size)]
             sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch_size))
             image, label = image[(slice(None),) + sl], label[(slice(None),) + sl]
         if self.augment:
-            scale = 1.0 + 0.1 * (2 * torch.rand(()) - 1)
-            shift = 0.05 * (2 * torch.rand(()) - 1)
-            image = image * scale + shift + 0.02 * torch.randn_like(image)
+            scale = 1.0 + 0.1 * (2 * torch.rand((), generator=gen) - 1)
+            shift = 0.05 * (2 * torch.rand((), generator=gen) - 1)
+            image = image * scale + shift + 0.02 * torch.randn(image.shape, generator=gen, dtype=image.dtype)
         item["image"] = image.contiguous()
         if self.labels:
             item["label"] = label.contiguous()
@@ -122,14 +126,17 @@ class SegmentationDataModule(L.LightningDataModule):
         eval_batch_size: batch size of validation and test.
         splits: explicit ``{"train": [...], "val": [...], "test": [...]}`` subject lists instead of
             the seeded split (e.g. disjoint patient groups); ``train_fraction`` still applies.
+        seed: seed of the training order and of the per-sample random draws (see :mod:`.sampling`:
+            the training loader resumes mid-epoch and deals the same samples to DDP processes).
     """
 
     def __init__(self, source: SubjectSource, batch_size: int = 8, val_subjects: int = 10, test_subjects: int = 20,
                  train_fraction: float = 1.0, train_subjects: Optional[int] = None, split_seed: int = 0,
                  num_workers: int = 0, augment: bool = True, patch_size: Optional[Sequence[int]] = None,
-                 eval_batch_size: Optional[int] = None, splits: Optional[Dict[str, Sequence[str]]] = None):
+                 eval_batch_size: Optional[int] = None, splits: Optional[Dict[str, Sequence[str]]] = None,
+                 seed: int = 0):
         super().__init__()
-        self.source = source
+        self.source, self.seed = source, int(seed)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.augment, self.patch_size = num_workers, augment, patch_size
         # splits are made over subjects; a sample id "<subject>@<z>" (one slice of a volume) follows its subject
@@ -173,8 +180,17 @@ class SegmentationDataModule(L.LightningDataModule):
         return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
+    def _train_loader(self, dataset: Dataset) -> ResumableLoader:
+        """The training loader: this process's share of a seeded per-epoch order (resumable)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=True, num_replicas=world, rank=rank)
+        return ResumableLoader(dataset, sampler, self.batch_size, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0, drop_last=False)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        self.setup()
+        return self._train_loader(self.datasets["train"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, self.eval_batch_size)
@@ -204,9 +220,9 @@ class SliceDataModule(SegmentationDataModule):
 class UnpairedDataset(Dataset):
     """Every sample of ``first`` with the image of a random sample of ``second`` as ``image_b``.
 
-    The two are unpaired (other subjects, other modality); the partner is drawn with torch's RNG, so
-    it follows ``seed_everything`` and the loader workers' seeds. Batches gain ``image_b``
-    ``(B, C, *spatial)`` and ``id_b``.
+    The two are unpaired (other subjects, other modality). Given a key ``(index, draw_seed)`` the
+    partner and both samples' augmentations are drawn from that seed; given a plain index, from
+    torch's global RNG. Batches gain ``image_b`` ``(B, C, *spatial)`` and ``id_b``.
     """
 
     def __init__(self, first: Dataset, second: Dataset):
@@ -217,9 +233,15 @@ class UnpairedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.first)
 
-    def __getitem__(self, i: int) -> Dict:
-        item = dict(self.first[i])
-        other = self.second[int(torch.randint(len(self.second), ()))]
+    def __getitem__(self, key) -> Dict:
+        i, gen = sample_generator(key)
+        if gen is None:
+            item = dict(self.first[i])
+            other = self.second[int(torch.randint(len(self.second), ()))]
+        else:
+            seed_a, j, seed_b = (int(v) for v in torch.randint(0, 2 ** 62, (3,), generator=gen))
+            item = dict(self.first[(i, seed_a)])
+            other = self.second[(j % len(self.second), seed_b)]
         item["image_b"], item["id_b"] = other["image"], other["id"]
         return item
 
@@ -261,5 +283,4 @@ class UnpairedDataModule(SegmentationDataModule):
         if a != b:
             raise ValueError(f"source images {tuple(a)} ({first.ids[0]}) and target images {tuple(b)} ({second.ids[0]}) "
                              "differ in shape: give both the same data.shape")
-        return DataLoader(UnpairedDataset(first, second), batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False)
+        return self._train_loader(UnpairedDataset(first, second))
