@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 
 from lightning_distill import __version__
 from lightning_distill.data.nifti import IGNORE_INDEX
+from lightning_distill.losses.dice import batch_dice_loss
 from lightning_distill.losses.prototype import masked_class_mean, prototype_dist_terms
 from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, summarize
 from lightning_distill.networks import InputHook
@@ -95,9 +96,18 @@ class SegmentationModule(L.LightningModule):
         return self.net(x)
 
     def seg_terms(self, logits: Tensor, label: Tensor) -> Dict[str, Tensor]:
-        """Dice and CE; pixels labelled ``IGNORE_INDEX`` (255) count in neither."""
+        """Dice and CE; pixels labelled ``IGNORE_INDEX`` (255) count in neither.
+
+        Under DDP the training Dice is that of the global batch (statistics summed over the processes,
+        see :mod:`lightning_distill.losses.dice`), so N processes with batches of B optimise the same
+        objective as one process with batches of N x B; the cross-entropy, a mean over pixels, needs
+        nothing (DDP averages it).
+        """
         ignore = label == IGNORE_INDEX
-        if ignore.any():
+        if self._trainer is not None and self.trainer.world_size > 1:  # DDP: the Dice of the global batch
+            mask = (~ignore).float() if ignore.any() else None
+            dice = batch_dice_loss(logits, label.masked_fill(ignore, 0), mask=mask, sync=self.training)
+        elif ignore.any():
             dice = self.masked_dice_loss(logits, label.masked_fill(ignore, 0), mask=(~ignore).float())
         else:
             dice = self.dice_loss(logits, label)

@@ -190,16 +190,37 @@ def load_teacher_network(checkpoint: Optional[str], names, why: str):
     if not checkpoint:
         raise ValueError(f"{why} needs distill.teacher: the 2D teacher's checkpoint (e.g. "
                          "runs/sikd_teacher/checkpoints/best.ckpt), or distill.weight=0 for the baseline")
+    from lightning_distill.modules import check_checkpoint
+
     ckpt, tcfg = load_checkpoint(checkpoint)
-    check_classes(ckpt, f"teacher checkpoint {checkpoint}", names, "the student's classes")
+    check_checkpoint(ckpt, names, f"teacher checkpoint {checkpoint}")
     return load_network(ckpt, tcfg)
 
 
-def check_classes(ckpt: dict, what: str, names, whose: str) -> None:
-    """Raise ``ValueError`` when a checkpoint segments other classes (or another order) than ``names``."""
-    trained = list(ckpt["hyper_parameters"]["class_names"])
-    if trained != list(names):
-        raise ValueError(f"{what} segments {trained}, {whose} are {list(names)}")
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``: the newest training state, for ``resume``.
+
+    Written every ``every_n_steps`` training steps (``None``: never mid-epoch), after every
+    validation, and when training ends, whether or not ``val/dice`` improved (Lightning's own
+    ``save_last`` only follows a top-k save). Lightning writes it atomically.
+    """
+
+    def __init__(self, dirpath, every_n_steps: Optional[int] = None, weights_only: bool = False):
+        super().__init__(dirpath=str(dirpath), filename="last", monitor=None, save_top_k=1, every_n_epochs=0,
+                         every_n_train_steps=every_n_steps or 0, save_on_train_epoch_end=False,
+                         enable_version_counter=False, save_weights_only=weights_only)
+
+    def _save_now(self, trainer) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
+            return
+        self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._save_now(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_now(trainer)
 
 
 def _default_trainer_args() -> Dict[str, Any]:
@@ -275,18 +296,18 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
                             metadata={"config": to_dict(cfg), "stage": cfg.stage})
     targs = {**_default_trainer_args(), **OmegaConf.to_container(cfg.trainer)}
     fast = bool(targs.get("fast_dev_run"))
-    ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val/dice", mode="max",
-                           save_top_k=1, save_last=cfg.checkpoint.save_last, auto_insert_metric_name=False,
-                           enable_version_counter=False,  # best.ckpt / last.ckpt keep their names (resume=auto finds them)
-                           save_weights_only=cfg.checkpoint.weights_only)
-    callbacks = [bank_cb, ckpt]
     every = cfg.checkpoint.every_n_steps
     if every is not None and every < 1:
         raise ValueError(f"checkpoint.every_n_steps must be a positive number of steps or null, got {every}")
-    if cfg.checkpoint.save_last and every and not fast:  # last.ckpt also mid-epoch, for pre-empted jobs
-        callbacks.append(ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
-                                         every_n_train_steps=every, save_on_train_epoch_end=False,
-                                         enable_version_counter=False, save_weights_only=cfg.checkpoint.weights_only))
+    ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val/dice", mode="max",
+                           save_top_k=1, save_last=False, auto_insert_metric_name=False,
+                           enable_version_counter=False,  # best.ckpt keeps its name in a re-used output_dir
+                           save_weights_only=cfg.checkpoint.weights_only)
+    callbacks = [bank_cb, ckpt]
+    last_cb = None
+    if cfg.checkpoint.save_last and not fast:
+        last_cb = LastCheckpoint(out / "checkpoints", every_n_steps=every, weights_only=cfg.checkpoint.weights_only)
+        callbacks.append(last_cb)
     if cfg.pictures > 0:
         from lightning_distill.visuals import RunPictures
 
@@ -300,13 +321,14 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
             logger.experiment.log_metrics(row, step=int(row.pop("step")))
     trainer = L.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **targs)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    last = (last_cb.best_model_path or None) if last_cb is not None else None
     if bank_cb.sums is not None:  # re-export now that the final checkpoint exists (records its hash)
-        bank_cb.export(trainer, ckpt.last_model_path or None)
+        bank_cb.export(trainer, last)
     best = None if fast else (ckpt.best_model_path or None)
     if not fast and best is None:
         warnings.warn(f"no validation ran during training (trainer.max_steps={targs.get('max_steps')} ends before the first "
                       f"validation epoch), so {out / 'checkpoints' / 'best.ckpt'} was not written: testing the last weights "
-                      f"({ckpt.last_model_path or 'not saved'})", stacklevel=2)
+                      f"({last or 'not saved'})", stacklevel=2)
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     figure = None
     if uses_target(cfg) and trainer.is_global_zero and cfg.cmedl.examples > 0:
@@ -314,7 +336,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
 
         figure = save_translation_figure(module, dm, out / "translations.png", cfg.cmedl.examples)
     extra = {"val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
-             "train_subjects": len(dm.train_subject_ids), "checkpoint": best or ckpt.last_model_path or None,
+             "train_subjects": len(dm.train_subject_ids), "checkpoint": best or last,
              "steps": trainer.global_step,
              "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes}
     if figure:
@@ -381,7 +403,7 @@ def _previous_csv_rows(cfg: DictConfig, out: Path, resume: Optional[str]) -> lis
     rows = []
     with csv_path.open(newline="") as f:
         for r in csv.DictReader(f):
-            row = {k: float(v) for k, v in r.items() if v not in (None, "")}
+            row = {k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v not in (None, "")}
             s = row.get("step")
             if s is not None and (s < step or (s == step and any(k.startswith("val/") for k in row))):
                 rows.append(row)
@@ -409,12 +431,13 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     ``<output_dir>/results_test.json``).
     """
     from lightning_distill.inference import load_checkpoint, load_network
+    from lightning_distill.modules import check_checkpoint
 
     t0 = time.time()
     ckpt, cfg = load_checkpoint(checkpoint, overrides)
     source = build_source(cfg)
     names = class_names(cfg, source)
-    check_classes(ckpt, f"checkpoint {checkpoint}", names, "the data's classes")
+    check_checkpoint(ckpt, names, f"checkpoint {checkpoint}")
     if all_subjects:
         from lightning_distill.data.datamodules import subject_of
 

@@ -136,3 +136,24 @@ def test_pearson_and_shape_errors():
         pixel_dist_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 3, 3))
     with pytest.raises(ValueError, match="differ in shape"):
         prototype_dist_terms(torch.zeros(3, 3), torch.zeros(3, 4))
+
+
+def test_batch_dice_equals_monai_dice_loss_in_one_process():
+    """The DDP-capable Dice is MONAI's batch Dice (value and gradient) when there is one process."""
+    from monai.losses import DiceLoss, MaskedDiceLoss
+
+    from lightning_distill.losses.dice import batch_dice_loss
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 5, 16, 16), (2, 4, 8, 8, 6)]:
+        x = torch.randn(*shape, generator=g, requires_grad=True)
+        y = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=g)
+        mask = (torch.rand(shape[0], 1, *shape[2:], generator=g) > 0.3).float()
+        ref = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)(x, y)
+        ours = batch_dice_loss(x, y, sync=True)  # no process group: nothing to sum over
+        assert torch.allclose(ours, ref, atol=1e-7)
+        assert torch.allclose(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], atol=1e-9)
+        masked = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)(x, y, mask=mask)
+        assert torch.allclose(batch_dice_loss(x, y, mask=mask), masked, atol=1e-7)
+    with pytest.raises(ValueError, match="label must be"):
+        batch_dice_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
