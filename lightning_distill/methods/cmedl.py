@@ -14,9 +14,11 @@ modality B (e.g. MRI) from other patients (unpaired). Everything trains concurre
   student towards the teacher, not the reverse).
 
 Optimisation is manual with three optimisers: generators, discriminators, segmenters (student and
-teacher); ``trainer.max_steps`` counts training batches, as for the other methods. One backward pass of ``adv + cycle (+ identity) + seg_student + teacher_weight * seg_teacher
-+ hint_weight * hint`` updates generators and segmenters (discriminator parameters are frozen during
-it), then the discriminators step on real vs detached fake images. The teacher's segmentation loss
+teacher); ``trainer.max_steps`` counts training batches, as for the other methods. The generators and
+segmenters minimise ``adv + cycle (+ identity) + seg_student + teacher_weight * seg_teacher +
+hint_weight * hint`` (discriminator parameters frozen while it is computed), the discriminators
+``gan_d`` on real vs detached fake images; one backward pass of the sum gives each its gradients
+(so it also runs under DDP), then all three optimisers step. The teacher's segmentation loss
 also trains ``G_AB`` unless ``translator_seg=False`` (the paper trains end to end; not pinned down).
 Only the student is used at inference (``self.net``; validation, test and predict are the student's).
 
@@ -185,12 +187,18 @@ class CMEDLModule(SegmentationModule):
     # ------------------------------------------------------------------ training
     def update(self, batch: Dict, opt_g, opt_d, opt_seg, backward: Optional[Callable] = None,
                step: Optional[Callable] = None, step_seg: Optional[Callable] = None) -> Dict:
-        """One CMEDL update: generators and segmenters on the weighted sum, then the discriminators.
+        """One CMEDL update: generators and segmenters on the weighted sum, the discriminators on ``gan_d``.
+
+        One backward pass of ``loss + gan_d`` gives each network exactly its own gradients: the
+        discriminators were frozen while the generator terms went through them, and ``gan_d`` sees
+        detached translations, so the sum separates (``tests/test_cmedl.py`` checks every pairing).
+        A single backward per step is also what DDP's gradient reducer expects. Then the generator,
+        segmenter and discriminator optimisers step.
 
         ``opt_g`` and ``opt_d`` are ``None`` without a translator. ``backward(loss)`` defaults to
         ``loss.backward()``, ``step(opt)`` and ``step_seg(opt)`` to ``opt.step()`` (the training step
         passes Lightning's manual backward and steps; the speed benchmark plain torch optimisers).
-        Returns ``compute_terms``' dict with the total ``loss``.
+        Returns ``compute_terms``' dict with the total ``loss`` (without ``gan_d``).
         """
         backward = backward or (lambda loss: loss.backward())
         step = step or (lambda o: o.step())
@@ -199,16 +207,14 @@ class CMEDLModule(SegmentationModule):
         terms = out["terms"]
         w = self.term_weights()
         loss = sum(w[k] * v for k, v in terms.items() if k in w and w[k] != 0.0)
-        for o in (opt_g, opt_seg):
+        for o in (opt_g, opt_d, opt_seg):
             if o is not None:
                 o.zero_grad()
-        backward(loss)
+        backward(loss + terms["gan_d"] if self.translate else loss)
         if opt_g is not None:
             step(opt_g)
         step_seg(opt_seg)
         if self.translate:
-            opt_d.zero_grad()
-            backward(terms["gan_d"])
             step(opt_d)
         out["loss"] = loss
         return out
