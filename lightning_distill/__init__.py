@@ -1,3 +1,3 @@
 """lightning_distill: unpaired knowledge distillation for medical image segmentation."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
 import torch
@@ -280,11 +280,11 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:  # DDP processes re-run this function; one of them writes
-        atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     source = source or build_source(cfg)
     names = class_names(cfg, source)
-    resume = resume_checkpoint(cfg, names)
+    resume, resume_step = resume_checkpoint(cfg, names)  # refused before anything in output_dir is replaced
+    if rank_zero_only.rank == 0:  # DDP processes re-run this function; one of them writes
+        atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     dm = build_datamodule(cfg, source)
     module = build_module(cfg, names)
 
@@ -312,7 +312,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         from lightning_distill.visuals import RunPictures
 
         callbacks.append(RunPictures(out, names, num_samples=cfg.pictures))
-    previous_log = _previous_csv_rows(cfg, out, resume)
+    previous_log = _previous_csv_rows(cfg, out, resume_step) if resume else []
     logger = _logger(cfg, out)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -349,8 +349,8 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     return results
 
 
-def resume_checkpoint(cfg: DictConfig, names) -> Optional[str]:
-    """The checkpoint ``fit`` continues from (``cfg.resume``), checked before training starts.
+def resume_checkpoint(cfg: DictConfig, names) -> Tuple[Optional[str], int]:
+    """The checkpoint ``fit`` continues from (``cfg.resume``) and its step, checked before training starts.
 
     ``resume=auto`` takes ``<output_dir>/checkpoints/last.ckpt`` when it exists and starts afresh
     otherwise (so a pre-empted job can be re-submitted with the same command). The checkpoint must be
@@ -362,12 +362,12 @@ def resume_checkpoint(cfg: DictConfig, names) -> Optional[str]:
     from lightning_distill.modules import check_checkpoint
 
     if not cfg.resume:
-        return None
+        return None, 0
     auto = cfg.resume == "auto"
     path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt" if auto else Path(cfg.resume)
     if auto and not path.is_file():
         print(f"resume=auto: no {path} yet, starting from scratch")
-        return None
+        return None, 0
     ckpt, old = load_checkpoint(path)
     check_checkpoint(ckpt, names, f"checkpoint {path}")
     if "optimizer_states" not in ckpt or "loops" not in ckpt:
@@ -380,7 +380,7 @@ def resume_checkpoint(cfg: DictConfig, names) -> Optional[str]:
         warnings.warn(f"resuming from {path} with config values that differ from the checkpoint's: "
                       + ", ".join(f"{k}={now.get(k)!r} (was {then.get(k)!r})" for k in changed), stacklevel=2)
     print(f"resuming from {path} (step {ckpt.get('global_step')}, epoch {ckpt.get('epoch')})")
-    return str(path)
+    return str(path), int(ckpt.get("global_step", 0))
 
 
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -392,14 +392,13 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
     return items
 
 
-def _previous_csv_rows(cfg: DictConfig, out: Path, resume: Optional[str]) -> list:
-    """Rows of ``logs/metrics.csv`` up to the resumed checkpoint's step (a resumed run re-logs the rest)."""
+def _previous_csv_rows(cfg: DictConfig, out: Path, step: int) -> list:
+    """Rows of ``logs/metrics.csv`` up to the resumed checkpoint's ``step`` (a resumed run re-logs the rest)."""
     csv_path = out / "logs" / "metrics.csv"
-    if not resume or cfg.logger != "csv" or not csv_path.is_file() or rank_zero_only.rank != 0:
+    if cfg.logger != "csv" or not csv_path.is_file() or rank_zero_only.rank != 0:
         return []
     import csv
 
-    step = int(torch.load(resume, map_location="cpu", weights_only=False).get("global_step", 0))
     rows = []
     with csv_path.open(newline="") as f:
         for r in csv.DictReader(f):

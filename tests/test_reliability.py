@@ -216,7 +216,8 @@ def test_resume_errors_are_clear(tmp_path, teacher_bank, capsys):
         assert main(["fit", TEACHER_YAML, f"output_dir={out}", f"resume={tmp_path / name}", *TINY_TEACHER]) == 2
         err = capsys.readouterr().err
         assert re.search(message.replace("[", "\\[").replace("]", "\\]"), err), err
-    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+    run = tmp_path / "run"  # refused before training, and before the folder's config.yaml is replaced
+    assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
 
 
 def test_module_refuses_a_checkpoint_of_another_class_set(teacher_bank):
