@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed sweep agent sweep-local test-notebooks clean
+.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed reliability-figure sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -90,3 +90,6 @@ bench-cmedl: $(STAMP) ## CMEDL vs the plain CT model on the two-modality phantom
 
 bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~3 min) -> docs/performance.md
 	$(BIN)/python experiments/bench_speed.py --out docs/performance.md $(ARGS)
+
+reliability-figure: $(STAMP) ## resume and DDP training curves of docs/reliability.md (~2 min) -> docs/img/reliability.png
+	$(BIN)/python experiments/reliability_figure.py

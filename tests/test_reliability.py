@@ -132,20 +132,28 @@ class _Keys(torch.utils.data.Dataset):
 
 def test_resumable_loader_skips_the_batches_already_trained_on():
     data = _Keys()
-    first = ResumableLoader(data, EpochSampler(10, seed=3), batch_size=3)
+    first = ResumableLoader(data, sampler=EpochSampler(10, seed=3), batch_size=3)
     first.sampler.set_epoch(2)
     full = [batch for batch in first]
     it = iter(first)
     seen = [next(it), next(it)]
     state = first.state_dict()
     assert state == {"epoch": 2, "batches": 2}
-    again = ResumableLoader(data, EpochSampler(10, seed=3), batch_size=3)
+    again = ResumableLoader(data, sampler=EpochSampler(10, seed=3), batch_size=3)
     again.load_state_dict(state)
     again.sampler.set_epoch(2)
     rest = list(again)
     assert [torch.equal(x, y) for x, y in zip(seen + rest, full)] == [True] * len(full)
     again.sampler.set_epoch(3)  # the skip applies once, to the restored epoch
     assert len(list(again)) == 4
+
+
+def test_lightning_may_swap_the_sampler(tmp_path):
+    """``trainer.overfit_batches`` makes Lightning rebuild the loader with a sequential sampler: it
+    then trains as a plain DataLoader (no resume position)."""
+    assert main(["fit", STUDENT_YAML, f"output_dir={tmp_path}", *TINY_STUDENT, "distill.weight=0", "distill.prototypes=null",
+                 "trainer.overfit_batches=1", "trainer.max_steps=2", "pictures=0"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
 
 
 def test_augmentation_is_a_function_of_the_draw_seed():

@@ -185,7 +185,7 @@ class SegmentationDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=True, num_replicas=world, rank=rank)
-        return ResumableLoader(dataset, sampler, self.batch_size, num_workers=self.num_workers,
+        return ResumableLoader(dataset, sampler=sampler, batch_size=self.batch_size, num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:

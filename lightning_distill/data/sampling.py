@@ -83,15 +83,18 @@ class ResumableLoader(DataLoader):
     checkpoint is written. ``load_state_dict`` makes the next pass over that epoch skip them.
     """
 
-    def __init__(self, dataset, sampler: EpochSampler, batch_size: int, **kwargs: Any):
-        if not isinstance(sampler, EpochSampler):
-            raise ValueError("ResumableLoader needs an EpochSampler")
+    def __init__(self, dataset, sampler: Optional[EpochSampler] = None, batch_size: int = 1, **kwargs: Any):
+        # Lightning may rebuild the loader with another sampler (e.g. ``trainer.overfit_batches``);
+        # it then works as a plain DataLoader, without a position to resume from.
         super().__init__(dataset, sampler=sampler, batch_size=batch_size, **kwargs)
         self._epoch, self._batches = 0, 0
         self._pending: Optional[Dict[str, int]] = None
 
     def __iter__(self):
-        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        sampler = self.sampler
+        if not isinstance(sampler, EpochSampler):
+            yield from super().__iter__()
+            return
         skip = 0
         if self._pending is not None:
             if self._pending["epoch"] == sampler.epoch:
