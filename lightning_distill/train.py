@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -223,6 +224,28 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_now(trainer)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in their own folder, then renamed into place.
+
+    Lightning's own save goes through fsspec, which stages a local file in the system temporary
+    folder (``/tmp``) and moves it: across file systems (node-local ``/tmp``, shared output folder)
+    the move is a copy, and a job killed during it leaves a truncated ``last.ckpt``. Remote URLs keep
+    Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def _with_atomic_checkpoints(plugins: Any) -> list:
+    plugins = list(plugins if isinstance(plugins, (list, tuple)) else [plugins] if plugins else [])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
 def _default_trainer_args() -> Dict[str, Any]:
     gpu = torch.cuda.is_available()
     return {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10, "num_sanity_val_steps": 0,
@@ -319,6 +342,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     if previous_log:  # a new CSV logger empties metrics.csv: keep the interrupted run's rows
         for row in previous_log:
             logger.experiment.log_metrics(row, step=int(row.pop("step")))
+    targs["plugins"] = _with_atomic_checkpoints(targs.get("plugins"))
     trainer = L.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **targs)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     last = (last_cb.best_model_path or None) if last_cb is not None else None

@@ -255,14 +255,17 @@ def test_checkpoints_carry_config_classes_bank_and_version(teacher_bank):
 
 
 # ------------------------------------------------------------------------------------------ safe artifacts
-@pytest.mark.parametrize("kind", ["bank", "json", "bytes"])
+@pytest.mark.parametrize("kind", ["bank", "json", "bytes", "checkpoint"])
 def test_a_crash_while_writing_keeps_the_previous_file(tmp_path, kind, monkeypatch):
     from lightning_distill.prototypes import Bank
+    from lightning_distill.train import AtomicCheckpointIO
 
-    target = tmp_path / {"bank": "prototypes.pt", "json": "results.json", "bytes": "config.yaml"}[kind]
+    target = tmp_path / {"bank": "prototypes.pt", "json": "results.json", "bytes": "config.yaml",
+                         "checkpoint": "last.ckpt"}[kind]
     bank = Bank(torch.eye(3), torch.ones(3), ["background", "a", "b"], 1.0, "prob")
     write = {"bank": lambda: save_bank(target, bank), "json": lambda: write_json(target, {"dice": 0.5}),
-             "bytes": lambda: atomic_write(target, lambda tmp: Path(tmp).write_text("seed: 0\n"))}[kind]
+             "bytes": lambda: atomic_write(target, lambda tmp: Path(tmp).write_text("seed: 0\n")),
+             "checkpoint": lambda: AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)}[kind]
     write()
     before = target.read_bytes()
 
