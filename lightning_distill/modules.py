@@ -78,6 +78,9 @@ class SegmentationModule(L.LightningModule):
         for cb in (trainer.callbacks if trainer is not None else []):
             if isinstance(cb, PrototypeBank) and cb.sums is not None:
                 meta["prototype_bank"] = bank_record(cb.bank())
+        run_id = _wandb_run_id(trainer)
+        if run_id:  # `resume` continues this W&B run
+            meta["wandb_run_id"] = run_id
         checkpoint["lightning_distill"] = meta
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -240,6 +243,18 @@ class SegmentationModule(L.LightningModule):
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
+
+
+def _wandb_run_id(trainer) -> Optional[str]:
+    """The id of the run's W&B run (rank 0, ``logger=wandb``), else ``None``."""
+    if trainer is None or not trainer.is_global_zero:
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.version
+    return None
 
 
 def checkpoint_class_names(checkpoint: Dict[str, Any]) -> Optional[List[str]]:

@@ -253,18 +253,20 @@ def _default_trainer_args() -> Dict[str, Any]:
             "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"}
 
 
-def _logger(cfg: DictConfig, out: Path):
+def _logger(cfg: DictConfig, out: Path, wandb_run_id: Optional[str] = None):
     """The run's logger. W&B runs offline (``<output_dir>/wandb/offline-run-*``) unless the user set
     ``WANDB_MODE`` (e.g. ``online`` with a configured server); the project is ``WANDB_PROJECT`` or
-    ``lightning_distill``; the resolved config is the run's config (a plain dict)."""
+    ``lightning_distill``; the resolved config is the run's config (a plain dict). ``wandb_run_id``
+    (a resumed checkpoint's) continues that W&B run, unless ``WANDB_RUN_ID`` says otherwise."""
     if cfg.logger == "none":
         return False
     if cfg.logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
         os.environ.setdefault("WANDB_MODE", "offline")
+        run_id = os.environ.get("WANDB_RUN_ID") or wandb_run_id
         return WandbLogger(save_dir=str(out), project=os.environ.get("WANDB_PROJECT", "lightning_distill"),
-                           name=out.name, config=to_dict(cfg))
+                           name=out.name, config=to_dict(cfg), id=run_id)
     if cfg.logger == "tensorboard":
         import importlib.util
 
@@ -305,7 +307,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     source = source or build_source(cfg)
     names = class_names(cfg, source)
-    resume, resume_step = resume_checkpoint(cfg, names)  # refused before anything in output_dir is replaced
+    resume, resume_step, resume_meta = resume_checkpoint(cfg, names)  # refused before output_dir is touched
     if rank_zero_only.rank == 0:  # DDP processes re-run this function; one of them writes
         atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     dm = build_datamodule(cfg, source)
@@ -336,7 +338,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
 
         callbacks.append(RunPictures(out, names, num_samples=cfg.pictures))
     previous_log = _previous_csv_rows(cfg, out, resume_step) if resume else []
-    logger = _logger(cfg, out)
+    logger = _logger(cfg, out, resume_meta.get("wandb_run_id"))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if previous_log:  # a new CSV logger empties metrics.csv: keep the interrupted run's rows
@@ -373,8 +375,9 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     return results
 
 
-def resume_checkpoint(cfg: DictConfig, names) -> Tuple[Optional[str], int]:
-    """The checkpoint ``fit`` continues from (``cfg.resume``) and its step, checked before training starts.
+def resume_checkpoint(cfg: DictConfig, names) -> Tuple[Optional[str], int, Dict[str, Any]]:
+    """The checkpoint ``fit`` continues from (``cfg.resume``), its step and its ``lightning_distill``
+    record (``{}`` without one), checked before training starts.
 
     ``resume=auto`` takes ``<output_dir>/checkpoints/last.ckpt`` when it exists and starts afresh
     otherwise (so a pre-empted job can be re-submitted with the same command). The checkpoint must be
@@ -386,12 +389,12 @@ def resume_checkpoint(cfg: DictConfig, names) -> Tuple[Optional[str], int]:
     from lightning_distill.modules import check_checkpoint
 
     if not cfg.resume:
-        return None, 0
+        return None, 0, {}
     auto = cfg.resume == "auto"
     path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt" if auto else Path(cfg.resume)
     if auto and not path.is_file():
         print(f"resume=auto: no {path} yet, starting from scratch")
-        return None, 0
+        return None, 0, {}
     ckpt, old = load_checkpoint(path)
     check_checkpoint(ckpt, names, f"checkpoint {path}")
     if "optimizer_states" not in ckpt or "loops" not in ckpt:
@@ -404,7 +407,7 @@ def resume_checkpoint(cfg: DictConfig, names) -> Tuple[Optional[str], int]:
         warnings.warn(f"resuming from {path} with config values that differ from the checkpoint's: "
                       + ", ".join(f"{k}={now.get(k)!r} (was {then.get(k)!r})" for k in changed), stacklevel=2)
     print(f"resuming from {path} (step {ckpt.get('global_step')}, epoch {ckpt.get('epoch')})")
-    return str(path), int(ckpt.get("global_step", 0))
+    return str(path), int(ckpt.get("global_step", 0)), dict(ckpt.get("lightning_distill") or {})
 
 
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:

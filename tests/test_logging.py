@@ -82,6 +82,36 @@ def test_wandb_offline_run_has_metrics_images_and_artifacts(tmp_path, teacher_ba
     assert len(glob.glob(str(out / "images" / "steps" / "overlays_step*.png"))) >= 2
 
 
+def test_resume_continues_the_wandb_run(tmp_path, monkeypatch):
+    """A run resumed with ``resume=auto`` logs to the W&B run of the checkpoint (same id), not a new one."""
+    pytest.importorskip("wandb")
+    import torch
+
+    from conftest import TINY_TEACHER
+    from lightning_distill.cli import main
+
+    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": tmp_path, "WANDB_CACHE_DIR": tmp_path / "cache",
+                 "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    out = tmp_path / "teacher"
+    args = ["fit", os.path.join(REPO, "experiments/teacher.yaml"), f"output_dir={out}", *TINY_TEACHER,
+            "logger=wandb", "pictures=0"]
+    assert main([*args, "trainer.max_steps=3"]) == 0
+    first = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(first) == 1, first
+    run_id = os.path.basename(first[0])[len("run-"):-len(".wandb")]
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["lightning_distill"]["wandb_run_id"] == run_id
+    assert main([*args, "trainer.max_steps=6", "resume=auto"]) == 0
+    runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(runs) == 2 and all(os.path.basename(r) == f"run-{run_id}.wandb" for r in runs), runs
+    resumed = [r for r in runs if r != first[0]][0]
+    steps = [int(i.value_json) for r in wandb_records(resumed) if r.WhichOneof("record_type") == "history"
+             for i in r.history.item if (i.key or ".".join(i.nested_key)) == "trainer/global_step"]
+    assert steps and min(steps) >= 3, steps  # the resumed run logs from the checkpoint's step on
+
+
 def test_pictures_without_any_logger_and_for_a_teacher(tmp_path):
     from lightning_distill.cli import main
     from conftest import TINY_TEACHER
