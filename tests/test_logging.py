@@ -25,7 +25,7 @@ def wandb_records(path):
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        if kind == 0 and length == 0:
+        if (kind == 0 and length == 0) or pos + HEADER + length > len(data):  # end, or a chunk still being written
             break
         chunk = data[pos + HEADER:pos + HEADER + length]
         pos += HEADER + length
@@ -35,6 +35,20 @@ def wandb_records(path):
             record.ParseFromString(buf)
             yield record
             buf = b""
+
+
+def finished_records(path, timeout=60.0):
+    """The records of a run file once W&B's service has written its ``exit`` record. ``finish()``
+    returns before the service's writer has flushed the last records (artifacts, exit), so a file read
+    right away can lack them; after ``timeout`` s, the records there are (the caller's asserts then fail)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
 
 
 def _history_keys(records):
@@ -58,7 +72,7 @@ def test_wandb_offline_run_has_metrics_images_and_artifacts(tmp_path, teacher_ba
                  f"distill.prototypes={teacher_bank / 'prototypes.pt'}", "logger=wandb", "pictures=2"]) == 0
     runs = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1, runs
-    records = list(wandb_records(runs[0]))
+    records = finished_records(runs[0])
     kinds = {r.WhichOneof("record_type") for r in records}
     assert {"run", "config", "history", "summary", "artifact", "exit"} <= kinds
     keys = _history_keys(records)
@@ -107,7 +121,7 @@ def test_resume_continues_the_wandb_run(tmp_path, monkeypatch):
     runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb")))
     assert len(runs) == 2 and all(os.path.basename(r) == f"run-{run_id}.wandb" for r in runs), runs
     resumed = [r for r in runs if r != first[0]][0]
-    steps = [int(i.value_json) for r in wandb_records(resumed) if r.WhichOneof("record_type") == "history"
+    steps = [int(i.value_json) for r in finished_records(resumed) if r.WhichOneof("record_type") == "history"
              for i in r.history.item if (i.key or ".".join(i.nested_key)) == "trainer/global_step"]
     assert steps and min(steps) >= 3, steps  # the resumed run logs from the checkpoint's step on
 
