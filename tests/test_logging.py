@@ -51,22 +51,31 @@ def finished_records(path, timeout=60.0):
         time.sleep(0.5)
 
 
-def _history_keys(records):
-    keys = set()
+def _history_items(records):
+    """``(key, value_json)`` of every history item (a key may be stored flat or as a nested key)."""
     for r in records:
         if r.WhichOneof("record_type") == "history":
-            keys |= {i.key or ".".join(i.nested_key) for i in r.history.item}
-    return keys
+            for i in r.history.item:
+                yield i.key or ".".join(i.nested_key), i.value_json
 
 
-def test_wandb_offline_run_has_metrics_images_and_artifacts(tmp_path, teacher_bank, monkeypatch):
+def _history_keys(records):
+    return {k for k, _ in _history_items(records)}
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline, its directories under ``tmp_path``, no run id from the environment."""
     pytest.importorskip("wandb")
+    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": tmp_path, "WANDB_CACHE_DIR": tmp_path / "cache",
+                 "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+
+
+def test_wandb_offline_run_has_metrics_images_and_artifacts(tmp_path, teacher_bank, offline_wandb):
     from lightning_distill.cli import main
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "student"
     assert main(["fit", os.path.join(REPO, "experiments/student.yaml"), f"output_dir={out}", *TINY_STUDENT,
                  f"distill.prototypes={teacher_bank / 'prototypes.pt'}", "logger=wandb", "pictures=2"]) == 0
@@ -96,18 +105,13 @@ def test_wandb_offline_run_has_metrics_images_and_artifacts(tmp_path, teacher_ba
     assert len(glob.glob(str(out / "images" / "steps" / "overlays_step*.png"))) >= 2
 
 
-def test_resume_continues_the_wandb_run(tmp_path, monkeypatch):
+def test_resume_continues_the_wandb_run(tmp_path, offline_wandb):
     """A run resumed with ``resume=auto`` logs to the W&B run of the checkpoint (same id), not a new one."""
-    pytest.importorskip("wandb")
     import torch
 
     from conftest import TINY_TEACHER
     from lightning_distill.cli import main
 
-    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": tmp_path, "WANDB_CACHE_DIR": tmp_path / "cache",
-                 "WANDB_DATA_DIR": tmp_path / "data"}.items():
-        monkeypatch.setenv(k, str(v))
-    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     out = tmp_path / "teacher"
     args = ["fit", os.path.join(REPO, "experiments/teacher.yaml"), f"output_dir={out}", *TINY_TEACHER,
             "logger=wandb", "pictures=0"]
@@ -121,8 +125,7 @@ def test_resume_continues_the_wandb_run(tmp_path, monkeypatch):
     runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb")))
     assert len(runs) == 2 and all(os.path.basename(r) == f"run-{run_id}.wandb" for r in runs), runs
     resumed = [r for r in runs if r != first[0]][0]
-    steps = [int(i.value_json) for r in finished_records(resumed) if r.WhichOneof("record_type") == "history"
-             for i in r.history.item if (i.key or ".".join(i.nested_key)) == "trainer/global_step"]
+    steps = [int(v) for k, v in _history_items(finished_records(resumed)) if k == "trainer/global_step"]
     assert steps and min(steps) >= 3, steps  # the resumed run logs from the checkpoint's step on
 
 
