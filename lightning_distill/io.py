@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -36,13 +37,59 @@ def save_nifti(image, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
-def new_dataset_dir(dst: str | os.PathLike, overwrite: bool = False) -> Path:
-    """An empty nnU-Net raw folder (``imagesTr``, ``labelsTr``); a non-empty one only with ``overwrite``."""
+@contextmanager
+def staged_dir(dst: str | os.PathLike, overwrite: bool = False, merge: bool = False) -> Iterator[Path]:
+    """Build a folder's content in a temporary folder beside ``dst``, and put it in place only when
+    the ``with`` block ends without an exception: a failure removes the temporary folder and leaves
+    ``dst`` as it was (absent, or with its previous content).
+
+    Args:
+        dst: the output folder.
+        overwrite: replace a non-empty ``dst`` as a whole (its old content is removed only after the
+            new folder is complete); without it a non-empty ``dst`` raises ``FileExistsError`` before
+            anything is written. Ignored with ``merge``.
+        merge: move the new files into ``dst`` (creating it if needed), replacing files of the same
+            name and keeping the others (e.g. masks predicted earlier into the same folder).
+
+    Yields:
+        The temporary folder to write into (same file system as ``dst``, so the final moves are renames).
+    """
     dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(dst)
-    (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
-    return dst
+    if not merge and dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty; pass --overwrite to replace it")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a folder")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    try:
+        yield tmp
+        if merge:
+            dst.mkdir(exist_ok=True)
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    target = dst / f.relative_to(tmp)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, target)
+        else:
+            old = None
+            if dst.exists():
+                old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+                os.replace(dst, old / dst.name)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                if old is not None:  # put the previous content back
+                    os.replace(old / dst.name, dst)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def nnunet_dirs(root: Path) -> Path:
+    """Create ``imagesTr`` and ``labelsTr`` in ``root`` (an nnU-Net v2 raw dataset folder); returns ``root``."""
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    return root

@@ -254,13 +254,21 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False) -> int:
 
     Volumes (or single slices, as 2D files) get an LAS affine with the phantom's spacing, so they
     behave like any scanner export: use them to try the NIfTI path end to end without real data.
-    Returns the number of cases written.
+    Returns the number of cases written. The dataset is written into a temporary folder and moved
+    into place when complete (a failure leaves ``dst`` as it was).
     """
+    from lightning_distill.io import nnunet_dirs, staged_dir
+
+    with staged_dir(dst, overwrite) as tmp:
+        _write_phantom(source, nnunet_dirs(tmp))
+    return len(source.ids)
+
+
+def _write_phantom(source: PhantomSource, dst) -> None:
     import nibabel as nib
 
-    from lightning_distill.io import new_dataset_dir, save_nifti, write_json
+    from lightning_distill.io import save_nifti, write_json
 
-    dst = new_dataset_dir(dst, overwrite)
     shape = tuple(source.shape)
     spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM, shape)] + ([PHANTOM_EXTENT_MM[2] / 48] if len(shape) == 2 else [])
     affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])  # LAS
@@ -279,4 +287,3 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False) -> int:
             "channel_names": {"0": "MR" if mr else "CT"}, "labels": {n: i for i, n in enumerate(CLASS_NAMES)},
             "numTraining": len(source.ids), "file_ending": ".nii.gz"}
     write_json(dst / "dataset.json", meta)
-    return len(source.ids)
