@@ -29,18 +29,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--grid", action="store_true", help="pool runs over seeds: mean ± std per method and training size")
     r.add_argument("--results-name", default="results.json", help="with --grid: which results file of each run")
     r.add_argument("--bank-plot", nargs=2, metavar=("BANK", "PNG"), help="also save a heatmap of a prototypes.pt")
-    sl = sub.add_parser("slices", help="extract one axial slice per subject from 3D volumes into a 2D NIfTI dataset")
+    sl = sub.add_parser("slices", help="extract one axial slice per subject from 3D volumes into a 2D NIfTI dataset",
+                        description="Extract one axial slice per subject. Labels are copied as they are, or mapped to "
+                        "the experiment's classes with the same keys as a run config: classes=[background,...] "
+                        "data.nifti.label_map={5: liver} data.nifti.unmapped=background|ignore|error "
+                        "data.nifti.on_missing=error|warn (or --config RUN.yaml). Folder layout: "
+                        "data.nifti.image_pattern='images/image_{case}.nii.gz' "
+                        "data.nifti.label_pattern='labels/label_{case}.nii.gz' ({case} = the case id).")
     sl.add_argument("src", help="dataset folder of 3D volumes (nnU-Net, MSD or plain folder layout)")
     sl.add_argument("dst", help="output folder (nnU-Net layout of 2D NIfTI files + dataset.json)")
     rule = sl.add_mutually_exclusive_group(required=True)
     rule.add_argument("--index", type=int, help="fixed axial index (RAS, from inferior)")
     rule.add_argument("--fraction", type=float, help="fraction of the z range (0 = most inferior)")
-    rule.add_argument("--max-area", metavar="ORGAN", help="the slice where this organ (a label name) is largest")
+    rule.add_argument("--max-area", metavar="CLASS", help="the slice where this class (after mapping; without classes: "
+                      "a label name of the dataset) is largest")
     rule.add_argument("--list", metavar="FILE", help="text file of '<case> <index>' lines")
-    sl.add_argument("--layout", default="auto", choices=["auto", "nnunet", "msd", "folder"])
-    sl.add_argument("--image-pattern", default="images/*.nii.gz", help="folder layout: glob of images")
-    sl.add_argument("--label-pattern", default="labels/{case}.nii.gz", help="folder layout: label path with {case}")
-    sl.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    sl.add_argument("--config", help="take classes and data.nifti.* (label map, patterns) from this run config")
+    sl.add_argument("--layout", choices=["auto", "nnunet", "msd", "folder"], help="= data.nifti.layout (default auto)")
+    sl.add_argument("--image-pattern", help="= data.nifti.image_pattern: folder layout glob, {case} marks the case id")
+    sl.add_argument("--label-pattern", help="= data.nifti.label_pattern: folder layout label path with {case}")
+    sl.add_argument("--no-labels", action="store_true", help="write images only (no label file is read)")
+    sl.add_argument("--overwrite", action="store_true", help="replace a non-empty destination (once the new one is complete)")
+    sl.add_argument("overrides", nargs="*", help="classes=[...] and data.nifti.* key=value overrides")
     pr = sub.add_parser("predict", help="predict masks for a NIfTI file or folder with a trained checkpoint")
     pr.add_argument("checkpoint", help="a .ckpt written by `lightning-distill fit` (e.g. runs/student/checkpoints/best.ckpt)")
     pr.add_argument("input", help="a .nii/.nii.gz file or a folder of them")
@@ -132,11 +142,24 @@ def _test(args) -> int:
 
 
 def _slices(args) -> int:
+    from omegaconf import OmegaConf
+
+    from lightning_distill.config import load_config
     from lightning_distill.slices import extract_slices
 
+    used = [o for o in args.overrides if not o.lstrip("~").startswith(("classes=", "data.nifti."))]
+    if used:
+        raise ValueError(f"slices takes only classes=... and data.nifti.* overrides, got {used}")
+    cfg = load_config(args.config, args.overrides)
+    n = cfg.data.nifti
     rule = next(r for r in ("index", "fraction", "max_area", "list") if getattr(args, r) is not None)
-    chosen = extract_slices(args.src, args.dst, rule.replace("_", "-"), getattr(args, rule), layout=args.layout,
-                            overwrite=args.overwrite, image_pattern=args.image_pattern, label_pattern=args.label_pattern)
+    chosen = extract_slices(args.src, args.dst, rule.replace("_", "-"), getattr(args, rule),
+                            layout=args.layout or n.layout, overwrite=args.overwrite,
+                            image_pattern=args.image_pattern or n.image_pattern,
+                            label_pattern=args.label_pattern if args.label_pattern is not None else n.label_pattern,
+                            classes=list(cfg.classes) if cfg.classes else None,
+                            label_map=OmegaConf.to_container(n.label_map), unmapped=n.unmapped, on_missing=n.on_missing,
+                            labels=not args.no_labels)
     print(f"wrote {len(chosen)} single-slice cases to {args.dst}")
     return 0
 

@@ -60,10 +60,13 @@ class NiftiConfig:
 
     root: Optional[str] = None  # dataset folder; ${oc.env:VAR,default} reads an environment variable
     layout: str = "auto"  # auto | nnunet | msd | folder
-    image_pattern: str = "images/*.nii.gz"  # folder layout: glob relative to root
-    label_pattern: Optional[str] = "labels/{case}.nii.gz"  # folder layout: {case} = image name stem
-    label_map: Dict[str, str] = field(default_factory=dict)  # dataset label name/id -> class name | ignore
+    image_pattern: str = "images/*.nii.gz"  # folder layout: glob relative to root; {case} marks the case id (images/image_{case}.nii.gz)
+    label_pattern: Optional[str] = "labels/{case}.nii.gz"  # folder layout: {case} = the case id (see image_pattern)
+    # dataset label id (5 or "5") or name -> class name | ignore. Every label id that nothing maps follows
+    # `unmapped` (see lightning_distill.data.nifti.LabelMapping for the one rule of every layout).
+    label_map: Dict[Any, str] = field(default_factory=dict)
     unmapped: str = "background"  # background | ignore | error
+    on_missing: str = "error"  # error | warn: a label_map id or a class found in no label file
     cases: Optional[List[str]] = None  # keep only these case ids
     slice_mode: str = "file"  # 2D: file (one sample per file) | all (every axial slice of volumes)
     require_foreground: bool = True  # an all-background label is a bad case
@@ -214,6 +217,7 @@ class RunConfig:
 
 _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorboard", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"),
             "data.nifti.layout": ("auto", "nnunet", "msd", "folder"), "data.nifti.unmapped": ("background", "ignore", "error"),
+            "data.nifti.on_missing": ("error", "warn"),
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),
             "data.phantom.modality": ("CT", "MR"),
             "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.resize": ("resize", "pad_crop"),
@@ -354,10 +358,34 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             del node[leaf]
         else:
             try:
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([_spaced_mapping(o)]))
             except OmegaConfBaseException as e:
                 raise _explain(e, "command-line override") from None
     return cfg
+
+
+def _spaced_mapping(override: str) -> str:
+    """``key={a:b,5:c}`` -> ``key={a: b,5: c}``: YAML reads ``a:b`` in a flow mapping as one key, so a
+    mapping written without a space after its colons would silently become ``{'a:b': None}``. Colons
+    inside quotes and ``${...}`` interpolations are left alone."""
+    key, _, value = override.partition("=")
+    v = value.strip()
+    if not (v.startswith("{") and v.endswith("}")):
+        return override
+    out, quote, depth = [], None, 0
+    for i, ch in enumerate(v):
+        out.append(ch)
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "$" and v[i + 1:i + 2] == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        elif ch == ":" and not depth and v[i + 1:i + 2] not in (" ", ""):
+            out.append(" ")
+    return f"{key}={''.join(out)}"
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

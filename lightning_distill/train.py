@@ -55,7 +55,7 @@ def build_source(cfg: DictConfig) -> SubjectSource:
         return NiftiSource(n.root, list(cfg.classes), dims, pre, layout=n.layout, image_pattern=n.image_pattern,
                            label_pattern=n.label_pattern, label_map=OmegaConf.to_container(n.label_map),
                            unmapped=n.unmapped, cases=list(n.cases) if n.cases else None, slice_mode=n.slice_mode,
-                           on_bad_case=d.on_bad_case, require_foreground=n.require_foreground)
+                           on_bad_case=d.on_bad_case, require_foreground=n.require_foreground, on_missing=n.on_missing)
     raise ValueError(f"unknown data.source {d.source!r}")
 
 
@@ -86,9 +86,13 @@ def uses_target(cfg: DictConfig) -> bool:
 
 
 def target_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with ``data`` replaced by ``cmedl.target`` (to build the teacher modality's source)."""
+    """``cfg`` with ``data`` replaced by ``cmedl.target`` (to build the teacher modality's source).
+
+    The target's labels are not used, so classes it lacks are a warning there, not an error.
+    """
     tcfg = cfg.copy()
     tcfg.data = cfg.cmedl.target
+    tcfg.data.nifti.on_missing = "warn"
     return tcfg
 
 

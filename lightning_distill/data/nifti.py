@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -121,9 +121,11 @@ def discover(root: str | Path, layout: str = "auto", image_pattern: str = "image
         root: dataset folder.
         layout: ``auto``, ``nnunet`` (``dataset.json`` + ``imagesTr/<case>_<XXXX><ending>`` +
             ``labelsTr/<case><ending>``), ``msd`` (``dataset.json`` with a ``training`` list) or
-            ``folder`` (images matched by ``image_pattern``, a glob relative to ``root``; the case id
-            is the file name without its ending and without a trailing ``_0000``; labels found by
-            ``label_pattern`` with ``{case}`` replaced).
+            ``folder`` (images matched by ``image_pattern``, a glob relative to ``root``; labels found
+            by ``label_pattern`` with ``{case}`` replaced by the case id). The case id is the part of
+            the file name at ``{case}`` in ``image_pattern`` (``images/image_{case}.nii.gz`` with
+            ``labels/label_{case}.nii.gz``), or without ``{case}`` the file name without its ending
+            and a trailing ``_0000``. A ``label_pattern`` that matches no file at all is an error.
         require_labels: raise if a case has no label file.
     """
     root = Path(root)
@@ -203,13 +205,35 @@ def _discover_msd(root: Path, require_labels: bool) -> DatasetIndex:
     return DatasetIndex(root, "msd", cases, labels, channels)
 
 
+def _case_pattern(image_pattern: str):
+    """``(glob, regex or None)`` of a folder layout's image pattern; ``{case}`` marks the case id."""
+    if "{case}" not in image_pattern:
+        return image_pattern, None
+    if image_pattern.count("{case}") > 1:
+        raise DataError(f"image pattern {image_pattern!r}: {{case}} may appear only once")
+    name = image_pattern.rsplit("/", 1)[-1]
+    if "{case}" not in name:
+        raise DataError(f"image pattern {image_pattern!r}: {{case}} must be in the file name, not a folder")
+    glob = image_pattern.replace("{case}", "*")
+    head, tail = name.split("{case}")
+    to_re = lambda part: "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in part)  # noqa: E731
+    return glob, re.compile("^" + to_re(head) + "(?P<case>.+?)" + to_re(tail) + "$")
+
+
 def _discover_folder(root: Path, image_pattern: str, label_pattern: Optional[str], require_labels: bool) -> DatasetIndex:
-    images = sorted(p for p in root.glob(image_pattern) if p.name.endswith(NIFTI_ENDINGS))
+    glob, capture = _case_pattern(image_pattern)
+    images = sorted(p for p in root.glob(glob) if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
     if not images:
         raise DataError(f"{root}: no NIfTI file matches {image_pattern!r}")
     cases = []
     for img in images:
-        cid = re.sub(r"_0000$", "", _strip_ending(img.name))
+        if capture is not None:
+            m = capture.match(img.name)
+            if m is None:
+                raise DataError(f"{img}: matches {glob!r} but not {image_pattern!r}")
+            cid = m.group("case")
+        else:
+            cid = re.sub(r"_0000$", "", _strip_ending(img.name))
         label = root / label_pattern.format(case=cid) if label_pattern else None
         if label is None and require_labels:
             raise DataError(f"{root}: folder layout needs label_pattern to find labels")
@@ -218,6 +242,11 @@ def _discover_folder(root: Path, image_pattern: str, label_pattern: Optional[str
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise DataError(f"{root}: several images map to the same case id {dup[:5]}; make image_pattern more specific")
+    if label_pattern and images and not any(c.label for c in cases):
+        raise DataError(f"{root}: no label file matches {label_pattern!r} for any of the {len(cases)} images "
+                        f"(e.g. {cases[0].expected_label} does not exist); check data.nifti.label_pattern "
+                        "(use {case} for the case id, and {case} in image_pattern to say which part of the image "
+                        "name it is), or set it to null for images without labels")
     return DatasetIndex(root, "folder", cases, {}, ["image"])
 
 
@@ -239,6 +268,43 @@ def load_nifti(path: Path, what: str = "image"):
     return data, np.asarray(img.affine, dtype=np.float64), img.header
 
 
+def check_nifti_file(path: Path, what: str = "image"):
+    """Cheap up-front check of a NIfTI file without decoding its voxels: the header reads and the data
+    are complete (a ``.nii.gz`` stream is decompressed through to its end in chunks; a ``.nii`` file's
+    size is compared with the header's data size).
+
+    Returns:
+        ``(shape, affine (4, 4))`` from the header. Raises :class:`DataError` naming the file.
+    """
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file is missing")
+    try:
+        img = nib.load(str(path))
+        hdr = img.header
+        shape = tuple(int(n) for n in img.shape)
+        need = int(hdr.get_data_offset()) + int(np.prod(shape)) * np.dtype(hdr.get_data_dtype()).itemsize
+    except Exception as e:  # noqa: BLE001 - nibabel, gzip and EOF errors all mean the same
+        raise DataError(f"{path}: cannot read {what} as NIfTI ({type(e).__name__}: {e}); the file is corrupt, truncated or not NIfTI") from None
+    try:
+        if path.name.endswith(".gz"):
+            size = 0
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        else:
+            size = path.stat().st_size
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: {what} file is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if size < need:
+        raise DataError(f"{path}: {what} file is truncated ({size} bytes of data where the header needs {need})")
+    return shape, np.asarray(img.affine, dtype=np.float64)
+
+
 def _squeeze_to(data: np.ndarray, ndim: int, path: Path, what: str) -> np.ndarray:
     while data.ndim > ndim and data.shape[-1] == 1:  # trailing singleton dims (e.g. X, Y, 1)
         data = data[..., 0]
@@ -249,18 +315,57 @@ def _squeeze_to(data: np.ndarray, ndim: int, path: Path, what: str) -> np.ndarra
     return data
 
 
+UNMAPPED_CHOICES = ("background", "ignore", "error")
+ON_MISSING_CHOICES = ("error", "warn")
+
+
+def _map_key(key, by_name: Mapping[str, int], source: str) -> int:
+    """A label map key as a dataset label id: an integer, a string of digits, or a dataset label name."""
+    if isinstance(key, bool):
+        raise DataError(f"{source}: label map key {key!r} is not a label id or name")
+    if isinstance(key, int):
+        return key
+    text = str(key).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if text in by_name:
+        return by_name[text]
+    if not by_name:
+        raise DataError(f"{source}: label map names dataset label {text!r}, but this dataset has no label names "
+                        "(no dataset.json): write its label id instead, e.g. {5: liver}")
+    raise DataError(f"{source}: label map names dataset label {text!r}, which the dataset does not have "
+                    f"(its labels: {sorted(by_name)})")
+
+
 @dataclass
 class LabelMapping:
-    """Maps a dataset's label ids to the experiment's class indices.
+    """Maps a dataset's label ids to the experiment's class indices, and counts what it mapped.
+
+    One rule for every layout: a label id goes to the class the map gives it; **every label id that
+    nothing maps follows** ``unmapped``. What maps an id, in order of precedence:
+
+    1. ``label_map``: ``{dataset label id or name: class name | "ignore"}``; ids may be integers or
+       strings of digits (``{5: liver}`` = ``{"5": liver}``), names are the dataset's own label names
+       (``dataset.json``);
+    2. a dataset label whose name is an experiment class name maps to it (``dataset.json`` layouts),
+       and a dataset label named ``ignore`` (nnU-Net's convention) to the ignore index;
+    3. id 0 is background;
+    4. only when the dataset has no label names (plain folders) **and** no ``label_map`` is given:
+       id k is class k for k < the number of classes.
 
     Args:
         class_names: the experiment's classes, background first.
         dataset_labels: the dataset's ``{id: name}`` (from ``dataset.json``; may be empty).
-        label_map: ``{dataset label name or id: experiment class name}``; dataset labels named like
-            an experiment class map to it by default, and without label names (plain folders) label
-            id k is class k. A value of ``"ignore"`` maps to the ignore index.
-        unmapped: what a dataset label with no mapping becomes: ``background``, ``ignore`` or
-            ``error``.
+        label_map: see above.
+        unmapped: what a label id that nothing maps becomes: ``background``, ``ignore`` (skipped by
+            losses and metrics) or ``error``.
+        on_missing: after all files are read (:meth:`check_coverage`), a label map entry that occurs
+            in no file, or a class that gets no voxel, is an ``error`` or a ``warn``-ing.
+        source: the dataset, for messages.
+
+    Attributes:
+        lut: ``{dataset id: class index or IGNORE_INDEX}`` of the ids that something maps.
+        voxels, files: per dataset id, the voxels and files seen by :meth:`apply` (raw label space).
     """
 
     class_names: Sequence[str]
@@ -268,28 +373,33 @@ class LabelMapping:
     label_map: Mapping = field(default_factory=dict)
     unmapped: str = "background"
     source: str = ""
+    on_missing: str = "error"
 
     def __post_init__(self):
-        if self.unmapped not in ("background", "ignore", "error"):
-            raise DataError(f"{self.source}: unmapped must be background, ignore or error, got {self.unmapped!r}")
+        if self.unmapped not in UNMAPPED_CHOICES:
+            raise DataError(f"{self.source}: unmapped must be one of {list(UNMAPPED_CHOICES)}, got {self.unmapped!r}")
+        if self.on_missing not in ON_MISSING_CHOICES:
+            raise DataError(f"{self.source}: on_missing must be one of {list(ON_MISSING_CHOICES)}, got {self.on_missing!r}")
         names = list(self.class_names)
         index = {n: i for i, n in enumerate(names)}
         by_name = {v: k for k, v in self.dataset_labels.items()}
         lut: Dict[int, int] = {0: 0}
+        how: Dict[int, str] = {0: "background"}
         if self.dataset_labels:
             for k, v in self.dataset_labels.items():  # identical names map by default
                 if v in index:
-                    lut[k] = index[v]
-        else:  # no label names (plain folders): label ids are the experiment's class indices
-            lut.update({i: i for i in range(len(names))})
-        for key, target in dict(self.label_map).items():
-            if isinstance(key, str) and not key.lstrip("-").isdigit():
-                if key not in by_name:
-                    raise DataError(f"{self.source}: label map names dataset label {key!r}, which the dataset does not have "
-                                    f"(its labels: {sorted(by_name)})")
-                src = by_name[key]
-            else:
-                src = int(key)
+                    lut[k], how[k] = index[v], "same name"
+                elif v == "ignore":
+                    lut[k], how[k] = IGNORE_INDEX, "named ignore"
+        elif not self.label_map:  # no names and no map: label ids are the experiment's class indices
+            for i in range(1, len(names)):
+                lut[i], how[i] = i, "id = class index (no label map)"
+        self.map_ids: Dict[int, Any] = {}  # dataset id -> the key it was listed under
+        for key, target in dict(self.label_map or {}).items():
+            src = _map_key(key, by_name, self.source)
+            if src in self.map_ids:
+                raise DataError(f"{self.source}: label map lists dataset label {src} twice "
+                                f"(as {self.map_ids[src]!r} and {key!r})")
             if target == "ignore":
                 lut[src] = IGNORE_INDEX
             elif target in index:
@@ -297,33 +407,100 @@ class LabelMapping:
             else:
                 raise DataError(f"{self.source}: label map sends {key!r} to unknown organ {target!r}; "
                                 f"the experiment's classes are {names} (or 'ignore')")
-        self.lut = lut
+            self.map_ids[src] = key
+            how[src] = "label map"
+        self.lut, self.how = lut, how
+        self.voxels: Dict[int, int] = {}
+        self.files: Dict[int, int] = {}
+
+    def target(self, dataset_id: int) -> int:
+        """The class index (or IGNORE_INDEX) of a dataset id; unmapped ids give their policy's value."""
+        if dataset_id in self.lut:
+            return self.lut[dataset_id]
+        return IGNORE_INDEX if self.unmapped == "ignore" else 0
 
     def apply(self, label: np.ndarray, path: Path) -> np.ndarray:
-        """Remap ``label``; values outside the dataset's map raise, unmapped ones follow ``unmapped``."""
+        """Remap ``label`` (any shape) and count its ids; values outside ``dataset.json``'s labels raise,
+        ids that nothing maps follow ``unmapped``."""
         if not np.issubdtype(label.dtype, np.integer):
             if not np.all(np.isfinite(label)):
                 raise DataError(f"{path}: label contains NaN or Inf values")
             if not np.all(label == np.round(label)):
                 raise DataError(f"{path}: label contains non-integer values (is this an image, not a label?)")
             label = label.astype(np.int64)
-        values = np.unique(label)
-        known = set(self.dataset_labels) if self.dataset_labels else None
-        if known is not None:
-            bad = [int(v) for v in values if int(v) not in known]
+        values, counts = np.unique(label, return_counts=True)
+        if self.dataset_labels:
+            bad = [int(v) for v in values if int(v) not in self.dataset_labels]
             if bad:
                 raise DataError(f"{path}: label values {bad[:10]} are not in the dataset's label map {dict(self.dataset_labels)}")
-        out = np.zeros(label.shape, np.int64)
-        for v in values:
-            v = int(v)
-            if v in self.lut:
-                out[label == v] = self.lut[v]
-            elif self.unmapped == "ignore":
-                out[label == v] = IGNORE_INDEX
-            elif self.unmapped == "error":
-                raise DataError(f"{path}: label value {v} has no mapping to the experiment's classes {list(self.class_names)}")
-            # background: stays 0
+        if self.unmapped == "error":
+            bad = [int(v) for v in values if int(v) not in self.lut]
+            if bad:
+                raise DataError(f"{path}: label values {bad[:10]} have no mapping to the experiment's classes "
+                                f"{list(self.class_names)} (data.nifti.unmapped=error); map them in data.nifti.label_map "
+                                "(to a class or 'ignore'), or set data.nifti.unmapped=background|ignore")
+        table = np.zeros(int(values.max()) + 1 if values.size and values.min() >= 0 else 0, np.int64)
+        if table.size:  # non-negative ids: one lookup
+            for v in values:
+                table[int(v)] = self.target(int(v))
+            out = table[label]
+        else:
+            out = np.zeros(label.shape, np.int64)
+            for v in values:
+                out[label == v] = self.target(int(v))
+        for v, n in zip(values, counts):
+            self.voxels[int(v)] = self.voxels.get(int(v), 0) + int(n)
+            self.files[int(v)] = self.files.get(int(v), 0) + 1
         return out
+
+    def class_voxels(self) -> Dict[str, int]:
+        """Voxels counted so far per class name (``ignore`` for the ignore index)."""
+        out = {n: 0 for n in self.class_names}
+        out["ignore"] = 0
+        for v, n in self.voxels.items():
+            t = self.target(v)
+            out["ignore" if t == IGNORE_INDEX else self.class_names[t]] += n
+        return out
+
+    def resolved(self) -> Dict[int, str]:
+        """``{dataset id: class name or "ignore"}`` for every id mapped or seen so far."""
+        return {v: "ignore" if self.target(v) == IGNORE_INDEX else self.class_names[self.target(v)]
+                for v in sorted(set(self.voxels) | set(self.lut))}
+
+    def summary(self) -> str:
+        """The resolved mapping and the voxel counts so far, as printed at the start of a run."""
+        rows = [f"label map of {self.source} (unmapped ids -> {self.unmapped}):"]
+        for v, cls in self.resolved().items():
+            name = self.dataset_labels.get(v, "")
+            why = self.how.get(v, f"unmapped -> {self.unmapped}")
+            rows.append(f"  id {v:>4} {name:<16.16} -> {cls:<16.16} {self.voxels.get(v, 0):>12,} voxels in "
+                        f"{self.files.get(v, 0):>4} files  ({why})")
+        counts = self.class_voxels()
+        if not counts["ignore"]:
+            counts.pop("ignore")
+        rows.append("  per class: " + ", ".join(f"{k} {n:,}" for k, n in counts.items()))
+        return "\n".join(rows)
+
+    def check_coverage(self) -> List[str]:
+        """After every file was read: label map entries that occur in no file, and classes that got no
+        voxel. Raises ``DataError`` (``on_missing=error``) or warns (``warn``); returns the problems."""
+        if not self.voxels:  # no label was read (image-only data)
+            return []
+        problems = [f"label map entry {key} (dataset label {v}) occurs in no label file"
+                    for v, key in self.map_ids.items() if self.voxels.get(v, 0) == 0]
+        counts = self.class_voxels()
+        problems += [f"class {c!r} gets no voxel in any label file" for c in self.class_names[1:] if counts[c] == 0]
+        if problems:
+            present = sorted(self.voxels)
+            msg = (f"{self.source}: " + "; ".join(problems) + f". Label ids present in the files: {present[:40]}"
+                   + ("..." if len(present) > 40 else "") + ". Voxels per class: "
+                   + ", ".join(f"{k} {n:,}" for k, n in counts.items() if k != "ignore" or n))
+            if self.on_missing == "error":
+                raise DataError(msg + " (set data.nifti.on_missing=warn to go on anyway)")
+            import warnings
+
+            warnings.warn(msg, stacklevel=3)
+        return problems
 
 
 def read_case(case: Case, ndim: int, mapping: LabelMapping, require_foreground: bool = True, atol: float = 1e-3,

@@ -133,6 +133,13 @@ class PhantomSource(SubjectSource):
                 "phase": s["phase"]}
 
 
+def _is_rank_zero() -> bool:
+    """Whether this is the first process of a distributed run (or not distributed)."""
+    import os
+
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK"))
+
+
 def _spacing(affine) -> np.ndarray:
     a = affine.numpy() if hasattr(affine, "numpy") else np.asarray(affine)
     return np.sqrt((a[:3, :3] ** 2).sum(0)).astype(np.float32)
@@ -147,7 +154,8 @@ class NiftiSource(SubjectSource):
         spatial_dims: 3 for volumes (teacher) or 2 for single slices (student).
         preprocess: MONAI preprocessing (its ``shape`` is ``(X, Y, Z)``; ``Z = 1`` for 2D).
         layout, image_pattern, label_pattern: see :func:`lightning_distill.data.nifti.discover`.
-        label_map, unmapped: see :class:`lightning_distill.data.nifti.LabelMapping`.
+        label_map, unmapped, on_missing: see :class:`lightning_distill.data.nifti.LabelMapping`. The
+            resolved mapping and the voxels per class are printed once every case has been read.
         cases: keep only these case ids (e.g. one patient group); ``None`` keeps all.
         slice_mode: for ``spatial_dims=2``: ``file`` (each file is one sample: a 2D NIfTI or a 3D
             file with one slice) or ``all`` (every axial slice of 3D files is a sample, id
@@ -160,7 +168,8 @@ class NiftiSource(SubjectSource):
     def __init__(self, root, class_names: Sequence[str], spatial_dims: int, preprocess, layout: str = "auto",
                  image_pattern: str = "images/*.nii.gz", label_pattern: Optional[str] = "labels/{case}.nii.gz",
                  label_map: Optional[Dict] = None, unmapped: str = "background", cases: Optional[Sequence[str]] = None,
-                 slice_mode: str = "file", on_bad_case: str = "error", require_foreground: bool = True):
+                 slice_mode: str = "file", on_bad_case: str = "error", require_foreground: bool = True,
+                 on_missing: str = "error", verbose: bool = True):
         from lightning_distill.data.nifti import DataError, LabelMapping, discover
 
         if spatial_dims not in (2, 3):
@@ -172,7 +181,8 @@ class NiftiSource(SubjectSource):
         self.spatial_dims, self.class_names = spatial_dims, tuple(class_names)
         self.preprocess, self.slice_mode, self.require_foreground = preprocess, slice_mode, require_foreground
         self.index = discover(root, layout, image_pattern, label_pattern, require_labels=False)  # checked per case
-        self.mapping = LabelMapping(self.class_names, self.index.labels, label_map or {}, unmapped, source=str(root))
+        self.mapping = LabelMapping(self.class_names, self.index.labels, label_map or {}, unmapped, source=str(root),
+                                    on_missing=on_missing)
         by_id = {c.case_id: c for c in self.index.cases}
         if cases is not None:
             unknown = [c for c in cases if c not in by_id]
@@ -197,6 +207,9 @@ class NiftiSource(SubjectSource):
                           + "\n".join(f"  {k}: {v}" for k, v in self.skipped.items()), stacklevel=2)
         if not self.cases:
             raise DataError(f"{root}: no usable case left")
+        if self.mapping.voxels and verbose and _is_rank_zero():
+            print(f"{self.mapping.summary()}\n  ({len(self.cases)} cases, {self.index.layout} layout)", flush=True)
+        self.mapping.check_coverage()
         if spatial_dims == 3 or slice_mode == "file":
             self.ids = sorted(self.cases)
         else:
