@@ -61,11 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.nifti.slice_mode=all")
     ev.add_argument("--out", help="results file (default: <output_dir>/results_test.json)")
     ev.add_argument("--all", action="store_true", help="test on every subject of the data, not the config's test split")
-    ph = sub.add_parser("phantom", help="write a config's phantom population as an nnU-Net NIfTI dataset")
+    ph = sub.add_parser("phantom", help="write a config's phantom population as a NIfTI dataset (nnU-Net, or a plain folder)")
     ph.add_argument("config")
     ph.add_argument("dst")
     ph.add_argument("overrides", nargs="*")
     ph.add_argument("--overwrite", action="store_true")
+    ph.add_argument("--layout", choices=["nnunet", "folder"], default="nnunet",
+                    help="folder: images/image_<case>.nii.gz and labels/label_<case>.nii.gz, label ids without names")
     b = sub.add_parser("benchmark", help="run (or resume) a benchmark grid and write its report (see experiments/benchmarks/)")
     b.add_argument("config", help="benchmark YAML, e.g. experiments/benchmarks/phantom.yaml")
     b.add_argument("overrides", nargs="*", help="key=value overrides of the benchmark YAML, e.g. seeds=[0] output_dir=runs/b")
@@ -196,8 +198,10 @@ def _phantom(args) -> int:
     src = build_source(_load(args))
     if not isinstance(src, PhantomSource):
         raise ValueError(f"{args.config}: data.source is not the phantom")
-    n = export_phantom(src, args.dst, overwrite=args.overwrite)
+    n = export_phantom(src, args.dst, overwrite=args.overwrite, layout=args.layout)
     print(f"wrote {n} phantom cases to {args.dst}")
+    if args.layout == "folder":
+        print("label ids: " + ", ".join(f"{i} {name}" for i, name in enumerate(src.class_names)))
     return 0
 
 

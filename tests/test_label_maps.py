@@ -194,3 +194,17 @@ def test_slices_with_one_bad_input_leave_no_partial_output(tmp_path, capsys, dam
     assert main([*words[:2], str(tmp_path / "fresh"), *words[3:]]) == 2
     assert not (tmp_path / "fresh").exists()  # no half-written folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "sl"]  # no temporary folder left
+
+
+def test_phantom_plain_folder_export_reads_back_with_the_readme_map(tmp_path, capsys):
+    dst = tmp_path / "plain_ct"
+    assert main(["phantom", os.path.join(REPO, "experiments/teacher.yaml"), str(dst), "--layout", "folder",
+                 "data.num_subjects=2", "data.shape=[24,24,12]"]) == 0
+    assert "label ids: 0 background, 1 body_wall" in capsys.readouterr().out
+    assert sorted(p.name for p in (dst / "images").iterdir()) == ["image_phantom1_0000.nii.gz", "image_phantom1_0001.nii.gz"]
+    assert not (dst / "dataset.json").exists()
+    cfg = _cfg(dst, "data.shape=[24,24,12]", "data.nifti.label_map={3: liver, 4: spleen, 5: right_kidney, 6: left_kidney}")
+    src = build_source(cfg)
+    raw = np.asarray(nib.load(str(dst / "labels" / "label_phantom1_0000.nii.gz")).dataobj)
+    lbl = src.load("phantom1_0000")["label"]
+    assert np.all(lbl[raw == 3] == 1) and np.all(lbl[np.isin(raw, [1, 2, 7, 8])] == 0)

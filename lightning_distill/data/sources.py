@@ -261,23 +261,29 @@ class NiftiSource(SubjectSource):
         return item
 
 
-def export_phantom(source: PhantomSource, dst, overwrite: bool = False) -> int:
-    """Write a phantom population as an nnU-Net v2 raw dataset of NIfTI files (CT: HU as int16;
-    MR: arbitrary units as float32, channel name ``MR``).
+def export_phantom(source: PhantomSource, dst, overwrite: bool = False, layout: str = "nnunet") -> int:
+    """Write a phantom population as a NIfTI dataset (CT: HU as int16; MR: arbitrary units as float32).
+
+    ``layout="nnunet"``: an nnU-Net v2 raw dataset (``imagesTr/<case>_0000.nii.gz``,
+    ``labelsTr/<case>.nii.gz``, ``dataset.json`` with the label names and channel ``CT`` or ``MR``).
+    ``layout="folder"``: a plain folder as many public sets come, ``images/image_<case>.nii.gz`` and
+    ``labels/label_<case>.nii.gz`` with bare label ids (:data:`CLASS_NAMES` order) and no names.
 
     Volumes (or single slices, as 2D files) get an LAS affine with the phantom's spacing, so they
     behave like any scanner export: use them to try the NIfTI path end to end without real data.
     Returns the number of cases written. The dataset is written into a temporary folder and moved
     into place when complete (a failure leaves ``dst`` as it was).
     """
-    from lightning_distill.io import nnunet_dirs, staged_dir
+    from lightning_distill.io import staged_dir
 
+    if layout not in ("nnunet", "folder"):
+        raise ValueError(f"phantom export layout must be nnunet or folder, got {layout!r}")
     with staged_dir(dst, overwrite) as tmp:
-        _write_phantom(source, nnunet_dirs(tmp))
+        _write_phantom(source, tmp, layout)
     return len(source.ids)
 
 
-def _write_phantom(source: PhantomSource, dst) -> None:
+def _write_phantom(source: PhantomSource, dst, layout: str) -> None:
     import nibabel as nib
 
     from lightning_distill.io import save_nifti, write_json
@@ -293,8 +299,11 @@ def _write_phantom(source: PhantomSource, dst) -> None:
         if len(shape) == 2:  # place the slice at its z position
             a[2, 3] = s["z"] * PHANTOM_EXTENT_MM[2] / 2
         img = s["image"].astype(np.float32) if mr else np.round(s["image"]).astype(np.int16)
-        save_nifti(nib.Nifti1Image(img, a), dst / "imagesTr" / f"{sid}_0000.nii.gz")
-        save_nifti(nib.Nifti1Image(s["label"].astype(np.uint8), a), dst / "labelsTr" / f"{sid}.nii.gz")
+        names = (f"imagesTr/{sid}_0000", f"labelsTr/{sid}") if layout == "nnunet" else (f"images/image_{sid}", f"labels/label_{sid}")
+        save_nifti(nib.Nifti1Image(img, a), dst / f"{names[0]}.nii.gz")
+        save_nifti(nib.Nifti1Image(s["label"].astype(np.uint8), a), dst / f"{names[1]}.nii.gz")
+    if layout == "folder":
+        return
     desc = "MRI-like (T2-weighted-like)" if mr else "CT"
     meta = {"name": f"phantom_seed{source.spec.seed}", "description": f"lightning_distill synthetic abdominal {desc} phantom",
             "channel_names": {"0": "MR" if mr else "CT"}, "labels": {n: i for i, n in enumerate(CLASS_NAMES)},
