@@ -208,3 +208,12 @@ def test_phantom_plain_folder_export_reads_back_with_the_readme_map(tmp_path, ca
     raw = np.asarray(nib.load(str(dst / "labels" / "label_phantom1_0000.nii.gz")).dataobj)
     lbl = src.load("phantom1_0000")["label"]
     assert np.all(lbl[raw == 3] == 1) and np.all(lbl[np.isin(raw, [1, 2, 7, 8])] == 0)
+
+
+def test_skipped_cases_are_not_counted(tmp_path):
+    root = make_plain(tmp_path / "plain")
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.uint8), AFFINE), str(root / "labels" / "label_001.nii.gz"))
+    with pytest.warns(UserWarning, match="skipped 1 bad case"):
+        src = build_source(_cfg(root, "data.on_bad_case=skip", "data.nifti.label_map={5: liver, 2: right_kidney, 3: left_kidney, 1: spleen}"))
+    assert src.ids == ["000", "002"] and src.mapping.files[0] == 2
+    assert src.mapping.voxels[0] == sum(int((_raw(root, c) == 0).sum()) for c in ("000", "002"))

@@ -193,6 +193,7 @@ class NiftiSource(SubjectSource):
         self._cache: Dict[str, Dict] = {}
         self.skipped: Dict[str, str] = {}
         for cid in list(by_id):  # read and check every case once (results are cached)
+            counted = dict(self.mapping.voxels), dict(self.mapping.files)
             try:
                 self._load_case(cid)
             except DataError as e:
@@ -200,6 +201,7 @@ class NiftiSource(SubjectSource):
                     raise
                 self.skipped[cid] = str(e)
                 del self.cases[cid]
+                self.mapping.voxels, self.mapping.files = counted  # a skipped case's labels are not counted
         if self.skipped:
             import warnings
 
