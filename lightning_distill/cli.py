@@ -51,10 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--no-labels", action="store_true", help="write images only (no label file is read)")
     sl.add_argument("--overwrite", action="store_true", help="replace a non-empty destination (once the new one is complete)")
     sl.add_argument("overrides", nargs="*", help="classes=[...] and data.nifti.* key=value overrides")
-    pr = sub.add_parser("predict", help="predict masks for a NIfTI file or folder with a trained checkpoint")
+    pr = sub.add_parser("predict", help="predict masks for a NIfTI file or folder with a trained checkpoint",
+                        description="Predict masks. Every input is checked (header, 2D/3D, complete data) before any "
+                        "inference; a folder's masks are moved into the output folder only when all are predicted, so "
+                        "a failure leaves it as it was. Masks keep the input's file name with an nnU-Net channel suffix "
+                        "_0000 dropped (case_0000.nii.gz -> case.nii.gz); two inputs with the same mask name (a.nii.gz "
+                        "and a_0000.nii.gz) are refused. Inputs whose intensities are unlike the training data's get a "
+                        "warning naming the override to try (e.g. data.nifti.ct_window=[lo,hi]).")
     pr.add_argument("checkpoint", help="a .ckpt written by `lightning-distill fit` (e.g. runs/student/checkpoints/best.ckpt)")
     pr.add_argument("input", help="a .nii/.nii.gz file or a folder of them")
-    pr.add_argument("output", help="output file (for one input file) or folder")
+    pr.add_argument("output", help="output file (for one input file) or folder; masks are named like their inputs "
+                    "without _0000 (case_0000.nii.gz -> case.nii.gz)")
     pr.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. preprocessing)")
     ev = sub.add_parser("test", help="evaluate a checkpoint on the test split of its config (with overrides)")
     ev.add_argument("checkpoint")

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from lightning_distill.config import load_config_dict
-from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, load_nifti, reorient, slice_affine
-from lightning_distill.io import save_nifti
+from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, check_nifti_file, load_nifti, reorient, slice_affine
+from lightning_distill.fingerprint import IntensityCheck
+from lightning_distill.io import save_nifti, staged_dir
 from lightning_distill.train import build_net, make_preprocess
 
 
@@ -67,13 +68,51 @@ def output_name(path: Path) -> str:
     return path.name
 
 
+def output_names(files: Sequence[Path], out_dir: Path) -> Dict[Path, str]:
+    """The mask name of every input (:func:`output_name`), refusing two inputs with the same mask name
+    (``a.nii.gz`` and ``a_0000.nii.gz``) and a mask that would replace one of the inputs."""
+    names: Dict[Path, str] = {}
+    by_name: Dict[str, Path] = {}
+    resolved = {f.resolve() for f in files}
+    for f in files:
+        name = output_name(f)
+        if name in by_name:
+            raise DataError(f"{f}: its mask would be named {name}, like the mask of {by_name[name]} (masks drop the "
+                            "nnU-Net channel suffix _0000); rename one of them or predict them into separate folders")
+        if (out_dir / name).resolve() in resolved:
+            raise DataError(f"{f}: its mask {out_dir / name} would replace an input file; choose another output folder")
+        names[f], by_name[name] = name, f
+    return names
+
+
+def _squeezed_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+    """``shape`` without trailing singleton dimensions beyond the third (``(X, Y, Z, 1)`` -> ``(X, Y, Z)``)."""
+    shape = tuple(shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def check_input(path: Path) -> None:
+    """Raise :class:`DataError` naming ``path`` unless it is a complete 2D or 3D NIfTI image (the
+    header reads, the data are all there; no voxel is decoded)."""
+    shape = _squeezed_shape(check_nifti_file(path, "image")[0])
+    if len(shape) not in (2, 3):
+        raise DataError(f"{path}: expected a 2D or 3D image, got shape {shape}")
+
+
 @torch.no_grad()
-def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affine: np.ndarray,
+                  observe: Optional[Callable[[np.ndarray], None]] = None) -> np.ndarray:
     """Label map (input shape) for one image array ``(X, Y)`` or ``(X, Y, Z)``.
 
     A 2D student predicts a 3D volume slice by slice: the volume is reoriented, and every axial slice
     is preprocessed on its own, exactly as a single-slice file would be, then the stacked prediction
     is put back in the input's axis order.
+
+    Args:
+        observe: called with every preprocessed network input ``(C, X, Y, Z)`` (one per slice for a
+            2D model predicting a volume), e.g. :meth:`lightning_distill.fingerprint.IntensityCheck.add`.
     """
     from monai.inferers import sliding_window_inference
 
@@ -85,6 +124,8 @@ def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affin
 
     def one(image: np.ndarray, aff: np.ndarray, predictor) -> np.ndarray:
         img, _, chain = pre(image, aff)
+        if observe is not None:
+            observe(img.as_tensor().numpy())
         probs = predictor(img.as_tensor()[None])
         return pre.invert(probs, img, chain).argmax(0).numpy().astype(np.uint8)
 
@@ -120,31 +161,60 @@ def _save_like(pred: np.ndarray, header, affine: np.ndarray, path: Path) -> None
     save_nifti(out, path)
 
 
+def _predict_file(net: torch.nn.Module, cfg: DictConfig, path: Path, check: IntensityCheck):
+    """``(mask, header, affine)`` of one input file; warns (``check``) if its intensities are unlike the training data's."""
+    data, affine, header = load_nifti(path, "image")
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{path}: image contains {int((~np.isfinite(data)).sum())} NaN or Inf voxels")
+    data = data.reshape(_squeezed_shape(data.shape)).astype(np.float32)
+    try:
+        pred = predict_array(net, cfg, data, affine, observe=check.add)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+    check.finish(str(path), data)
+    return pred, header, affine
+
+
 def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, overrides: Sequence[str] = ()) -> List[Path]:
     """Predict masks for a NIfTI file or a folder of them; returns the written paths.
 
-    ``output`` is a file path when ``inputs`` is one file (a folder if it ends with ``/`` or is an
-    existing folder), else a folder; masks keep the input's file name (``_0000`` dropped).
+    Every input is checked before any inference (header readable, 2D or 3D after dropping trailing
+    singleton dimensions, data complete: a ``.nii.gz`` stream is read to its end, a ``.nii`` file's
+    size is compared with its header); a bad one raises :class:`DataError` naming it before any mask
+    is written. A folder's masks are written into a temporary folder beside ``output`` and moved
+    into it only when every input has been predicted, so a failure (e.g. NaN voxels found when the
+    data are read) leaves ``output`` as it was; masks already there under other names are kept.
+    Inputs whose intensities are unlike the training data's (the checkpoint's intensity
+    fingerprint, see :mod:`lightning_distill.fingerprint`) get a warning naming the override to try.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``fit``.
+        inputs: a ``.nii``/``.nii.gz`` file or a folder of them.
+        output: a file path when ``inputs`` is one file (a folder if it ends with ``/`` or is an
+            existing folder), else a folder. Masks keep the input's file name with an nnU-Net channel
+            suffix ``_0000`` dropped (``case_0000.nii.gz`` -> ``case.nii.gz``); two inputs with the
+            same mask name (``a.nii.gz`` and ``a_0000.nii.gz``) are refused.
+        overrides: ``key=value`` overrides of the checkpoint's config (e.g. preprocessing).
+
+    Returns:
+        The mask paths, in input order (uint8 label maps with the input's shape, affine and header).
     """
     ckpt, cfg = load_checkpoint(checkpoint, overrides)
     if cfg.input_transform != "none":
         raise ValueError(f"checkpoint {checkpoint} was trained on {cfg.input_transform} images, which are built from "
                          "labels: it cannot predict unlabelled images (predict with the student)")
-    net = load_network(ckpt, cfg)
     files = list_inputs(inputs)
     out = Path(output)
     single_file_out = Path(inputs).is_file() and not (out.is_dir() or str(output).endswith(os.sep))
-    written = []
+    names = {} if single_file_out else output_names(files, out)
     for f in files:
-        data, affine, header = load_nifti(f, "image")
-        if not np.all(np.isfinite(data)):
-            raise DataError(f"{f}: image contains NaN or Inf voxels")
-        data = np.squeeze(data) if data.ndim > 3 else data
-        try:
-            pred = predict_array(net, cfg, data.astype(np.float32), affine)
-        except DataError as e:
-            raise DataError(f"{f}: {e}") from None
-        dest = out if single_file_out else out / output_name(f)
-        _save_like(pred, header, affine, dest)
-        written.append(dest)
-    return written
+        check_input(f)
+    net = load_network(ckpt, cfg)
+    check = IntensityCheck((ckpt.get("lightning_distill") or {}).get("intensity"))
+    if single_file_out:
+        _save_like(*_predict_file(net, cfg, files[0], check), out)
+        return [out]
+    with staged_dir(out, merge=True) as tmp:
+        for f in files:
+            _save_like(*_predict_file(net, cfg, f, check), tmp / names[f])
+    return [out / names[f] for f in files]

@@ -64,16 +64,20 @@ class SegmentationModule(L.LightningModule):
         self.val_hd = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
         self._test_rows: List[Dict[str, Any]] = []
         self.test_summary: Optional[Dict] = None
+        # what checkpoints record about the training data (set by `fit`, see lightning_distill.fingerprint)
+        self.training_data: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Every checkpoint (weights-only ones too) carries ``checkpoint["lightning_distill"]``: the
-        package version, the class names, the resolved run config and the run's prototype bank so far
-        (the :class:`~lightning_distill.prototypes.PrototypeBank` callback's, when it has accumulated)."""
+        package version, the class names, the resolved run config, the run's prototype bank so far
+        (the :class:`~lightning_distill.prototypes.PrototypeBank` callback's, when it has accumulated)
+        and :attr:`training_data` (``intensity`` fingerprint, ``train_subjects``, ``data`` identity;
+        see :func:`lightning_distill.fingerprint.training_record`)."""
         from lightning_distill.prototypes import PrototypeBank, bank_record
 
         meta: Dict[str, Any] = {"version": __version__, "class_names": list(self.class_names),
-                                "config": self.hparams.get("config")}
+                                "config": self.hparams.get("config"), **self.training_data}
         trainer = self._trainer
         for cb in (trainer.callbacks if trainer is not None else []):
             if isinstance(cb, PrototypeBank) and cb.sums is not None:

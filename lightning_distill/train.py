@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -27,6 +27,7 @@ from lightning_distill.data.datamodules import SegmentationDataModule, SliceData
 from lightning_distill.data.phantom import PhantomSpec
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.sources import PHANTOM_ORIENTATION, DomainShift, NiftiSource, PhantomSource, SubjectSource
+from lightning_distill.fingerprint import check_samples, data_identity, fingerprint_summary, training_record
 from lightning_distill.io import atomic_write, write_json
 from lightning_distill.metrics import format_table
 from lightning_distill.modules import SegmentationModule, StudentModule
@@ -316,6 +317,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     dm = build_datamodule(cfg, source)
     module = build_module(cfg, names)
+    module.training_data = _training_record(cfg, dm)
 
     teacher = cfg.stage == "teacher"
     b = cfg.bank
@@ -356,9 +358,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         bank_cb.export(trainer, last)
     best = None if fast else (ckpt.best_model_path or None)
     if not fast and best is None:
-        warnings.warn(f"no validation ran during training (trainer.max_steps={targs.get('max_steps')} ends before the first "
-                      f"validation epoch), so {out / 'checkpoints' / 'best.ckpt'} was not written: testing the last weights "
-                      f"({last or 'not saved'})", stacklevel=2)
+        _warn_no_best(out, dm, targs, last)
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     figure = None
     if uses_target(cfg) and trainer.is_global_zero and cfg.cmedl.examples > 0:
@@ -368,15 +368,36 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     extra = {"val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
              "train_subjects": len(dm.train_subject_ids), "checkpoint": best or last,
              "steps": trainer.global_step,
-             "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes}
+             "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes,
+             "intensity": fingerprint_summary(module.training_data["intensity"])}
     if figure:
         extra["translations"] = str(figure)
     results = _write_results(trainer, module, cfg, out / "results.json", extra, t0,
-                             f"{len(dm.train_subject_ids)} training subjects")
+                             f"{len(dm.train_subject_ids)} training subjects", overlap=0)
     own_bank = str(out / (b.export if teacher else "student_prototypes.pt"))
     _finish_logger(logger, {"prototype-bank": own_bank, "teacher-prototype-bank": None if teacher else cfg.distill.prototypes,
                             "model": best, "results": str(out / "results.json")}, trainer.is_global_zero)
     return results
+
+
+def _training_record(cfg: DictConfig, dm: SegmentationDataModule) -> Dict[str, Any]:
+    """What the run's checkpoints record about its training data (:func:`~lightning_distill.fingerprint.training_record`),
+    read through the training set's cache (training reuses the decoded samples)."""
+    dm.setup()
+    train_set = dm.datasets["train"]
+    return training_record(cfg, dm, lambda sid: train_set._load(sid)["image"].numpy())
+
+
+def _warn_no_best(out: Path, dm: SegmentationDataModule, targs: Dict[str, Any], last: Optional[str]) -> None:
+    """Why ``best.ckpt`` (chosen by ``val/dice``) was not written, when training ended without one."""
+    best = out / "checkpoints" / "best.ckpt"
+    if not dm.splits["val"]:
+        why = ("there is no validation split (data.val_subjects=0, or data.splits without val subjects), so nothing "
+               f"chooses a best checkpoint and {best} was not written")
+    else:
+        why = (f"no validation ran during training (trainer.max_steps={targs.get('max_steps')} ends before the first "
+               f"validation epoch), so {best} was not written")
+    warnings.warn(f"{why}: testing the last weights ({last or 'not saved'})", stacklevel=3)
 
 
 def resume_checkpoint(cfg: DictConfig, names) -> Tuple[Optional[str], int, Dict[str, Any]]:
@@ -440,16 +461,60 @@ def _previous_csv_rows(cfg: DictConfig, out: Path, step: int) -> list:
     return rows
 
 
-def _write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str, Any], t0: float, note: str) -> Dict[str, Any]:
+def training_subjects_in(record: Mapping[str, Any], cfg: DictConfig, subjects: Sequence[str]) -> Optional[int]:
+    """How many of ``subjects`` (of ``cfg``'s data) a checkpoint was trained on, from its
+    ``checkpoint["lightning_distill"]`` ``record``: 0 when ``cfg`` reads other data than the
+    training's (:func:`~lightning_distill.fingerprint.data_identity`), ``None`` (unknown) when the
+    checkpoint has no record of its training subjects (written by an older version)."""
+    if "train_subjects" not in record:
+        return None
+    if record.get("data") != data_identity(cfg):
+        return 0
+    return len(set(subjects) & set(record["train_subjects"]))
+
+
+def describe_test_set(num_samples: Optional[int], num_subjects: int, overlap: Optional[int], all_subjects: bool) -> str:
+    """The tested samples in words, e.g. ``"128 samples of every subject (12 of the 16 subjects are
+    training subjects of this checkpoint)"``, or ``"40 held-out samples"`` (``overlap``: see
+    :func:`training_subjects_in`)."""
+    if not all_subjects and not overlap:
+        return f"{num_samples} held-out samples"
+    what = f"{num_samples} samples of every subject" if all_subjects else f"{num_samples} test samples"
+    if overlap is None:
+        return f"{what}; unknown how many are of training subjects (the checkpoint does not record them)"
+    if overlap == 0:
+        return f"{what}, none of a training subject of this checkpoint"
+    return f"{what} ({overlap} of the {num_subjects} subjects are training subjects of this checkpoint)"
+
+
+def _write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str, Any], t0: float, note: str,
+                   overlap: Optional[int], num_subjects: int = 0, all_subjects: bool = False) -> Dict[str, Any]:
+    """Write ``results.json`` and print the test table; ``overlap``, ``num_subjects`` and
+    ``all_subjects`` describe the tested subjects (:func:`describe_test_set`)."""
     summary = dict(module.test_summary or {})
     cases = summary.pop("cases", [])
-    results = {"stage": cfg.stage, "test": summary, **extra, "test_cases": cases,
-               "wall_time_s": round(time.time() - t0, 1), "version": __version__}
+    test_set = describe_test_set(summary.get("num_cases"), num_subjects, overlap, all_subjects)
+    results = {"stage": cfg.stage, "test": summary, "test_set": test_set, "training_subjects_in_test": overlap, **extra,
+               "test_cases": cases, "wall_time_s": round(time.time() - t0, 1), "version": __version__}
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, results)
-        print(format_table(summary, f"\n{cfg.stage} test Dice / HD95 ({summary.get('num_cases')} held-out samples, {note}) -> {path}"))
+        print(format_table(summary, f"\n{cfg.stage} test Dice / HD95 ({test_set}, {note}) -> {path}"))
     return results
+
+
+def _check_test_intensities(fp: Optional[Mapping[str, Any]], dm: SegmentationDataModule) -> None:
+    """Warn when test samples' intensities are unlike the training data's (``fp``: the checkpoint's
+    fingerprint; ``None``: an older checkpoint, nothing is checked)."""
+    if fp is None:
+        return
+    from lightning_distill.data.datamodules import subject_of
+
+    dm.setup()
+    test_set = dm.datasets["test"]
+    raw = getattr(dm.source, "raw_quantiles", None) or {}
+    check_samples(fp, {i: test_set._load(i)["image"].numpy() for i in test_set.ids},
+                  {i: raw[subject_of(i)] for i in test_set.ids if subject_of(i) in raw})
 
 
 def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subjects: bool = False) -> Dict[str, Any]:
@@ -458,7 +523,9 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     Use it to evaluate on other data than the run's own test split, e.g. every axial slice of held-out
     volumes (``data.nifti.slice_mode=all``) or a domain-shifted set; ``all_subjects`` tests on every
     subject of the data instead of the test split. Writes ``out`` (default
-    ``<output_dir>/results_test.json``).
+    ``<output_dir>/results_test.json``), which also says how many tested subjects the checkpoint was
+    trained on (``training_subjects_in_test``, ``test_set``). Warns when test samples' intensities
+    are unlike the training data's (:mod:`lightning_distill.fingerprint`).
     """
     from lightning_distill.inference import load_checkpoint, load_network
     from lightning_distill.modules import check_checkpoint
@@ -473,6 +540,8 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
 
         cfg.data.splits = {"train": [], "val": [], "test": sorted({subject_of(i) for i in source.ids})}
     dm = build_datamodule(cfg, source, training=False)
+    record = dict(ckpt.get("lightning_distill") or {})
+    _check_test_intensities(record.get("intensity"), dm)
     module = SegmentationModule(load_network(ckpt, cfg), names, input_transform=cfg.input_transform,
                                 roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg),
                                 surface_tolerance=cfg.surface_tolerance_mm)
@@ -481,5 +550,6 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     trainer = L.Trainer(logger=False, enable_checkpointing=False, **targs)
     trainer.test(module, datamodule=dm, verbose=False)
     path = Path(out) if out else Path(cfg.output_dir) / "results_test.json"
+    tested = dm.subject_splits["test"]
     return _write_results(trainer, module, cfg, path, {"checkpoint": str(checkpoint), "overrides": list(overrides)}, t0,
-                          f"checkpoint {checkpoint}")
+                          f"checkpoint {checkpoint}", training_subjects_in(record, cfg, tested), len(tested), all_subjects)

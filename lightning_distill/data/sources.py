@@ -219,6 +219,7 @@ class NiftiSource(SubjectSource):
 
     def _load_case(self, cid: str) -> Dict:
         from lightning_distill.data.nifti import DataError, read_case
+        from lightning_distill.fingerprint import quantile_profile
 
         if cid in self._cache:
             return self._cache[cid]
@@ -227,6 +228,9 @@ class NiftiSource(SubjectSource):
         if self.spatial_dims == 2 and self.slice_mode == "file" and image.shape[-1] != 1:
             raise DataError(f"{case.images[0]}: a single-slice sample must be 2D (or 3D with one slice), got shape {image.shape[1:]}; "
                             "use data.nifti.slice_mode=all to take every axial slice of volumes")
+        if not hasattr(self, "raw_quantiles"):
+            self.raw_quantiles: Dict[str, np.ndarray] = {}  # case id -> quantile profile of the raw image
+        self.raw_quantiles[cid] = quantile_profile(image)
         if self.spatial_dims == 2 and self.slice_mode == "all":
             item = self._per_slice(image, label, affine)
         else:
