@@ -22,7 +22,7 @@ import numpy as np
 LEVELS = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 MAX_SAMPLES = 64  # training samples of the fingerprint (evenly spaced over the training ids)
 MAX_VOXELS = 65536  # voxels per sample (a seeded random subsample of larger images)
-HU_P1 = -50.0  # a raw 1 % quantile below this (air, fat) looks like CT in Hounsfield units
+HU_P1 = -50.0  # a raw 1 % quantile (the lowest level) below this (air, fat) looks like CT in Hounsfield units
 
 
 def quantile_profile(image: np.ndarray, levels: Sequence[float] = LEVELS, max_voxels: int = MAX_VOXELS) -> np.ndarray:
@@ -141,12 +141,17 @@ def _p(profile: Optional[Sequence[float]], levels: Sequence[float]) -> str:
     return "/".join(f"{at[q]:.3g}" for q in (1.0, 50.0, 99.0))
 
 
+def _looks_hu(raw: Optional[Sequence[float]]) -> bool:
+    """Whether a raw quantile profile looks like CT in Hounsfield units (its 1 % quantile below :data:`HU_P1`)."""
+    return raw is not None and raw[0] < HU_P1
+
+
 def _train_is_hu(fp: Mapping[str, Any]) -> bool:
     """Whether the training images were CT in Hounsfield units (from their raw profile, or the
     preprocessing when the raw one was not recorded: the CT phantom, a window reaching below 0 HU)."""
     pre = fp["preprocessing"]
     if fp.get("raw") is not None:
-        return fp["raw"][0] < HU_P1
+        return _looks_hu(fp["raw"])
     return pre["modality"] == "CT" and (pre["source"] == "phantom" or pre["ct_window"][0] < HU_P1)
 
 
@@ -156,7 +161,7 @@ def advice(fp: Mapping[str, Any], raw: Optional[Sequence[float]]) -> str:
     phantom = pre["source"] == "phantom"
     window_key = "data.window" if phantom else "data.nifti.ct_window"
     modality_key = "data.phantom.modality" if phantom else "data.nifti.modality"
-    input_hu = raw is not None and raw[0] < HU_P1
+    input_hu = _looks_hu(raw)
     if pre["modality"] == "CT":
         trained = "CT scaled by the window [{:g}, {:g}]".format(*pre["ct_window"])
         if raw is None:

@@ -82,6 +82,8 @@ def test_hu_input_into_a_model_trained_on_0_255_warns_to_set_ct_window(ckpt, dat
         assert msg.startswith(f"{f}: intensities unlike") and "threshold" in msg
         assert "training 0/0/255" in msg  # the training's raw p1/p50/p99 next to the input's
         assert "looks like CT in HU" in msg and "try data.nifti.ct_window=[lo,hi]" in msg
+    # the HU window the training images were scaled from: the inputs now look like the training data
+    assert _intensity_warnings("predict", ckpt, data / "hu_held", tmp_path / "fixed", "data.nifti.ct_window=[-175,250]") == []
 
 
 def test_mr_input_into_a_ct_model_warns_to_check_the_modality(ckpt, data, tmp_path):
