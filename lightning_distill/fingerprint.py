@@ -116,15 +116,12 @@ def data_identity(cfg) -> Dict[str, Any]:
     return {"source": "phantom", "seed": int(d.phantom.seed)}
 
 
-def training_record(cfg, dm, load: Callable[[str], np.ndarray]) -> Dict[str, Any]:
+def training_record(cfg, dm, load: Callable[[str], np.ndarray],
+                    raw: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, Any]:
     """What a checkpoint records about its training data (``checkpoint["lightning_distill"]``):
-    ``intensity`` (the fingerprint of ``dm``'s training samples, read with ``load``),
-    ``train_subjects`` (sorted subject ids) and ``data`` (:func:`data_identity`)."""
-    raw = getattr(dm.source, "raw_quantiles", None)
-    if raw:  # NIfTI sources keep one raw profile per case; a sample "<case>@<z>" is a slice of it
-        from lightning_distill.data.datamodules import subject_of
-
-        raw = {i: raw[subject_of(i)] for i in dm.train_ids if subject_of(i) in raw}
+    ``intensity`` (the fingerprint of ``dm``'s training samples, read with ``load``; ``raw``: their
+    raw quantile profiles by sample id, when the source has them), ``train_subjects`` (sorted subject
+    ids) and ``data`` (:func:`data_identity`)."""
     return {"intensity": intensity_fingerprint(load, dm.train_ids, preprocessing_record(cfg), raw),
             "train_subjects": sorted(dm.train_subject_ids), "data": data_identity(cfg)}
 

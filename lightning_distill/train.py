@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill import __version__
 from lightning_distill.config import to_dict
-from lightning_distill.data.datamodules import SegmentationDataModule, SliceDataModule, UnpairedDataModule, VolumeDataModule
+from lightning_distill.data.datamodules import (SegmentationDataModule, SliceDataModule, UnpairedDataModule, VolumeDataModule,
+                                                subject_of)
 from lightning_distill.data.phantom import PhantomSpec
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.sources import PHANTOM_ORIENTATION, DomainShift, NiftiSource, PhantomSource, SubjectSource
@@ -385,7 +386,14 @@ def _training_record(cfg: DictConfig, dm: SegmentationDataModule) -> Dict[str, A
     read through the training set's cache (training reuses the decoded samples)."""
     dm.setup()
     train_set = dm.datasets["train"]
-    return training_record(cfg, dm, lambda sid: train_set._load(sid)["image"].numpy())
+    return training_record(cfg, dm, lambda sid: train_set._load(sid)["image"].numpy(), _raw_profiles(dm.source, dm.train_ids))
+
+
+def _raw_profiles(source, ids) -> Dict[str, Any]:
+    """Raw intensity quantile profiles of the samples ``ids`` (NIfTI sources keep one per case; a sample
+    ``"<case>@<z>"`` is a slice of it); empty for sources without them (the phantom)."""
+    raw = getattr(source, "raw_quantiles", None) or {}
+    return {i: raw[subject_of(i)] for i in ids if subject_of(i) in raw}
 
 
 def _warn_no_best(out: Path, dm: SegmentationDataModule, targs: Dict[str, Any], last: Optional[str]) -> None:
@@ -508,13 +516,9 @@ def _check_test_intensities(fp: Optional[Mapping[str, Any]], dm: SegmentationDat
     fingerprint; ``None``: an older checkpoint, nothing is checked)."""
     if fp is None:
         return
-    from lightning_distill.data.datamodules import subject_of
-
     dm.setup()
     test_set = dm.datasets["test"]
-    raw = getattr(dm.source, "raw_quantiles", None) or {}
-    check_samples(fp, {i: test_set._load(i)["image"].numpy() for i in test_set.ids},
-                  {i: raw[subject_of(i)] for i in test_set.ids if subject_of(i) in raw})
+    check_samples(fp, {i: test_set._load(i)["image"].numpy() for i in test_set.ids}, _raw_profiles(dm.source, test_set.ids))
 
 
 def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subjects: bool = False) -> Dict[str, Any]:
@@ -536,8 +540,6 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     names = class_names(cfg, source)
     check_checkpoint(ckpt, names, f"checkpoint {checkpoint}")
     if all_subjects:
-        from lightning_distill.data.datamodules import subject_of
-
         cfg.data.splits = {"train": [], "val": [], "test": sorted({subject_of(i) for i in source.ids})}
     dm = build_datamodule(cfg, source, training=False)
     record = dict(ckpt.get("lightning_distill") or {})
