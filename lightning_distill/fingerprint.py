@@ -61,7 +61,8 @@ def intensity_fingerprint(load: Callable[[str], np.ndarray], ids: Sequence[str],
     Args:
         load: sample id -> the preprocessed image ``(C, *spatial)`` the network sees (no augmentation).
         ids: the training sample ids (at most :data:`MAX_SAMPLES`, evenly spaced, are used).
-        preprocessing: the preprocessing that produced the images (:func:`preprocessing_record`).
+        preprocessing: the intensity preprocessing that produced the images (``source`` and
+            :meth:`lightning_distill.data.preprocess.Preprocess.intensity_settings`).
         raw_profiles: sample id -> quantile profile of the raw image before intensity scaling,
             when the source keeps them (NIfTI); their median is recorded as ``raw``.
 
@@ -92,21 +93,6 @@ def fingerprint_summary(fp: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: fp[k] for k in ("levels", "reference", "raw", "max_distance", "threshold", "num_samples", "preprocessing")}
 
 
-def preprocessing_record(cfg) -> Dict[str, Any]:
-    """The intensity preprocessing of ``cfg``'s data (what :func:`lightning_distill.train.make_preprocess` applies)."""
-    d = cfg.data
-    if d.source == "nifti":
-        rec = {"source": "nifti", "modality": d.nifti.modality}
-        if d.nifti.modality == "CT":
-            rec["ct_window"] = [float(v) for v in d.nifti.ct_window]
-        elif d.nifti.modality == "MR":
-            rec.update(mr_norm=d.nifti.mr_norm, percentiles=[float(v) for v in d.nifti.percentiles])
-        return rec
-    if d.phantom.modality == "MR":
-        return {"source": "phantom", "modality": "MR", "mr_norm": "percentile", "percentiles": [0.5, 99.5]}
-    return {"source": "phantom", "modality": "CT", "ct_window": [float(v) for v in d.window]}
-
-
 def data_identity(cfg) -> Dict[str, Any]:
     """Which data ``cfg`` reads: ``{"source": "nifti", "root": <absolute path>}`` or
     ``{"source": "phantom", "seed": <population seed>}`` (same seed: same subjects, any modality)."""
@@ -116,13 +102,13 @@ def data_identity(cfg) -> Dict[str, Any]:
     return {"source": "phantom", "seed": int(d.phantom.seed)}
 
 
-def training_record(cfg, dm, load: Callable[[str], np.ndarray],
+def training_record(cfg, dm, load: Callable[[str], np.ndarray], preprocessing: Mapping[str, Any],
                     raw: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, Any]:
     """What a checkpoint records about its training data (``checkpoint["lightning_distill"]``):
-    ``intensity`` (the fingerprint of ``dm``'s training samples, read with ``load``; ``raw``: their
-    raw quantile profiles by sample id, when the source has them), ``train_subjects`` (sorted subject
-    ids) and ``data`` (:func:`data_identity`)."""
-    return {"intensity": intensity_fingerprint(load, dm.train_ids, preprocessing_record(cfg), raw),
+    ``intensity`` (the fingerprint of ``dm``'s training samples, read with ``load``, made by
+    ``preprocessing``; ``raw``: their raw quantile profiles by sample id, when the source has them),
+    ``train_subjects`` (sorted subject ids) and ``data`` (:func:`data_identity`)."""
+    return {"intensity": intensity_fingerprint(load, dm.train_ids, preprocessing, raw),
             "train_subjects": sorted(dm.train_subject_ids), "data": data_identity(cfg)}
 
 

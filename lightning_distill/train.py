@@ -386,13 +386,15 @@ def _training_record(cfg: DictConfig, dm: SegmentationDataModule) -> Dict[str, A
     read through the training set's cache (training reuses the decoded samples)."""
     dm.setup()
     train_set = dm.datasets["train"]
-    return training_record(cfg, dm, lambda sid: train_set._load(sid)["image"].numpy(), _raw_profiles(dm.source, dm.train_ids))
+    preprocessing = {"source": cfg.data.source, **make_preprocess(cfg).intensity_settings()}
+    return training_record(cfg, dm, lambda sid: train_set._load(sid)["image"].numpy(), preprocessing,
+                           _raw_profiles(dm.source, dm.train_ids))
 
 
 def _raw_profiles(source, ids) -> Dict[str, Any]:
     """Raw intensity quantile profiles of the samples ``ids`` (NIfTI sources keep one per case; a sample
     ``"<case>@<z>"`` is a slice of it); empty for sources without them (the phantom)."""
-    raw = getattr(source, "raw_quantiles", None) or {}
+    raw = getattr(source, "raw_quantiles", {})
     return {i: raw[subject_of(i)] for i in ids if subject_of(i) in raw}
 
 

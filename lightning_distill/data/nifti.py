@@ -428,7 +428,7 @@ class LabelMapping:
             if not np.all(label == np.round(label)):
                 raise DataError(f"{path}: label contains non-integer values (is this an image, not a label?)")
             label = label.astype(np.int64)
-        values, counts = np.unique(label, return_counts=True)
+        values, inverse, counts = np.unique(label, return_inverse=True, return_counts=True)
         if self.dataset_labels:
             bad = [int(v) for v in values if int(v) not in self.dataset_labels]
             if bad:
@@ -439,15 +439,7 @@ class LabelMapping:
                 raise DataError(f"{path}: label values {bad[:10]} have no mapping to the experiment's classes "
                                 f"{list(self.class_names)} (data.nifti.unmapped=error); map them in data.nifti.label_map "
                                 "(to a class or 'ignore'), or set data.nifti.unmapped=background|ignore")
-        table = np.zeros(int(values.max()) + 1 if values.size and values.min() >= 0 else 0, np.int64)
-        if table.size:  # non-negative ids: one lookup
-            for v in values:
-                table[int(v)] = self.target(int(v))
-            out = table[label]
-        else:
-            out = np.zeros(label.shape, np.int64)
-            for v in values:
-                out[label == v] = self.target(int(v))
+        out = np.array([self.target(int(v)) for v in values], np.int64)[inverse].reshape(label.shape)
         for v, n in zip(values, counts):
             self.voxels[int(v)] = self.voxels.get(int(v), 0) + int(n)
             self.files[int(v)] = self.files.get(int(v), 0) + 1

@@ -11,7 +11,7 @@ above a threshold, with a margin), and resizing to the model size (``pad_crop`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,15 @@ class Preprocess:
             raise ValueError(f"mr_norm must be percentile or zscore, got {self.mr_norm!r}")
         if self.resize not in ("resize", "pad_crop"):
             raise ValueError(f"resize must be resize or pad_crop, got {self.resize!r}")
+
+    def intensity_settings(self) -> Dict[str, Any]:
+        """The intensity step as plain values: ``modality`` and its ``ct_window`` (CT) or ``mr_norm``
+        and ``percentiles`` (MR); recorded in checkpoints (:mod:`lightning_distill.fingerprint`)."""
+        if self.modality == "CT":
+            return {"modality": "CT", "ct_window": [float(v) for v in self.ct_window]}
+        if self.modality == "MR":
+            return {"modality": "MR", "mr_norm": self.mr_norm, "percentiles": [float(v) for v in self.percentiles]}
+        return {"modality": self.modality}
 
     # ------------------------------------------------------------------ spatial
     def spatial(self, mode: str):

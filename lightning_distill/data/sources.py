@@ -133,13 +133,6 @@ class PhantomSource(SubjectSource):
                 "phase": s["phase"]}
 
 
-def _is_rank_zero() -> bool:
-    """Whether this is the first process of a distributed run (or not distributed)."""
-    import os
-
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK"))
-
-
 def _spacing(affine) -> np.ndarray:
     a = affine.numpy() if hasattr(affine, "numpy") else np.asarray(affine)
     return np.sqrt((a[:3, :3] ** 2).sum(0)).astype(np.float32)
@@ -169,7 +162,7 @@ class NiftiSource(SubjectSource):
                  image_pattern: str = "images/*.nii.gz", label_pattern: Optional[str] = "labels/{case}.nii.gz",
                  label_map: Optional[Dict] = None, unmapped: str = "background", cases: Optional[Sequence[str]] = None,
                  slice_mode: str = "file", on_bad_case: str = "error", require_foreground: bool = True,
-                 on_missing: str = "error", verbose: bool = True):
+                 on_missing: str = "error"):
         from lightning_distill.data.nifti import DataError, LabelMapping, discover
 
         if spatial_dims not in (2, 3):
@@ -191,6 +184,7 @@ class NiftiSource(SubjectSource):
             by_id = {c: by_id[c] for c in cases}
         self.cases = by_id
         self._cache: Dict[str, Dict] = {}
+        self.raw_quantiles: Dict[str, np.ndarray] = {}  # case id -> quantile profile of the raw image
         self.skipped: Dict[str, str] = {}
         for cid in list(by_id):  # read and check every case once (results are cached)
             counted = dict(self.mapping.voxels), dict(self.mapping.files)
@@ -209,7 +203,9 @@ class NiftiSource(SubjectSource):
                           + "\n".join(f"  {k}: {v}" for k, v in self.skipped.items()), stacklevel=2)
         if not self.cases:
             raise DataError(f"{root}: no usable case left")
-        if self.mapping.voxels and verbose and _is_rank_zero():
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if self.mapping.voxels and rank_zero_only.rank == 0:  # DDP processes build the source too; one prints
             print(f"{self.mapping.summary()}\n  ({len(self.cases)} cases, {self.index.layout} layout)", flush=True)
         self.mapping.check_coverage()
         if spatial_dims == 3 or slice_mode == "file":
@@ -228,8 +224,6 @@ class NiftiSource(SubjectSource):
         if self.spatial_dims == 2 and self.slice_mode == "file" and image.shape[-1] != 1:
             raise DataError(f"{case.images[0]}: a single-slice sample must be 2D (or 3D with one slice), got shape {image.shape[1:]}; "
                             "use data.nifti.slice_mode=all to take every axial slice of volumes")
-        if not hasattr(self, "raw_quantiles"):
-            self.raw_quantiles: Dict[str, np.ndarray] = {}  # case id -> quantile profile of the raw image
         self.raw_quantiles[cid] = quantile_profile(image)
         if self.spatial_dims == 2 and self.slice_mode == "all":
             item = self._per_slice(image, label, affine)
