@@ -132,7 +132,11 @@ class BankConfig:
     """Prototype bank accumulated during training (the teacher's is exported for the student)."""
 
     space: str = "prob"  # prob (K x K) | feature (K x D)
-    tau: float = 1.0
+    tau: float = 1.0  # the temperature of the bank's `prototypes` (a student's default distill.tau)
+    taus: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # also accumulated (prob space): distill.tau picks one
+    source: str = "running"  # running: mean over training batches (the paper) | final: the best checkpoint in eval mode after training
+    final_split: str = "both"  # source=final: the volumes it runs over: train | val | both
+    axial_range: Optional[List[float]] = None  # [lo, hi]: only voxels in this axial range contribute (see prototypes.py)
     momentum: Optional[float] = None  # None: running mean; (0, 1): EMA
     start: float = 0.5  # fraction of training steps before accumulation starts
     feature_layer: Optional[str] = None  # default: the network's head module
@@ -152,7 +156,13 @@ class DistillConfig:
     prototypes: Optional[str] = None  # path of the teacher's prototypes.pt
     beta: float = 1.0
     gamma: float = 1.0
-    tau: Optional[float] = None  # default: the bank's tau
+    tau: Optional[float] = None  # softmax temperature of the student AND the bank matrix read (one of the bank's taus); default: the bank's tau
+    geometry: str = "prob"  # prob: Pearson on probability rows (the paper) | logprob: on clamped log-probabilities | offdiag: on the off-diagonal part only
+    log_floor: float = 1.0e-4  # logprob: probabilities are clamped here before the log
+    min_pixels: int = 16  # a class is 'present' in a batch with at least this many labelled pixels
+    row_weight: str = "none"  # none | reliability: inter rows weighted by the teacher's held-out Dice of the class (bank metadata)
+    min_reliability: float = 0.0  # rows of classes whose teacher held-out Dice is below this are left out
+    grad_every: int = 25  # every N steps log train/dist_grad_ratio (|grad of lambda*DIST| / |grad of seg loss| on the logits); 0: never
     feature_layer: Optional[str] = None  # feature-space banks / sikd: the student's head module (input = penultimate features)
 
 
@@ -221,7 +231,9 @@ _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorb
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),
             "data.phantom.modality": ("CT", "MR"),
             "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.resize": ("resize", "pad_crop"),
-            "bank.space": ("prob", "feature"), "distill.method": ("prototype", "sikd", "pixel", "cmedl"),
+            "bank.space": ("prob", "feature"), "bank.source": ("running", "final"), "bank.final_split": ("train", "val", "both"),
+            "distill.geometry": ("prob", "logprob", "offdiag"), "distill.row_weight": ("none", "reliability"),
+            "distill.method": ("prototype", "sikd", "pixel", "cmedl"),
             "cmedl.translator": ("resnet", "unet", "none"),
             "input_transform": ("none", "class_mean"), "optim.scheduler": ("cosine", "none")}
 

@@ -322,7 +322,9 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
 
     teacher = cfg.stage == "teacher"
     b = cfg.bank
-    bank_cb = PrototypeBank(names, space=b.space if teacher else "prob", tau=b.tau, momentum=b.momentum, start=b.start,
+    # a student records its own prototypes at its own temperature (distill.tau), beside the bank's others
+    own_tau = b.tau if teacher else float(getattr(module, "tau", b.tau))
+    bank_cb = PrototypeBank(names, space=b.space if teacher else "prob", tau=own_tau, taus=b.taus, momentum=b.momentum, start=b.start,
                             feature_layer=(b.feature_layer or head_module_name(cfg.model.name)) if b.space == "feature" and teacher else None,
                             export_path=str(out / (b.export if teacher else "student_prototypes.pt")),
                             metadata={"config": to_dict(cfg), "stage": cfg.stage})
