@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from lightning_distill import __version__
 from lightning_distill.data.nifti import IGNORE_INDEX
 from lightning_distill.losses.dice import batch_dice_loss
-from lightning_distill.losses.prototype import masked_class_mean, prototype_dist_terms
+from lightning_distill.losses.prototype import GEOMETRIES, LOG_FLOOR, class_means, masked_class_sums, prototype_dist_terms
 from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, summarize
 from lightning_distill.networks import InputHook
 from lightning_distill.prototypes import Bank
@@ -158,7 +158,11 @@ class SegmentationModule(L.LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         for k, v in out["terms"].items():
             self.log(f"train/{k}", v, batch_size=bs)
+        self.log_contribution(out)
         return {"loss": out["loss"], "logits": out["logits"].detach()}
+
+    def log_contribution(self, out: Dict[str, Any]) -> None:
+        """Log how much the distillation terms move the network (none for plain segmentation)."""
 
     def validation_step(self, batch: Dict, batch_idx: int):
         out = self.model_step(batch, train=False)
@@ -301,7 +305,20 @@ class StudentModule(SegmentationModule):
         bank: the teacher's prototype bank (``None`` for the baseline).
         distill_weight: lambda.
         beta, gamma: weights of the inter- and intra-class relation terms.
-        tau: softmax temperature of the student's prototypes (``prob`` space). Defaults to the bank's.
+        tau: the temperature of the student's softmax AND of the bank matrix compared with it (one
+            of the bank's ``taus``, see :meth:`~lightning_distill.prototypes.Bank.at_tau`). Default:
+            the bank's own ``tau``.
+        geometry: ``prob`` | ``logprob`` | ``offdiag``: what the Pearson correlations compare (see
+            :mod:`lightning_distill.losses.prototype`).
+        log_floor: ``logprob``: probabilities are clamped here before the log.
+        min_pixels: a class enters the loss only with at least this many labelled pixels in the batch.
+        row_weight: ``none`` or ``reliability``: the inter term's rows weighted by the teacher's
+            held-out Dice of the class (``bank.meta["reliability"]``).
+        min_reliability: rows of classes whose teacher held-out Dice is below this are left out.
+        grad_every: every N training steps, log ``train/dist_grad_norm``, ``train/seg_grad_norm`` and
+            their ratio ``train/dist_grad_ratio``: gradient norms of the weighted distillation and
+            segmentation losses with respect to the tensor the distillation reads (the logits; the
+            penultimate features for a feature-space bank). 0: never.
         feature_layer: for a ``feature``-space bank, the student's head module name; its input feature
             map is projected to the bank's D channels by a learned 1x1 convolution.
         **kwargs: :class:`SegmentationModule` arguments.
@@ -309,17 +326,32 @@ class StudentModule(SegmentationModule):
 
     def __init__(self, net: nn.Module, class_names: Sequence[str], bank: Optional[Bank] = None,
                  distill_weight: float = 1.0, beta: float = 1.0, gamma: float = 1.0, tau: Optional[float] = None,
+                 geometry: str = "prob", log_floor: float = LOG_FLOOR, min_pixels: int = 16, row_weight: str = "none",
+                 min_reliability: float = 0.0, grad_every: int = 25,
                  feature_layer: Optional[str] = "segmentation_head", **kwargs):
         super().__init__(net, class_names, **kwargs)
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {list(GEOMETRIES)}, got {geometry!r}")
+        if row_weight not in ("none", "reliability"):
+            raise ValueError(f"row_weight must be 'none' or 'reliability', got {row_weight!r}")
+        if min_pixels < 1 or grad_every < 0 or not 0 < log_floor < 1:
+            raise ValueError(f"need min_pixels >= 1, grad_every >= 0 and 0 < log_floor < 1; got {min_pixels}, {grad_every}, {log_floor}")
         self.distill_weight, self.beta, self.gamma = float(distill_weight), float(beta), float(gamma)
+        self.geometry, self.log_floor, self.min_pixels = geometry, float(log_floor), int(min_pixels)
+        self.grad_every = int(grad_every)
         self.space = bank.space if bank is not None else "prob"
         self.tau = float(tau if tau is not None else (bank.tau if bank is not None else 1.0))
+        if self.space == "feature" and geometry != "prob":
+            raise ValueError(f"a feature-space bank is compared as it is: distill.geometry must be 'prob', got {geometry!r}")
         self.projector: Optional[nn.Module] = None
         self._hook: Optional[InputHook] = None
+        self._distill_input: Optional[Tensor] = None
         if bank is not None:
             bank.check_classes(self.class_names, str(bank.meta.get("path", "")))
-            self.register_buffer("teacher_prototypes", bank.prototypes.clone().float())
+            self.register_buffer("teacher_prototypes", bank.at_tau(tau).clone().float())
             self.register_buffer("teacher_present", bank.present.clone())
+            weights = row_weights(bank, row_weight, min_reliability)
+            self.register_buffer("teacher_row_weights", weights)
             if self.space == "feature":
                 if not feature_layer:
                     raise ValueError("a feature-space bank needs the student's feature_layer (head module name)")
@@ -329,6 +361,7 @@ class StudentModule(SegmentationModule):
                 self._hook = InputHook(net, feature_layer, which="input")
         else:
             self.teacher_prototypes = None
+            self.teacher_row_weights = None
         self.student_batch_prototypes: Optional[Tensor] = None  # last batch's, for inspection
 
     @staticmethod
@@ -351,11 +384,62 @@ class StudentModule(SegmentationModule):
         # with a bank and lambda = 0 the terms are still computed and logged (weight 0), so a
         # baseline run can be compared with the distilled one on the same relation measures
         if self.space == "prob":
+            self._distill_input = logits
             values = torch.softmax(logits.float() / self.tau, dim=1)
         else:
-            values = self.projector(self._hook.pop()).float()
-        p_s, present = masked_class_mean(values, batch["label"], self.num_classes)
-        present = present & self.teacher_present
+            self._distill_input = self._hook.pop()
+            values = self.projector(self._distill_input).float()
+        sums, counts = masked_class_sums(values, batch["label"], self.num_classes)
+        p_s = class_means(sums, counts)
+        present = (counts >= self.min_pixels) & self.teacher_present
         self.student_batch_prototypes = p_s.detach()
-        inter, intra = prototype_dist_terms(p_s, self.teacher_prototypes, present)
+        inter, intra = prototype_dist_terms(p_s, self.teacher_prototypes, present, geometry=self.geometry,
+                                            space=self.space, row_weights=self.teacher_row_weights, floor=self.log_floor)
         return {"dist_inter": inter, "dist_intra": intra}
+
+    def log_contribution(self, out: Dict[str, Any]) -> None:
+        """Every ``grad_every`` steps, write the gradient norms of the weighted distillation and
+        segmentation losses on the tensor the distillation reads, and their ratio, straight to the
+        loggers (``train/dist_grad_norm``, ``train/seg_grad_norm``, ``train/dist_grad_ratio``): an
+        inert distillation term shows as a ratio near 0. Two ``autograd.grad`` calls through the loss
+        heads only (not the network), so the cost is small."""
+        x = self._distill_input
+        self._distill_input = None
+        if (not self.grad_every or x is None or not self.loggers or self.global_step % self.grad_every
+                or not torch.is_grad_enabled()):
+            return
+        w, terms = self.term_weights(), out["terms"]
+        parts = {"dist": [k for k in terms if k.startswith("dist_")], "seg": [k for k in terms if k.startswith("seg_")]}
+        norms = {}
+        for name, keys in parts.items():
+            loss = sum(w.get(k, 0.0) * terms[k] for k in keys)
+            g = torch.autograd.grad(loss, x, retain_graph=True, allow_unused=True)[0] if torch.is_tensor(loss) and loss.requires_grad else None
+            norms[name] = 0.0 if g is None else float(g.float().norm())
+        figures = {"train/dist_grad_norm": norms["dist"], "train/seg_grad_norm": norms["seg"],
+                   "train/dist_grad_ratio": norms["dist"] / max(norms["seg"], 1e-12)}
+        for logger in self.loggers:
+            logger.log_metrics(figures, step=self.global_step)
+
+
+def row_weights(bank: Bank, row_weight: str = "none", min_reliability: float = 0.0) -> Optional[Tensor]:
+    """``(K,)`` weights of the bank's rows in the inter term, from its per-class reliability.
+
+    ``row_weight="reliability"``: each row weighted by the teacher's held-out Dice of the class;
+    ``min_reliability > 0``: rows whose Dice is below it get weight 0 (left out). A class the
+    reliability record does not list (e.g. background) keeps weight 1. ``None`` when neither is asked.
+
+    Raises:
+        ValueError: weighting asked for but the bank records no reliability (a teacher run without a
+            validation split, or a bank written before reliability was recorded).
+    """
+    if row_weight == "none" and min_reliability <= 0:
+        return None
+    rel = bank.meta.get("reliability")
+    if not rel:
+        raise ValueError(f"distill.row_weight={row_weight} / distill.min_reliability={min_reliability} need the teacher's "
+                         f"per-class reliability, but the bank {bank.meta.get('path', '')} records none (pretrain the "
+                         "teacher with a validation split)")
+    dice = torch.tensor([float(rel[c]["dice"]) if c in rel and rel[c].get("dice") is not None else 1.0
+                         for c in bank.class_names])
+    w = dice.clamp(0, 1) if row_weight == "reliability" else torch.ones_like(dice)
+    return torch.where(dice < min_reliability, torch.zeros_like(w), w)

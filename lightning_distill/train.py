@@ -164,8 +164,10 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     elif cfg.distill.weight != 0:
         raise ValueError("distill.weight is not 0 but distill.prototypes is not set: give the teacher's prototypes.pt "
                          "(e.g. distill.prototypes=runs/teacher/prototypes.pt), or set distill.weight=0 for the baseline")
-    return StudentModule(net, names, bank=bank, distill_weight=cfg.distill.weight, beta=cfg.distill.beta,
-                         gamma=cfg.distill.gamma, tau=cfg.distill.tau,
+    d = cfg.distill
+    return StudentModule(net, names, bank=bank, distill_weight=d.weight, beta=d.beta, gamma=d.gamma, tau=d.tau,
+                         geometry=d.geometry, log_floor=d.log_floor, min_pixels=d.min_pixels, row_weight=d.row_weight,
+                         min_reliability=d.min_reliability, grad_every=d.grad_every,
                          feature_layer=cfg.distill.feature_layer or head_module_name(cfg.model.name), **common)
 
 
