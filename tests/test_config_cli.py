@@ -68,7 +68,7 @@ def test_tiny_teacher_then_student_run_writes_outputs(tmp_path, tiny_teacher, ti
     t_out, s_out, b_out = tmp_path / "teacher", tmp_path / "student", tmp_path / "baseline"
     assert main(["fit", TEACHER, f"output_dir={t_out}", *tiny_teacher]) == 0
     bank = torch.load(t_out / "prototypes.pt", weights_only=True)
-    for key in ("prototypes", "counts", "class_names", "num_classes", "tau", "space", "config",
+    for key in ("prototypes", "prototypes_by_tau", "counts", "class_names", "num_classes", "tau", "space", "config",
                 "checkpoint_sha256", "version"):
         assert key in bank, key
     assert bank["prototypes"].shape == (9, 9) and bank["space"] == "prob"
@@ -83,6 +83,7 @@ def test_tiny_teacher_then_student_run_writes_outputs(tmp_path, tiny_teacher, ti
     assert (s_out / "student_prototypes.pt").is_file()
     logged = (s_out / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "train/dist_inter" in logged and "val/dice" in logged and "val/dice_liver" in logged
+    assert "train/dist_grad_ratio" in logged  # how much the distillation term moves the logits (grad_every)
     assert "train/dist_inter" not in (b_out / "logs" / "metrics.csv").read_text().splitlines()[0]
     capsys.readouterr()
     assert main(["report", str(t_out), str(s_out), str(b_out), "--names", "teacher", "distilled", "baseline",
@@ -127,6 +128,6 @@ def test_feature_space_bank_end_to_end(tmp_path, tiny_teacher, tiny_student):
     s_out = tmp_path / "student"
     assert main(["fit", STUDENT, f"output_dir={s_out}", *tiny_student, f"distill.prototypes={t_out / 'prototypes.pt'}"]) == 0
     header = (s_out / "logs" / "metrics.csv").read_text().splitlines()[0]
-    assert "train/dist_inter" in header
+    assert "train/dist_inter" in header and "train/dist_grad_ratio" in header  # measured on the features here
     ckpt = torch.load(s_out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert any(k.startswith("projector.") for k in ckpt["state_dict"])  # the learned 1x1 projection
