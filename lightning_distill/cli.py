@@ -90,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     sw.add_argument("--out", help="folder of the trials and results.md (default: runs/sweeps/<sweep name>)")
     sw.add_argument("--dry-run", action="store_true", help="print the trial command lines only")
+    bk = sub.add_parser("bank", help="inspect a prototype bank: what it knows and what each loss geometry sees of it")
+    bsub = bk.add_subparsers(dest="bank_command", required=True)
+    bi = bsub.add_parser("inspect", help="print per-class rows (entropy, off-diagonal mass, reliability) and the bank's "
+                         "distance from the identity under every geometry and temperature; write a PNG",
+                         description="Print a bank's diagnostics (markdown) and write a PNG. A distance from the identity "
+                         "near 0 means a loss in that geometry is almost blind to what the bank knows beyond the labels.")
+    bi.add_argument("bank", help="a prototypes.pt (or a checkpoint of `lightning-distill fit`, which carries its run's bank)")
+    bi.add_argument("--png", help="where to write the figure (default: <bank>_inspect.png beside the bank)")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -186,6 +194,15 @@ def _report(args) -> int:
     return 0
 
 
+def _bank(args) -> int:
+    from lightning_distill.bank_inspect import inspect_bank
+
+    text, png = inspect_bank(args.bank, args.png)
+    print(text, end="")
+    print(f"figure: {png}")
+    return 0
+
+
 def _benchmark(args) -> int:
     from lightning_distill.benchmark import Benchmark, load_benchmark
 
@@ -233,7 +250,7 @@ def _sweep(args) -> int:
 
 
 _COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
-             "report": _report, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep}
+             "report": _report, "bank": _bank, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep}
 
 
 if __name__ == "__main__":

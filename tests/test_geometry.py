@@ -273,3 +273,17 @@ def test_reliability_weights_come_from_the_bank():
     net = build_network("Unet", 2, 1, 4, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
     module = StudentModule(net, names, bank=bank, row_weight="reliability", min_reliability=0.5)
     assert module.teacher_row_weights.tolist() == pytest.approx([1.0, 0.9, 0.0, 0.7])
+
+
+def test_bank_inspect_cli_prints_every_geometry_and_writes_a_png(teacher_bank, tmp_path, capsys):
+    from lightning_distill.cli import main
+
+    png = tmp_path / "inspect.png"
+    assert main(["bank", "inspect", str(teacher_bank / "prototypes.pt"), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    for g in GEOMETRIES:
+        assert f"| {g} | " in out
+    assert "| tau 0.5 | tau 1 | tau 2 | tau 4 |" in out and "entropy" in out and "liver" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["bank", "inspect", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
