@@ -7,7 +7,9 @@ alike. A step is the shared ``model_step`` (forward, every loss term) + backward
 median over ``--steps`` rounds is reported as a ratio to the baseline.
 
 Variants: ``baseline`` (segmentation loss only), ``prototype-dist`` (the core method: the student's
-batch prototypes against a K x K bank, no teacher network), ``pixel-dist`` (classic pixel-wise DIST
+batch prototypes against a K x K bank, no teacher network; ``prototype-logprob`` and
+``prototype-offdiag`` are its other loss geometries, ``prototype-dist+figure`` computes the
+contribution figure ``train/dist_grad_ratio`` at every step, its worst case), ``pixel-dist`` (classic pixel-wise DIST
 with a paired 2D teacher of the same architecture, run under ``no_grad`` every step), ``sikd``
 (class-mean image + frozen same-architecture teacher forward + feature MSE through hooks), ``cmedl``
 (the whole concurrent update: two generators and two PatchGANs of ``experiments/cmedl.yaml``, the
@@ -48,7 +50,7 @@ from lightning_distill.modules import SegmentationModule, StudentModule  # noqa:
 from lightning_distill.prototypes import Bank  # noqa: E402
 from lightning_distill.train import build_cmedl, build_datamodule, build_net, build_source, class_names  # noqa: E402
 
-TARGETS = {"prototype-dist": 1.05, "sikd": 1.6}  # step-time ratios to the baseline asked for by the issues
+TARGETS = {"prototype-dist": 1.05, "prototype-logprob": 1.05, "prototype-offdiag": 1.05, "sikd": 1.6}  # step-time ratios to the baseline asked for by the issues
 LOADER_TARGET = 5.0  # loader throughput / training consumption
 
 
@@ -71,7 +73,8 @@ def _synthetic_bank(names: List[str]) -> Bank:
     return Bank(prototypes=p, counts=torch.ones(k), class_names=names, tau=1.0, space="prob", meta={"path": "synthetic"})
 
 
-VARIANTS = ("baseline", "prototype-dist", "pixel-dist", "sikd", "cmedl")
+VARIANTS = ("baseline", "prototype-dist", "prototype-logprob", "prototype-offdiag", "prototype-dist+figure",
+            "pixel-dist", "sikd", "cmedl")
 
 
 def cmedl_config(cfg):
@@ -93,6 +96,14 @@ def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, Segmenta
         "baseline": lambda: SegmentationModule(build_net(cfg, len(names)), names, **common),
         "prototype-dist": lambda: StudentModule(build_net(cfg, len(names)), names, bank=_synthetic_bank(names),
                                                 distill_weight=1.0, **common),
+        "prototype-logprob": lambda: StudentModule(build_net(cfg, len(names)), names, bank=_synthetic_bank(names),
+                                                   distill_weight=1.0, geometry="logprob", **common),
+        "prototype-offdiag": lambda: StudentModule(build_net(cfg, len(names)), names, bank=_synthetic_bank(names),
+                                                   distill_weight=1.0, geometry="offdiag", **common),
+        # the contribution figure (train/dist_grad_ratio) computed at EVERY step: its worst case; runs
+        # pay it every distill.grad_every steps
+        "prototype-dist+figure": lambda: StudentModule(build_net(cfg, len(names)), names, bank=_synthetic_bank(names),
+                                                       distill_weight=1.0, **common),
         "pixel-dist": lambda: PixelDistModule(build_net(cfg, len(names)), names, teacher=build_net(cfg, len(names)),
                                               distill_weight=1.0, **common),
         "sikd": lambda: SIKDModule(build_net(cfg, len(names)), names, teacher=build_net(no_skip, len(names)),
@@ -104,6 +115,7 @@ def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, Segmenta
         if only is None or name == only:
             torch.manual_seed(0)
             variants[name] = make[name]()
+            variants[name].bench_figure = name.endswith("+figure")
     return variants
 
 
@@ -130,10 +142,14 @@ def _stepper(module: SegmentationModule) -> Callable[[Dict], None]:
         opts = module.configure_optimizers()  # [generators, discriminators, segmenters] (scheduler "none")
         return lambda batch: module.update(batch, *opts)
     opt = module.make_optimizer()
+    figure = isinstance(module, StudentModule) and getattr(module, "bench_figure", False)
 
     def step(batch: Dict) -> None:
         opt.zero_grad(set_to_none=True)
-        module.model_step(batch, train=True)["loss"].backward()
+        out = module.model_step(batch, train=True)
+        if figure:
+            module.contribution_figures(out, out["logits"])
+        out["loss"].backward()
         opt.step()
 
     return step
@@ -259,7 +275,10 @@ def render(args, scfg, tcfg, rows, loaders, t_step, wall) -> str:
         mem = "n/a | n/a" if after is None else f"{after:.0f} | {after - before:.0f}"
         L.append(f"| {name} | {med:.3f} | {q1:.3f}–{q3:.3f} | {ratio:.3f} | {ok or '—'} | {mem} |")
     L += ["", "- `prototype-dist` never runs a teacher: its extra cost is a class-masked mean of the softmax and two "
-          "K×K Pearson terms. `pixel-dist` runs a same-size 2D teacher forward pass (no backward) every step and "
+          "K×K Pearson terms (geometry `prob`); `prototype-logprob` and `prototype-offdiag` are the same with the other "
+          "geometries (`distill.geometry`). `prototype-dist+figure` also computes the contribution figure "
+          "`train/dist_grad_ratio` (two `autograd.grad` calls through the loss heads) at every step: its worst case, "
+          "as runs compute it every `distill.grad_every` steps (default 25). `pixel-dist` runs a same-size 2D teacher forward pass (no backward) every step and "
           "needs paired 2D teacher inputs. `sikd` builds the class-mean image and runs its (skip-less) teacher forward "
           "every step, then an MSE on the penultimate features found through forward hooks. `cmedl` trains five "
           "networks at once: G_AB and G_BA (four generator passes for the cycle), two PatchGANs (generator and "

@@ -408,17 +408,22 @@ class StudentModule(SegmentationModule):
         if (not self.grad_every or x is None or not self.loggers or self.global_step % self.grad_every
                 or not torch.is_grad_enabled()):
             return
-        w, terms = self.term_weights(), out["terms"]
-        parts = {"dist": [k for k in terms if k.startswith("dist_")], "seg": [k for k in terms if k.startswith("seg_")]}
-        norms = {}
-        for name, keys in parts.items():
-            loss = sum(w.get(k, 0.0) * terms[k] for k in keys)
-            g = torch.autograd.grad(loss, x, retain_graph=True, allow_unused=True)[0] if torch.is_tensor(loss) and loss.requires_grad else None
-            norms[name] = 0.0 if g is None else float(g.float().norm())
-        figures = {"train/dist_grad_norm": norms["dist"], "train/seg_grad_norm": norms["seg"],
-                   "train/dist_grad_ratio": norms["dist"] / max(norms["seg"], 1e-12)}
+        figures = self.contribution_figures(out, x)
         for logger in self.loggers:
             logger.log_metrics(figures, step=self.global_step)
+
+    def contribution_figures(self, out: Dict[str, Any], x: Tensor) -> Dict[str, float]:
+        """Gradient norms on ``x`` of the weighted distillation and segmentation losses of ``out`` (a
+        :meth:`model_step` result whose graph still holds), and their ratio."""
+        w, terms = self.term_weights(), out["terms"]
+        norms = {}
+        for name in ("dist", "seg"):
+            loss = sum(w.get(k, 0.0) * v for k, v in terms.items() if k.startswith(name + "_"))
+            g = (torch.autograd.grad(loss, x, retain_graph=True, allow_unused=True)[0]
+                 if torch.is_tensor(loss) and loss.requires_grad else None)
+            norms[name] = 0.0 if g is None else float(g.float().norm())
+        return {"train/dist_grad_norm": norms["dist"], "train/seg_grad_norm": norms["seg"],
+                "train/dist_grad_ratio": norms["dist"] / max(norms["seg"], 1e-12)}
 
 
 def row_weights(bank: Bank, row_weight: str = "none", min_reliability: float = 0.0) -> Optional[Tensor]:
