@@ -45,9 +45,21 @@ def test_hooks_find_the_penultimate_layer_of_smp_architectures(arch):
     out["loss"].backward()
     assert not m.teacher.training and all(p.grad is None for p in m.teacher.parameters())
     assert all(not p.requires_grad for p in m.teacher.parameters())
-    # the penultimate features: the head's input, of the decoder's width, at (or near) input size
+    # the penultimate features: the head's input, of the width the head's first convolution takes,
+    # at the input size divided by the head's own upsampling (FPN, DeepLabV3+: 4, PSPNet here: 8;
+    # 1 for the others) -- not the bottleneck (1/32) -- and the student's and the teacher's agree
     head = dict(student.named_modules())[head_module_name(arch)]
-    assert isinstance(head, torch.nn.Module)
+    conv = next(mod for mod in head.modules() if isinstance(mod, torch.nn.Conv2d))
+    seen = {}
+    hooks = [dict(net.named_modules())[head_module_name(arch)].register_forward_pre_hook(
+        lambda mod, args, key=key: seen.__setitem__(key, args[0].shape)) for key, net in (("s", student), ("t", teacher))]
+    m.model_step(batch, train=True)
+    for h in hooks:
+        h.remove()
+    b, c, hgt, wid = seen["s"]
+    assert seen["s"] == seen["t"] and b == 2 and c == conv.in_channels
+    up = next((mod.scale_factor for mod in head.modules() if isinstance(mod, torch.nn.Upsample)), 1)
+    assert (hgt, wid) == (64 // up, 64 // up), (seen["s"], up)
 
 
 def test_sikd_loss_shape_mismatch_is_a_clear_error():
@@ -73,10 +85,12 @@ def test_domain_shift_changes_images_not_labels_and_is_deterministic():
         build_source(load_config(f"{REPO}/experiments/student.yaml", over + ["data.phantom.shift.resolution=0.5"]))
 
 
-def test_sikd_student_needs_a_teacher_checkpoint():
+def test_sikd_student_needs_a_teacher_checkpoint(tmp_path, capsys):
     from lightning_distill.cli import main
 
-    assert main(["fit", f"{REPO}/experiments/sikd.yaml", "distill.teacher=null", "output_dir=/tmp/none"]) == 2
+    out = tmp_path / "run"
+    assert main(["fit", f"{REPO}/experiments/sikd.yaml", "distill.teacher=null", f"output_dir={out}"]) == 2
+    assert "distill.teacher" in capsys.readouterr().err
 
 
 def test_tiny_sikd_teacher_then_student_through_the_cli(tmp_path, tiny_student):
