@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed reliability-figure sweep agent sweep-local test-notebooks clean
+.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed method-figures reliability-figure sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -90,6 +90,18 @@ bench-cmedl: $(STAMP) ## CMEDL vs the plain CT model on the two-modality phantom
 
 bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~3 min) -> docs/performance.md
 	$(BIN)/python experiments/bench_speed.py --out docs/performance.md $(ARGS)
+
+METHOD_RUNS ?= runs/method
+
+method-figures: $(STAMP) $(TEACHER_BANK) ## what each prototype-DIST geometry sees and does: 4 students on the teacher's bank (~15 min) -> docs/method.md
+	@for g in baseline prob logprob offdiag; do \
+	  if [ -f $(METHOD_RUNS)/$$g/results.json ]; then echo "$(METHOD_RUNS)/$$g: done"; continue; fi; \
+	  if [ $$g = baseline ]; then extra="distill.weight=0"; else extra="distill.geometry=$$g"; fi; \
+	  $(BIN)/lightning-distill fit experiments/student.yaml distill.prototypes=$(TEACHER_BANK) $$extra \
+	    output_dir=$(METHOD_RUNS)/$$g trainer.enable_progress_bar=false $(ARGS) || exit 1; \
+	done
+	$(BIN)/python experiments/method_figures.py --teacher $(dir $(TEACHER_BANK)) --out docs/method.md \
+	  --students $(METHOD_RUNS)/baseline $(METHOD_RUNS)/prob $(METHOD_RUNS)/logprob $(METHOD_RUNS)/offdiag
 
 reliability-figure: $(STAMP) ## resume and DDP training curves of docs/reliability.md (~2 min) -> docs/img/reliability.png
 	$(BIN)/python experiments/reliability_figure.py
