@@ -562,6 +562,14 @@ def _batches(data: Any) -> Iterator[Dict[str, Any]]:
             raise TypeError(f"expected a DataLoader, a Dataset, a batch dict or a list of them, got {type(item).__name__}")
 
 
+def _class_names(module: nn.Module, class_names: Optional[Sequence[str]]) -> List[str]:
+    if class_names is None:
+        class_names = getattr(module, "class_names", None)
+        if class_names is None:
+            raise ValueError(f"pass class_names: a {type(module).__name__} has no class_names attribute")
+    return list(class_names)
+
+
 def _world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -662,7 +670,7 @@ def final_bank(module: nn.Module, data: Any, class_names: Optional[Sequence[str]
         ValueError: bad arguments, empty data, or no voxel of any class (in the axial range). A class
             without any voxel only warns (its row is 0, its count 0).
     """
-    names = list(class_names if class_names is not None else getattr(module, "class_names"))
+    names = _class_names(module, class_names)
     if space not in ("prob", "feature"):
         raise ValueError(f"space must be 'prob' or 'feature', got {space!r}")
     if space == "feature" and not feature_layer:
@@ -688,7 +696,8 @@ def final_bank(module: nn.Module, data: Any, class_names: Optional[Sequence[str]
     if not bool((counts > 0).any()):
         raise ValueError("the final bank has no voxel of any class"
                          + (f" in bank.axial_range={list(rng)}" if rng is not None else "") + ": nothing to average")
-    warn_empty_classes(counts, names, rng, "final prototype bank")
+    if not distributed or _world()[1] == 0:  # the same bank on every process: one warning
+        warn_empty_classes(counts, names, rng, "final prototype bank")
     parts = sums.split(sums.shape[1] // (1 + len(extra)), dim=1)
     means = [class_means(p, counts).float() for p in parts]
     meta = {"mode": "final", "feature_layer": feature_layer if space == "feature" else None,
@@ -712,7 +721,7 @@ def class_reliability(module: nn.Module, data: Any, class_names: Optional[Sequen
         ``{class_name: {"dice", "precision", "recall", "voxels"}}`` (plain floats / ints / ``None``),
         without the first class (background) unless ``include_background``.
     """
-    names = list(class_names if class_names is not None else getattr(module, "class_names"))
+    names = _class_names(module, class_names)
     rng = check_axial_range(axial_range)
     k = len(names)
 

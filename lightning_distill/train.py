@@ -469,8 +469,8 @@ def _export_teacher_bank(cfg: DictConfig, trainer: L.Trainer, module: Segmentati
     limit = int(fast) if fast else None  # fast_dev_run: as many batches as it runs
     final = b.source == "final"
     has_val = bool(dm.splits["val"])
-    if best is None and (final or has_val):
-        why = "trainer.fast_dev_run writes no checkpoint" if fast else "no best checkpoint was written (see the warning above)"
+    if best is None and (final or has_val) and not fast:  # (fast_dev_run writes no checkpoint: nothing to say)
+        why = "no best checkpoint was written (see the warning above)"
         what = " and ".join(w for w, on in (("the final prototype bank", final), ("the teacher's reliability", has_val)) if on)
         warnings.warn(f"{why}: {what} {'use' if final and has_val else 'uses'} the last weights ({last or 'not saved'})",
                       stacklevel=3)
@@ -484,7 +484,8 @@ def _export_teacher_bank(cfg: DictConfig, trainer: L.Trainer, module: Segmentati
         rel = class_reliability(module, [dm.datasets["val"]], names, axial_range=axial, device=device, max_batches=limit)
         meta = {"reliability": rel, "reliability_split": "val", "reliability_checkpoint": weights}
         if trainer.is_global_zero:
-            print(f"teacher reliability on {len(dm.splits['val'])} validation volumes ({weights or 'the last weights'}"
+            on = f"the first {limit} validation batch(es) (fast_dev_run)" if limit else f"{len(dm.splits['val'])} validation volumes"
+            print(f"teacher reliability on {on} ({weights or 'the last weights'}"
                   f"{', bank.axial_range=' + str(list(axial)) if axial else ''}):\n{format_reliability(rel)}")
     elif trainer.is_global_zero:
         print("there is no validation split: the prototype bank records no per-class reliability (a student's "
