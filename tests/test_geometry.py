@@ -287,3 +287,29 @@ def test_bank_inspect_cli_prints_every_geometry_and_writes_a_png(teacher_bank, t
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["bank", "inspect", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("geometry,extra", [
+    ("logprob", ["distill.tau=2", "distill.row_weight=reliability"]),
+    pytest.param("offdiag", ["distill.min_reliability=0.01"], marks=pytest.mark.slow),
+    pytest.param("prob", ["distill.tau=0.5", "distill.min_pixels=1"], marks=pytest.mark.slow),
+])
+def test_student_fit_with_each_geometry_logs_the_contribution_figure(tmp_path, teacher_bank, tiny_student, geometry, extra):
+    import csv
+    import math
+
+    from lightning_distill.cli import main
+
+    out = tmp_path / geometry
+    assert main(["fit", os.path.join(os.path.dirname(HERE), "experiments", "student.yaml"), f"output_dir={out}",
+                 *tiny_student, f"distill.prototypes={teacher_bank / 'prototypes.pt'}", f"distill.geometry={geometry}",
+                 "distill.grad_every=2", *extra]) == 0
+    rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
+    ratios = [float(r["train/dist_grad_ratio"]) for r in rows if r.get("train/dist_grad_ratio")]
+    assert len(ratios) == 2 and all(math.isfinite(v) and v >= 0 for v in ratios)  # steps 0 and 2 of 4
+    assert any(v > 0 for v in ratios)  # with lambda = 1 the term moves the logits
+    from lightning_distill.prototypes import load_bank
+
+    own = load_bank(out / "student_prototypes.pt")
+    tau = float(next((e.split("=")[1] for e in extra if e.startswith("distill.tau=")), 1.0))
+    assert own.tau == tau  # the student's own bank is at the temperature it was compared at
