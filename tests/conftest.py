@@ -26,6 +26,17 @@ TINY_STUDENT = [
 ]
 
 
+class FakeTrainer:
+    """The Trainer attributes a PrototypeBank callback reads: one process, step 0 of 10."""
+
+    world_size = 1
+    max_steps = 10
+    max_epochs = None
+    global_step = 0
+    current_epoch = 0
+    is_global_zero = True
+
+
 @pytest.fixture
 def tiny_teacher():
     return list(TINY_TEACHER)

@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from conftest import FakeTrainer as _FakeTrainer  # tests/ is on sys.path (pytest's rootdir conftest)
 from lightning_distill.data.phantom import CLASS_NAMES
 from lightning_distill.losses import masked_class_mean
 from lightning_distill.networks import build_network
@@ -10,13 +11,6 @@ from lightning_distill.modules import StudentModule
 from lightning_distill.prototypes import Bank, PrototypeBank, load_bank, save_bank
 
 
-class _FakeTrainer:
-    world_size = 1
-    max_steps = 10
-    max_epochs = None
-    global_step = 0
-    current_epoch = 0
-    is_global_zero = True
 
 
 def _batches(n=3, k=3, seed=0):

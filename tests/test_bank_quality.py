@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO, TINY_TEACHER
+from conftest import FakeTrainer as _FakeTrainer
 from lightning_distill.config import load_config
 from lightning_distill.losses import masked_class_mean
 from lightning_distill.modules import SegmentationModule
@@ -22,13 +23,6 @@ TEACHER_YAML = os.path.join(REPO, "experiments/teacher.yaml")
 NAMES = ["background", "a", "b"]
 
 
-class _FakeTrainer:
-    world_size = 1
-    max_steps = 10
-    max_epochs = None
-    global_step = 0
-    current_epoch = 0
-    is_global_zero = True
 
 
 def _volumes(n=2, shape=(12, 12, 10), k=3, seed=0):

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from conftest import FakeTrainer as _FakeTrainer  # tests/ is on sys.path (pytest's rootdir conftest)
 from lightning_distill.losses.prototype import (
     GEOMETRIES,
     identity_distances,
@@ -185,13 +186,6 @@ def test_geometry_errors():
 
 
 # ----------------------------------------------------------------------------- the bank's temperatures
-class _FakeTrainer:
-    world_size = 1
-    max_steps = 10
-    max_epochs = None
-    global_step = 0
-    current_epoch = 0
-    is_global_zero = True
 
 
 def test_bank_accumulates_every_temperature_and_the_student_reads_its_own(tmp_path):
