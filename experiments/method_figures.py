@@ -211,7 +211,7 @@ def training_section(bank: Bank, students: List[Dict], img: Path) -> List[str]:
 
     fig, axes = new_figure(1, 2, figsize=(12, 4))
     for st in students:
-        if st["ratio"]:
+        if any(v > 0 for _, v in st["ratio"]):  # (a lambda = 0 control's ratio is 0 throughout)
             x, y = zip(*st["ratio"])
             axes[0].plot(x, [max(v, 1e-6) for v in y], marker="o", ms=3, label=st["name"])
         if st["inter"]:
@@ -222,7 +222,7 @@ def training_section(bank: Bank, students: List[Dict], img: Path) -> List[str]:
     axes[0].set_title("train/dist_grad_ratio (distillation / segmentation gradient on the logits)", fontsize=9)
     axes[1].set_yscale("log")
     axes[1].set_xlabel("step")
-    axes[1].set_title("train/dist_inter (each student's own geometry)", fontsize=9)
+    axes[1].set_title("train/dist_inter (each student's own geometry; the λ = 0 control: prob)", fontsize=9)
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
