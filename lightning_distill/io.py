@@ -12,8 +12,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, then rename ``tmp_path`` to ``path`` (same folder, same ending)."""
+    """Call ``write(tmp_path)``, then rename ``tmp_path`` to ``path`` (same folder, same ending).
+
+    The file gets the permissions of any file the user creates (``0o666`` less the umask), not the
+    private ``0o600`` of a temporary file: results, banks and masks stay readable by a lab's group.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else (path.suffix or ".tmp")
@@ -21,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,6 +72,7 @@ def staged_dir(dst: str | os.PathLike, overwrite: bool = False, merge: bool = Fa
         raise FileExistsError(f"{dst} exists and is not a folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # a folder the user creates, not mkdtemp's private 0o700
     try:
         yield tmp
         if merge:
