@@ -18,6 +18,14 @@ def _umask() -> int:
     return mask
 
 
+def _chmod(path: str | os.PathLike, mode: int) -> None:
+    """``mode`` less the umask; file systems that refuse chmod (some network mounts) keep their own."""
+    try:
+        os.chmod(path, mode & ~_umask())
+    except OSError:
+        pass
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, then rename ``tmp_path`` to ``path`` (same folder, same ending).
 
@@ -31,7 +39,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        _chmod(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -72,7 +80,7 @@ def staged_dir(dst: str | os.PathLike, overwrite: bool = False, merge: bool = Fa
         raise FileExistsError(f"{dst} exists and is not a folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # a folder the user creates, not mkdtemp's private 0o700
+    _chmod(tmp, 0o777)  # a folder the user creates, not mkdtemp's private 0o700
     try:
         yield tmp
         if merge:
