@@ -123,8 +123,16 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
+    """Segmentation loss ``dice_weight * Dice + ce_weight * CE``. The class-balance options make a
+    class-balanced baseline, so that a gain from balancing the classes is not credited to a teacher:
+    ``class_balance=inverse_frequency`` weights the CE of class k by ``N / (K * n_k)`` (``n_k`` its
+    voxels in the training labels, sklearn's "balanced"); ``dice_batch=false`` takes the Dice per
+    image (each image's classes weigh alike) instead of over the batch."""
+
     dice_weight: float = 1.0
     ce_weight: float = 1.0
+    class_balance: str = "none"  # none | inverse_frequency
+    dice_batch: bool = True
 
 
 @dataclass
@@ -162,6 +170,7 @@ class DistillConfig:
     min_pixels: int = 16  # a class is 'present' in a batch with at least this many labelled pixels
     row_weight: str = "none"  # none | reliability: inter rows weighted by the teacher's held-out Dice of the class (bank metadata)
     min_reliability: float = 0.0  # rows of classes whose teacher held-out Dice is below this are left out
+    bank_control: str = "none"  # none | identity | flat | shuffled: the teacher's bank with its content taken out (controls; prototypes.control_bank)
     grad_every: int = 25  # every N steps log train/dist_grad_ratio (|grad of lambda*DIST| / |grad of seg loss| on the logits); 0: never
     feature_layer: Optional[str] = None  # feature-space banks / sikd: the student's head module (input = penultimate features)
 
@@ -232,10 +241,11 @@ _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorb
             "data.phantom.modality": ("CT", "MR"),
             "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.resize": ("resize", "pad_crop"),
             "bank.space": ("prob", "feature"), "bank.source": ("running", "final"), "bank.final_split": ("train", "val", "both"),
-            "distill.geometry": ("prob", "logprob", "offdiag"), "distill.row_weight": ("none", "reliability"),
+            "distill.geometry": ("prob", "logprob", "offdiag"), "distill.bank_control": ("none", "identity", "flat", "shuffled"), "distill.row_weight": ("none", "reliability"),
             "distill.method": ("prototype", "sikd", "pixel", "cmedl"),
             "cmedl.translator": ("resnet", "unet", "none"),
-            "input_transform": ("none", "class_mean"), "optim.scheduler": ("cosine", "none")}
+            "input_transform": ("none", "class_mean"), "optim.scheduler": ("cosine", "none"),
+            "loss.class_balance": ("none", "inverse_frequency")}
 
 
 _FREE_FORM = ("trainer", "data.splits", "data.nifti.label_map", "cmedl.target.splits", "cmedl.target.nifti.label_map")

@@ -42,12 +42,16 @@ class SegmentationModule(L.LightningModule):
             in every split (the SIKD teacher; needs labels, so it cannot predict unlabelled data).
         surface_tolerance: tolerance in mm of the surface Dice computed at test time (``None``: one
             voxel, i.e. per case the largest spacing of that case).
+        dice_batch: Dice over the whole batch (default) or per image (``False``: every image's
+            classes weigh alike, a class-balanced loss).
+
+    Per-class CE weights (a class-balanced baseline) are set with :meth:`set_ce_class_weights`.
     """
 
     def __init__(self, net: nn.Module, class_names: Sequence[str], lr: float = 1e-3, weight_decay: float = 1e-4,
                  scheduler: str = "cosine", dice_weight: float = 1.0, ce_weight: float = 1.0,
                  roi_size: Optional[Sequence[int]] = None, val_hd95: bool = False, config: Optional[Dict] = None,
-                 input_transform: str = "none", surface_tolerance: Optional[float] = None):
+                 input_transform: str = "none", surface_tolerance: Optional[float] = None, dice_batch: bool = True):
         super().__init__()
         if scheduler not in ("cosine", "none"):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
@@ -58,8 +62,10 @@ class SegmentationModule(L.LightningModule):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.organs = self.class_names[1:]
-        self.dice_loss = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
-        self.masked_dice_loss = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        self.dice_loss = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=dice_batch)
+        self.masked_dice_loss = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=dice_batch)
+        # per-class CE weights (None: unweighted); not saved in checkpoints: `fit` derives them from the data
+        self.register_buffer("ce_class_weights", None, persistent=False)
         self.val_dice = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
         self.val_hd = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
         self._test_rows: List[Dict[str, Any]] = []
@@ -111,14 +117,24 @@ class SegmentationModule(L.LightningModule):
         nothing (DDP averages it).
         """
         ignore = label == IGNORE_INDEX
-        if self._trainer is not None and self.trainer.world_size > 1:  # DDP: the Dice of the global batch
+        if self.hparams.get("dice_batch", True) and self._trainer is not None and self.trainer.world_size > 1:
+            # DDP: the Dice of the global batch (a per-image Dice needs no synchronisation)
             mask = (~ignore).float() if ignore.any() else None
             dice = batch_dice_loss(logits, label.masked_fill(ignore, 0), mask=mask, sync=self.training)
         elif ignore.any():
             dice = self.masked_dice_loss(logits, label.masked_fill(ignore, 0), mask=(~ignore).float())
         else:
             dice = self.dice_loss(logits, label)
-        return {"seg_dice": dice, "seg_ce": F.cross_entropy(logits, label[:, 0], ignore_index=IGNORE_INDEX)}
+        w = self.ce_class_weights
+        ce = F.cross_entropy(logits, label[:, 0], weight=None if w is None else w.to(logits.dtype), ignore_index=IGNORE_INDEX)
+        return {"seg_dice": dice, "seg_ce": ce}
+
+    def set_ce_class_weights(self, weights: Optional[Sequence[float]]) -> None:
+        """Weight the cross-entropy of class k by ``weights[k]`` (``None``: unweighted)."""
+        if weights is not None and len(weights) != self.num_classes:
+            raise ValueError(f"{len(weights)} CE class weights for {self.num_classes} classes")
+        self.ce_class_weights = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float32,
+                                                                              device=self.device)
 
     @staticmethod
     def _eval_pair(logits: Tensor, label: Tensor):

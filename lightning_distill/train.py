@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -33,8 +33,8 @@ from lightning_distill.io import atomic_write, write_json
 from lightning_distill.metrics import format_table
 from lightning_distill.modules import SegmentationModule, StudentModule
 from lightning_distill.networks import build_network, head_module_name
-from lightning_distill.prototypes import (PrototypeBank, check_axial_range, class_reliability, file_sha256, final_bank,
-                                          format_reliability, load_bank, save_bank)
+from lightning_distill.prototypes import (PrototypeBank, check_axial_range, class_reliability, control_bank, file_sha256,
+                                          final_bank, format_reliability, load_bank, save_bank)
 
 
 def build_source(cfg: DictConfig) -> SubjectSource:
@@ -139,7 +139,7 @@ def build_net(cfg: DictConfig, num_classes: int):
 def build_module(cfg: DictConfig, names) -> SegmentationModule:
     net = build_net(cfg, len(names))
     common = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, scheduler=cfg.optim.scheduler,
-                  dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight,
+                  dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight, dice_batch=cfg.loss.dice_batch,
                   roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, val_hd95=cfg.val_hd95,
                   surface_tolerance=cfg.surface_tolerance_mm, config=to_dict(cfg))
     if cfg.stage == "teacher":
@@ -147,6 +147,9 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     if cfg.input_transform != "none":
         raise ValueError(f"input_transform={cfg.input_transform} is for teachers (stage=teacher); a student sees the original images")
     d = cfg.distill
+    if d.bank_control != "none" and (d.method != "prototype" or not d.prototypes):
+        raise ValueError(f"distill.bank_control={d.bank_control} transforms the teacher's prototype bank: it needs "
+                         f"distill.method=prototype and distill.prototypes (got method {d.method}, prototypes {d.prototypes})")
     if d.method == "cmedl":
         return build_cmedl(cfg, net, names, common)
     if d.method in ("sikd", "pixel") and d.weight != 0:
@@ -162,10 +165,10 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     if cfg.distill.prototypes:
         bank = load_bank(cfg.distill.prototypes)
         bank.meta["path"] = str(cfg.distill.prototypes)
+        bank = control_bank(bank, cfg.distill.bank_control, seed=cfg.seed)
     elif cfg.distill.weight != 0:
         raise ValueError("distill.weight is not 0 but distill.prototypes is not set: give the teacher's prototypes.pt "
                          "(e.g. distill.prototypes=runs/teacher/prototypes.pt), or set distill.weight=0 for the baseline")
-    d = cfg.distill
     return StudentModule(net, names, bank=bank, distill_weight=d.weight, beta=d.beta, gamma=d.gamma, tau=d.tau,
                          geometry=d.geometry, log_floor=d.log_floor, min_pixels=d.min_pixels, row_weight=d.row_weight,
                          min_reliability=d.min_reliability, grad_every=d.grad_every,
@@ -322,6 +325,12 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     dm = build_datamodule(cfg, source)
     module = build_module(cfg, names)
     module.training_data = _training_record(cfg, dm)
+    if cfg.loss.class_balance == "inverse_frequency":
+        weights = balanced_class_weights(training_class_voxels(dm, len(names)))
+        module.set_ce_class_weights(weights)
+        module.training_data["ce_class_weights"] = dict(zip(names, weights))
+        if rank_zero_only.rank == 0:
+            print("loss.class_balance=inverse_frequency: CE weights " + ", ".join(f"{n} {w:.3g}" for n, w in zip(names, weights)))
 
     teacher = cfg.stage == "teacher"
     b = cfg.bank
@@ -505,6 +514,25 @@ def _export_teacher_bank(cfg: DictConfig, trainer: L.Trainer, module: Segmentati
         save_bank(path, bank)
         print(f"final prototype bank ({bank.meta['volumes']} volumes of bank.final_split={split}, "
               f"{weights or 'the last weights'}) -> {path}")
+
+
+def training_class_voxels(dm: SegmentationDataModule, num_classes: int) -> List[int]:
+    """Voxels of each class in the training labels (through the training set's cache; ignored voxels
+    and labels outside ``[0, num_classes)`` are not counted)."""
+    dm.setup()
+    train_set = dm.datasets["train"]
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for sid in train_set.ids:
+        label = train_set._load(sid)["label"].long().flatten()
+        label = label[(label >= 0) & (label < num_classes)]
+        counts += torch.bincount(label, minlength=num_classes)
+    return counts.tolist()
+
+
+def balanced_class_weights(counts: Sequence[int]) -> List[float]:
+    """sklearn's "balanced" class weights ``N / (K * n_k)`` (a class with no voxel: 1)."""
+    total, k = float(sum(counts)), len(counts)
+    return [total / (k * n) if n > 0 else 1.0 for n in counts]
 
 
 def _training_record(cfg: DictConfig, dm: SegmentationDataModule) -> Dict[str, Any]:
