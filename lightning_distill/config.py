@@ -96,6 +96,7 @@ class DataConfig:
     eval_batch_size: Optional[int] = None
     num_workers: int = 0
     augment: bool = True
+    spatial_augment: str = "none"  # none | affine: random in-plane rotation/scale/shift of image and label (training; seeded, resumable)
     patch_size: Optional[List[int]] = None
     window: List[float] = field(default_factory=lambda: [-175.0, 250.0])
     splits: Optional[Dict[str, List[str]]] = None  # explicit {train, val, test} subject lists
@@ -234,7 +235,7 @@ class RunConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-_CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorboard", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"),
+_CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorboard", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"), "data.spatial_augment": ("none", "affine"),
             "data.nifti.layout": ("auto", "nnunet", "msd", "folder"), "data.nifti.unmapped": ("background", "ignore", "error"),
             "data.nifti.on_missing": ("error", "warn"),
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),

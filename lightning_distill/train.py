@@ -107,7 +107,8 @@ def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
     d = cfg.data
     common = dict(batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
                   train_fraction=d.train_fraction, train_subjects=d.train_subjects, split_seed=d.split_seed,
-                  num_workers=d.num_workers, augment=d.augment, patch_size=d.patch_size, eval_batch_size=d.eval_batch_size,
+                  num_workers=d.num_workers, augment=d.augment, spatial_augment=d.spatial_augment,
+                  patch_size=d.patch_size, eval_batch_size=d.eval_batch_size,
                   splits=OmegaConf.to_container(d.splits) if d.splits else None, seed=cfg.seed)
     if training and uses_target(cfg):
         t = cfg.cmedl.target

@@ -61,13 +61,23 @@ class SubjectDataset(Dataset):
         patch_size: random crop of this size (training volumes); ``None`` keeps whole images.
         cache: keep decoded samples in memory.
         labels: load labels (``False``: images only, for unlabelled data).
+        spatial_augment: ``none`` or ``affine``: a random in-plane affine map of image and label
+            together (MONAI ``RandAffined``: rotation up to +-15 degrees about the axial axis, scale
+            +-10 %, shift up to 5 % of the size; bilinear image, nearest-neighbour label, zero padding:
+            air and background), drawn from the sample's seed like the intensity augmentation, so a
+            resumed run sees the same maps.
     """
 
     def __init__(self, source: SubjectSource, ids: Sequence[str], augment: bool = False,
-                 patch_size: Optional[Sequence[int]] = None, cache: bool = True, labels: bool = True):
+                 patch_size: Optional[Sequence[int]] = None, cache: bool = True, labels: bool = True,
+                 spatial_augment: str = "none"):
+        if spatial_augment not in SPATIAL_AUGMENTS:
+            raise ValueError(f"spatial_augment must be one of {list(SPATIAL_AUGMENTS)}, got {spatial_augment!r}")
         self.source, self.ids, self.augment, self.labels = source, list(ids), augment, labels
         self.patch_size = tuple(patch_size) if patch_size else None
         self.cache: Optional[Dict[str, Dict]] = {} if cache else None
+        self.spatial_augment = spatial_augment
+        self._affine = None  # built on first use (per worker process)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -100,6 +110,8 @@ class SubjectDataset(Dataset):
             starts = [int(torch.randint(0, s - p + 1, (), generator=gen)) for s, p in zip(spatial, self.patch_size)]
             sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch_size))
             image, label = image[(slice(None),) + sl], label[(slice(None),) + sl]
+        if self.spatial_augment != "none":
+            image, label = self._spatial(image, label, gen)
         if self.augment:
             scale = 1.0 + 0.1 * (2 * torch.rand((), generator=gen) - 1)
             shift = 0.05 * (2 * torch.rand((), generator=gen) - 1)
@@ -108,6 +120,28 @@ class SubjectDataset(Dataset):
         if self.labels:
             item["label"] = label.contiguous()
         return item
+
+
+    def _spatial(self, image: torch.Tensor, label: torch.Tensor, gen: Optional[torch.Generator]):
+        """The random affine map of ``spatial_augment`` applied to image and label alike."""
+        import math
+
+        from monai.transforms import RandAffined
+
+        nd = image.ndim - 1
+        if self._affine is None:
+            rotate = (math.pi / 12,) if nd == 2 else (0.0, 0.0, math.pi / 12)  # about the axial (last) axis
+            shift = [0.05 * s for s in image.shape[1:3]] + ([0.0] if nd == 3 else [])
+            self._affine = RandAffined(keys=["image", "label"], prob=1.0, rotate_range=rotate,
+                                       scale_range=(0.1,) * 2 + ((0.0,) if nd == 3 else ()), translate_range=shift,
+                                       mode=("bilinear", "nearest"), padding_mode="zeros")
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
+        self._affine.set_random_state(seed=seed)
+        out = self._affine({"image": image, "label": label.float()})
+        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(label.dtype)
+
+
+SPATIAL_AUGMENTS = ("none", "affine")
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -122,6 +156,7 @@ class SegmentationDataModule(L.LightningDataModule):
         split_seed: seed of the subject permutation.
         num_workers: loader workers.
         augment: training-time intensity augmentation.
+        spatial_augment: training-time spatial augmentation (see :class:`SubjectDataset`).
         patch_size: training crops (volumes); ``None`` for whole images.
         eval_batch_size: batch size of validation and test.
         splits: explicit ``{"train": [...], "val": [...], "test": [...]}`` subject lists instead of
@@ -134,9 +169,10 @@ class SegmentationDataModule(L.LightningDataModule):
                  train_fraction: float = 1.0, train_subjects: Optional[int] = None, split_seed: int = 0,
                  num_workers: int = 0, augment: bool = True, patch_size: Optional[Sequence[int]] = None,
                  eval_batch_size: Optional[int] = None, splits: Optional[Dict[str, Sequence[str]]] = None,
-                 seed: int = 0):
+                 seed: int = 0, spatial_augment: str = "none"):
         super().__init__()
         self.source, self.seed = source, int(seed)
+        self.spatial_augment = spatial_augment
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.augment, self.patch_size = num_workers, augment, patch_size
         # splits are made over subjects; a sample id "<subject>@<z>" (one slice of a volume) follows its subject
@@ -170,7 +206,8 @@ class SegmentationDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if not self.datasets:
             self.datasets = {
-                "train": SubjectDataset(self.source, self.train_ids, augment=self.augment, patch_size=self.patch_size),
+                "train": SubjectDataset(self.source, self.train_ids, augment=self.augment, patch_size=self.patch_size,
+                                        spatial_augment=self.spatial_augment),
                 "val": SubjectDataset(self.source, self.splits["val"]),
                 "test": SubjectDataset(self.source, self.splits["test"]),
             }
