@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
                          "near 0 means a loss in that geometry is almost blind to what the bank knows beyond the labels.")
     bi.add_argument("bank", help="a prototypes.pt (or a checkpoint of `lightning-distill fit`, which carries its run's bank)")
     bi.add_argument("--png", help="where to write the figure (default: <bank>_inspect.png beside the bank)")
+    cp = sub.add_parser("compare", help="a student beside its 3D teacher (and the baseline) on the same test slices",
+                        description="Score the 3D teacher on the student's own test slices (each subject rendered as a "
+                        "volume with a plane through the slice; phantom only) and print per-organ Dice of the student, "
+                        "the baseline (if given) and the teacher, with paired differences and bootstrap 95%% CIs. "
+                        "Writes <student_run>/comparison.md and results_teacher_slices.json.")
+    cp.add_argument("student_run", help="the student's run directory (results.json, config.yaml), e.g. runs/student")
+    cp.add_argument("--teacher", required=True, help="the 3D teacher's checkpoint, e.g. runs/teacher/checkpoints/best.ckpt")
+    cp.add_argument("--baseline", help="the baseline's run directory (same test slices), e.g. runs/baseline")
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) and exit")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -194,6 +202,13 @@ def _report(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from lightning_distill.teacher_slices import compare_on_student_slices
+
+    print(compare_on_student_slices(args.student_run, args.teacher, args.baseline), end="")
+    return 0
+
+
 def _bank(args) -> int:
     from lightning_distill.bank_inspect import inspect_bank
 
@@ -250,7 +265,7 @@ def _sweep(args) -> int:
 
 
 _COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
-             "report": _report, "bank": _bank, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep}
+             "report": _report, "bank": _bank, "compare": _compare, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep}
 
 
 if __name__ == "__main__":

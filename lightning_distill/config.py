@@ -49,7 +49,7 @@ class PhantomConfig:
     phases: List[str] = field(default_factory=lambda: ["noncontrast", "arterial", "venous"])
     noise_hu: List[float] = field(default_factory=lambda: [10.0, 25.0])
     blur: float = 0.6
-    slice_z: List[float] = field(default_factory=lambda: [-0.5, -0.1])
+    slice_z: List[float] = field(default_factory=lambda: [-0.6, 0.0])
     modality: str = "CT"  # CT | MR (MRI-like rendering of the same anatomy)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
@@ -145,7 +145,7 @@ class BankConfig:
     taus: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # also accumulated (prob space): distill.tau picks one
     source: str = "running"  # running: mean of the train-mode outputs over training batches (the paper) | final: after training, the best checkpoint in eval mode over whole volumes
     final_split: str = "both"  # source=final: the whole volumes it runs over: train (not augmented) | val | both
-    axial_range: Optional[List[float]] = None  # [lo, hi], 0 <= lo < hi <= 1: fractions of each volume's axial (last) axis, 0 = first (inferior) slice, whose voxels contribute; phantom z -> (z + 1) / 2: slice_z [-0.5, -0.1] is [0.25, 0.45] (see prototypes.py)
+    axial_range: Optional[List[float]] = None  # [lo, hi], 0 <= lo < hi <= 1: fractions of each volume's axial (last) axis, 0 = first (inferior) slice, whose voxels contribute; phantom z -> (z + 1) / 2: slice_z [-0.6, 0.0] is [0.2, 0.5] (see prototypes.py)
     momentum: Optional[float] = None  # None: running mean; (0, 1): EMA
     start: float = 0.5  # fraction of training steps before accumulation starts
     feature_layer: Optional[str] = None  # default: the network's head module

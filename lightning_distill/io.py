@@ -50,6 +50,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def save_nifti(image, path: str | os.PathLike) -> None:
     import nibabel as nib
 

@@ -40,8 +40,8 @@ Axial range (``bank.axial_range = [lo, hi]``, both sources): only voxels whose a
 is exact: a volume samples the normalised ``z in [-1, 1]`` linearly along its last axis
 (``np.linspace(-1, 1, Z)``), the same ``z`` in which a student's slices are drawn
 (``data.phantom.slice_z``), so a slice at ``z`` lies at fraction ``(z + 1) / 2``:
-:func:`phantom_axial_range` converts ``slice_z = [-0.5, -0.1]`` (the student's default) into
-``[0.25, 0.45]``. Voxels outside the range are masked out of the class sums (their labels set to an
+:func:`phantom_axial_range` converts ``slice_z = [-0.6, 0.0]`` (the student's default) into
+``[0.2, 0.5]``. Voxels outside the range are masked out of the class sums (their labels set to an
 ignore value in a copy: the labels the loss sees are never changed); a class with no voxel in the
 range keeps a zero row and count 0 (the student leaves such rows out), and a warning lists it. With
 training crops (``data.patch_size``) a patch does not know where it lies in its volume, so ``fit``
@@ -322,7 +322,7 @@ def phantom_axial_range(slice_z: Sequence[float]) -> List[float]:
 
     A phantom volume samples ``z`` linearly along its last axis (``np.linspace(-1, 1, Z)``), so a
     slice at ``z`` lies at fraction ``(z + 1) / 2`` of the volume's axial extent: the student's
-    ``data.phantom.slice_z = [-0.5, -0.1]`` is ``[0.25, 0.45]``.
+    ``data.phantom.slice_z = [-0.6, 0.0]`` is ``[0.2, 0.5]``.
     """
     if len(slice_z) != 2 or not -1.0 <= float(slice_z[0]) < float(slice_z[1]) <= 1.0:
         raise ValueError(f"a phantom z range must be [z_lo, z_hi] with -1 <= z_lo < z_hi <= 1, got {list(slice_z)}")

@@ -18,6 +18,29 @@ What makes it a task in which 3D context matters and 2D is not at ceiling:
 * contrast phase (non-contrast / arterial / venous) changes organ intensities per subject, and the
   single-slice population is non-contrast and noisier by default.
 
+Confusions that one axial slice cannot resolve but the volume can (the test bed of 3D->2D
+distillation; the 2D student sees slices at ``slice_z`` in [-0.6, 0.0], where these poles lie):
+
+1. **Spleen lower pole vs descending colon.** The colon (``colon_l``, background) is a tube along z
+   beside the spleen, with organ-like intensity; the spleen's lower pole (spleen spans z >= -0.27
+   or so) is a small blob next to it. In one slice both are blobs of the same size and intensity;
+   in the volume the spleen blob grows into the spleen above and the colon runs on below.
+2. **Liver tip vs a liver-intensity nodule below it** (a hepatic-flexure-like pole mimic, and the
+   ascending colon ``colon_r``): below the liver's inferior tip (z about -0.45) a short blob with
+   the liver's intensity sits where the tip would be. A slice through it is indistinguishable from
+   a slice through the tip; in the volume it is separated from the liver by a gap of fat.
+3. **Kidney poles vs kidney-intensity nodules beyond them** (adrenal-like above the upper pole,
+   bowel-like below the lower pole, for each kidney): same intensity and cross-section as the pole,
+   at the kidney's position; the kidneys' z positions vary per subject (and the right one sits
+   lower), so the slice level does not tell whether the kidney has ended. In the volume the blob is
+   a separate object (a gap of 1.4-2.8 slices of 48) instead of the end of the kidney.
+4. **Spleen lower pole vs a spleen-intensity nodule below it** (a splenule-like pole mimic), as 2.
+
+The mimics (:data:`POLE_MIMICS`) are background, present with probability
+:data:`MIMIC_PROBABILITY` each per subject, and drawn from their own random stream; their intensity
+is the organ's in every phase and modality. The 2D optimum for a small organ-intensity blob at an
+organ's position is a guess from priors, whereas a 3D model can follow the blob along z.
+
 Intensities are HU-like; :func:`hu_window` maps them to [0, 1] with an abdominal window.
 Everything is deterministic given ``(population seed, subject id)``.
 
@@ -124,7 +147,7 @@ class PhantomSpec:
     phases: Tuple[str, ...] = PHASES
     noise_hu: Tuple[float, float] = (10.0, 25.0)
     blur: float = 0.6
-    slice_z: Tuple[float, float] = (-0.5, -0.1)
+    slice_z: Tuple[float, float] = (-0.6, 0.0)
     modality: str = "CT"
 
     def __post_init__(self):
@@ -166,6 +189,7 @@ class Subject:
     warp: np.ndarray  # (M, 3 + 3 + 1 + 1): direction(3), amplitude per axis(3), frequency, phase
     texture: np.ndarray  # (T, 5): direction(3), frequency, phase
     intensity_jitter: Dict[str, float]
+    mimics: List[Tuple[str, _Ellipsoid]] = field(default_factory=list)  # (organ whose intensity it has, shape)
 
 
 def _rng(spec: PhantomSpec, subject_id: int, stream: int = 0) -> np.random.Generator:
@@ -188,8 +212,8 @@ def sample_subject(spec: PhantomSpec, subject_id: int) -> Subject:
         "liver": ell([-0.38, 0.08, 0.35], [0.42, 0.42, 0.8], jitter=0.04),
         "spleen": ell([0.50, -0.12, 0.15], [0.16, 0.24, 0.42], jitter=0.05),
         # the right kidney sits lower than the left (as in most people)
-        "right_kidney": ell([-0.33, -0.30, kidney_z - u(0.02, 0.12)], [0.11, 0.14, 0.30], jitter=0.03),
-        "left_kidney": ell([0.33, -0.30, kidney_z + u(0.0, 0.06)], [0.11, 0.14, 0.30], jitter=0.03),
+        "right_kidney": ell([-0.33, -0.30, kidney_z - u(0.02, 0.12)], [0.11, 0.14, 0.22], jitter=0.03),
+        "left_kidney": ell([0.33, -0.30, kidney_z + u(0.0, 0.06)], [0.11, 0.14, 0.22], jitter=0.03),
         "aorta": ell([0.08, -0.25, 0.0], [0.065, 0.065, 5.0], angle_sd=0.0, jitter=0.02, size_sd=0.1),
         "vertebra": ell([0.0, -0.47, 0.0], [0.13, 0.11, 5.0], angle_sd=0.0, jitter=0.015, size_sd=0.06,
                         tilt_sd=0.02),
@@ -236,7 +260,41 @@ def sample_subject(spec: PhantomSpec, subject_id: int) -> Subject:
         warp=warp,
         texture=texture,
         intensity_jitter={k: float(r.normal(0, 8)) for k in _HU},
+        mimics=_pole_mimics(spec, subject_id, organs),
     )
+
+
+# Pole mimics (see the module docstring): (organ, end) with end -1 beyond the inferior pole, +1 beyond
+# the superior pole; each is present with probability MIMIC_PROBABILITY per subject.
+POLE_MIMICS: Tuple[Tuple[str, int], ...] = (
+    ("liver", -1), ("spleen", -1),
+    ("right_kidney", 1), ("right_kidney", -1), ("left_kidney", 1), ("left_kidney", -1),
+)
+MIMIC_PROBABILITY = 0.6
+MIMIC_GAP = (0.06, 0.12)  # normalised z between the organ's pole and the mimic (1.4-2.8 slices of 48)
+MIMIC_HALF_LENGTH = (0.06, 0.12)  # the mimic's semi-axis along z
+MIMIC_WIDTH = (0.35, 0.65)  # the mimic's in-plane semi-axes relative to the organ's
+_MIMIC_LEVEL = {"liver": "liver", "spleen": "spleen", "right_kidney": "kidney_cortex", "left_kidney": "kidney_cortex"}
+
+
+def _pole_mimics(spec: PhantomSpec, subject_id: int, organs: Dict[str, "_Ellipsoid"]) -> List[Tuple[str, "_Ellipsoid"]]:
+    """Draw the subject's pole mimics (random stream 7, so the rest of the anatomy does not depend on them)."""
+    r = _rng(spec, subject_id, 7)
+    out = []
+    for organ, end in POLE_MIMICS:
+        present = r.uniform() < MIMIC_PROBABILITY
+        gap, half, width = r.uniform(*MIMIC_GAP), r.uniform(*MIMIC_HALF_LENGTH), r.uniform(*MIMIC_WIDTH, 2)
+        jitter, angle = r.normal(0, 0.015, 2), r.normal(0, 0.2)
+        if not present:
+            continue
+        o = organs[organ]
+        pole = o.center[2] + end * o.axes[2]
+        cx = o.center[0] + o.tilt[0] * (pole - o.center[2]) + jitter[0]
+        cy = o.center[1] + o.tilt[1] * (pole - o.center[2]) + jitter[1]
+        shape = _Ellipsoid(np.array([cx, cy, pole + end * (gap + half)]),
+                           np.array([o.axes[0] * width[0], o.axes[1] * width[1], half]), o.angle + float(angle))
+        out.append((organ, shape))
+    return out
 
 
 def _warp(s: Subject, x, y, z):
@@ -286,6 +344,8 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
         put(b.inside(x, y, z) & inner_muscle, hu_of.get(f"bowel_{i}", hu_of["bowel"]), 0)
     for side in ("colon_r", "colon_l"):
         put(o[side].inside(x, y, z) & inner_muscle, "colon", 0)
+    for organ, m in s.mimics:  # background with the organ's intensity, beyond the organ's pole
+        put(m.inside(x, y, z) & inner_muscle, _MIMIC_LEVEL[organ], 0)
     st = o["stomach"]
     put(st.inside(x, y, z) & inner_muscle, "stomach", 0)
     put(st.inside(x, y, z) & ~st.inside(x, y, z, 0.85) & inner_muscle, "muscle", 0)
@@ -372,23 +432,45 @@ def _acquire(spec: PhantomSpec, s: Subject, x, y, z, blur_axes: Sequence[float],
     raise ValueError(f"phantom modality must be one of {', '.join(MODALITIES)}, got {spec.modality!r}")
 
 
-def render_volume(spec: PhantomSpec, subject_id: int, shape: Sequence[int] = (64, 64, 48)):
+def volume_z(n: int, through: Optional[float] = None) -> Tuple[np.ndarray, Optional[int]]:
+    """The axial coordinates of an ``n``-slice volume: ``linspace(-1, 1, n)``, or, with ``through``,
+    that grid shifted by less than half a slice so that one plane lies exactly at ``z = through``.
+
+    Returns:
+        ``(z, index)``: the coordinates and the index of the plane at ``through`` (``None`` without).
+    """
+    z = np.linspace(-1, 1, n, dtype=np.float64)
+    if through is None:
+        return z, None
+    k = int(np.argmin(np.abs(z - through)))
+    z = z + (float(through) - z[k])
+    z[k] = float(through)  # exactly: the plane's labels are those of render_slice(z=through)
+    return z, k
+
+
+def render_volume(spec: PhantomSpec, subject_id: int, shape: Sequence[int] = (64, 64, 48), through: Optional[float] = None):
     """Render one subject as a 3D volume.
 
     Args:
         spec: population settings.
         subject_id: subject index within the population.
         shape: ``(X, Y, Z)`` grid; axial slices lie along the last axis.
+        through: a normalised z that one axial plane passes through exactly (:func:`volume_z`); e.g.
+            the subject's ``slice_z``, so that plane ``z_index`` has the label map of the subject's
+            single slice (:func:`render_slice` of the same in-plane shape): a 3D model is scored on
+            the very slice a 2D model is scored on.
 
     Returns:
         dict with ``image`` (float32 HU, ``shape``; MR: arbitrary units >= 0), ``label`` (uint8,
-        ``shape``), ``phase`` (drawn but ignored for MR), ``subject_id``.
+        ``shape``), ``phase`` (drawn but ignored for MR), ``subject_id``, ``z_index`` (``None``
+        without ``through``).
     """
     s = sample_subject(spec, subject_id)
-    axes = [np.linspace(-1, 1, n, dtype=np.float64) for n in shape]
+    zs, k = volume_z(shape[2], through)
+    axes = [np.linspace(-1, 1, n, dtype=np.float64) for n in shape[:2]] + [zs]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     image, label = _acquire(spec, s, x, y, z, (1, 1, 1), 1, 5)
-    return {"image": image, "label": label, "phase": s.phase, "subject_id": s.subject_id}
+    return {"image": image, "label": label, "phase": s.phase, "subject_id": s.subject_id, "z_index": k}
 
 
 def render_slice(spec: PhantomSpec, subject_id: int, shape: Sequence[int] = (128, 128), z: float | None = None):
