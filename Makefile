@@ -15,6 +15,7 @@ export WANDB_MODE ?= offline
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 	@echo "  Extra overrides for the train targets: make train-student ARGS='data.train_fraction=0.25 seed=1'"
+	@echo "  With output_dir in ARGS, also set STUDENT_DIR / BASELINE_DIR (the table of train-student and train-baseline reads them)"
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,11 +44,22 @@ train-teacher: $(STAMP) ## pretrain the 3D teacher on phantom volumes and export
 $(TEACHER_BANK): | $(STAMP)
 	$(BIN)/lightning-distill fit experiments/teacher.yaml
 
-train-student: $(STAMP) $(TEACHER_BANK) ## train the distilled 2D student (pretrains the teacher first if no bank exists)
-	$(BIN)/lightning-distill fit experiments/student.yaml distill.prototypes=$(TEACHER_BANK) $(ARGS)
+TEACHER_CKPT ?= runs/teacher/checkpoints/best.ckpt
+STUDENT_DIR ?= runs/student
+BASELINE_DIR ?= runs/baseline
+# the student beside the 3D teacher scored on the student's own test slices (and the baseline, once trained)
+COMPARE = if [ -f $(TEACHER_CKPT) ] && [ -f $(STUDENT_DIR)/results.json ]; then \
+	  $(BIN)/lightning-distill compare $(STUDENT_DIR) --teacher $(TEACHER_CKPT) \
+	  $$([ -f $(BASELINE_DIR)/results.json ] && echo --baseline $(BASELINE_DIR)); \
+	else echo "(no comparison: needs $(TEACHER_CKPT) and $(STUDENT_DIR)/results.json)"; fi
 
-train-baseline: $(STAMP) ## train the plain 2D model (the student with lambda = 0)
+train-student: $(STAMP) $(TEACHER_BANK) ## train the distilled 2D student (pretrains the teacher first), then print it beside the teacher
+	$(BIN)/lightning-distill fit experiments/student.yaml distill.prototypes=$(TEACHER_BANK) $(ARGS)
+	@$(COMPARE)
+
+train-baseline: $(STAMP) ## train the plain 2D model (the student with lambda = 0); with a student, print all three
 	$(BIN)/lightning-distill fit experiments/baseline.yaml $(ARGS)
+	@$(COMPARE)
 
 SIKD_TEACHER ?= runs/sikd_teacher/checkpoints/best.ckpt
 

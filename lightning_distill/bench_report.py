@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from omegaconf import DictConfig
 
-from lightning_distill.benchmark import _cpu_count
+from lightning_distill.benchmark import _cpu_count, grid, runs_at
 from lightning_distill.report import fmt_mean_sd, mean_sd, new_figure
 
 OWN_TEST = "test"
@@ -46,6 +46,25 @@ def case_scores(cases: Sequence[Dict[str, Any]]) -> Dict[str, float]:
         if vals:
             out[c["id"]] = float(np.mean(vals))
     return out
+
+
+def organ_scores(cases: Sequence[Dict[str, Any]], organ: str) -> Dict[str, float]:
+    """``{case id: Dice of organ}`` over the cases whose ground truth has the organ."""
+    return {c["id"]: float(c["dice"][organ]) for c in cases if c["dice"].get(organ) is not None}
+
+
+def late_rise(curve: Optional[Sequence[Sequence[Any]]], steps: Optional[int]) -> Optional[float]:
+    """How much the best validation Dice rose in the last quarter of training: ``max(all) − max(step <=
+    0.75 · steps)`` over a learning curve of ``[step, val Dice, ...]`` points (the selected checkpoint
+    is the best one, so this is what the last quarter could still add). ``None`` without a point in
+    the first three quarters."""
+    if not curve or not steps:
+        return None
+    pts = [(int(p[0]), float(p[1])) for p in curve if p[1] is not None]
+    early = [d for st, d in pts if st <= 0.75 * steps]
+    if not early:
+        return None
+    return max(d for _, d in pts) - max(early)
 
 
 def paired_bootstrap(a: Dict[int, Dict[str, float]], b: Dict[int, Dict[str, float]], n: int = 2000,
@@ -105,7 +124,7 @@ class Table:
         self.archs = list(cfg.archs)
         self.fractions = sorted(float(f) for f in cfg.fractions)
         self.test_sets = [OWN_TEST, *cfg.test_sets]
-        keys = {f"{m}|{a}|f{f:g}|s{s}" for m in self.methods for a in self.archs for f in self.fractions for s in cfg.seeds}
+        keys = {r.key for r in grid(cfg)}
         self.students = [r for r in records if r.get("kind") == "student" and r["key"] in keys]
         self.teachers = [r for r in records if r.get("kind") == "teacher"]
         self.expected = len(keys)
@@ -137,12 +156,38 @@ class Table:
             return "n/a"
         return " or ".join(words) + (" (differs between runs)" if len(words) > 1 else "")
 
-    def scores(self, ts, arch, frac, method) -> Dict[int, Dict[str, float]]:
-        return {s: case_scores(t["test_cases"]) for s, t in self.runs(ts, arch, frac, method).items()}
+    def scores(self, ts, arch, frac, method, organ: Optional[str] = None) -> Dict[int, Dict[str, float]]:
+        """``{seed: {case: score}}``: a case's mean Dice over the organs present, or one organ's Dice."""
+        if organ is None:
+            return {s: case_scores(t["test_cases"]) for s, t in self.runs(ts, arch, frac, method).items()}
+        return {s: organ_scores(t["test_cases"], organ) for s, t in self.runs(ts, arch, frac, method).items()}
 
-    def diff(self, ts, arch, frac, method) -> Optional[Dict[str, float]]:
-        return paired_bootstrap(self.scores(ts, arch, frac, method), self.scores(ts, arch, frac, self.cfg.baseline),
-                                n=int(self.cfg.bootstrap))
+    def diff(self, ts, arch, frac, method, other: Optional[str] = None, organ: Optional[str] = None) -> Optional[Dict[str, float]]:
+        """Paired difference ``method − other`` (default: the baseline), optionally of one organ's Dice."""
+        return paired_bootstrap(self.scores(ts, arch, frac, method, organ),
+                                self.scores(ts, arch, frac, other or self.cfg.baseline, organ), n=int(self.cfg.bootstrap))
+
+    def curves(self, arch, frac, method) -> Dict[int, List]:
+        """``{seed: val_curve}`` of the finished runs that recorded one."""
+        return {r["seed"]: r["val_curve"] for r in self.students if r["arch"] == arch and float(r["fraction"]) == frac
+                and r["method"] == method and r.get("val_curve")}
+
+    def late_rises(self, arch, frac, method) -> List[float]:
+        """Per seed: :func:`late_rise` of its learning curve (seeds without one left out)."""
+        out = []
+        for seed, curve in self.curves(arch, frac, method).items():
+            steps = next((r["steps"] for r in self.students if r["arch"] == arch and float(r["fraction"]) == frac
+                          and r["method"] == method and r["seed"] == seed), None)
+            v = late_rise(curve, steps)
+            if v is not None:
+                out.append(v)
+        return out
+
+    def converged(self, arch, frac) -> Optional[bool]:
+        """Whether the setting's baseline converged: the mean over seeds of its late rise is below
+        ``convergence_tolerance`` (``None`` without learning curves)."""
+        rises = self.late_rises(arch, frac, self.cfg.baseline)
+        return None if not rises else statistics.mean(rises) < float(self.cfg.convergence_tolerance)
 
     def frac_label(self, f: float) -> str:
         n = self.subjects.get(f)
@@ -192,6 +237,9 @@ def write_report(cfg: DictConfig, records: Sequence[Dict[str, Any]], command: st
         plot_organs(tab, p2)
         plots = [("Mean test Dice against the training fraction (± std over seeds)", p1),
                  ("Per-organ test Dice at the smallest and the largest training fraction (mean over seeds)", p2)]
+        p4 = img / f"{cfg.name}_learning_curves.png"
+        if plot_learning_curves(tab, p4):
+            plots.append(("Learning curves: validation Dice against the training step (mean over seeds)", p4))
         example = translation_example(tab)
         if example is not None:
             rec, src = example
@@ -268,6 +316,10 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
     if not tab.students:
         return "\n".join(L + ["No student run has finished yet.", ""])
     L += _summary(tab, others)
+    L += _teachers_on_slices(tab)
+    L += _convergence(tab)
+    L += _contrasts(tab)
+    L += _focus(tab)
     for ts in tab.test_sets:
         title = "own test split" if ts == OWN_TEST else f"test set `{ts}`"
         desc = "" if ts == OWN_TEST else cfg.test_sets[ts].description
@@ -279,8 +331,11 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
         L += [head, "|" + "---|" * (2 + len(tab.methods) + 2 * len(others))]
         for a in tab.archs:
             for f in tab.fractions:
-                cells = [fmt_mean_sd(tab.dice(ts, a, f, m)) for m in tab.methods]
+                cells = [fmt_mean_sd(tab.dice(ts, a, f, m)) if runs_at(cfg, m, f) else "not run" for m in tab.methods]
                 for m in others:
+                    if not runs_at(cfg, m, f):
+                        cells += ["—", "—"]
+                        continue
                     ci = tab.diff(ts, a, f, m)
                     cells += ["n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]", verdict(ci)]
                 L.append(f"| {a} | {tab.frac_label(f)} | " + " | ".join(cells) + " |")
@@ -376,7 +431,8 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
             groups: Dict[str, List[str]] = {"better": [], "worse": [], "no clear difference": [], "n/a": []}
             for a in tab.archs:
                 for f in tab.fractions:
-                    groups[verdict(tab.diff(ts, a, f, m))].append(f"{a} at {f:g}")
+                    if runs_at(tab.cfg, m, f):
+                        groups[verdict(tab.diff(ts, a, f, m))].append(f"{a} at {f:g}")
             n = sum(len(v) for v in groups.values())
             parts = [f"**{m}** vs {base}{label}: better in {len(groups['better'])} of {n} settings"
                      + (f" ({', '.join(groups['better'])})" if groups["better"] else "")]
@@ -391,6 +447,141 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
                     L.append(f"  - Low-data claim, {a}: {claim}")
     L.append("")
     return L
+
+
+def _ci(ci: Optional[Dict[str, float]]) -> str:
+    return "n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
+
+
+def _teachers_on_slices(tab: Table) -> List[str]:
+    """Each teacher scored on the students' own test slices, beside the baseline (largest fraction)."""
+    recs = [r for r in tab.teachers if r.get("student_slices")]
+    if not recs:
+        return []
+    base, f = tab.cfg.baseline, tab.fractions[-1]
+    L = ["## Teachers on the students' test slices", "",
+         f"Each teacher scored on exactly the test slices the students are scored on (a 3D teacher segments each "
+         f"subject's volume and is scored on the plane through the slice; `lightning_distill/teacher_slices.py`), "
+         f"beside the {base} at fraction {tab.frac_label(f)} (mean over its seeds). Δ: paired difference teacher − "
+         f"{base} over the slices (the teacher's one run paired with every {base} seed), [bootstrap 95% CI]. A "
+         "teacher can only pass on what it knows better than the student.", ""]
+    organs = [None, *tab.organs]
+    for a in tab.archs:
+        L += ["| teacher | " + " | ".join("mean" if o is None else o for o in organs) + " |", "|---|" + "---|" * len(organs)]
+        bruns = tab.runs(OWN_TEST, a, f, base)
+        L.append(f"| {base} ({a}, {len(bruns)} seeds) | " + " | ".join(_num(_mean(
+            [t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o) for t in bruns.values()])) for o in organs) + " |")
+        for r in sorted(recs, key=lambda r: r.get("instance", "")):
+            t = r["student_slices"]
+            L.append(f"| {r.get('instance')} | " + " | ".join(_num(t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o))
+                                                             for o in organs) + " |")
+            cells = []
+            for o in organs:
+                ts_ = case_scores(t["test_cases"]) if o is None else organ_scores(t["test_cases"], o)
+                cells.append(_ci(paired_bootstrap({sd: ts_ for sd in bruns}, tab.scores(OWN_TEST, a, f, base, o),
+                                                  n=int(tab.cfg.bootstrap))))
+            L.append(f"| Δ {r.get('instance')} − {base} | " + " | ".join(cells) + " |")
+        L.append("")
+    return L
+
+
+def _convergence(tab: Table) -> List[str]:
+    """Convergence check from the learning curves (and the plot's caption)."""
+    if not any(r.get("val_curve") for r in tab.students):
+        return []
+    tol = float(tab.cfg.convergence_tolerance)
+    L = ["## Convergence check", "",
+         f"Late rise of a run: how much its best validation Dice rose in the last quarter of training (the "
+         f"checkpoint tested is the best one). A setting is **flagged** when its {tab.cfg.baseline}'s late rise, "
+         f"averaged over seeds, is {tol:g} or more: its students had not converged, and differences there may be "
+         "differences of speed. Mean ± std over seeds.", "",
+         "| arch | fraction (subjects) | " + " | ".join(tab.methods) + " | converged |", "|---|---|" + "---|" * (len(tab.methods) + 1)]
+    for a in tab.archs:
+        for f in tab.fractions:
+            ok = tab.converged(a, f)
+            flag = "n/a" if ok is None else ("yes" if ok else "**no: flagged**")
+            L.append(f"| {a} | {tab.frac_label(f)} | " + " | ".join(fmt_mean_sd(tab.late_rises(a, f, m)) if runs_at(tab.cfg, m, f)
+                                                                     else "not run" for m in tab.methods)
+                     + f" | {flag} |")
+    L.append("")
+    return L
+
+
+def _contrasts(tab: Table) -> List[str]:
+    pairs = [tuple(p) for p in tab.cfg.contrasts]
+    if not pairs:
+        return []
+    focus = list(tab.cfg.focus_organs)
+    L = ["## Which part of a gain needs the teacher's content", "",
+         "Paired differences between a method and its control (same architecture, fraction and seed; bootstrap "
+         "95% CI over seeds and test cases): a gain that the control also gets (identity or shuffled bank, a 2D "
+         "teacher's bank, class balancing) is not the 3D teacher's knowledge."
+         + (f" Per-organ columns: Dice of the organs where 3D context matters ({', '.join(focus)})." if focus else ""), ""]
+    for ts in tab.test_sets:
+        title = "own test split" if ts == OWN_TEST else f"test set `{ts}`"
+        L += [f"### {title}", "", "| arch | fraction | method − control | mean Dice Δ [95% CI] | verdict | "
+              + " | ".join(f"{o} Δ" for o in focus) + (" |" if focus else ""),
+              "|---|---|---|---|---|" + "---|" * len(focus)]
+        for a in tab.archs:
+            for f in tab.fractions:
+                for m, c in pairs:
+                    if not (runs_at(tab.cfg, m, f) and runs_at(tab.cfg, c, f)):
+                        continue
+                    ci = tab.diff(ts, a, f, m, c)
+                    L.append(f"| {a} | {tab.frac_label(f)} | {m} − {c} | {_ci(ci)} | {verdict(ci)} | "
+                             + " | ".join(_ci(tab.diff(ts, a, f, m, c, o)) for o in focus) + (" |" if focus else ""))
+        L.append("")
+    return L
+
+
+def _focus(tab: Table) -> List[str]:
+    focus = [o for o in tab.cfg.focus_organs if o in tab.organs]
+    if not focus:
+        return []
+    base = tab.cfg.baseline
+    L = [f"## Organs where 3D context matters: Dice Δ against the {base} (own test split)", "",
+         f"Per organ, paired difference method − {base} over the seeds and the test cases that contain the organ, "
+         "[bootstrap 95% CI].", "",
+         "| arch | fraction | method | " + " | ".join(focus) + " |", "|---|---|---|" + "---|" * len(focus)]
+    for a in tab.archs:
+        for f in tab.fractions:
+            for m in tab.methods:
+                if m == base or not runs_at(tab.cfg, m, f):
+                    continue
+                L.append(f"| {a} | {tab.frac_label(f)} | {m} | " + " | ".join(_ci(tab.diff(OWN_TEST, a, f, m, None, o))
+                                                                         for o in focus) + " |")
+    L.append("")
+    return L
+
+
+def plot_learning_curves(tab: Table, path: Path) -> bool:
+    """Validation Dice against the training step, mean over seeds, one panel per (arch, fraction)."""
+    panels = [(a, f) for a in tab.archs for f in tab.fractions]
+    if not any(tab.curves(a, f, m) for a, f in panels for m in tab.methods):
+        return False
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = new_figure(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, (a, f) in zip(axes.flat, panels):
+        for m in tab.methods:
+            by_step: Dict[int, List[float]] = {}
+            for curve in tab.curves(a, f, m).values():
+                for p in curve:
+                    if p[1] is not None:
+                        by_step.setdefault(int(p[0]), []).append(float(p[1]))
+            if by_step:
+                xs = sorted(by_step)
+                ax.plot(xs, [statistics.mean(by_step[x]) for x in xs], label=m, lw=1.2)
+        ax.set_title(f"{a}, fraction {tab.frac_label(f)}", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("validation Dice (mean over seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
 
 
 def _organs(tab: Table) -> str:

@@ -53,6 +53,8 @@ class StageSpec:
     overrides: List[str] = field(default_factory=list)
     quick_overrides: List[str] = field(default_factory=list)  # added with --quick
     per: List[str] = field(default_factory=list)  # teachers: subset of [arch, fraction, seed]
+    # teachers: also score the teacher on the students' own test slices (phantom; see teacher_slices.py)
+    score_on_students: bool = False
 
 
 @dataclass
@@ -95,11 +97,17 @@ class BenchmarkConfig:
     methods: Dict[str, List[str]] = field(default_factory=dict)  # name -> overrides
     archs: Dict[str, List[str]] = field(default_factory=dict)  # name -> overrides
     fractions: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    # method -> the fractions it runs at (default: every fraction): fewer cells where a method is not needed
+    fractions_of: Dict[str, List[float]] = field(default_factory=dict)
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     test_sets: Dict[str, TestSetSpec] = field(default_factory=dict)  # extra evaluations (the run's own test split is "test")
     keep_checkpoints: bool = False  # False: delete each student's checkpoints once it is evaluated
     jobs: int = 1  # student runs at once, each in its own process with cores // jobs torch threads
     bootstrap: int = 2000  # bootstrap resamples for the confidence intervals
+    # [method, control] pairs whose paired difference the report shows (e.g. the teacher's bank vs an identity bank)
+    contrasts: List[List[str]] = field(default_factory=list)
+    focus_organs: List[str] = field(default_factory=list)  # organs with per-organ paired differences (e.g. the 3D-dependent ones)
+    convergence_tolerance: float = 0.01  # a run whose best val Dice still rose by this much in the last quarter of training is not converged
     quick: QuickSpec = field(default_factory=QuickSpec)
 
 
@@ -150,6 +158,7 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
                 if unknown:
                     raise ConfigError(f"{path}: quick.{key} names {unknown}, not in {key} ({list(cfg[key])})")
                 cfg[key] = {n: cfg[key][n] for n in q[key]}
+        cfg.fractions_of = {}  # the quick grid runs every method at its fractions
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
@@ -186,6 +195,15 @@ def _check(cfg: DictConfig, path: Path) -> None:
                 if name not in cfg.teachers:
                     raise ConfigError(f"{where}: method {m!r} refers to {{teachers.{name}}}, but the teachers are "
                                       f"{list(cfg.teachers)}")
+    for m, fr in cfg.fractions_of.items():
+        if m not in cfg.methods:
+            raise ConfigError(f"{where}: fractions_of names {m!r}, not one of the methods {list(cfg.methods)}")
+        bad = [f for f in fr if not any(abs(float(f) - float(x)) < 1e-12 for x in cfg.fractions)]
+        if bad:
+            raise ConfigError(f"{where}: fractions_of.{m} has {bad}, not among the fractions {list(cfg.fractions)}")
+    for pair in cfg.contrasts:
+        if len(pair) != 2 or any(m not in cfg.methods for m in pair):
+            raise ConfigError(f"{where}: contrasts must be [method, control] pairs of methods {list(cfg.methods)}, got {list(pair)}")
     reserved = {"test"}
     if reserved & set(cfg.test_sets):
         raise ConfigError(f"{where}: test set name 'test' is reserved for each run's own test split")
@@ -197,9 +215,16 @@ def _teacher_refs(override: str) -> List[str]:
     return re.findall(r"\{teachers\.([A-Za-z0-9_\-]+)\}", override)
 
 
+def runs_at(cfg: DictConfig, method: str, fraction: float) -> bool:
+    """Whether ``method`` runs at training ``fraction`` (``fractions_of``; default every fraction)."""
+    only = cfg.fractions_of.get(method) if "fractions_of" in cfg else None
+    return only is None or any(abs(float(x) - float(fraction)) < 1e-12 for x in only)
+
+
 def grid(cfg: DictConfig) -> List[GridRun]:
     """Every student run of the benchmark, in run order (seed, fraction, architecture, method)."""
-    return [GridRun(m, a, float(f), int(s)) for s in cfg.seeds for f in cfg.fractions for a in cfg.archs for m in cfg.methods]
+    return [GridRun(m, a, float(f), int(s)) for s in cfg.seeds for f in cfg.fractions for a in cfg.archs for m in cfg.methods
+            if runs_at(cfg, m, f)]
 
 
 # ---------------------------------------------------------------------------------------- results file
@@ -467,6 +492,13 @@ class Benchmark:
         cfg = self.teacher_config(name, run)
         res = fit(cfg, source=self._source(cfg))
         rec = self._record(f"teacher|{inst}", "teacher", cfg, res, {"teacher": name, "instance": inst})
+        if self.cfg.teachers[name].score_on_students:
+            from lightning_distill.teacher_slices import score_teacher_on_student_slices
+
+            first = GridRun(self.cfg.baseline, next(iter(self.cfg.archs)), max(self.cfg.fractions), self.cfg.seeds[0])
+            on = score_teacher_on_student_slices(res["checkpoint"], self.run_config(first),
+                                                 out=str(Path(cfg.output_dir) / "results_student_slices.json"))
+            rec["student_slices"] = {"test": on["test"], "test_cases": on["test_cases"]}
         append_record(self.results_path, rec)
         return rec
 
@@ -496,7 +528,8 @@ class Benchmark:
     def _record(key: str, kind: str, cfg: DictConfig, res: Dict[str, Any], fields: Dict[str, Any]) -> Dict[str, Any]:
         return {"key": key, "kind": kind, **fields, "train_subjects": res.get("train_subjects"),
                 "steps": res.get("steps"), "test": res["test"], "test_cases": res["test_cases"],
-                "val_dice_best": res.get("val", {}).get("dice_best"), "wall_time_s": res["wall_time_s"],
+                "val_dice_best": res.get("val", {}).get("dice_best"), "val_curve": res.get("val_curve"),
+                "wall_time_s": res["wall_time_s"],
                 "config": to_dict(cfg), "version": res.get("version"),
                 **({"translations": res["translations"]} if res.get("translations") else {}),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

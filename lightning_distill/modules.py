@@ -72,6 +72,8 @@ class SegmentationModule(L.LightningModule):
         self.test_summary: Optional[Dict] = None
         # what checkpoints record about the training data (set by `fit`, see lightning_distill.fingerprint)
         self.training_data: Dict[str, Any] = {}
+        # the learning curve: one [step, val Dice mean, {organ: Dice}] per validation (kept in checkpoints)
+        self.val_curve: List[List[Any]] = []
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -91,11 +93,16 @@ class SegmentationModule(L.LightningModule):
         run_id = _wandb_run_id(trainer)
         if run_id:  # `resume` continues this W&B run
             meta["wandb_run_id"] = run_id
+        meta["val_curve"] = list(self.val_curve)
         checkpoint["lightning_distill"] = meta
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Refuse a checkpoint of another class set (before any weight is loaded); warn on another version."""
+        """Refuse a checkpoint of another class set (before any weight is loaded); warn on another version.
+        A resumed run continues the checkpoint's learning curve."""
         check_checkpoint(checkpoint, self.class_names)
+        curve = (checkpoint.get("lightning_distill") or {}).get("val_curve")
+        if curve and not self.val_curve:
+            self.val_curve = [list(p) for p in curve]
 
     # ------------------------------------------------------------------ core
     def forward(self, x: Tensor) -> Tensor:
@@ -196,7 +203,12 @@ class SegmentationModule(L.LightningModule):
         per_organ = [m.compute() for m in self.val_dice]
         for o, v in zip(self.organs, per_organ):
             self.log(f"val/dice_{o}", v)
-        self.log("val/dice", torch.nanmean(torch.stack(per_organ)), prog_bar=True)
+        mean = torch.nanmean(torch.stack(per_organ))
+        self.log("val/dice", mean, prog_bar=True)
+        if self._trainer is not None and not self.trainer.sanity_checking:
+            nan_none = lambda v: None if torch.isnan(v) else round(float(v), 5)  # noqa: E731
+            self.val_curve.append([int(self.trainer.global_step), nan_none(mean),
+                                   {o: nan_none(v) for o, v in zip(self.organs, per_organ)}])
         for m in self.val_dice:
             m.reset()
         if self.hparams.val_hd95:

@@ -8,7 +8,9 @@ through the subject's slice (:func:`~lightning_distill.data.phantom.render_volum
 teacher segments the whole volume, and its prediction on that plane is scored against the student's
 test label with the student's metrics (per case Dice, HD95 and surface Dice, the student's spacing).
 The volumes are acquired like the student's population (its phantom seed, phase, noise and HU
-window), so the teacher meets the student's scans, not its own population's.
+window), so the teacher meets the student's scans, not its own population's. A 2D teacher (a
+control: the same abundant data without the third dimension) is simply run on the student's test
+images.
 
 Requirements (a ``ValueError`` names what differs): both configs use the phantom; the teacher's
 in-plane grid equals the student's ``data.shape``; the class names agree; the student's test set has
@@ -56,8 +58,8 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
         raise ValueError(f"{where}: scoring a teacher on the student's slices is implemented for the phantom only "
                          f"(teacher data.source={tcfg.data.source}, student data.source={student_cfg.data.source})")
     tshape, sshape = list(tcfg.data.shape), list(student_cfg.data.shape)
-    if len(tshape) != 3 or len(sshape) != 2:
-        raise ValueError(f"{where}: needs a 3D teacher (data.shape {tshape}) and a 2D student (data.shape {sshape})")
+    if len(tshape) not in (2, 3) or len(sshape) != 2:
+        raise ValueError(f"{where}: needs a 3D (or 2D) teacher (data.shape {tshape}) and a 2D student (data.shape {sshape})")
     if tshape[:2] != sshape:
         raise ValueError(f"{where}: the teacher's in-plane grid {tshape[:2]} differs from the student's data.shape {sshape}; "
                          "train the teacher at the student's in-plane size (experiments/teacher.yaml: data.shape)")
@@ -74,6 +76,15 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
     for sid in test_ids:
         idx = int(sid.rsplit("_", 1)[1])
         sample = source.load(sid)
+        if len(tshape) == 2:  # a 2D teacher: the student's own test image
+            with torch.no_grad():
+                logits = net(torch.from_numpy(np.ascontiguousarray(sample["image"]))[None].to(device))
+            pred, label = logits.argmax(1).cpu(), torch.from_numpy(sample["label"])[None]
+            spacing = np.asarray(sample["spacing"], float)[None]
+            dice.append(per_case_dice(pred, label, k).cpu())
+            hd.append(per_case_hd95(pred, label, k, spacing))
+            sd.append(per_case_surface_dice(pred, label, k, spacing, student_cfg.get("surface_tolerance_mm")))
+            continue
         vol = render_volume(source.spec, idx, tshape, through=sample_subject(source.spec, idx).slice_z)
         plane = vol["label"][..., vol["z_index"]].astype(np.int64)
         if not np.array_equal(plane, sample["label"]):
@@ -90,9 +101,10 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
     dice_t, hd_t, sd_t = torch.cat(dice), torch.cat(hd), torch.cat(sd)
     organs = list(names[1:])
     summary = summarize(dice_t, hd_t, organs, surface_dice=sd_t)
+    what = "the student's test images" if len(tshape) == 2 else "the plane through it of the subject's volume"
     results = {"stage": "teacher_on_student_slices", "test": summary, "checkpoint": str(teacher_checkpoint),
                "test_cases": collect_cases(test_ids, dice_t, hd_t, organs, surface_dice=sd_t),
-               "test_set": f"{len(test_ids)} student test slices, each scored on the plane through it of the subject's volume",
+               "test_set": f"{len(test_ids)} student test slices, each scored on {what}",
                "test_ids": test_ids, "wall_time_s": round(time.time() - t0, 1)}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -388,7 +388,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         figure = save_translation_figure(module, dm, out / "translations.png", cfg.cmedl.examples)
     extra = {"val": {"dice_best": None if ckpt.best_model_score is None else float(ckpt.best_model_score)},
              "train_subjects": len(dm.train_subject_ids), "checkpoint": best or last,
-             "steps": trainer.global_step,
+             "steps": trainer.global_step, "val_curve": module.val_curve,
              "prototypes": str(out / b.export) if teacher else cfg.distill.prototypes,
              "intensity": fingerprint_summary(module.training_data["intensity"])}
     if figure:

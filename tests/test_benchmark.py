@@ -108,19 +108,43 @@ def test_benchmark_unknown_teacher_reference(tmp_path):
 
 
 def test_default_grid_is_the_issue_grid_and_every_run_config_is_valid():
+    """Issue 17's grid: >= 5 seeds, the baseline, a class-balanced baseline, two geometries, three
+    controls of the teacher's content (identity, shuffled, a 2D teacher's bank), a low-data fraction."""
     cfg, base = load_benchmark(PHANTOM)
     runs = grid(cfg)
-    assert len(runs) == 3 * 4 * 2 * 3 and len({r.key for r in runs}) == len(runs)
-    assert [r.seed for r in runs[:24]] == [0] * 24  # seed-major: complete method sets come first
+    assert len(cfg.seeds) >= 5 and len(runs) == 5 * (7 + 2) and len({r.key for r in runs}) == len(runs)
+    assert [r.seed for r in runs[:9]] == [0] * 9  # seed-major: complete method sets come first
+    assert {r.method for r in runs if r.fraction == 0.3} == {"baseline", "prob"}
     b = Benchmark(cfg, base)
+    configs = {}
     for r in runs:
         c = b.run_config(r)  # raises on any invalid override
         assert c.seed == r.seed and c.data.train_fraction == r.fraction and c.model.name == r.arch
-        assert (c.distill.weight == 0) == (r.method == "baseline")
-    fpn = b.run_config(next(r for r in runs if r.arch == "FPN"))
-    assert "decoder_channels" not in fpn.model.kwargs
-    kd = b.run_config(next(r for r in runs if r.method != "baseline"))
-    assert kd.distill.prototypes == str(Path(cfg.output_dir) / "teachers/ct3d/prototypes.pt")
+        assert (c.distill.weight == 0) == (r.method in ("baseline", "balanced"))
+        assert c.data.spatial_augment == "affine"  # students are trained as users train them
+        configs[r.method] = c
+    assert configs["balanced"].loss.class_balance == "inverse_frequency"
+    assert configs["logprob-identity"].distill.bank_control == "identity"
+    assert configs["logprob-shuffled"].distill.bank_control == "shuffled"
+    assert configs["logprob-2d-teacher"].distill.prototypes == str(Path(cfg.output_dir) / "teachers/t2d/prototypes.pt")
+    assert configs["prob"].distill.prototypes == str(Path(cfg.output_dir) / "teachers/ct3d/prototypes.pt")
+    # both teachers can be scored on the students' slices: the students' in-plane grid
+    for name in ("ct3d", "t2d"):
+        t = b.teacher_config(name)
+        assert cfg.teachers[name].score_on_students and list(t.data.shape)[:2] == list(configs["prob"].data.shape)
+        assert t.data.phantom.seed != configs["prob"].data.phantom.seed  # unpaired: other subjects
+    assert all(m in cfg.methods for pair in cfg.contrasts for m in pair)
+
+
+def test_fractions_of_and_contrasts_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="fractions_of names 'nope'"):
+        load_benchmark(_bench_yaml(tmp_path, BASE + "fractions_of: {nope: [1.0]}\n"))
+    with pytest.raises(ConfigError, match=r"fractions_of.kd has \[0.3\]"):
+        load_benchmark(_bench_yaml(tmp_path, BASE + "fractions: [0.5, 1.0]\nfractions_of: {kd: [0.3]}\n"))
+    with pytest.raises(ConfigError, match="contrasts must be"):
+        load_benchmark(_bench_yaml(tmp_path, BASE + "contrasts: [[kd, other]]\n"))
+    cfg, _ = load_benchmark(_bench_yaml(tmp_path, BASE + "fractions: [0.5, 1.0]\nfractions_of: {kd: [1.0]}\nseeds: [0]\n"))
+    assert [(r.method, r.fraction) for r in grid(cfg)] == [("baseline", 0.5), ("baseline", 1.0), ("kd", 1.0)]
 
 
 def test_per_run_teachers_get_the_settings_arch_and_fraction(tmp_path):
@@ -150,9 +174,11 @@ def _fake_training(monkeypatch, calls):
         seed, frac = int(cfg.seed), float(cfg.data.train_fraction)
         score = 0.5 + 0.1 * frac + 0.01 * seed + (0.02 if cfg.distill.weight else 0.0)
         cases = [{"id": f"c{i}", "dice": {"liver": score + 0.01 * i, "spleen": score}} for i in range(5)]
+        late = frac == 0.1 and not cfg.distill.weight  # the small-data baseline still rises in its last quarter
+        curve = [[st, score - (0.1 * (40 - st) / 30 if late else 0.0), {}] for st in (10, 20, 30, 40)]
         return {"test": {"dice": {"liver": score, "spleen": score}, "dice_mean": score, "hd95_mean": 3.0, "num_cases": 5},
-                "test_cases": cases, "train_subjects": int(10 * frac), "steps": 1, "wall_time_s": 0.1,
-                "val": {"dice_best": score}, "version": "test"}
+                "test_cases": cases, "train_subjects": int(10 * frac), "steps": 40, "wall_time_s": 0.1,
+                "val": {"dice_best": score}, "val_curve": curve, "version": "test"}
 
     monkeypatch.setattr(train, "fit", fake_fit)
     monkeypatch.setattr(Benchmark, "_source", lambda self, cfg: None)
@@ -189,10 +215,15 @@ def test_resume_runs_only_missing_keys_and_refuses_changed_configs(tmp_path, mon
     text = path.read_text()
     assert "**32 of 32 student runs finished**" in text
     assert "+0.020 [+0.020, +0.020] | better" in text
+    # learning curves and the convergence check: only the small-data baseline rose late, so only it is flagged
+    conv = text.split("## Convergence check")[1].split("##")[0]
+    flagged = [ln for ln in conv.splitlines() if "flagged" in ln and ln.startswith("| ")]
+    assert [ln.split("|")[2].strip() for ln in flagged] == ["0.1 (1)", "0.1 (1)"]  # Unet and FPN
+    assert (path.parent / "img" / "t_learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (path.parent / "img" / "t_dice_vs_fraction.png").read_bytes()[:4] == b"\x89PNG"
     # a changed run config is an error, not a silent mix of old and new results
     cfg2, _ = load_benchmark(grid_yaml, [f"output_dir={out}", "student.overrides=[trainer.max_steps=7]"])
-    with pytest.raises(ConfigError, match=r"different run config.*data.shape: \[64, 64\] -> \[128, 128\]"):
+    with pytest.raises(ConfigError, match=r"different run config.*trainer.max_steps: 120 -> 7"):
         Benchmark(cfg2, base).run(log=lambda *_: None)
 
 
@@ -254,9 +285,14 @@ def test_quick_benchmark_killed_midway_resumes_and_writes_a_wellformed_report(tm
     report = Path(f"{out}-quick") / "report.md"
     text = report.read_text()
     assert f"**{total} of {total} student runs finished**" in text
-    table = [ln for ln in text.splitlines() if ln.startswith("| Unet |") or ln.startswith("| FPN |")]
-    assert len(table) >= 4 and all(ln.count("|") == table[0].count("|") for ln in table[:4])
-    for png in ("phantom_dice_vs_fraction.png", "phantom_organs.png"):
+    own = text.split("## Test Dice: own test split")[1].split("###")[0]
+    table = [ln for ln in own.splitlines() if ln.startswith("| Unet |")]
+    assert len(table) == 2 and all(ln.count("|") == table[0].count("|") for ln in table)
+    for section in ("## Teachers on the students' test slices", "## Convergence check",
+                    "## Which part of a gain needs the teacher's content", "## Organs where 3D context matters"):
+        assert section in text
+    assert "| Δ ct3d − baseline |" in text and "| Δ t2d − baseline |" in text
+    for png in ("phantom_dice_vs_fraction.png", "phantom_organs.png", "phantom_learning_curves.png"):
         assert (report.parent / "img" / png).read_bytes()[:4] == b"\x89PNG"
     assert bench_report.OWN_TEST and json.loads(results.read_text().splitlines()[0])["kind"] == "teacher"
 
@@ -303,3 +339,15 @@ def test_quick_cmedl_benchmark_reports_three_metrics_and_translated_images(tmp_p
     records = [r for r in read_records(Path(f"{out}-quick") / "results.jsonl") if r["kind"] == "student"]
     assert {r["method"] for r in records} == {"baseline", "cmedl"}
     assert all(r["test"].get("surface_dice_mean") is not None for r in records)
+
+
+def test_late_rise_and_organ_scores():
+    from lightning_distill.bench_report import late_rise, organ_scores
+
+    curve = [[10, 0.5, {}], [20, 0.7, {}], [30, 0.72, {}], [40, 0.71, {}]]
+    assert late_rise(curve, 40) == pytest.approx(0.0)  # the best came before the last quarter
+    assert late_rise(curve + [[50, 0.8, {}]], 50) == pytest.approx(0.08)  # 0.8 after step 37.5, 0.72 before
+    assert late_rise([[40, 0.5, {}]], 40) is None and late_rise(None, 40) is None
+    assert late_rise([[10, None, {}], [20, 0.6, {}], [40, 0.61, {}]], 40) == pytest.approx(0.01)
+    cases = [{"id": "a", "dice": {"liver": 0.8, "spleen": None}}, {"id": "b", "dice": {"liver": 0.6, "spleen": 0.4}}]
+    assert organ_scores(cases, "spleen") == {"b": 0.4} and organ_scores(cases, "liver") == {"a": 0.8, "b": 0.6}

@@ -34,6 +34,9 @@ def test_affine_moves_image_and_label_together_and_is_seeded(shape):
     assert not torch.equal(a["label"], plain[(0, 7)]["label"])  # the map did move things
     assert a["image"].shape == plain[0]["image"].shape and a["label"].shape == plain[0]["label"].shape
     assert set(a["label"].unique().tolist()) <= {0, 1, 2, 255} and a["label"].dtype == torch.int64
+    # plain tensors, not MONAI MetaTensors (those spread into prototype sums and checkpoints, which then
+    # fail to load with torch.load(weights_only=True))
+    assert type(a["image"]) is torch.Tensor and type(a["label"]) is torch.Tensor
     img, lab = a["image"][0], a["label"][0]
     # where the label says square, the image is bright; where it says bar, the image is about 0.5
     assert img[lab == 1].mean() > 0.9 and abs(float(img[lab == 2].mean()) - 0.5) < 0.1

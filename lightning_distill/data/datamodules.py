@@ -138,7 +138,10 @@ class SubjectDataset(Dataset):
         seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
         self._affine.set_random_state(seed=seed)
         out = self._affine({"image": image, "label": label.float()})
-        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(label.dtype)
+        plain = lambda t: t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)  # noqa: E731  (MetaTensor -> Tensor)
+        # plain tensors: a MONAI MetaTensor would spread into the prototype sums and the checkpoint, which then
+        # needs weights_only=False to load
+        return plain(out["image"]).float(), plain(out["label"]).round().to(label.dtype)
 
 
 SPATIAL_AUGMENTS = ("none", "affine")
