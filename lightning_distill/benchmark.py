@@ -159,6 +159,7 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
                     raise ConfigError(f"{path}: quick.{key} names {unknown}, not in {key} ({list(cfg[key])})")
                 cfg[key] = {n: cfg[key][n] for n in q[key]}
         cfg.fractions_of = {}  # the quick grid runs every method at its fractions
+        cfg.contrasts = [list(p) for p in cfg.contrasts if all(m in cfg.methods for m in p)]
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:

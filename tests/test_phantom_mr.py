@@ -25,14 +25,14 @@ def _class_means(src: PhantomSource, sid: str):
 
 
 def test_ct_rendering_unchanged():
-    # Guards the CT rendering against accidental change (e.g. by MR-only edits): these are the
-    # checksums of the CT phantom before the MR modality was added. Update only on purpose.
+    # Guards the CT rendering against accidental change (e.g. by MR-only edits). Update only on purpose:
+    # last updated in issue 17 (pole mimics, shorter kidneys, default slice_z [-0.6, 0]).
     v = render_volume(PhantomSpec(), 3, (32, 32, 24))
     s = render_slice(PhantomSpec(), 5, (64, 64))
-    assert _sha(v["image"]) == "ddb001a5838b01808c95bc4a381e3921dd22028d1fc9cd9188c314085105d499"
-    assert _sha(s["image"]) == "f889a2a49c629b9ca46b7fc174d3a3a1ab9a36abfa7d375d9a39ccd762768085"
-    assert _sha(v["label"]) == "c331d1fa3a6662c08c17b8f32af27168776acdcf3e606ff85855eabe61a5b9bd"
-    assert _sha(s["label"]) == "50b2292684238b28c160cb8b396978b95593108c3473b397756da9eb5d922d7f"
+    assert _sha(v["image"]) == "d86bede37089b5b764036752f964f7b393f133e9f20580a91bcf34f4d8a47e14"
+    assert _sha(s["image"]) == "774dbc672ded451933c6aeba1ff628c619f1fdddf9b2cad83235c37209471a5f"
+    assert _sha(v["label"]) == "d3f8446803a15542f062d0399b81ddfd254967e5c827557ac6a27fcf98f508c4"
+    assert _sha(s["label"]) == "7466d896e098e344805bc8c4f71b76196d18559d28256f631bdedc96027c0d41"
     assert PhantomSpec().modality == "CT"
 
 
