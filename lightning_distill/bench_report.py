@@ -571,14 +571,16 @@ def plot_learning_curves(tab: Table, path: Path) -> bool:
                         by_step.setdefault(int(p[0]), []).append(float(p[1]))
             if by_step:
                 xs = sorted(by_step)
-                ax.plot(xs, [statistics.mean(by_step[x]) for x in xs], label=m, lw=1.2)
+                ax.plot(xs, [statistics.mean(by_step[x]) for x in xs], label=m, lw=1.2,
+                        color=f"C{tab.methods.index(m) % 10}")  # one colour per method in every panel
         ax.set_title(f"{a}, fraction {tab.frac_label(f)}", fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)  # each panel: the methods run at this fraction differ (fractions_of)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     axes[0][0].set_ylabel("validation Dice (mean over seeds)")
-    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return True
