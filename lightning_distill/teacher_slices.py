@@ -112,10 +112,6 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
     return results
 
 
-def _organ_scores(cases, organ: str) -> Dict[str, float]:
-    return {c["id"]: float(c["dice"][organ]) for c in cases if c["dice"].get(organ) is not None}
-
-
 def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baseline_run: Optional[str] = None,
                               bootstrap: int = 2000) -> str:
     """A markdown table of per-organ test Dice: the student, the 3D teacher on the same slices
@@ -125,7 +121,7 @@ def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baselin
 
     A baseline whose test slices are not the student's is refused (``ValueError``).
     """
-    from lightning_distill.bench_report import case_scores, paired_bootstrap
+    from lightning_distill.stats import case_scores, organ_scores, paired_bootstrap
     from lightning_distill.config import load_config
     from lightning_distill.io import write_text
     from lightning_distill.report import load_results
@@ -152,8 +148,8 @@ def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baselin
         return "n/a" if v is None else f"{v:.3f}"
 
     def d(a, b, organ=None):
-        sa = case_scores(a["test_cases"]) if organ is None else _organ_scores(a["test_cases"], organ)
-        sb = case_scores(b["test_cases"]) if organ is None else _organ_scores(b["test_cases"], organ)
+        sa = case_scores(a["test_cases"]) if organ is None else organ_scores(a["test_cases"], organ)
+        sb = case_scores(b["test_cases"]) if organ is None else organ_scores(b["test_cases"], organ)
         ci = paired_bootstrap({0: sa}, {0: sb}, n=bootstrap)
         return "n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
 
