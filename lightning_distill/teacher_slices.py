@@ -14,7 +14,7 @@ images.
 
 Requirements (a ``ValueError`` names what differs): both configs use the phantom; the teacher's
 in-plane grid equals the student's ``data.shape``; the class names agree; the student's test set has
-no domain shift (a 2D shift has no 3D counterpart here).
+no domain shift (a 2D shift has no 3D counterpart here); both use the same modality and HU window.
 """
 
 from __future__ import annotations
@@ -63,6 +63,10 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
     if tshape[:2] != sshape:
         raise ValueError(f"{where}: the teacher's in-plane grid {tshape[:2]} differs from the student's data.shape {sshape}; "
                          "train the teacher at the student's in-plane size (experiments/teacher.yaml: data.shape)")
+    if list(tcfg.data.window) != list(student_cfg.data.window) or tcfg.data.phantom.modality != student_cfg.data.phantom.modality:
+        raise ValueError(f"{where}: the teacher was trained on {tcfg.data.phantom.modality} windowed {list(tcfg.data.window)}, the "
+                         f"student's images are {student_cfg.data.phantom.modality} windowed {list(student_cfg.data.window)}; "
+                         "the teacher would see other intensities than it learned")
     source = build_source(student_cfg)
     if not source.shift.identity:
         raise ValueError(f"{where}: the student's test set has a domain shift ({source.shift}); it has no 3D counterpart here")

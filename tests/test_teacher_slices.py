@@ -120,3 +120,8 @@ def test_teacher_on_other_slices_is_refused(teacher_bank, tmp_path):
                                                                        "data.phantom.shift.gamma=0.7"])
     with pytest.raises(ValueError, match="domain shift"):
         score_teacher_on_student_slices(ckpt, cfg)
+    cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), ["data.shape=[32,32]", "data.num_subjects=8",
+                                                                       "data.val_subjects=2", "data.test_subjects=2",
+                                                                       "data.window=[-100,200]"])
+    with pytest.raises(ValueError, match="other intensities"):
+        score_teacher_on_student_slices(ckpt, cfg)
