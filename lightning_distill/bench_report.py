@@ -33,7 +33,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from lightning_distill.benchmark import _cpu_count, grid, runs_at
-from lightning_distill.stats import case_scores, late_rise, organ_scores, paired_bootstrap, verdict  # noqa: F401  (re-exported)
+from lightning_distill.stats import case_scores, fmt_ci, late_rise, organ_scores, paired_bootstrap, verdict  # noqa: F401  (re-exported)
 from lightning_distill.report import fmt_mean_sd, mean_sd, new_figure
 
 OWN_TEST = "test"
@@ -102,21 +102,17 @@ class Table:
         return paired_bootstrap(self.scores(ts, arch, frac, method, organ),
                                 self.scores(ts, arch, frac, other or self.cfg.baseline, organ), n=int(self.cfg.bootstrap))
 
+    def _records(self, arch, frac, method) -> List[Dict[str, Any]]:
+        return [r for r in self.students if r["arch"] == arch and float(r["fraction"]) == frac and r["method"] == method]
+
     def curves(self, arch, frac, method) -> Dict[int, List]:
         """``{seed: val_curve}`` of the finished runs that recorded one."""
-        return {r["seed"]: r["val_curve"] for r in self.students if r["arch"] == arch and float(r["fraction"]) == frac
-                and r["method"] == method and r.get("val_curve")}
+        return {r["seed"]: r["val_curve"] for r in self._records(arch, frac, method) if r.get("val_curve")}
 
     def late_rises(self, arch, frac, method) -> List[float]:
         """Per seed: :func:`late_rise` of its learning curve (seeds without one left out)."""
-        out = []
-        for seed, curve in self.curves(arch, frac, method).items():
-            steps = next((r["steps"] for r in self.students if r["arch"] == arch and float(r["fraction"]) == frac
-                          and r["method"] == method and r["seed"] == seed), None)
-            v = late_rise(curve, steps)
-            if v is not None:
-                out.append(v)
-        return out
+        rises = (late_rise(r.get("val_curve"), r.get("steps")) for r in self._records(arch, frac, method))
+        return [v for v in rises if v is not None]
 
     def converged(self, arch, frac) -> Optional[bool]:
         """Whether the setting's baseline converged: the mean over seeds of its late rise is below
@@ -272,7 +268,7 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
                         cells += ["—", "—"]
                         continue
                     ci = tab.diff(ts, a, f, m)
-                    cells += ["n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]", verdict(ci)]
+                    cells += [fmt_ci(ci), verdict(ci)]
                 L.append(f"| {a} | {tab.frac_label(f)} | " + " | ".join(cells) + " |")
         L += ["", f"### Surface Dice and HD95 per setting ({title})", "",
               f"Mean ± std over seeds of each run's mean surface Dice (tolerance {tab.surface_tolerance()}) and mean "
@@ -384,10 +380,6 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
     return L
 
 
-def _ci(ci: Optional[Dict[str, float]]) -> str:
-    return "n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
-
-
 def _teachers_on_slices(tab: Table) -> List[str]:
     """Each teacher scored on the students' own test slices, beside the baseline (largest fraction)."""
     recs = [r for r in tab.teachers if r.get("student_slices")]
@@ -413,7 +405,7 @@ def _teachers_on_slices(tab: Table) -> List[str]:
             cells = []
             for o in organs:
                 ts_ = case_scores(t["test_cases"]) if o is None else organ_scores(t["test_cases"], o)
-                cells.append(_ci(paired_bootstrap({sd: ts_ for sd in bruns}, tab.scores(OWN_TEST, a, f, base, o),
+                cells.append(fmt_ci(paired_bootstrap({sd: ts_ for sd in bruns}, tab.scores(OWN_TEST, a, f, base, o),
                                                   n=int(tab.cfg.bootstrap))))
             L.append(f"| Δ {r.get('instance')} − {base} | " + " | ".join(cells) + " |")
         L.append("")
@@ -463,8 +455,8 @@ def _contrasts(tab: Table) -> List[str]:
                     if not (runs_at(tab.cfg, m, f) and runs_at(tab.cfg, c, f)):
                         continue
                     ci = tab.diff(ts, a, f, m, c)
-                    L.append(f"| {a} | {tab.frac_label(f)} | {m} − {c} | {_ci(ci)} | {verdict(ci)} | "
-                             + " | ".join(_ci(tab.diff(ts, a, f, m, c, o)) for o in focus) + (" |" if focus else ""))
+                    L.append(f"| {a} | {tab.frac_label(f)} | {m} − {c} | {fmt_ci(ci)} | {verdict(ci)} | "
+                             + " | ".join(fmt_ci(tab.diff(ts, a, f, m, c, o)) for o in focus) + (" |" if focus else ""))
         L.append("")
     return L
 
@@ -483,7 +475,7 @@ def _focus(tab: Table) -> List[str]:
             for m in tab.methods:
                 if m == base or not runs_at(tab.cfg, m, f):
                     continue
-                L.append(f"| {a} | {tab.frac_label(f)} | {m} | " + " | ".join(_ci(tab.diff(OWN_TEST, a, f, m, None, o))
+                L.append(f"| {a} | {tab.frac_label(f)} | {m} | " + " | ".join(fmt_ci(tab.diff(OWN_TEST, a, f, m, None, o))
                                                                          for o in focus) + " |")
     L.append("")
     return L

@@ -199,7 +199,7 @@ def _check(cfg: DictConfig, path: Path) -> None:
     for m, fr in cfg.fractions_of.items():
         if m not in cfg.methods:
             raise ConfigError(f"{where}: fractions_of names {m!r}, not one of the methods {list(cfg.methods)}")
-        bad = [f for f in fr if not any(abs(float(f) - float(x)) < 1e-12 for x in cfg.fractions)]
+        bad = [f for f in fr if not _among(f, cfg.fractions)]
         if bad:
             raise ConfigError(f"{where}: fractions_of.{m} has {bad}, not among the fractions {list(cfg.fractions)}")
     for pair in cfg.contrasts:
@@ -216,10 +216,14 @@ def _teacher_refs(override: str) -> List[str]:
     return re.findall(r"\{teachers\.([A-Za-z0-9_\-]+)\}", override)
 
 
+def _among(fraction: float, fractions: Sequence[float]) -> bool:
+    return any(abs(float(x) - float(fraction)) < 1e-12 for x in fractions)
+
+
 def runs_at(cfg: DictConfig, method: str, fraction: float) -> bool:
     """Whether ``method`` runs at training ``fraction`` (``fractions_of``; default every fraction)."""
     only = cfg.fractions_of.get(method) if "fractions_of" in cfg else None
-    return only is None or any(abs(float(x) - float(fraction)) < 1e-12 for x in only)
+    return only is None or _among(fraction, only)
 
 
 def grid(cfg: DictConfig) -> List[GridRun]:

@@ -72,3 +72,8 @@ def verdict(ci: Optional[Dict[str, float]]) -> str:
     if ci["hi"] < 0:
         return "worse"
     return "no clear difference"
+
+
+def fmt_ci(ci: Optional[Dict[str, float]]) -> str:
+    """``"+0.012 [-0.003, +0.027]"`` of a :func:`paired_bootstrap` result (``"n/a"`` for ``None``)."""
+    return "n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"

@@ -83,20 +83,16 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
         if len(tshape) == 2:  # a 2D teacher: the student's own test image
             with torch.no_grad():
                 logits = net(torch.from_numpy(np.ascontiguousarray(sample["image"]))[None].to(device))
-            pred, label = logits.argmax(1).cpu(), torch.from_numpy(sample["label"])[None]
-            spacing = np.asarray(sample["spacing"], float)[None]
-            dice.append(per_case_dice(pred, label, k).cpu())
-            hd.append(per_case_hd95(pred, label, k, spacing))
-            sd.append(per_case_surface_dice(pred, label, k, spacing, student_cfg.get("surface_tolerance_mm")))
-            continue
-        vol = render_volume(source.spec, idx, tshape, through=sample_subject(source.spec, idx).slice_z)
-        plane = vol["label"][..., vol["z_index"]].astype(np.int64)
-        if not np.array_equal(plane, sample["label"]):
-            raise RuntimeError(f"{sid}: the volume's plane does not match the student's slice (phantom rendering changed?)")
-        img = mr_percentile_normalise(vol["image"]) if source.spec.modality == "MR" else hu_window(vol["image"], *source.window)
-        with torch.no_grad():
-            logits = net(torch.from_numpy(np.ascontiguousarray(img))[None, None].to(device))
-        pred = logits.argmax(1)[..., vol["z_index"]].cpu()  # (1, X, Y)
+            pred = logits.argmax(1).cpu()  # (1, X, Y)
+        else:
+            vol = render_volume(source.spec, idx, tshape, through=sample_subject(source.spec, idx).slice_z)
+            plane = vol["label"][..., vol["z_index"]].astype(np.int64)
+            if not np.array_equal(plane, sample["label"]):
+                raise RuntimeError(f"{sid}: the volume's plane does not match the student's slice (phantom rendering changed?)")
+            img = mr_percentile_normalise(vol["image"]) if source.spec.modality == "MR" else hu_window(vol["image"], *source.window)
+            with torch.no_grad():
+                logits = net(torch.from_numpy(np.ascontiguousarray(img))[None, None].to(device))
+            pred = logits.argmax(1)[..., vol["z_index"]].cpu()  # (1, X, Y)
         label = torch.from_numpy(sample["label"])[None]
         spacing = np.asarray(sample["spacing"], float)[None]
         dice.append(per_case_dice(pred, label, k).cpu())
@@ -125,7 +121,7 @@ def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baselin
 
     A baseline whose test slices are not the student's is refused (``ValueError``).
     """
-    from lightning_distill.stats import case_scores, organ_scores, paired_bootstrap
+    from lightning_distill.stats import case_scores, fmt_ci, organ_scores, paired_bootstrap
     from lightning_distill.config import load_config
     from lightning_distill.io import write_text
     from lightning_distill.report import load_results
@@ -154,8 +150,7 @@ def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baselin
     def d(a, b, organ=None):
         sa = case_scores(a["test_cases"]) if organ is None else organ_scores(a["test_cases"], organ)
         sb = case_scores(b["test_cases"]) if organ is None else organ_scores(b["test_cases"], organ)
-        ci = paired_bootstrap({0: sa}, {0: sb}, n=bootstrap)
-        return "n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
+        return fmt_ci(paired_bootstrap({0: sa}, {0: sb}, n=bootstrap))
 
     pairs = [("student", "3D teacher")]
     if baseline_run is not None:
