@@ -78,7 +78,7 @@ clean: ## remove run outputs (keeps .venv)
 train-chaos: $(STAMP) ## the real-MRI experiment on CHAOS T2 (needs CHAOS_DIR or ../shared/data/chaos_t2_mr; ~30 min)
 	experiments/chaos/run.sh
 
-benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom, ~60 min) -> docs/benchmarks/<name>.md
+benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom, ~45 min on 2 cores) -> docs/benchmarks/<name>.md
 	$(BIN)/lightning-distill benchmark $(BENCH) $(ARGS)
 
 bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~30 min) -> docs/benchmarks/chaos.md

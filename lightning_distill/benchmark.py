@@ -102,7 +102,7 @@ class BenchmarkConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     test_sets: Dict[str, TestSetSpec] = field(default_factory=dict)  # extra evaluations (the run's own test split is "test")
     keep_checkpoints: bool = False  # False: delete each student's checkpoints once it is evaluated
-    jobs: int = 1  # student runs at once, each in its own process with cores // jobs torch threads
+    jobs: int = 1  # runs at once (teachers and students), each in its own process with cores // jobs torch threads
     bootstrap: int = 2000  # bootstrap resamples for the confidence intervals
     # [method, control] pairs whose paired difference the report shows (e.g. the teacher's bank vs an identity bank)
     contrasts: List[List[str]] = field(default_factory=list)
@@ -406,8 +406,9 @@ class Benchmark:
         Args:
             max_runs: stop after this many new student runs.
             log: progress printer.
-            jobs: student runs at once (default ``cfg.jobs``), each in its own process with
-                ``cores // jobs`` torch threads; teachers are trained first, one at a time.
+            jobs: runs at once (default ``cfg.jobs``), each in its own process with ``cores // jobs``
+                torch threads. Teachers start first; a student starts once the teachers it needs have
+                finished, so runs that need none (baselines) train beside a teacher.
         """
         jobs = int(self.cfg.jobs if jobs is None else jobs)
         if jobs < 1:
@@ -437,44 +438,77 @@ class Benchmark:
                 else:
                     teachers.setdefault(inst, (name, r))
 
-        def report(i: int, task: Tuple, rec: Dict[str, Any]) -> None:
+        finished_students = [len(runs) - len(todo)]
+
+        def report(_: int, task: Tuple, rec: Dict[str, Any]) -> None:
             dice, secs = _fmt(rec["test"].get("dice_mean")), rec["wall_time_s"]
             if task[0] == "teacher":
                 log(f"teacher {rec['instance']}: test Dice {dice} ({secs:.0f} s)")
                 return
             r = task[1]
-            log(f"[{len(runs) - len(todo) + i}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
+            finished_students[0] += 1
+            log(f"[{finished_students[0]}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
                 f"seed {r.seed}: test Dice {dice} ({secs:.0f} s)")
 
-        for phase in ([("teacher", name, r) for name, r in teachers.values()], [("student", r) for r in selected]):
-            if phase and phase[0][0] == "teacher":
-                log(f"training {len(phase)} teacher(s): {', '.join(teachers)}")
-            if jobs == 1 or len(phase) <= 1:
-                for i, task in enumerate(phase, 1):
-                    report(i, task, self._task(task))
-            else:
-                self._run_parallel(phase, jobs, report)
+        tasks = [("teacher", name, r) for name, r in teachers.values()] + [("student", r) for r in selected]
+        if teachers:
+            log(f"training {len(teachers)} teacher(s): {', '.join(teachers)}"
+                + (" (students that need no teacher run beside them)" if jobs > 1 else ""))
+        if jobs == 1 or len(tasks) <= 1:
+            for i, task in enumerate(tasks, 1):  # teachers first, then students in grid order
+                report(i, task, self._task(task))
+        else:
+            self._run_parallel(tasks, jobs, report, self._needs(tasks))
         log(f"benchmark {self.cfg.name}: this invocation took {time.time() - t0:.0f} s")
         return read_records(self.results_path)
 
     def _task(self, task: Tuple) -> Dict[str, Any]:
         return self._teacher(task[1], task[2]) if task[0] == "teacher" else self._student(task[1])
 
-    def _run_parallel(self, tasks: Sequence[Tuple], jobs: int, report) -> None:
-        """Run tasks in ``jobs`` worker processes (``cores // jobs`` torch threads each); report in finishing order."""
+    def _needs(self, tasks: Sequence[Tuple]) -> List[set]:
+        """For each task, the indices of the teacher tasks in ``tasks`` it has to wait for."""
+        index = {f"teacher|{self.teacher_instance(t[1], t[2])[0]}": i for i, t in enumerate(tasks) if t[0] == "teacher"}
+        needs = []
+        for t in tasks:
+            keys = {f"teacher|{self.teacher_instance(n, t[1])[0]}" for n in self.teachers_of(t[1])} if t[0] == "student" else set()
+            needs.append({index[k] for k in keys if k in index})
+        return needs
+
+    def _run_parallel(self, tasks: Sequence[Tuple], jobs: int, report, needs: Sequence[set]) -> None:
+        """Run tasks in ``jobs`` worker processes (``cores // jobs`` torch threads each); report in finishing order.
+
+        A task starts as soon as a worker is free and the teachers it needs (``needs[i]``, indices into
+        ``tasks``) have finished: teachers first, and runs that need no teacher (baselines) fill the other
+        workers while a long teacher trains instead of leaving cores idle.
+        """
         import concurrent.futures as cf
         import multiprocessing as mp
 
         threads = max(1, _cpu_count() // jobs)
         state = (OmegaConf.to_container(self.cfg, resolve=True), str(self.base), self.quick, threads)
+        waiting, done, n = list(range(len(tasks))), set(), 0
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                     initargs=state) as pool:
-            futures = {pool.submit(_worker_run, t): t for t in tasks}
+            running: Dict[Any, int] = {}
             try:
-                for i, f in enumerate(cf.as_completed(futures), 1):
-                    report(i, futures[f], f.result())
+                while waiting or running:
+                    while len(running) < jobs:
+                        ready = next((i for i in waiting if needs[i] <= done), None)
+                        if ready is None:
+                            break
+                        waiting.remove(ready)
+                        running[pool.submit(_worker_run, tasks[ready])] = ready
+                    if not running:  # cannot happen: a teacher never waits for anything
+                        raise RuntimeError("benchmark schedule: tasks wait for teachers that are not scheduled")
+                    finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                    for f in finished:
+                        i = running.pop(f)
+                        rec = f.result()
+                        done.add(i)
+                        n += 1
+                        report(n, tasks[i], rec)
             except BaseException:
-                for f in futures:
+                for f in running:
                     f.cancel()
                 raise
 

@@ -136,6 +136,23 @@ def test_default_grid_is_the_issue_grid_and_every_run_config_is_valid():
     assert all(m in cfg.methods for pair in cfg.contrasts for m in pair)
 
 
+def test_students_wait_only_for_the_teachers_they_need():
+    """The schedule: baselines need no teacher (they train beside the 3D teacher), every distilled
+    student waits for exactly the teacher whose bank it reads."""
+    cfg, base = load_benchmark(PHANTOM)
+    b = Benchmark(cfg, base)
+    runs = grid(cfg)
+    tasks = [("teacher", "ct3d", runs[0]), ("teacher", "t2d", runs[0])] + [("student", r) for r in runs]
+    needs = b._needs(tasks)
+    assert needs[0] == needs[1] == set()
+    for task, need in zip(tasks[2:], needs[2:]):
+        method = task[1].method
+        expected = set() if method in ("baseline", "balanced") else {1} if method == "logprob-2d-teacher" else {0}
+        assert need == expected, method
+    # a teacher already trained (not among the tasks) is not waited for
+    assert all(n == set() for n in b._needs([("student", r) for r in runs]))
+
+
 def test_fractions_of_and_contrasts_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="fractions_of names 'nope'"):
         load_benchmark(_bench_yaml(tmp_path, BASE + "fractions_of: {nope: [1.0]}\n"))
@@ -308,6 +325,12 @@ def test_quick_benchmark_with_two_parallel_jobs(tmp_path):
     records = read_records(Path(f"{out}-quick") / "results.jsonl")
     keys = [r["key"] for r in records if r["kind"] == "student"]
     assert len(keys) == len(set(keys)) == total
+    # records are appended as runs finish: a distilled student's comes after its teacher's
+    position = {r["key"]: i for i, r in enumerate(records)}
+    for r in records:
+        if r["kind"] == "student" and r["method"] not in ("baseline", "balanced"):
+            teacher = "t2d" if r["method"] == "logprob-2d-teacher" else "ct3d"
+            assert position[f"teacher|{teacher}"] < position[r["key"]], r["key"]
     assert f"**{total} of {total} student runs finished**" in (Path(f"{out}-quick") / "report.md").read_text()
 
 
