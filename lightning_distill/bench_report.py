@@ -247,7 +247,11 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
     if not tab.students:
         return "\n".join(L + ["No student run has finished yet.", ""])
     L += _summary(tab, others)
+    if cfg.notes and not quick:
+        L += ["## Notes", "", f"*Written by hand from this report's numbers (`{_rel(cfg.notes)}`); every other section "
+              "is generated.*", "", Path(cfg.notes).read_text().strip(), ""]
     L += _teachers_on_slices(tab)
+    L += _banks(tab)
     L += _convergence(tab)
     L += _contrasts(tab)
     L += _focus(tab)
@@ -257,29 +261,20 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
         L += [f"## Test Dice: {title}", ""]
         if desc:
             L += [desc.strip(), ""]
-        head = "| arch | fraction (subjects) | " + " | ".join(tab.methods) + " | " + " | ".join(
-            f"Δ {m} − {base} [95% CI] | verdict" for m in others) + " |"
-        L += [head, "|" + "---|" * (2 + len(tab.methods) + 2 * len(others))]
+        L += [f"Mean ± std over seeds; surface Dice (tolerance {tab.surface_tolerance()}) and HD95 (mm) are each "
+              f"run's mean over organs (n/a: not recorded); Δ is the paired difference to the {base} [95% CI].", "",
+              "| arch | fraction (subjects) | method | Dice | surface Dice | HD95 (mm) "
+              f"| Δ Dice − {base} [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|"]
         for a in tab.archs:
             for f in tab.fractions:
-                cells = [fmt_mean_sd(tab.dice(ts, a, f, m)) if runs_at(cfg, m, f) else "not run" for m in tab.methods]
-                for m in others:
+                for m in tab.methods:
                     if not runs_at(cfg, m, f):
-                        cells += ["—", "—"]
                         continue
-                    ci = tab.diff(ts, a, f, m)
-                    cells += [fmt_ci(ci), verdict(ci)]
-                L.append(f"| {a} | {tab.frac_label(f)} | " + " | ".join(cells) + " |")
-        L += ["", f"### Surface Dice and HD95 per setting ({title})", "",
-              f"Mean ± std over seeds of each run's mean surface Dice (tolerance {tab.surface_tolerance()}) and mean "
-              "HD95 in mm; n/a for runs recorded without surface Dice.", "",
-              "| arch | fraction (subjects) | " + " | ".join(f"{m} surface Dice | {m} HD95 (mm)" for m in tab.methods) + " |",
-              "|" + "---|" * (2 + 2 * len(tab.methods))]
-        for a in tab.archs:
-            for f in tab.fractions:
-                cells = [c for m in tab.methods for c in (fmt_mean_sd(tab.metric(ts, a, f, m, "surface_dice_mean")),
-                                                          fmt_mean_sd(tab.metric(ts, a, f, m, "hd95_mean"), nd=1))]
-                L.append(f"| {a} | {tab.frac_label(f)} | " + " | ".join(cells) + " |")
+                    ci = tab.diff(ts, a, f, m) if m != base else None
+                    L.append(f"| {a} | {tab.frac_label(f)} | {m} | {fmt_mean_sd(tab.dice(ts, a, f, m))} | "
+                             f"{fmt_mean_sd(tab.metric(ts, a, f, m, 'surface_dice_mean'))} | "
+                             f"{fmt_mean_sd(tab.metric(ts, a, f, m, 'hd95_mean'), nd=1)} | "
+                             + (f"{fmt_ci(ci)} | {verdict(ci)} |" if m != base else "— | — |"))
         L += ["", f"### Low-data check ({title})", "",
               f"Smallest training fraction at which a method's mean Dice reaches the {base}'s mean at the largest "
               f"fraction ({tab.fractions[-1]:g}).", "",
@@ -381,34 +376,43 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
 
 
 def _teachers_on_slices(tab: Table) -> List[str]:
-    """Each teacher scored on the students' own test slices, beside the baseline (largest fraction)."""
+    """Each teacher scored on the students' test slices (own test split, and every extra test set it was
+    scored on), beside the baseline (largest fraction)."""
     recs = [r for r in tab.teachers if r.get("student_slices")]
     if not recs:
         return []
     base, f = tab.cfg.baseline, tab.fractions[-1]
     L = ["## Teachers on the students' test slices", "",
          f"Each teacher scored on exactly the test slices the students are scored on (a 3D teacher segments each "
-         f"subject's volume and is scored on the plane through the slice; `lightning_distill/teacher_slices.py`), "
+         f"subject's whole volume and is scored on the student's slice of it, a 2D teacher on the student's images; "
+         f"`lightning_distill/teacher_slices.py`), "
          f"beside the {base} at fraction {tab.frac_label(f)} (mean over its seeds). Δ: paired difference teacher − "
          f"{base} over the slices (the teacher's one run paired with every {base} seed), [bootstrap 95% CI]. A "
          "teacher can only pass on what it knows better than the student.", ""]
     organs = [None, *tab.organs]
-    for a in tab.archs:
-        L += ["| teacher | " + " | ".join("mean" if o is None else o for o in organs) + " |", "|---|" + "---|" * len(organs)]
-        bruns = tab.runs(OWN_TEST, a, f, base)
-        L.append(f"| {base} ({a}, {len(bruns)} seeds) | " + " | ".join(_num(_mean(
-            [t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o) for t in bruns.values()])) for o in organs) + " |")
-        for r in sorted(recs, key=lambda r: r.get("instance", "")):
-            t = r["student_slices"]
-            L.append(f"| {r.get('instance')} | " + " | ".join(_num(t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o))
-                                                             for o in organs) + " |")
-            cells = []
-            for o in organs:
-                ts_ = case_scores(t["test_cases"]) if o is None else organ_scores(t["test_cases"], o)
-                cells.append(fmt_ci(paired_bootstrap({sd: ts_ for sd in bruns}, tab.scores(OWN_TEST, a, f, base, o),
-                                                  n=int(tab.cfg.bootstrap))))
-            L.append(f"| Δ {r.get('instance')} − {base} | " + " | ".join(cells) + " |")
-        L.append("")
+    for ts in tab.test_sets:
+        scored = [(r, r["student_slices"] if ts == OWN_TEST else (r.get("student_slices_sets") or {}).get(ts))
+                  for r in sorted(recs, key=lambda r: r.get("instance", ""))]
+        scored = [(r, t) for r, t in scored if t]
+        if not scored:
+            continue
+        if len(tab.test_sets) > 1:
+            L += [f"### {'own test split' if ts == OWN_TEST else f'test set `{ts}`'}", ""]
+        for a in tab.archs:
+            L += ["| teacher | " + " | ".join("mean" if o is None else o for o in organs) + " |", "|---|" + "---|" * len(organs)]
+            bruns = tab.runs(ts, a, f, base)
+            L.append(f"| {base} ({a}, {len(bruns)} seeds) | " + " | ".join(_num(_mean(
+                [t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o) for t in bruns.values()])) for o in organs) + " |")
+            for r, t in scored:
+                L.append(f"| {r.get('instance')} | " + " | ".join(_num(t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o))
+                                                                 for o in organs) + " |")
+                cells = []
+                for o in organs:
+                    ts_ = case_scores(t["test_cases"]) if o is None else organ_scores(t["test_cases"], o)
+                    cells.append(fmt_ci(paired_bootstrap({sd: ts_ for sd in bruns}, tab.scores(ts, a, f, base, o),
+                                                      n=int(tab.cfg.bootstrap))))
+                L.append(f"| Δ {r.get('instance')} − {base} | " + " | ".join(cells) + " |")
+            L.append("")
     return L
 
 
@@ -431,6 +435,38 @@ def _convergence(tab: Table) -> List[str]:
                                                                      else "not run" for m in tab.methods)
                      + f" | {flag} |")
     L.append("")
+    return L
+
+
+def _rel(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _banks(tab: Table) -> List[str]:
+    """Each teacher's probability bank (K x K at its tau): row k = the mean softmax over the voxels
+    labelled k, so the row shows what the teacher predicts for class k and the column j where class
+    j's probability mass comes from; with the held-out Dice per class when recorded."""
+    teachers = [t for t in tab.teachers if t.get("bank")]
+    if not teachers:
+        return []
+    L = ["## What the teachers' banks hold", "",
+         "Row k: the teacher's mean softmax over the voxels labelled k (what the students are pulled towards); "
+         "column j: where the probability of class j comes from. Held-out Dice: the teacher's per-class Dice on "
+         "its validation data (the bank's reliability record), n/a when not recorded.", ""]
+    for t in teachers:
+        b = t["bank"]
+        names, rel = b["classes"], b.get("reliability") or {}
+        L += [f"### {t.get('instance', t.get('teacher'))} (tau {b['tau']:g})", "",
+              "| label (row) / predicted (column) | " + " | ".join(names) + " | voxels | held-out Dice |",
+              "|---|" + "---|" * (len(names) + 2)]
+        for k, row in enumerate(b["matrix"]):
+            d = (rel.get(names[k]) or {}).get("dice")
+            L.append(f"| {names[k]} | " + " | ".join(f"**{v:.3f}**" if j == k else f"{v:.3f}" for j, v in enumerate(row))
+                     + f" | {int(b['counts'][k]):,} | {_num(d)} |")
+        L.append("")
     return L
 
 

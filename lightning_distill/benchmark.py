@@ -59,9 +59,10 @@ class StageSpec:
 
 @dataclass
 class TestSetSpec:
-    """An extra evaluation of every student: its best checkpoint tested with these overrides."""
+    """An extra evaluation of every student: its best (or last) checkpoint tested with these overrides."""
 
     overrides: List[str] = field(default_factory=list)
+    checkpoint: str = "best"  # best (selected on validation) | last (the end of training; needs checkpoint.save_last=true)
     all_subjects: bool = False  # every subject of the (overridden) data, not the run's test split
     description: str = ""
 
@@ -107,6 +108,7 @@ class BenchmarkConfig:
     # [method, control] pairs whose paired difference the report shows (e.g. the teacher's bank vs an identity bank)
     contrasts: List[List[str]] = field(default_factory=list)
     focus_organs: List[str] = field(default_factory=list)  # organs with per-organ paired differences (e.g. the 3D-dependent ones)
+    notes: Optional[str] = None  # a hand-written markdown file (path relative to the YAML) shown in the report as "Notes"
     convergence_tolerance: float = 0.01  # a run whose best val Dice still rose by this much in the last quarter of training is not converged
     quick: QuickSpec = field(default_factory=QuickSpec)
 
@@ -165,6 +167,11 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
                           f"{', '.join(schema.keys())})") from None
+    if cfg.notes:
+        notes = Path(cfg.notes) if Path(cfg.notes).is_absolute() else path.parent / cfg.notes
+        if not notes.is_file():
+            raise ConfigError(f"{path}: notes file {str(notes)!r} does not exist")
+        cfg.notes = str(notes)
     if quick:
         cfg.output_dir = cfg.output_dir.rstrip("/") + "-quick"
         cfg.report = str(Path(cfg.output_dir) / "report.md")
@@ -208,6 +215,9 @@ def _check(cfg: DictConfig, path: Path) -> None:
     reserved = {"test"}
     if reserved & set(cfg.test_sets):
         raise ConfigError(f"{where}: test set name 'test' is reserved for each run's own test split")
+    for name, ts in cfg.test_sets.items():
+        if ts.checkpoint not in ("best", "last"):
+            raise ConfigError(f"{where}: test_sets.{name}.checkpoint must be 'best' or 'last', got {ts.checkpoint!r}")
 
 
 def _teacher_refs(override: str) -> List[str]:
@@ -531,13 +541,29 @@ class Benchmark:
         cfg = self.teacher_config(name, run)
         res = fit(cfg, source=self._source(cfg))
         rec = self._record(f"teacher|{inst}", "teacher", cfg, res, {"teacher": name, "instance": inst})
+        bank_path = Path(cfg.output_dir) / cfg.bank.export
+        if bank_path.is_file():  # what the students are distilled from, for the report (regenerable from records)
+            from lightning_distill.prototypes import load_bank
+
+            bank = load_bank(bank_path)
+            if bank.space == "prob":
+                rec["bank"] = {"classes": list(bank.class_names), "tau": bank.tau, "matrix": bank.prototypes.tolist(),
+                               "counts": bank.counts.tolist(), "reliability": bank.meta.get("reliability")}
         if self.cfg.teachers[name].score_on_students:
+            from lightning_distill.config import apply_overrides
             from lightning_distill.teacher_slices import score_teacher_on_student_slices
 
             first = GridRun(self.cfg.baseline, next(iter(self.cfg.archs)), max(self.cfg.fractions), self.cfg.seeds[0])
-            on = score_teacher_on_student_slices(res["checkpoint"], self.run_config(first),
+            scfg = self.run_config(first)
+            on = score_teacher_on_student_slices(res["checkpoint"], scfg,
                                                  out=str(Path(cfg.output_dir) / "results_student_slices.json"))
             rec["student_slices"] = {"test": on["test"], "test_cases": on["test_cases"]}
+            for ts_name, ts in self.cfg.test_sets.items():  # the extra test sets the students' best checkpoints meet
+                if ts.checkpoint != "best" or ts.all_subjects:
+                    continue
+                on = score_teacher_on_student_slices(res["checkpoint"], apply_overrides(scfg.copy(), list(ts.overrides)),
+                                                     out=str(Path(cfg.output_dir) / f"results_student_slices_{ts_name}.json"))
+                rec.setdefault("student_slices_sets", {})[ts_name] = {"test": on["test"], "test_cases": on["test_cases"]}
         append_record(self.results_path, rec)
         return rec
 
@@ -549,9 +575,10 @@ class Benchmark:
         res = fit(cfg, source=self._source(cfg))
         extra: Dict[str, Any] = {}
         for name, ts in self.cfg.test_sets.items():
-            ckpt = res.get("checkpoint")
-            if not ckpt:
-                raise RuntimeError(f"run {r.key}: no checkpoint to evaluate on test set {name!r}")
+            ckpt = res.get("checkpoint") if ts.checkpoint == "best" else str(Path(cfg.output_dir) / "checkpoints" / "last.ckpt")
+            if not ckpt or not Path(ckpt).is_file():
+                raise RuntimeError(f"run {r.key}: no {ts.checkpoint} checkpoint to evaluate on test set {name!r} ({ckpt}; "
+                                   "the last one needs checkpoint.save_last=true)")
             ev = evaluate(ckpt, list(ts.overrides), out=str(Path(cfg.output_dir) / f"results_{name}.json"),
                           all_subjects=ts.all_subjects)
             extra[name] = {"test": ev["test"], "test_cases": ev["test_cases"]}

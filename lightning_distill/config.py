@@ -69,6 +69,10 @@ class NiftiConfig:
     on_missing: str = "error"  # error | warn: a label_map id or a class found in no label file
     cases: Optional[List[str]] = None  # keep only these case ids
     slice_mode: str = "file"  # 2D: file (one sample per file) | all (every axial slice of volumes)
+    # 2D: validate on every axial slice of the val split's volumes in this folder (same layout and
+    # preprocessing as root) instead of their samples in root, so that model selection sees every organ
+    # when one slice per patient may miss one (CHAOS: experiments/chaos/student.yaml). Needs data.splits.
+    val_root: Optional[str] = None
     require_foreground: bool = True  # an all-background label is a bad case
     modality: str = "CT"  # CT | MR | none
     ct_window: List[float] = field(default_factory=lambda: [-175.0, 250.0])
@@ -171,6 +175,7 @@ class DistillConfig:
     min_pixels: int = 16  # a class is 'present' in a batch with at least this many labelled pixels
     row_weight: str = "none"  # none | reliability: inter rows weighted by the teacher's held-out Dice of the class (bank metadata)
     min_reliability: float = 0.0  # rows of classes whose teacher held-out Dice is below this are left out
+    mask_classes: List[str] = field(default_factory=list)  # class names left out of both DIST terms, as if the bank lacked them (e.g. [spleen]: a diagnosis run)
     bank_control: str = "none"  # none | identity | flat | shuffled: the teacher's bank with its content taken out (controls; prototypes.control_bank)
     grad_every: int = 25  # every N steps log train/dist_grad_ratio (|grad of lambda*DIST| / |grad of seg loss| on the logits); 0: never
     feature_layer: Optional[str] = None  # feature-space banks / sikd: the student's head module (input = penultimate features)

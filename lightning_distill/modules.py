@@ -343,6 +343,9 @@ class StudentModule(SegmentationModule):
         row_weight: ``none`` or ``reliability``: the inter term's rows weighted by the teacher's
             held-out Dice of the class (``bank.meta["reliability"]``).
         min_reliability: rows of classes whose teacher held-out Dice is below this are left out.
+        mask_classes: class names left out of both terms (their row of the inter term and their
+            row/column of the intra block), as if the bank lacked them: to test whether one class's
+            prototype is what hurts (CHAOS spleen, docs/benchmarks/chaos.md).
         grad_every: every N training steps, log ``train/dist_grad_norm``, ``train/seg_grad_norm`` and
             their ratio ``train/dist_grad_ratio``: gradient norms of the weighted distillation and
             segmentation losses with respect to the tensor the distillation reads (the logits; the
@@ -355,9 +358,14 @@ class StudentModule(SegmentationModule):
     def __init__(self, net: nn.Module, class_names: Sequence[str], bank: Optional[Bank] = None,
                  distill_weight: float = 1.0, beta: float = 1.0, gamma: float = 1.0, tau: Optional[float] = None,
                  geometry: str = "prob", log_floor: float = LOG_FLOOR, min_pixels: int = 16, row_weight: str = "none",
-                 min_reliability: float = 0.0, grad_every: int = 25,
+                 min_reliability: float = 0.0, grad_every: int = 25, mask_classes: Sequence[str] = (),
                  feature_layer: Optional[str] = "segmentation_head", **kwargs):
         super().__init__(net, class_names, **kwargs)
+        unknown = [c for c in mask_classes if c not in self.class_names]
+        if unknown:
+            raise ValueError(f"distill.mask_classes {unknown} are not classes of this run; valid: {list(self.class_names)}")
+        if mask_classes and bank is None:
+            raise ValueError("distill.mask_classes needs a teacher bank (distill.prototypes)")
         if geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {list(GEOMETRIES)}, got {geometry!r}")
         if row_weight not in ("none", "reliability"):
@@ -377,7 +385,10 @@ class StudentModule(SegmentationModule):
         if bank is not None:
             bank.check_classes(self.class_names, str(bank.meta.get("path", "")))
             self.register_buffer("teacher_prototypes", bank.at_tau(tau).clone().float())
-            self.register_buffer("teacher_present", bank.present.clone())
+            present = bank.present.clone()
+            for c in mask_classes:
+                present[self.class_names.index(c)] = False
+            self.register_buffer("teacher_present", present)
             weights = row_weights(bank, row_weight, min_reliability)
             self.register_buffer("teacher_row_weights", weights)
             if self.space == "feature":

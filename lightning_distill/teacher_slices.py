@@ -12,7 +12,15 @@ window), so the teacher meets the student's scans, not its own population's. A 2
 control: the same abundant data without the third dimension) is simply run on the student's test
 images.
 
-Requirements (a ``ValueError`` names what differs): both configs use the phantom; the teacher's
+For NIfTI data (``data.source=nifti``, e.g. CHAOS) a 3D teacher predicts each test subject's whole
+volume from the teacher's data folder with its own preprocessing (``predict``'s path: probabilities
+mapped back to the volume's grid); the prediction is then cut and preprocessed exactly as the
+student's test sample was: the slice of ``lightning-distill slices`` (its ``dataset.json`` records
+which one) for single-slice files, every axial slice for ``data.nifti.slice_mode=all``. The ground
+truth taken the same way must equal the student's test label (checked). A 2D teacher is run on the
+student's test images and needs the student's ``data.shape``.
+
+Phantom requirements (a ``ValueError`` names what differs): both configs use the phantom; the teacher's
 in-plane grid equals the student's ``data.shape``; the class names agree; the student's test set has
 no domain shift (a 2D shift has no 3D counterpart here); both use the same modality and HU window.
 """
@@ -46,14 +54,15 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
         "test_ids", "wall_time_s"}`` (the keys of a student's ``results.json``).
     """
     from lightning_distill.inference import load_checkpoint, load_network
-    from lightning_distill.io import write_json
-    from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, per_case_surface_dice, summarize
+    from lightning_distill.metrics import per_case_dice, per_case_hd95, per_case_surface_dice
     from lightning_distill.modules import check_checkpoint
     from lightning_distill.train import build_datamodule, build_source, class_names
 
     t0 = time.time()
     ckpt, tcfg = load_checkpoint(teacher_checkpoint)
     where = f"teacher checkpoint {teacher_checkpoint}"
+    if tcfg.data.source == "nifti" and student_cfg.data.source == "nifti":
+        return _score_nifti(ckpt, tcfg, student_cfg, teacher_checkpoint, out, device, t0)
     if tcfg.data.source != "phantom" or student_cfg.data.source != "phantom":
         raise ValueError(f"{where}: scoring a teacher on the student's slices is implemented for the phantom only "
                          f"(teacher data.source={tcfg.data.source}, student data.source={student_cfg.data.source})")
@@ -98,10 +107,17 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
         dice.append(per_case_dice(pred, label, k).cpu())
         hd.append(per_case_hd95(pred, label, k, spacing))
         sd.append(per_case_surface_dice(pred, label, k, spacing, student_cfg.get("surface_tolerance_mm")))
+    what = "the student's test images" if len(tshape) == 2 else "the plane through it of the subject's volume"
+    return _results(names, test_ids, dice, hd, sd, teacher_checkpoint, what, out, t0)
+
+
+def _results(names, test_ids, dice, hd, sd, teacher_checkpoint, what: str, out: Optional[str], t0: float) -> Dict[str, Any]:
+    from lightning_distill.io import write_json
+    from lightning_distill.metrics import collect_cases, summarize
+
     dice_t, hd_t, sd_t = torch.cat(dice), torch.cat(hd), torch.cat(sd)
     organs = list(names[1:])
     summary = summarize(dice_t, hd_t, organs, surface_dice=sd_t)
-    what = "the student's test images" if len(tshape) == 2 else "the plane through it of the subject's volume"
     results = {"stage": "teacher_on_student_slices", "test": summary, "checkpoint": str(teacher_checkpoint),
                "test_cases": collect_cases(test_ids, dice_t, hd_t, organs, surface_dice=sd_t),
                "test_set": f"{len(test_ids)} student test slices, each scored on {what}",
@@ -110,6 +126,95 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(out, results)
     return results
+
+
+def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_checkpoint: str, out: Optional[str],
+                 device: str, t0: float) -> Dict[str, Any]:
+    """The NIfTI path of :func:`score_teacher_on_student_slices` (see the module docstring)."""
+    import json
+
+    from lightning_distill.data.nifti import discover, read_case
+    from lightning_distill.inference import load_network, predict_array
+    from lightning_distill.metrics import per_case_dice, per_case_hd95, per_case_surface_dice
+    from lightning_distill.modules import check_checkpoint
+    from lightning_distill.slices import _canonical
+    from lightning_distill.train import build_datamodule, build_source, class_names
+
+    where = f"teacher checkpoint {teacher_checkpoint}"
+    tshape, sshape = list(tcfg.data.shape), list(student_cfg.data.shape)
+    if len(sshape) != 2 or len(tshape) not in (2, 3):
+        raise ValueError(f"{where}: needs a 3D (or 2D) teacher (data.shape {tshape}) and a 2D student (data.shape {sshape})")
+    if len(tshape) == 2 and tshape != sshape:
+        raise ValueError(f"{where}: a 2D teacher is run on the student's test images: its data.shape {tshape} must be "
+                         f"the student's {sshape}")
+    if tcfg.data.nifti.modality != student_cfg.data.nifti.modality:
+        raise ValueError(f"{where}: the teacher was trained on {tcfg.data.nifti.modality} images, the student's are "
+                         f"{student_cfg.data.nifti.modality}")
+    source = build_source(student_cfg)
+    names = class_names(student_cfg, source)
+    check_checkpoint(ckpt, names, where)
+    net = load_network(ckpt, tcfg).to(device).eval()
+    test_ids = list(build_datamodule(student_cfg, source, training=False).splits["test"])
+    k = len(names)
+    volumes = {c.case_id: c for c in discover(tcfg.data.nifti.root, tcfg.data.nifti.layout, tcfg.data.nifti.image_pattern,
+                                               tcfg.data.nifti.label_pattern, require_labels=False).cases}
+    chosen: Dict[str, int] = {}
+    if source.slice_mode == "file" and len(tshape) == 3:
+        meta = Path(student_cfg.data.nifti.root) / "dataset.json"
+        chosen = json.loads(meta.read_text()).get("slices", {}) if meta.is_file() else {}
+    predicted: Dict[str, Dict[str, np.ndarray]] = {}  # subject -> {sample id: the teacher's label on the student's grid}
+
+    def teacher_labels(subject: str) -> Dict[str, np.ndarray]:
+        if len(tshape) == 2:  # a 2D teacher: the student's own test images
+            return {}
+        if subject not in volumes:
+            raise ValueError(f"{where}: the student's test subject {subject!r} has no volume in the teacher's data "
+                             f"{tcfg.data.nifti.root}")
+        image, label, affine, _ = read_case(volumes[subject], 3, source.mapping, require_foreground=False)
+        with torch.no_grad():
+            pred = predict_array(net, tcfg, image[0] if image.shape[0] == 1 else image, affine).astype(np.int64)
+        if source.slice_mode == "all":
+            mine, truth = source._per_slice(image, pred, affine), source._per_slice(image, label, affine)
+            return {f"{subject}@{z}": (mine["label"][..., z], truth["label"][..., z]) for z in range(mine["label"].shape[-1])}
+        if subject not in chosen:
+            raise ValueError(f"{where}: {student_cfg.data.nifti.root}/dataset.json does not say which slice of {subject!r} "
+                             "the student's file is (write single-slice data with `lightning-distill slices`)")
+        z = int(chosen[subject])
+        case = source.cases[subject]
+        s_image, _, s_affine, _ = read_case(case, 3, source.mapping, require_foreground=False)
+        planes = []
+        for vol in (pred, label):
+            canon, _ = _canonical(vol, affine)
+            planes.append(canon[:, :, z:z + 1])
+        if planes[0].shape[:2] != s_image.shape[1:3]:
+            raise ValueError(f"{where}: slice {z} of {subject}'s volume has shape {planes[0].shape[:2]}, the student's file "
+                             f"{s_image.shape[1:3]}")
+        out_ = [source.preprocess(s_image, s_affine, plane)[1].as_tensor()[0, ..., 0].numpy() for plane in planes]
+        return {subject: tuple(out_)}
+
+    dice, hd, sd = [], [], []
+    for sid in test_ids:
+        sample = source.load(sid)
+        subject = sid.split("@", 1)[0]
+        if len(tshape) == 2:
+            with torch.no_grad():
+                pred = net(torch.from_numpy(np.ascontiguousarray(sample["image"]))[None].to(device)).argmax(1).cpu()
+        else:
+            if subject not in predicted:
+                predicted[subject] = teacher_labels(subject)
+            mine, truth = predicted[subject][sid]
+            if not np.array_equal(truth.astype(np.int64), np.asarray(sample["label"]).astype(np.int64)):
+                raise RuntimeError(f"{sid}: the teacher's volume, cut like the student's sample, does not give the "
+                                   "student's label (another slice or preprocessing?)")
+            pred = torch.from_numpy(np.ascontiguousarray(mine.astype(np.int64)))[None]
+        label = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))[None]
+        spacing = np.asarray(sample["spacing"], float)[None]
+        dice.append(per_case_dice(pred, label, k).cpu())
+        hd.append(per_case_hd95(pred, label, k, spacing))
+        sd.append(per_case_surface_dice(pred, label, k, spacing, student_cfg.get("surface_tolerance_mm")))
+    what = ("the student's test images" if len(tshape) == 2 else
+            "the teacher's prediction of the whole volume, cut and preprocessed like the student's sample")
+    return _results(names, test_ids, dice, hd, sd, teacher_checkpoint, what, out, t0)
 
 
 def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baseline_run: Optional[str] = None,

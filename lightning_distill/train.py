@@ -37,7 +37,10 @@ from lightning_distill.prototypes import (PrototypeBank, check_axial_range, clas
                                           final_bank, format_reliability, load_bank, save_bank)
 
 
-def build_source(cfg: DictConfig) -> SubjectSource:
+def build_source(cfg: DictConfig, root: Optional[str] = None, slice_mode: Optional[str] = None,
+                 cases: Optional[Sequence[str]] = None) -> SubjectSource:
+    """The subjects of ``cfg.data``; for NIfTI data ``root``, ``slice_mode`` and ``cases`` replace
+    the config's (the validation volumes of ``data.nifti.val_root``)."""
     d = cfg.data
     if d.source == "phantom":
         p = d.phantom
@@ -46,7 +49,8 @@ def build_source(cfg: DictConfig) -> SubjectSource:
         return PhantomSource(spec, d.num_subjects, tuple(d.shape), window=tuple(d.window), shift=DomainShift(**p.shift))
     if d.source == "nifti":
         n = d.nifti
-        if not n.root:
+        root = root or n.root
+        if not root:
             raise ValueError("data.source=nifti needs data.nifti.root (the dataset folder)")
         dims = len(d.shape)
         if dims not in (2, 3):
@@ -55,9 +59,10 @@ def build_source(cfg: DictConfig) -> SubjectSource:
         if not cfg.classes:
             raise ValueError("data.source=nifti needs `classes`: the experiment's class names, background first "
                              "(the dataset's labels are mapped to them with data.nifti.label_map)")
-        return NiftiSource(n.root, list(cfg.classes), dims, pre, layout=n.layout, image_pattern=n.image_pattern,
+        cases = list(cases) if cases is not None else (list(n.cases) if n.cases else None)
+        return NiftiSource(root, list(cfg.classes), dims, pre, layout=n.layout, image_pattern=n.image_pattern,
                            label_pattern=n.label_pattern, label_map=OmegaConf.to_container(n.label_map),
-                           unmapped=n.unmapped, cases=list(n.cases) if n.cases else None, slice_mode=n.slice_mode,
+                           unmapped=n.unmapped, cases=cases, slice_mode=slice_mode or n.slice_mode,
                            on_bad_case=d.on_bad_case, require_foreground=n.require_foreground, on_missing=n.on_missing)
     raise ValueError(f"unknown data.source {d.source!r}")
 
@@ -102,7 +107,8 @@ def target_config(cfg: DictConfig) -> DictConfig:
 def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
                      target: Optional[SubjectSource] = None, training: bool = True) -> SegmentationDataModule:
     """The run's data module; with CMEDL, training batches also carry unpaired ``image_b`` of
-    ``cmedl.target`` (``training=False``: evaluation only, the target data are not needed)."""
+    ``cmedl.target`` (``training=False``: evaluation only, neither the target data nor the separate
+    validation volumes of ``data.nifti.val_root`` are read)."""
     source = source or build_source(cfg)
     d = cfg.data
     common = dict(batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
@@ -121,7 +127,22 @@ def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
                                   target_fraction=t.train_fraction, target_split_seed=t.split_seed,
                                   target_splits=OmegaConf.to_container(t.splits) if t.splits else None, **common)
     cls = VolumeDataModule if source.spatial_dims == 3 else SliceDataModule
-    return cls(source, **common)
+    return cls(source, val_source=val_source(cfg, source) if training else None, **common)
+
+
+def val_source(cfg: DictConfig, source: SubjectSource) -> Optional[SubjectSource]:
+    """Every axial slice of the validation patients' volumes in ``data.nifti.val_root`` (2D NIfTI
+    runs that set it), else ``None`` (validation on ``source``)."""
+    d = cfg.data
+    if d.source != "nifti" or not d.nifti.val_root:
+        return None
+    if source.spatial_dims != 2:
+        raise ValueError("data.nifti.val_root is for 2D runs (validation on every axial slice of volumes); "
+                         f"this run's data.shape {list(d.shape)} is 3D")
+    if not (d.splits and d.splits.get("val")):
+        raise ValueError("data.nifti.val_root needs data.splits with the val cases (their volumes are read from "
+                         f"{d.nifti.val_root})")
+    return build_source(cfg, root=d.nifti.val_root, slice_mode="all", cases=list(d.splits.val))
 
 
 def class_names(cfg: DictConfig, source: SubjectSource):
@@ -172,7 +193,7 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
                          "(e.g. distill.prototypes=runs/teacher/prototypes.pt), or set distill.weight=0 for the baseline")
     return StudentModule(net, names, bank=bank, distill_weight=d.weight, beta=d.beta, gamma=d.gamma, tau=d.tau,
                          geometry=d.geometry, log_floor=d.log_floor, min_pixels=d.min_pixels, row_weight=d.row_weight,
-                         min_reliability=d.min_reliability, grad_every=d.grad_every,
+                         min_reliability=d.min_reliability, mask_classes=list(d.mask_classes), grad_every=d.grad_every,
                          feature_layer=cfg.distill.feature_layer or head_module_name(cfg.model.name), **common)
 
 

@@ -149,3 +149,30 @@ def test_ignore_index_pixels_count_in_no_loss_and_no_metric():
     assert all(torch.allclose(terms[k], terms2[k], atol=1e-6) for k in terms)
     pred, lab = module._eval_pair(other, ignored)
     assert (lab != 255).all() and (pred[:, :, :8] == 0).all()
+
+
+def test_masked_class_leaves_both_dist_terms():
+    """distill.mask_classes=[spleen]: the spleen's prototype (its pixels' predictions) no longer enters
+    either DIST term; without the mask it does. Unknown names are refused with the valid list."""
+    names = ["background", "liver", "kidney", "aorta", "spleen"]
+    torch.manual_seed(0)
+    bank = Bank(torch.softmax(torch.randn(5, 5) * 2, 1), torch.ones(5), names, 1.0, "prob")
+    net = build_network("Unet", 2, 1, 5, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
+    label = torch.arange(5).repeat_interleave(8).view(1, 1, 1, 40).expand(2, 1, 40, 40).clone()
+    spleen = (label == 4).expand(2, 5, 40, 40)
+
+    def grad_at_spleen(mask):
+        module = StudentModule(net, names, bank=bank, mask_classes=mask)
+        logits = torch.randn(2, 5, 40, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        terms = module.extra_terms({"label": label}, logits)
+        (terms["dist_inter"] + terms["dist_intra"]).backward()
+        return logits.grad[spleen].abs().max().item(), logits.grad[~spleen].abs().max().item()
+
+    at_spleen, elsewhere = grad_at_spleen([])
+    assert at_spleen > 1e-6 and elsewhere > 1e-6
+    at_spleen, elsewhere = grad_at_spleen(["spleen"])
+    assert at_spleen == 0.0 and elsewhere > 1e-6
+    with pytest.raises(ValueError, match="not classes of this run.*liver"):
+        StudentModule(net, names, bank=bank, mask_classes=["spleeen"])
+    with pytest.raises(ValueError, match="needs a teacher bank"):
+        StudentModule(net, names, mask_classes=["spleen"])

@@ -95,6 +95,7 @@ archs: {{Unet: []}}
     ("baseline: plain\n", "baseline 'plain' is not one of the methods"),
     ("fractions: [0, 1]\n", r"fractions must be in \(0, 1\]"),
     ("quick: {archs: [FPN]}\n", "quick.archs names"),
+    ("test_sets: {late: {checkpoint: final}}\n", "test_sets.late.checkpoint must be 'best' or 'last'"),
 ])
 def test_benchmark_config_errors(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
@@ -268,6 +269,30 @@ def test_incomplete_grid_report_says_so(tmp_path, monkeypatch):
     b.run(max_runs=3, log=lambda *_: None)
     text = b.write_report().read_text()
     assert "**3 of 32 student runs finished**" in text and "**Incomplete**" in text
+
+
+def test_report_shows_hand_notes_and_the_teachers_bank(tmp_path, monkeypatch):
+    """`notes:` adds a hand-written section marked as such; a teacher record's bank becomes a K x K
+    table (rows: labelled class, bold diagonal, voxels, held-out Dice); a missing notes file is refused."""
+    _fake_training(monkeypatch, [])
+    (tmp_path / "notes.md").write_text("The spleen row is the teacher's weakest.")
+    text = GRID.replace(f"student: {{config: {REPO}/experiments/student.yaml}}\n", "") + "notes: notes.md\n"
+    cfg, base = load_benchmark(_bench_yaml(tmp_path, text), [f"output_dir={tmp_path}/b", f"report={tmp_path}/r.md",
+                                                             "seeds=[0]", "fractions=[1.0]"])
+    b = Benchmark(cfg, base)
+    records = b.run(log=lambda *_: None)
+    teacher = next(r for r in records if r["kind"] == "teacher")
+    teacher["bank"] = {"classes": ["background", "liver", "spleen"], "tau": 1.0, "counts": [900, 80, 20],
+                       "matrix": [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.3, 0.5, 0.2]],
+                       "reliability": {"liver": {"dice": 0.85}, "spleen": {"dice": 0.1}}}
+    report = b.write_report(records).read_text()
+    assert "## Notes" in report and "Written by hand" in report and "The spleen row is the teacher's weakest." in report
+    assert "## What the teachers' banks hold" in report
+    assert "| spleen | 0.300 | 0.500 | **0.200** | 20 | 0.100 |" in report
+    assert "| background | **0.900** | 0.050 | 0.050 | 900 | n/a |" in report
+    assert "| Unet | 1 (10) | kd |" in report  # one row per method in the test-Dice tables
+    with pytest.raises(ConfigError, match="notes file"):
+        load_benchmark(_bench_yaml(tmp_path, text.replace("notes.md", "missing.md")))
 
 
 # ------------------------------------------------------------------------------------------- end to end

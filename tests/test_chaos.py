@@ -65,3 +65,50 @@ def test_chaos_single_slice_extraction(tmp_path):
     first = index.cases[0].case_id
     img = nib.load(str(tmp_path / "slices" / "imagesTr" / f"{first}_0000.nii.gz"))
     assert img.shape == (256, 256) and np.allclose(img.header.get_zooms()[:2], (1.25, 1.25))
+
+
+def test_chaos_student_validates_on_a_volume_with_every_organ():
+    """Model selection sees every organ: the val patient's single slice has no spleen, its volume has."""
+    from types import SimpleNamespace
+
+    from lightning_distill.config import load_config
+    from lightning_distill.train import val_source
+
+    cfg = load_config(os.path.join(REPO, "experiments/chaos/student.yaml"), [f"data.nifti.val_root={CHAOS}"])
+    src = val_source(cfg, SimpleNamespace(spatial_dims=2))
+    assert {i.split("@")[0] for i in src.ids} == set(cfg.data.splits.val)
+    present = set()
+    for i in src.ids:
+        present |= set(np.unique(src.load(i)["label"]).tolist())
+    assert present == set(range(len(cfg.classes)))  # background and all four organs
+    t2d = load_config(os.path.join(REPO, "experiments/chaos/teacher2d.yaml")).data.splits
+    t3d = load_config(os.path.join(REPO, "experiments/chaos/teacher.yaml")).data.splits
+    assert t2d == t3d  # the 2D teacher control sees the 3D teacher's patients
+
+
+@pytest.mark.slow
+def test_quick_chaos_benchmark_scores_teachers_on_the_students_slices(tmp_path, monkeypatch):
+    """`make bench-chaos --quick`: both teachers scored on the students' test slices (single slices and
+    every axial slice), students validated on the val patient's volume, best and last checkpoints tested,
+    the teachers' banks and the spleen-masked control in the report."""
+    from lightning_distill.benchmark import read_records
+    from lightning_distill.cli import main
+
+    monkeypatch.setenv("CHAOS_DIR", os.path.abspath(CHAOS))
+    monkeypatch.chdir(tmp_path)  # the prepared slices go to ./runs/chaos/slices
+    out = tmp_path / "bench"
+    assert main(["benchmark", os.path.join(REPO, "experiments/benchmarks/chaos.yaml"), "--quick", f"output_dir={out}"]) == 0
+    records = read_records(f"{out}-quick/results.jsonl")
+    teachers = {r["instance"]: r for r in records if r["kind"] == "teacher"}
+    assert set(teachers) == {"mr3d", "t2d"}
+    for t in teachers.values():
+        assert t["student_slices"]["test"]["num_cases"] == 6  # the six group-C single slices
+        assert t["student_slices_sets"]["allslices"]["test"]["num_cases"] > 100  # every axial slice of them
+        assert t["bank"]["classes"][4] == "spleen" and len(t["bank"]["matrix"]) == 5
+    students = [r for r in records if r["kind"] == "student"]
+    assert {r["method"] for r in students} == {"baseline", "prob", "prob-no-spleen", "baseline-1slice-val", "logprob-2d-teacher"}
+    for r in students:
+        assert set(r["test_sets"]) == {"allslices", "last", "allslices-last"}
+        assert (r["config"]["data"]["nifti"]["val_root"] is None) == (r["method"] == "baseline-1slice-val")
+    report = (out.parent / "bench-quick" / "report.md").read_text()
+    assert "## What the teachers' banks hold" in report and "### test set `allslices`" in report

@@ -280,3 +280,98 @@ def test_reorient_round_trip_and_slice_affine():
     new_ijk = np.linalg.solve(new_aff, world)
     assert out[0][tuple(np.round(new_ijk[:3]).astype(int))] == data[0][1, 2, 3]
     assert np.allclose(slice_affine(new_aff, 2) @ [0, 0, 0, 1], new_aff @ [0, 0, 2, 1])
+
+
+def test_validation_on_every_axial_slice_of_the_val_volumes(tmp_path):
+    """data.nifti.val_root: train on one slice per patient, validate on every axial slice of the
+    validation patients' volumes, so that model selection sees organs the chosen slice misses."""
+    from omegaconf import OmegaConf
+
+    from lightning_distill.config import load_config
+    from lightning_distill.data.datamodules import SliceDataModule
+    from lightning_distill.train import build_datamodule
+
+    vol = make_nnunet(tmp_path / "vol", n=4)
+    extract_slices(vol, tmp_path / "sl", "index", 1)  # z = 1: liver only, no spleen
+    pre = Preprocess(orientation="RAS", modality="none", shape=[16, 16, 1])
+    with pytest.warns(UserWarning, match="spleen"):  # in no chosen slice
+        slices = source(tmp_path / "sl", dims=2, preprocess=pre, on_missing="warn")
+    splits = {"train": ["case0", "case1"], "val": ["case3"], "test": ["case2"]}
+    dm = SliceDataModule(slices, splits=splits, batch_size=2,
+                         val_source=source(vol, dims=2, slice_mode="all", preprocess=pre, cases=["case3"]))
+    assert dm.splits["val"] == [f"case3@{z}" for z in range(6)]
+    assert dm.splits["test"] == ["case2"] and sorted(dm.train_ids) == ["case0", "case1"]
+    dm.setup()
+    val_labels = np.stack([dm.datasets["val"][i]["label"].numpy() for i in range(6)])
+    assert (val_labels == 2).any() and not (slices.load("case3")["label"] == 2).any()  # the spleen is only in val
+    with pytest.raises(ValueError, match="explicit splits"):
+        SliceDataModule(slices, val_source=slices)
+    with pytest.raises(ValueError, match=r"not in the data: \['case2'\]"):
+        SliceDataModule(slices, splits={**splits, "val": ["case2"]},
+                        val_source=source(vol, dims=2, slice_mode="all", preprocess=pre, cases=["case3"]))
+    # from a config: the val cases' volumes are read from val_root, with the run's preprocessing
+    over = ["data.source=nifti", f"data.nifti.root={tmp_path / 'sl'}", f"data.nifti.val_root={vol}",
+            "classes=[background,liver,spleen]", "data.shape=[16,16]", "data.nifti.modality=none",
+            "data.nifti.on_missing=warn"]
+    cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), over)
+    cfg.data.splits = splits
+    with pytest.warns(UserWarning, match="spleen"):
+        dm = build_datamodule(cfg)
+    assert len(dm.splits["val"]) == 6 and dm.val_source.preprocess.shape == [16, 16, 1]
+    cfg.data.splits = None
+    with pytest.raises(ValueError, match="val_root needs data.splits"), pytest.warns(UserWarning, match="spleen"):
+        build_datamodule(cfg)
+    cfg = load_config(os.path.join(REPO, "experiments/teacher.yaml"),
+                      ["data.source=nifti", f"data.nifti.root={vol}", f"data.nifti.val_root={vol}", "classes=[background,liver,spleen]",
+                       "data.shape=[16,16,6]", "data.nifti.modality=none", "data.nifti.on_missing=warn"])
+    cfg.data.splits = OmegaConf.create(splits)
+    with pytest.raises(ValueError, match="val_root is for 2D runs"):
+        build_datamodule(cfg)
+
+
+def test_a_nifti_teacher_is_scored_on_exactly_the_students_test_slices(tmp_path, tiny_teacher, monkeypatch):
+    """teacher_slices on NIfTI data: the teacher's whole-volume prediction is cut and preprocessed like
+    the student's test samples (single-slice files of `slices`, and every axial slice). A teacher that
+    predicted the ground truth scores Dice 1 on every organ; one shifted by a voxel does not."""
+    import nibabel as nib
+
+    import lightning_distill.inference as inference
+    from lightning_distill.config import load_config
+    from lightning_distill.teacher_slices import score_teacher_on_student_slices
+
+    teacher_cfg = os.path.join(REPO, "experiments/teacher.yaml")
+    vols = tmp_path / "vols"
+    assert main(["phantom", teacher_cfg, str(vols), "data.num_subjects=6", "data.shape=[32,32,16]"]) == 0
+    names = "classes=[background,body_wall,muscle,liver,spleen,right_kidney,left_kidney,aorta,vertebra]"
+    nifti = ["data.source=nifti", f"data.nifti.root={vols}", "data.nifti.modality=CT", "data.nifti.orientation=LAS", names]
+    assert main(["fit", teacher_cfg, f"output_dir={tmp_path / 't'}", *tiny_teacher, *nifti]) == 0
+    ckpt = str(tmp_path / "t" / "checkpoints" / "last.ckpt")
+    assert main(["slices", str(vols), str(tmp_path / "sl"), "--max-area", "left_kidney"]) == 0
+    splits = "data.splits={train: [phantom1_0000, phantom1_0001], val: [phantom1_0002], test: [phantom1_0003, phantom1_0005]}"
+    student = load_config(os.path.join(REPO, "experiments/student.yaml"),
+                          ["data.source=nifti", f"data.nifti.root={tmp_path / 'sl'}", "data.nifti.orientation=LAS", names,
+                           "data.shape=[24,20]", splits])
+    allslices = load_config(os.path.join(REPO, "experiments/student.yaml"),
+                            ["data.source=nifti", f"data.nifti.root={vols}", "data.nifti.slice_mode=all",
+                             "data.nifti.orientation=LAS", names, "data.shape=[24,20]", splits])
+    real = score_teacher_on_student_slices(ckpt, student)  # the trained (tiny) teacher runs end to end
+    assert real["test_ids"] == ["phantom1_0003", "phantom1_0005"] and 0.0 <= real["test"]["dice_mean"] <= 1.0
+
+    truth = {}
+    for f in sorted((vols / "imagesTr").iterdir()):
+        case = f.name.replace("_0000.nii.gz", "")
+        truth[np.asarray(nib.load(str(f)).dataobj, np.float32).tobytes()] = np.asarray(
+            nib.load(str(vols / "labelsTr" / f"{case}.nii.gz")).dataobj).astype(np.uint8)
+    shift = {"by": 0}
+
+    def oracle(net, cfg, data, affine, observe=None):
+        return np.roll(truth[np.asarray(data, np.float32).tobytes()], shift["by"], axis=0)
+
+    monkeypatch.setattr(inference, "predict_array", oracle)
+    for cfg, n in ((student, 2), (allslices, 2 * 16)):
+        res = score_teacher_on_student_slices(ckpt, cfg)
+        assert res["test"]["num_cases"] == n
+        present = {o: d for o, d in res["test"]["dice"].items() if d == d}  # organs in some test sample
+        assert {"liver", "left_kidney"} <= set(present) and all(d > 0.999 for d in present.values()), present
+    shift["by"] = 3
+    assert score_teacher_on_student_slices(ckpt, student)["test"]["dice_mean"] < 0.95

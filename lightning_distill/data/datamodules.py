@@ -166,15 +166,24 @@ class SegmentationDataModule(L.LightningDataModule):
             the seeded split (e.g. disjoint patient groups); ``train_fraction`` still applies.
         seed: seed of the training order and of the per-sample random draws (see :mod:`.sampling`:
             the training loader resumes mid-epoch and deals the same samples to DDP processes).
+        val_source: where the validation subjects' samples come from instead of ``source`` (e.g. every
+            axial slice of the validation patients' volumes while training on one slice per patient,
+            so that model selection sees every organ). Needs explicit ``splits``.
     """
 
     def __init__(self, source: SubjectSource, batch_size: int = 8, val_subjects: int = 10, test_subjects: int = 20,
                  train_fraction: float = 1.0, train_subjects: Optional[int] = None, split_seed: int = 0,
                  num_workers: int = 0, augment: bool = True, patch_size: Optional[Sequence[int]] = None,
                  eval_batch_size: Optional[int] = None, splits: Optional[Dict[str, Sequence[str]]] = None,
-                 seed: int = 0, spatial_augment: str = "none"):
+                 seed: int = 0, spatial_augment: str = "none", val_source: Optional[SubjectSource] = None):
         super().__init__()
-        self.source, self.seed = source, int(seed)
+        if val_source is not None and not (splits and splits.get("val")):
+            raise ValueError("a separate validation source needs explicit splits with val subjects (data.splits.val)")
+        if val_source is not None and (val_source.spatial_dims != source.spatial_dims
+                                       or tuple(val_source.class_names) != tuple(source.class_names)):
+            raise ValueError(f"the validation source ({val_source.spatial_dims}D, classes {list(val_source.class_names)}) "
+                             f"does not match the data ({source.spatial_dims}D, classes {list(source.class_names)})")
+        self.source, self.seed, self.val_source = source, int(seed), val_source
         self.spatial_augment = spatial_augment
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.augment, self.patch_size = num_workers, augment, patch_size
@@ -183,8 +192,14 @@ class SegmentationDataModule(L.LightningDataModule):
         for i in source.ids:
             by_subject.setdefault(subject_of(i), []).append(i)
         subjects = list(by_subject)
+        val_by_subject: Dict[str, List[str]] = {}
+        for i in (val_source.ids if val_source is not None else []):
+            val_by_subject.setdefault(subject_of(i), []).append(i)
         if splits:
-            unknown = sorted({s for ids in splits.values() for s in ids} - set(subjects))
+            named = {k: set(v) for k, v in splits.items()}
+            unknown = sorted(set().union(*[v for k, v in named.items() if not (k == "val" and val_source)]) - set(subjects))
+            if val_source is not None:
+                unknown += sorted(named["val"] - set(val_by_subject))
             if unknown:
                 raise ValueError(f"split lists name subjects that are not in the data: {unknown[:10]}")
             order = np.random.default_rng(split_seed).permutation(len(splits.get("train", [])))
@@ -198,7 +213,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.subject_splits = subj
         self.train_subject_ids = train_subset(subj["train"], train_fraction, train_subjects) if subj["train"] else []
         expand = lambda ss: [i for s in ss for i in by_subject[s]]  # noqa: E731
-        self.splits = {k: expand(v) for k, v in subj.items()}
+        self.splits = {k: expand(v) for k, v in subj.items() if not (k == "val" and val_source is not None)}
+        if val_source is not None:
+            self.splits["val"] = [i for s in subj["val"] for i in val_by_subject[s]]
         self.train_ids = expand(self.train_subject_ids)
         self.datasets: Dict[str, SubjectDataset] = {}
 
@@ -211,7 +228,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.datasets = {
                 "train": SubjectDataset(self.source, self.train_ids, augment=self.augment, patch_size=self.patch_size,
                                         spatial_augment=self.spatial_augment),
-                "val": SubjectDataset(self.source, self.splits["val"]),
+                "val": SubjectDataset(self.val_source or self.source, self.splits["val"]),
                 "test": SubjectDataset(self.source, self.splits["test"]),
             }
 
