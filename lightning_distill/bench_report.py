@@ -248,7 +248,7 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
         return "\n".join(L + ["No student run has finished yet.", ""])
     L += _summary(tab, others)
     if cfg.notes and not quick:
-        L += ["## Notes", "", f"*Written by hand from this report's numbers (`{_rel(cfg.notes)}`); every other section "
+        L += ["## Notes", "", f"*Written by hand from the generated numbers (`{_rel(cfg.notes)}`); every other section "
               "is generated.*", "", Path(cfg.notes).read_text().strip(), ""]
     L += _teachers_on_slices(tab)
     L += _banks(tab)

@@ -108,6 +108,8 @@ class BenchmarkConfig:
     # [method, control] pairs whose paired difference the report shows (e.g. the teacher's bank vs an identity bank)
     contrasts: List[List[str]] = field(default_factory=list)
     focus_organs: List[str] = field(default_factory=list)  # organs with per-organ paired differences (e.g. the 3D-dependent ones)
+    # values the YAML interpolates (${vars.NAME}) and the command line can change (vars.NAME=...), e.g. the students' steps
+    vars: Dict[str, Any] = field(default_factory=dict)
     notes: Optional[str] = None  # a hand-written markdown file (path relative to the YAML) shown in the report as "Notes"
     convergence_tolerance: float = 0.01  # a run whose best val Dice still rose by this much in the last quarter of training is not converged
     quick: QuickSpec = field(default_factory=QuickSpec)
@@ -541,14 +543,9 @@ class Benchmark:
         cfg = self.teacher_config(name, run)
         res = fit(cfg, source=self._source(cfg))
         rec = self._record(f"teacher|{inst}", "teacher", cfg, res, {"teacher": name, "instance": inst})
-        bank_path = Path(cfg.output_dir) / cfg.bank.export
-        if bank_path.is_file():  # what the students are distilled from, for the report (regenerable from records)
-            from lightning_distill.prototypes import load_bank
-
-            bank = load_bank(bank_path)
-            if bank.space == "prob":
-                rec["bank"] = {"classes": list(bank.class_names), "tau": bank.tau, "matrix": bank.prototypes.tolist(),
-                               "counts": bank.counts.tolist(), "reliability": bank.meta.get("reliability")}
+        summary = bank_summary(Path(cfg.output_dir) / cfg.bank.export)
+        if summary is not None:  # what the students are distilled from, for the report (regenerable from records)
+            rec["bank"] = summary
         if self.cfg.teachers[name].score_on_students:
             from lightning_distill.config import apply_overrides
             from lightning_distill.teacher_slices import score_teacher_on_student_slices
@@ -605,6 +602,20 @@ class Benchmark:
 
         records = read_records(self.results_path) if records is None else records
         return write_report(self.cfg, records, self.command, quick=self.quick)
+
+
+def bank_summary(path: str | Path) -> Optional[Dict[str, Any]]:
+    """A probability bank as a record entry (classes, tau, the K x K matrix, voxels per row, the
+    teacher's held-out reliability); ``None`` for a missing file or a feature-space bank."""
+    from lightning_distill.prototypes import load_bank
+
+    if not Path(path).is_file():
+        return None
+    bank = load_bank(path)
+    if bank.space != "prob":
+        return None
+    return {"classes": list(bank.class_names), "tau": bank.tau, "matrix": bank.prototypes.tolist(),
+            "counts": bank.counts.tolist(), "reliability": bank.meta.get("reliability")}
 
 
 _WORKER: Optional[Benchmark] = None
