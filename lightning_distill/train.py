@@ -515,7 +515,8 @@ def _export_teacher_bank(cfg: DictConfig, trainer: L.Trainer, module: Segmentati
         rel = class_reliability(module, [dm.datasets["val"]], names, axial_range=axial, device=device, max_batches=limit)
         meta = {"reliability": rel, "reliability_split": "val", "reliability_checkpoint": weights}
         if trainer.is_global_zero:
-            on = f"the first {limit} validation batch(es) (fast_dev_run)" if limit else f"{len(dm.splits['val'])} validation volumes"
+            what = "volumes" if dm.source.spatial_dims == 3 else "slices"
+            on = f"the first {limit} validation batch(es) (fast_dev_run)" if limit else f"{len(dm.splits['val'])} validation {what}"
             print(f"teacher reliability on {on} ({weights or 'the last weights'}"
                   f"{', bank.axial_range=' + str(list(axial)) if axial else ''}):\n{format_reliability(rel)}")
     elif trainer.is_global_zero:

@@ -226,17 +226,27 @@ def test_slice_extraction_list_file_and_cli(tmp_path, capsys):
     assert "pancreas" in capsys.readouterr().err
 
 
+PHANTOM_NAMES = "classes=[background,body_wall,muscle,liver,spleen,right_kidney,left_kidney,aorta,vertebra]"
+
+
+def _phantom_nifti_teacher(tmp_path, tiny_teacher, n):
+    """Export n phantom volumes as NIfTI, fit a tiny teacher on them, extract the students' slices."""
+    teacher_cfg = os.path.join(REPO, "experiments/teacher.yaml")
+    vols = tmp_path / "vols"
+    assert main(["phantom", teacher_cfg, str(vols), f"data.num_subjects={n}", "data.shape=[32,32,16]"]) == 0
+    nifti = ["data.source=nifti", f"data.nifti.root={vols}", "data.nifti.modality=CT", "data.nifti.orientation=LAS",
+             PHANTOM_NAMES]
+    assert main(["fit", teacher_cfg, f"output_dir={tmp_path / 't'}", *tiny_teacher, *nifti]) == 0
+    assert main(["slices", str(vols), str(tmp_path / "sl"), "--max-area", "left_kidney"]) == 0
+    return vols
+
+
 def test_phantom_nifti_teacher_slices_student_predict_round_trip(tmp_path, tiny_teacher, tiny_student):
     """The "use your own data" path on exported phantom NIfTI: teacher -> slices -> student -> predict."""
-    teacher_cfg = os.path.join(REPO, "experiments/teacher.yaml")
     student_cfg = os.path.join(REPO, "experiments/student.yaml")
-    vols = tmp_path / "vols"
-    assert main(["phantom", teacher_cfg, str(vols), "data.num_subjects=8", "data.shape=[32,32,16]"]) == 0
-    names = "classes=[background,body_wall,muscle,liver,spleen,right_kidney,left_kidney,aorta,vertebra]"
-    nifti = ["data.source=nifti", f"data.nifti.root={vols}", "data.nifti.modality=CT", "data.nifti.orientation=LAS", names]
-    assert main(["fit", teacher_cfg, f"output_dir={tmp_path / 't'}", *tiny_teacher, *nifti]) == 0
+    vols = _phantom_nifti_teacher(tmp_path, tiny_teacher, 8)
+    names = PHANTOM_NAMES
     assert (tmp_path / "t" / "prototypes.pt").is_file()
-    assert main(["slices", str(vols), str(tmp_path / "sl"), "--max-area", "left_kidney"]) == 0
     nifti2d = ["data.source=nifti", f"data.nifti.root={tmp_path / 'sl'}", "data.nifti.orientation=LAS", names,
                "data.num_subjects=8", "data.val_subjects=2", "data.test_subjects=2", "data.shape=[32,32]"]
     assert main(["fit", student_cfg, f"output_dir={tmp_path / 's'}", *tiny_student, *nifti2d,
@@ -339,14 +349,9 @@ def test_a_nifti_teacher_is_scored_on_exactly_the_students_test_slices(tmp_path,
     from lightning_distill.config import load_config
     from lightning_distill.teacher_slices import score_teacher_on_student_slices
 
-    teacher_cfg = os.path.join(REPO, "experiments/teacher.yaml")
-    vols = tmp_path / "vols"
-    assert main(["phantom", teacher_cfg, str(vols), "data.num_subjects=6", "data.shape=[32,32,16]"]) == 0
-    names = "classes=[background,body_wall,muscle,liver,spleen,right_kidney,left_kidney,aorta,vertebra]"
-    nifti = ["data.source=nifti", f"data.nifti.root={vols}", "data.nifti.modality=CT", "data.nifti.orientation=LAS", names]
-    assert main(["fit", teacher_cfg, f"output_dir={tmp_path / 't'}", *tiny_teacher, *nifti]) == 0
+    vols = _phantom_nifti_teacher(tmp_path, tiny_teacher, 6)
+    names = PHANTOM_NAMES
     ckpt = str(tmp_path / "t" / "checkpoints" / "last.ckpt")
-    assert main(["slices", str(vols), str(tmp_path / "sl"), "--max-area", "left_kidney"]) == 0
     splits = "data.splits={train: [phantom1_0000, phantom1_0001], val: [phantom1_0002], test: [phantom1_0003, phantom1_0005]}"
     student = load_config(os.path.join(REPO, "experiments/student.yaml"),
                           ["data.source=nifti", f"data.nifti.root={tmp_path / 'sl'}", "data.nifti.orientation=LAS", names,
