@@ -349,28 +349,42 @@ def _setup(tab: Table, quick: bool) -> List[str]:
 
 
 def _summary(tab: Table, others: Sequence[str]) -> List[str]:
+    """Per method and test set, how many settings are better / worse / not clearly different from the
+    baseline; then the low-data claim of every method run at more than one fraction."""
     base = tab.cfg.baseline
-    L = ["## Summary", ""]
-    for ts in tab.test_sets:
-        label = "" if ts == OWN_TEST else f" (test set `{ts}`)"
-        for m in others:
+    titles = ["own test split" if ts == OWN_TEST else f"test set `{ts}`" for ts in tab.test_sets]
+    L = ["## Summary", "",
+         f"Verdicts against the {base} over the settings each method runs in (*better* / *worse*: the paired 95% CI "
+         "of the Dice difference above / below 0; the settings are named).", "",
+         "| method | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
+    improving = []
+    for m in others:
+        cells = []
+        for ts in tab.test_sets:
             groups: Dict[str, List[str]] = {"better": [], "worse": [], "no clear difference": [], "n/a": []}
             for a in tab.archs:
                 for f in tab.fractions:
                     if runs_at(tab.cfg, m, f):
                         groups[verdict(tab.diff(ts, a, f, m))].append(f"{a} at {f:g}")
             n = sum(len(v) for v in groups.values())
-            parts = [f"**{m}** vs {base}{label}: better in {len(groups['better'])} of {n} settings"
-                     + (f" ({', '.join(groups['better'])})" if groups["better"] else "")]
-            parts.append(f"worse in {len(groups['worse'])}" + (f" ({', '.join(groups['worse'])})" if groups["worse"] else ""))
-            parts.append(f"no clear difference in {len(groups['no clear difference'])}")
-            L.append("- " + "; ".join(parts) + ".")
-            if not groups["better"]:
-                L.append(f"  - {m} does **not** improve on {base} in any setting of this benchmark{label}.")
+            named = lambda k: f" ({', '.join(groups[k])})" if groups[k] else ""  # noqa: E731
+            cells.append(f"better in {len(groups['better'])} of {n}{named('better')}; worse in {len(groups['worse'])}"
+                         f"{named('worse')}")
+            if groups["better"]:
+                improving.append(m)
+        L.append(f"| **{m}** | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append(f"- No method improves on the {base} in any setting of any test set." if not improving else
+             f"- Better than the {base} in some setting: {', '.join(sorted(set(improving)))} (see the tables and the "
+             "controls below before crediting the teacher).")
+    for m in [base, *others]:
+        if m == base or sum(runs_at(tab.cfg, m, f) for f in tab.fractions) < 2:
+            continue
+        for ts, title in zip(tab.test_sets, titles):
             for a in tab.archs:
                 claim = tab.low_data_claim(ts, a, m)
                 if claim:
-                    L.append(f"  - Low-data claim, {a}: {claim}")
+                    L.append(f"- Low-data claim, {a}, {title}: {claim}")
     L.append("")
     return L
 
