@@ -159,14 +159,14 @@ def test_benchmark_report_shows_surface_dice_and_hd95_per_setting(tmp_path, monk
     b.run(log=lambda *_: None)
     text = b.write_report().read_text()
     lines = text.splitlines()
-    i = lines.index("### Surface Dice and HD95 per setting (own test split)")
-    assert "(tolerance one voxel = the case's largest spacing)" in lines[i + 2]
-    table = lines[i + 4:i + 4 + 2 + 8]
-    assert table[0] == ("| arch | fraction (subjects) | baseline surface Dice | baseline HD95 (mm) | "
-                        "kd surface Dice | kd HD95 (mm) |")
+    i = lines.index("## Test Dice: own test split")
+    assert "surface Dice (tolerance one voxel = the case's largest spacing)" in lines[i + 2]
+    table = lines[i + 4:i + 4 + 2 + 16]  # header, rule, one row per method and setting
+    assert table[0] == "| arch | fraction (subjects) | method | Dice | surface Dice | HD95 (mm) | Δ Dice − baseline [95% CI] | verdict |"
     assert all(ln.count("|") == table[0].count("|") for ln in table)
-    assert "| Unet | 1 (10) | 0.450 ± 0.071 | 3.5 ± 0.7 | 0.450 ± 0.071 | 3.5 ± 0.7 |" in table
-    assert "| Unet | 0.1 (1) | n/a | 3.5 ± 0.7 | n/a | 3.5 ± 0.7 |" in table
+    assert "| Unet | 1 (10) | baseline | 0.600 ± 0.000 | 0.450 ± 0.071 | 3.5 ± 0.7 | — | — |" in table
+    assert "| Unet | 1 (10) | kd | 0.620 ± 0.000 | 0.450 ± 0.071 | 3.5 ± 0.7 |" in " ".join(table)
+    assert "| Unet | 0.1 (1) | kd | 0.530 ± 0.000 | n/a | 3.5 ± 0.7 |" in " ".join(table)
     assert "surface Dice (mean ± std) | HD95 mm (mean ± std) |" in text  # the per-organ table
     assert "Surface Dice (normalised surface distance)" in text and "use Dice only" in text
 
