@@ -329,7 +329,8 @@ def test_quick_benchmark_killed_midway_resumes_and_writes_a_wellformed_report(tm
     assert f"**{total} of {total} student runs finished**" in text
     own = text.split("## Test Dice: own test split")[1].split("###")[0]
     table = [ln for ln in own.splitlines() if ln.startswith("| Unet |")]
-    assert len(table) == 2 and all(ln.count("|") == table[0].count("|") for ln in table)
+    settings = {(x["fraction"], x["method"]) for x in _student_lines(results)}  # one row per method and fraction
+    assert len(table) == len(settings) and all(ln.count("|") == table[0].count("|") for ln in table)
     for section in ("## Teachers on the students' test slices", "## Convergence check",
                     "## Which part of a gain needs the teacher's content", "## Organs where 3D context matters"):
         assert section in text
@@ -382,7 +383,7 @@ def test_quick_cmedl_benchmark_reports_three_metrics_and_translated_images(tmp_p
     out = tmp_path / "cmedl"
     assert main(["benchmark", CMEDL_BENCH, "--quick", f"output_dir={out}", "seeds=[0]"]) == 0
     report = (Path(f"{out}-quick") / "report.md").read_text()
-    assert "Surface Dice and HD95 per setting" in report and "cmedl_translations.png" in report
+    assert "| Dice | surface Dice | HD95 (mm) |" in report and "cmedl_translations.png" in report
     assert (Path(f"{out}-quick") / "img" / "cmedl_translations.png").stat().st_size > 1000
     records = [r for r in read_records(Path(f"{out}-quick") / "results.jsonl") if r["kind"] == "student"]
     assert {r["method"] for r in records} == {"baseline", "cmedl"}
