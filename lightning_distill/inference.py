@@ -21,7 +21,7 @@ from lightning_distill.config import load_config_dict
 from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, check_nifti_file, load_nifti, reorient, slice_affine
 from lightning_distill.fingerprint import IntensityCheck
 from lightning_distill.io import save_nifti, staged_dir
-from lightning_distill.train import build_net, make_preprocess
+from lightning_distill.factory import build_net, make_preprocess
 
 
 def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[dict, DictConfig]:

@@ -163,7 +163,7 @@ class SegmentationModule(L.LightningModule):
         """Shared by train/val/test: logits, every loss term, and their weighted sum."""
         image, label = batch["image"], batch["label"]
         if self.hparams.input_transform == "class_mean":
-            from lightning_distill.methods.sikd import class_mean_image
+            from lightning_distill.data.class_mean import class_mean_image
 
             image = class_mean_image(image, label, self.num_classes)
         logits = self.net(image) if train else self.predict_logits(image)

@@ -26,13 +26,13 @@ from lightning_distill.config import to_dict
 from lightning_distill.data.datamodules import (SegmentationDataModule, SliceDataModule, UnpairedDataModule, VolumeDataModule,
                                                 subject_of)
 from lightning_distill.data.phantom import PhantomSpec
-from lightning_distill.data.preprocess import Preprocess
-from lightning_distill.data.sources import PHANTOM_ORIENTATION, DomainShift, NiftiSource, PhantomSource, SubjectSource
+from lightning_distill.data.sources import DomainShift, NiftiSource, PhantomSource, SubjectSource
+from lightning_distill.factory import build_net, make_preprocess
 from lightning_distill.fingerprint import check_samples, data_identity, fingerprint_summary, training_record
 from lightning_distill.io import atomic_write, write_json
 from lightning_distill.metrics import format_table
 from lightning_distill.modules import SegmentationModule, StudentModule
-from lightning_distill.networks import build_network, head_module_name
+from lightning_distill.networks import head_module_name
 from lightning_distill.prototypes import (PrototypeBank, check_axial_range, class_reliability, control_bank, file_sha256,
                                           final_bank, format_reliability, load_bank, save_bank)
 
@@ -65,27 +65,6 @@ def build_source(cfg: DictConfig, root: Optional[str] = None, slice_mode: Option
                            unmapped=n.unmapped, cases=cases, slice_mode=slice_mode or n.slice_mode,
                            on_bad_case=d.on_bad_case, require_foreground=n.require_foreground, on_missing=n.on_missing)
     raise ValueError(f"unknown data.source {d.source!r}")
-
-
-def make_preprocess(cfg: DictConfig) -> Preprocess:
-    """The preprocessing of ``cfg``'s data (2D data: one slice, ``Z = 1``).
-
-    NIfTI data follow ``data.nifti``; phantom-trained models get the phantom's HU window (MR
-    phantom: per-image 0.5/99.5 percentile normalisation) and array orientation, so they can
-    predict NIfTI files too.
-    """
-    d = cfg.data
-    shape = list(d.shape) + ([1] if len(d.shape) == 2 else [])
-    if d.source == "nifti":
-        n = d.nifti
-        return Preprocess(orientation=n.orientation, spacing=list(n.spacing) if n.spacing else None, modality=n.modality,
-                          ct_window=tuple(n.ct_window), mr_norm=n.mr_norm, percentiles=tuple(n.percentiles),
-                          crop_foreground=n.crop_foreground, crop_threshold=n.crop_threshold,
-                          crop_margin=n.crop_margin, shape=shape, resize=n.resize)
-    if d.phantom.modality == "MR":  # the phantom source's per-image percentile normalisation
-        return Preprocess(orientation=PHANTOM_ORIENTATION, modality="MR", mr_norm="percentile", percentiles=(0.5, 99.5),
-                          shape=shape)
-    return Preprocess(orientation=PHANTOM_ORIENTATION, modality="CT", ct_window=tuple(d.window), shape=shape)
 
 
 def uses_target(cfg: DictConfig) -> bool:
@@ -150,12 +129,6 @@ def class_names(cfg: DictConfig, source: SubjectSource):
     if list(source.class_names) != names:
         raise ValueError(f"config classes {names} differ from the data's classes {list(source.class_names)}")
     return names
-
-
-def build_net(cfg: DictConfig, num_classes: int):
-    """The run's network (2D or 3D by ``len(data.shape)``), one input channel."""
-    return build_network(cfg.model.name, len(cfg.data.shape), 1, num_classes, encoder=cfg.model.encoder,
-                         kwargs=OmegaConf.to_container(cfg.model.kwargs), skip_connections=cfg.model.skip_connections)
 
 
 def build_module(cfg: DictConfig, names) -> SegmentationModule:

@@ -159,7 +159,7 @@ class RunPictures(Callback):
             x = torch.stack([s["image"] for s in samples]).to(pl_module.device)
             y = torch.stack([s["label"] for s in samples])
             if pl_module.hparams.get("input_transform", "none") == "class_mean":
-                from lightning_distill.methods.sikd import class_mean_image
+                from lightning_distill.data.class_mean import class_mean_image
 
                 x = class_mean_image(x, y.to(x.device), len(self.class_names))
             was = pl_module.training
