@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,8 +32,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_distill.bench_grid import GridRun, among, append_record, cpu_count, grid, read_records
 from lightning_distill.config import ConfigError, load_config, to_dict
-from lightning_distill.io import atomic_write
 
 RESULTS_FILE = "results.jsonl"
 PER_AXES = ("arch", "fraction", "seed")
@@ -115,22 +114,6 @@ class BenchmarkConfig:
     quick: QuickSpec = field(default_factory=QuickSpec)
 
 
-@dataclass(frozen=True)
-class GridRun:
-    method: str
-    arch: str
-    fraction: float
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.method}|{self.arch}|f{self.fraction:g}|s{self.seed}"
-
-    @property
-    def dirname(self) -> str:
-        return f"{self.method}_{self.arch}_f{self.fraction:g}_s{self.seed}"
-
-
 def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool = False) -> Tuple[DictConfig, Path]:
     """Load and check a benchmark YAML; returns the config and the folder run configs are relative to.
 
@@ -208,7 +191,7 @@ def _check(cfg: DictConfig, path: Path) -> None:
     for m, fr in cfg.fractions_of.items():
         if m not in cfg.methods:
             raise ConfigError(f"{where}: fractions_of names {m!r}, not one of the methods {list(cfg.methods)}")
-        bad = [f for f in fr if not _among(f, cfg.fractions)]
+        bad = [f for f in fr if not among(f, cfg.fractions)]
         if bad:
             raise ConfigError(f"{where}: fractions_of.{m} has {bad}, not among the fractions {list(cfg.fractions)}")
     for pair in cfg.contrasts:
@@ -226,66 +209,6 @@ def _teacher_refs(override: str) -> List[str]:
     import re
 
     return re.findall(r"\{teachers\.([A-Za-z0-9_\-]+)\}", override)
-
-
-def _among(fraction: float, fractions: Sequence[float]) -> bool:
-    return any(abs(float(x) - float(fraction)) < 1e-12 for x in fractions)
-
-
-def runs_at(cfg: DictConfig, method: str, fraction: float) -> bool:
-    """Whether ``method`` runs at training ``fraction`` (``fractions_of``; default every fraction)."""
-    only = cfg.fractions_of.get(method) if "fractions_of" in cfg else None
-    return only is None or _among(fraction, only)
-
-
-def grid(cfg: DictConfig) -> List[GridRun]:
-    """Every student run of the benchmark, in run order (seed, fraction, architecture, method)."""
-    return [GridRun(m, a, float(f), int(s)) for s in cfg.seeds for f in cfg.fractions for a in cfg.archs for m in cfg.methods
-            if runs_at(cfg, m, f)]
-
-
-# ---------------------------------------------------------------------------------------- results file
-def read_records(path: str | Path) -> List[Dict[str, Any]]:
-    """The JSON lines of a results file (``[]`` when it does not exist yet).
-
-    Raises:
-        ValueError: a line is not valid JSON (names the file and line).
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {i}: not a JSON record ({e.msg}); the file is damaged: remove that line "
-                             "to re-run the run it belonged to") from None
-    return records
-
-
-def append_record(path: str | Path, record: Dict[str, Any]) -> bool:
-    """Add one JSON line unless a record with the same ``key`` is there already; returns whether it was added.
-
-    The file is rewritten atomically (temp file + rename), so a crash keeps the previous lines intact;
-    an exclusive lock on ``<path>.lock`` serialises writers (parallel benchmark workers).
-    """
-    import fcntl
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if any(r.get("key") == record.get("key") for r in read_records(path)):
-            return False
-        previous = path.read_text() if path.exists() else ""
-        if previous and not previous.endswith("\n"):
-            previous += "\n"
-        text = previous + json.dumps(record) + "\n"  # key order kept (organ order)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-        return True
 
 
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -496,7 +419,7 @@ class Benchmark:
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        threads = max(1, _cpu_count() // jobs)
+        threads = max(1, cpu_count() // jobs)
         state = (OmegaConf.to_container(self.cfg, resolve=True), str(self.base), self.quick, threads)
         waiting, done, n = list(range(len(tasks))), set(), 0
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
@@ -525,13 +448,16 @@ class Benchmark:
                 raise
 
     def _prepare(self, log) -> None:
-        from lightning_distill.cli import main
+        """Run the ``prepare`` commands whose outputs are missing, each as ``lightning-distill ARGS`` in a
+        child process (the benchmark drives the CLI from outside, it does not import it)."""
+        import subprocess
+        import sys
 
         for p in self.cfg.prepare:
             if Path(p.creates).exists():
                 continue
             log(f"prepare: lightning-distill {' '.join(p.command)}")
-            rc = main([str(a) for a in p.command])
+            rc = subprocess.run([sys.executable, "-m", "lightning_distill.cli", *[str(a) for a in p.command]]).returncode
             if rc != 0 or not Path(p.creates).exists():
                 raise RuntimeError(f"prepare step `lightning-distill {' '.join(p.command)}` failed (exit {rc}) "
                                    f"or did not create {p.creates}")
@@ -650,10 +576,6 @@ def _die_with_parent() -> None:
 def _worker_run(task: Tuple) -> Dict[str, Any]:
     assert _WORKER is not None
     return _WORKER._task(task)
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _fmt(v: Optional[float]) -> str:
