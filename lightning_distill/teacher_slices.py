@@ -54,7 +54,6 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
         "test_ids", "wall_time_s"}`` (the keys of a student's ``results.json``).
     """
     from lightning_distill.inference import load_checkpoint, load_network
-    from lightning_distill.metrics import per_case_dice, per_case_hd95, per_case_surface_dice
     from lightning_distill.modules import check_checkpoint
     from lightning_distill.train import build_datamodule, build_source, class_names
 
@@ -84,15 +83,12 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
     net = load_network(ckpt, tcfg).to(device)
     dm = build_datamodule(student_cfg, source, training=False)
     test_ids = list(dm.splits["test"])
-    k = len(names)
-    dice, hd, sd = [], [], []
+    preds = []
     for sid in test_ids:
         idx = int(sid.rsplit("_", 1)[1])
         sample = source.load(sid)
         if len(tshape) == 2:  # a 2D teacher: the student's own test image
-            with torch.no_grad():
-                logits = net(torch.from_numpy(np.ascontiguousarray(sample["image"]))[None].to(device))
-            pred = logits.argmax(1).cpu()  # (1, X, Y)
+            pred = _predict_2d(net, sample, device)
         else:
             vol = render_volume(source.spec, idx, tshape, through=sample_subject(source.spec, idx).slice_z)
             plane = vol["label"][..., vol["z_index"]].astype(np.int64)
@@ -102,19 +98,32 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
             with torch.no_grad():
                 logits = net(torch.from_numpy(np.ascontiguousarray(img))[None, None].to(device))
             pred = logits.argmax(1)[..., vol["z_index"]].cpu()  # (1, X, Y)
-        label = torch.from_numpy(sample["label"])[None]
+        preds.append((pred, sample))
+    what = "the student's test images" if len(tshape) == 2 else "the plane through it of the subject's volume"
+    return _results(names, test_ids, preds, student_cfg, teacher_checkpoint, what, out, t0)
+
+
+def _predict_2d(net, sample: Dict[str, Any], device: str) -> torch.Tensor:
+    """A 2D teacher's label map ``(1, X, Y)`` of the student's own test image."""
+    with torch.no_grad():
+        return net(torch.from_numpy(np.ascontiguousarray(sample["image"]))[None].to(device)).argmax(1).cpu()
+
+
+def _results(names, test_ids, preds, student_cfg: DictConfig, teacher_checkpoint, what: str, out: Optional[str],
+             t0: float) -> Dict[str, Any]:
+    """Score ``preds`` (``(label map (1, X, Y), the student's sample)`` per test id) with the student's
+    metrics and spacing; write ``out`` when given."""
+    from lightning_distill.io import write_json
+    from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, per_case_surface_dice, summarize
+
+    k, tol = len(names), student_cfg.get("surface_tolerance_mm")
+    dice, hd, sd = [], [], []
+    for pred, sample in preds:
+        label = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))[None]
         spacing = np.asarray(sample["spacing"], float)[None]
         dice.append(per_case_dice(pred, label, k).cpu())
         hd.append(per_case_hd95(pred, label, k, spacing))
-        sd.append(per_case_surface_dice(pred, label, k, spacing, student_cfg.get("surface_tolerance_mm")))
-    what = "the student's test images" if len(tshape) == 2 else "the plane through it of the subject's volume"
-    return _results(names, test_ids, dice, hd, sd, teacher_checkpoint, what, out, t0)
-
-
-def _results(names, test_ids, dice, hd, sd, teacher_checkpoint, what: str, out: Optional[str], t0: float) -> Dict[str, Any]:
-    from lightning_distill.io import write_json
-    from lightning_distill.metrics import collect_cases, summarize
-
+        sd.append(per_case_surface_dice(pred, label, k, spacing, tol))
     dice_t, hd_t, sd_t = torch.cat(dice), torch.cat(hd), torch.cat(sd)
     organs = list(names[1:])
     summary = summarize(dice_t, hd_t, organs, surface_dice=sd_t)
@@ -135,7 +144,6 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
 
     from lightning_distill.data.nifti import discover, read_case
     from lightning_distill.inference import load_network, predict_array
-    from lightning_distill.metrics import per_case_dice, per_case_hd95, per_case_surface_dice
     from lightning_distill.modules import check_checkpoint
     from lightning_distill.slices import _canonical
     from lightning_distill.train import build_datamodule, build_source, class_names
@@ -155,7 +163,6 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
     check_checkpoint(ckpt, names, where)
     net = load_network(ckpt, tcfg).to(device).eval()
     test_ids = list(build_datamodule(student_cfg, source, training=False).splits["test"])
-    k = len(names)
     volumes = {c.case_id: c for c in discover(tcfg.data.nifti.root, tcfg.data.nifti.layout, tcfg.data.nifti.image_pattern,
                                                tcfg.data.nifti.label_pattern, require_labels=False).cases}
     chosen: Dict[str, int] = {}
@@ -165,8 +172,6 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
     predicted: Dict[str, Dict[str, np.ndarray]] = {}  # subject -> {sample id: the teacher's label on the student's grid}
 
     def teacher_labels(subject: str) -> Dict[str, np.ndarray]:
-        if len(tshape) == 2:  # a 2D teacher: the student's own test images
-            return {}
         if subject not in volumes:
             raise ValueError(f"{where}: the student's test subject {subject!r} has no volume in the teacher's data "
                              f"{tcfg.data.nifti.root}")
@@ -192,13 +197,12 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
         out_ = [source.preprocess(s_image, s_affine, plane)[1].as_tensor()[0, ..., 0].numpy() for plane in planes]
         return {subject: tuple(out_)}
 
-    dice, hd, sd = [], [], []
+    preds = []
     for sid in test_ids:
         sample = source.load(sid)
         subject = sid.split("@", 1)[0]
-        if len(tshape) == 2:
-            with torch.no_grad():
-                pred = net(torch.from_numpy(np.ascontiguousarray(sample["image"]))[None].to(device)).argmax(1).cpu()
+        if len(tshape) == 2:  # a 2D teacher: the student's own test image
+            pred = _predict_2d(net, sample, device)
         else:
             if subject not in predicted:
                 predicted[subject] = teacher_labels(subject)
@@ -207,14 +211,10 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
                 raise RuntimeError(f"{sid}: the teacher's volume, cut like the student's sample, does not give the "
                                    "student's label (another slice or preprocessing?)")
             pred = torch.from_numpy(np.ascontiguousarray(mine.astype(np.int64)))[None]
-        label = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))[None]
-        spacing = np.asarray(sample["spacing"], float)[None]
-        dice.append(per_case_dice(pred, label, k).cpu())
-        hd.append(per_case_hd95(pred, label, k, spacing))
-        sd.append(per_case_surface_dice(pred, label, k, spacing, student_cfg.get("surface_tolerance_mm")))
+        preds.append((pred, sample))
     what = ("the student's test images" if len(tshape) == 2 else
             "the teacher's prediction of the whole volume, cut and preprocessed like the student's sample")
-    return _results(names, test_ids, dice, hd, sd, teacher_checkpoint, what, out, t0)
+    return _results(names, test_ids, preds, student_cfg, teacher_checkpoint, what, out, t0)
 
 
 def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baseline_run: Optional[str] = None,
