@@ -39,6 +39,10 @@ from lightning_distill.report import fmt_mean_sd, mean_sd, new_figure
 OWN_TEST = "test"
 
 
+def _title(ts: str) -> str:
+    return "own test split" if ts == OWN_TEST else f"test set `{ts}`"
+
+
 def _mean(vals) -> Optional[float]:
     return mean_sd(vals)[0]
 
@@ -256,7 +260,7 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
     L += _contrasts(tab)
     L += _focus(tab)
     for ts in tab.test_sets:
-        title = "own test split" if ts == OWN_TEST else f"test set `{ts}`"
+        title = _title(ts)
         desc = "" if ts == OWN_TEST else cfg.test_sets[ts].description
         L += [f"## Test Dice: {title}", ""]
         if desc:
@@ -352,7 +356,7 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
     """Per method and test set, how many settings are better / worse / not clearly different from the
     baseline; then the low-data claim of every method run at more than one fraction."""
     base = tab.cfg.baseline
-    titles = ["own test split" if ts == OWN_TEST else f"test set `{ts}`" for ts in tab.test_sets]
+    titles = [_title(ts) for ts in tab.test_sets]
     L = ["## Summary", "",
          f"Verdicts against the {base} over the settings each method runs in (*better* / *worse*: the paired 95% CI "
          "of the Dice difference above / below 0; the settings are named).", "",
@@ -377,8 +381,8 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
     L.append(f"- No method improves on the {base} in any setting of any test set." if not improving else
              f"- Better than the {base} in some setting: {', '.join(sorted(set(improving)))} (see the tables and the "
              "controls below before crediting the teacher).")
-    for m in [base, *others]:
-        if m == base or sum(runs_at(tab.cfg, m, f) for f in tab.fractions) < 2:
+    for m in others:
+        if sum(runs_at(tab.cfg, m, f) for f in tab.fractions) < 2:
             continue
         for ts, title in zip(tab.test_sets, titles):
             for a in tab.archs:
@@ -411,7 +415,7 @@ def _teachers_on_slices(tab: Table) -> List[str]:
         if not scored:
             continue
         if len(tab.test_sets) > 1:
-            L += [f"### {'own test split' if ts == OWN_TEST else f'test set `{ts}`'}", ""]
+            L += [f"### {_title(ts)}", ""]
         for a in tab.archs:
             L += ["| teacher | " + " | ".join("mean" if o is None else o for o in organs) + " |", "|---|" + "---|" * len(organs)]
             bruns = tab.runs(ts, a, f, base)
@@ -495,8 +499,7 @@ def _contrasts(tab: Table) -> List[str]:
          "teacher's bank, class balancing) is not the 3D teacher's knowledge."
          + (f" Per-organ columns: Dice of the organs where 3D context matters ({', '.join(focus)})." if focus else ""), ""]
     for ts in tab.test_sets:
-        title = "own test split" if ts == OWN_TEST else f"test set `{ts}`"
-        L += [f"### {title}", "", "| arch | fraction | method − control | mean Dice Δ [95% CI] | verdict | "
+        L += [f"### {_title(ts)}", "", "| arch | fraction | method − control | mean Dice Δ [95% CI] | verdict | "
               + " | ".join(f"{o} Δ" for o in focus) + (" |" if focus else ""),
               "|---|---|---|---|---|" + "---|" * len(focus)]
         for a in tab.archs:

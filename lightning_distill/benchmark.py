@@ -373,16 +373,17 @@ class Benchmark:
                 else:
                     teachers.setdefault(inst, (name, r))
 
-        finished_students = [len(runs) - len(todo)]
+        finished = len(runs) - len(todo)
 
-        def report(_: int, task: Tuple, rec: Dict[str, Any]) -> None:
+        def report(task: Tuple, rec: Dict[str, Any]) -> None:
+            nonlocal finished
             dice, secs = _fmt(rec["test"].get("dice_mean")), rec["wall_time_s"]
             if task[0] == "teacher":
                 log(f"teacher {rec['instance']}: test Dice {dice} ({secs:.0f} s)")
                 return
             r = task[1]
-            finished_students[0] += 1
-            log(f"[{finished_students[0]}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
+            finished += 1
+            log(f"[{finished}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
                 f"seed {r.seed}: test Dice {dice} ({secs:.0f} s)")
 
         tasks = [("teacher", name, r) for name, r in teachers.values()] + [("student", r) for r in selected]
@@ -390,8 +391,8 @@ class Benchmark:
             log(f"training {len(teachers)} teacher(s): {', '.join(teachers)}"
                 + (" (students that need no teacher run beside them)" if jobs > 1 else ""))
         if jobs == 1 or len(tasks) <= 1:
-            for i, task in enumerate(tasks, 1):  # teachers first, then students in grid order
-                report(i, task, self._task(task))
+            for task in tasks:  # teachers first, then students in grid order
+                report(task, self._task(task))
         else:
             self._run_parallel(tasks, jobs, report, self._needs(tasks))
         log(f"benchmark {self.cfg.name}: this invocation took {time.time() - t0:.0f} s")
@@ -421,7 +422,7 @@ class Benchmark:
 
         threads = max(1, cpu_count() // jobs)
         state = (OmegaConf.to_container(self.cfg, resolve=True), str(self.base), self.quick, threads)
-        waiting, done, n = list(range(len(tasks))), set(), 0
+        waiting, done = list(range(len(tasks))), set()
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                     initargs=state) as pool:
             running: Dict[Any, int] = {}
@@ -440,8 +441,7 @@ class Benchmark:
                         i = running.pop(f)
                         rec = f.result()
                         done.add(i)
-                        n += 1
-                        report(n, tasks[i], rec)
+                        report(tasks[i], rec)
             except BaseException:
                 for f in running:
                     f.cancel()

@@ -197,7 +197,7 @@ class SegmentationDataModule(L.LightningDataModule):
             val_by_subject.setdefault(subject_of(i), []).append(i)
         if splits:
             named = {k: set(v) for k, v in splits.items()}
-            unknown = sorted(set().union(*[v for k, v in named.items() if not (k == "val" and val_source)]) - set(subjects))
+            unknown = sorted(set().union(*[v for k, v in named.items() if not (k == "val" and val_source is not None)]) - set(subjects))
             if val_source is not None:
                 unknown += sorted(named["val"] - set(val_by_subject))
             if unknown:
