@@ -82,6 +82,7 @@ benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom, 
 	$(BIN)/lightning-distill benchmark $(BENCH) $(ARGS)
 
 bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~30 min) -> docs/benchmarks/chaos.md
+	@test -f "$${CHAOS_DIR:-../shared/data/chaos_t2_mr}/dataset.json" || { echo "CHAOS data not found at $${CHAOS_DIR:-../shared/data/chaos_t2_mr} (relative to this folder): set CHAOS_DIR to the dataset folder" >&2; exit 2; }
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos.yaml $(ARGS)
 
 SWEEP ?= experiments/sweeps/student.yaml
