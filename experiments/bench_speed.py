@@ -46,10 +46,12 @@ from lightning_distill.config import load_config  # noqa: E402
 from lightning_distill.io import atomic_write  # noqa: E402
 from lightning_distill.methods import CMEDLModule, PixelDistModule, SIKDModule  # noqa: E402
 from lightning_distill.networks import head_module_name  # noqa: E402
-from lightning_distill.modules import SegmentationModule, StudentModule  # noqa: E402
+from lightning_distill.methods.cmedl import build as build_cmedl  # noqa: E402
+from lightning_distill.methods.prototype import StudentModule  # noqa: E402
+from lightning_distill.modules import SegmentationModule  # noqa: E402
 from lightning_distill.prototypes import Bank  # noqa: E402
 from lightning_distill.factory import build_net  # noqa: E402
-from lightning_distill.train import build_cmedl, build_datamodule, build_source, class_names  # noqa: E402
+from lightning_distill.train import build_datamodule, build_source, class_names  # noqa: E402
 
 TARGETS = {"prototype-dist": 1.05, "prototype-logprob": 1.05, "prototype-offdiag": 1.05, "sikd": 1.6}  # step-time ratios to the baseline asked for by the issues
 LOADER_TARGET = 5.0  # loader throughput / training consumption

@@ -207,7 +207,7 @@ def training_section(bank: Bank, students: List[Dict], img: Path) -> List[str]:
         L.append(f"| {st['name']} | {i[0][1]:.4f} → {i[-1][1]:.4f} | {a[0][1]:.4f} → {a[-1][1]:.4f} | "
                  + " | ".join(dists) + f" | {dice:.3f} |")
     # the figure
-    from lightning_distill.report import new_figure
+    from lightning_distill.visuals import new_figure
 
     fig, axes = new_figure(1, 2, figsize=(12, 4))
     for st in students:

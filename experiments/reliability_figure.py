@@ -93,7 +93,7 @@ def main() -> None:
     run(single, [*DDP, "data.batch_size=4", "trainer.devices=1"])
     run(ddp, [*DDP, "data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"])
 
-    from lightning_distill.report import new_figure
+    from lightning_distill.visuals import new_figure
 
     fig, (a, b) = new_figure(1, 2, figsize=(11, 4))
     for out, label, style in ((full, "uninterrupted", "-"), (resumed, "killed in step 7, resume=auto", "--"),

@@ -190,7 +190,7 @@ def _slices(args) -> int:
 
 
 def _report(args) -> int:
-    from lightning_distill.report import compare_table, grid_table, plot_bank, plot_dice, plot_grid
+    from lightning_distill.lab.report import compare_table, grid_table, plot_bank, plot_dice, plot_grid
 
     print(grid_table(args.runs, args.results_name) if args.grid else compare_table(args.runs, args.names), end="")
     if args.plot and args.grid:
@@ -203,14 +203,14 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from lightning_distill.teacher_slices import compare_on_student_slices
+    from lightning_distill.lab.teacher_slices import compare_on_student_slices
 
     print(compare_on_student_slices(args.student_run, args.teacher, args.baseline), end="")
     return 0
 
 
 def _bank(args) -> int:
-    from lightning_distill.bank_inspect import inspect_bank
+    from lightning_distill.lab.bank_inspect import inspect_bank
 
     text, png = inspect_bank(args.bank, args.png)
     print(text, end="")
@@ -219,7 +219,7 @@ def _bank(args) -> int:
 
 
 def _benchmark(args) -> int:
-    from lightning_distill.benchmark import Benchmark, load_benchmark
+    from lightning_distill.lab.benchmark import Benchmark, load_benchmark
 
     cfg, base = load_benchmark(args.config, args.overrides, quick=args.quick)
     words = ["lightning-distill benchmark", args.config, *(["--quick"] if args.quick else []), *args.overrides]
@@ -247,7 +247,7 @@ def _phantom(args) -> int:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from lightning_distill.sweep import command_for, load_sweep, run_local, sample
+    from lightning_distill.lab.sweep import command_for, load_sweep, run_local, sample
 
     sweep = load_sweep(args.sweep)
     if not args.local:

@@ -163,7 +163,7 @@ class DistillConfig:
     penultimate features), ``pixel`` (pixel-wise DIST with a paired 2D teacher) or ``cmedl``
     (weight * feature hint from a teacher trained concurrently on translated images; see ``cmedl``)."""
 
-    method: str = "prototype"  # prototype | sikd | pixel | cmedl
+    method: str = "prototype"  # a name of lightning_distill.methods.METHODS: prototype | sikd | pixel | cmedl
     weight: float = 1.0  # lambda; 0 = baseline
     teacher: Optional[str] = None  # sikd / pixel: the 2D teacher's checkpoint (.ckpt of `lightning-distill fit`)
     prototypes: Optional[str] = None  # path of the teacher's prototypes.pt
@@ -248,7 +248,6 @@ _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorb
             "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.resize": ("resize", "pad_crop"),
             "bank.space": ("prob", "feature"), "bank.source": ("running", "final"), "bank.final_split": ("train", "val", "both"),
             "distill.geometry": ("prob", "logprob", "offdiag"), "distill.bank_control": ("none", "identity", "flat", "shuffled"), "distill.row_weight": ("none", "reliability"),
-            "distill.method": ("prototype", "sikd", "pixel", "cmedl"),
             "cmedl.translator": ("resnet", "unet", "none"),
             "input_transform": ("none", "class_mean"), "optim.scheduler": ("cosine", "none"),
             "loss.class_balance": ("none", "inverse_frequency")}
@@ -345,7 +344,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     cfg = apply_overrides(cfg, overrides)
     where = str(path) if path else "config"
     _check_trainer(OmegaConf.to_container(cfg.trainer), where)
-    checks = {**_CHOICES, **{"cmedl.target." + k[5:]: c for k, c in _CHOICES.items() if k.startswith("data.")}}
+    from lightning_distill.methods import METHODS  # the registry (a light module: names only)
+
+    checks = {**_CHOICES, **{"cmedl.target." + k[5:]: c for k, c in _CHOICES.items() if k.startswith("data.")},
+              "distill.method": tuple(METHODS)}
     for key, choices in checks.items():
         v = OmegaConf.select(cfg, key)
         if v not in choices:

@@ -37,7 +37,8 @@ from lightning_distill.data.nifti import (IGNORE_INDEX, Case, DataError, LabelMa
 from lightning_distill.io import nnunet_dirs, save_nifti, staged_dir, write_json
 
 
-def _canonical(data: np.ndarray, affine: np.ndarray):
+def to_ras(data: np.ndarray, affine: np.ndarray):
+    """``(data, affine)`` of a 3D array reoriented to RAS (the axis order ``slices`` cuts axial slices in)."""
     out, aff, _ = reorient(data[None], affine, "RAS")
     return out[0], aff
 
@@ -164,13 +165,13 @@ def extract_slices(src: str | Path, dst: str | Path, rule: str, value, layout: s
     with staged_dir(dst, overwrite) as tmp:
         nnunet_dirs(tmp)
         for case in cases:
-            chans = [_canonical(*load_nifti(p, "image")[:2]) for p in case.images]
+            chans = [to_ras(*load_nifti(p, "image")[:2]) for p in case.images]
             label = lab_aff = None
             if case.label is not None:
                 ldata, laff, _ = load_nifti(case.label, "label")
                 if mapping is not None:
                     ldata = mapping.apply(ldata, case.label)
-                label, lab_aff = _canonical(ldata, laff)
+                label, lab_aff = to_ras(ldata, laff)
             depth = chans[0][0].shape[2]
             z = listed[case.case_id] if rule == "list" else choose_slice(label, depth, rule, value, organ)
             if not 0 <= z < depth:

@@ -31,10 +31,11 @@ from lightning_distill.factory import build_net, make_preprocess
 from lightning_distill.fingerprint import check_samples, data_identity, fingerprint_summary, training_record
 from lightning_distill.io import atomic_write, write_json
 from lightning_distill.metrics import format_table
-from lightning_distill.modules import SegmentationModule, StudentModule
+from lightning_distill.methods import method_builder
+from lightning_distill.modules import SegmentationModule
 from lightning_distill.networks import head_module_name
-from lightning_distill.prototypes import (PrototypeBank, check_axial_range, class_reliability, control_bank, file_sha256,
-                                          final_bank, format_reliability, load_bank, save_bank)
+from lightning_distill.prototypes import (PrototypeBank, check_axial_range, class_reliability, file_sha256,
+                                          final_bank, format_reliability, save_bank)
 
 
 def build_source(cfg: DictConfig, root: Optional[str] = None, slice_mode: Optional[str] = None,
@@ -132,6 +133,8 @@ def class_names(cfg: DictConfig, source: SubjectSource):
 
 
 def build_module(cfg: DictConfig, names) -> SegmentationModule:
+    """The run's LightningModule: the teacher (``stage=teacher``) or the student of ``distill.method``,
+    made by that method's builder (:data:`lightning_distill.methods.METHODS`)."""
     net = build_net(cfg, len(names))
     common = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, scheduler=cfg.optim.scheduler,
                   dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight, dice_batch=cfg.loss.dice_batch,
@@ -145,64 +148,7 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     if d.bank_control != "none" and (d.method != "prototype" or not d.prototypes):
         raise ValueError(f"distill.bank_control={d.bank_control} transforms the teacher's prototype bank: it needs "
                          f"distill.method=prototype and distill.prototypes (got method {d.method}, prototypes {d.prototypes})")
-    if d.method == "cmedl":
-        return build_cmedl(cfg, net, names, common)
-    if d.method in ("sikd", "pixel") and d.weight != 0:
-        from lightning_distill.methods import PixelDistModule, SIKDModule
-
-        teacher = load_teacher_network(d.teacher, names, f"distill.method={d.method}")
-        if d.method == "sikd":
-            layer = d.feature_layer or head_module_name(cfg.model.name)
-            return SIKDModule(net, names, teacher=teacher, feature_layer=layer, distill_weight=d.weight, **common)
-        return PixelDistModule(net, names, teacher=teacher, distill_weight=d.weight, beta=d.beta, gamma=d.gamma,
-                               tau=1.0 if d.tau is None else d.tau, **common)
-    bank = None
-    if cfg.distill.prototypes:
-        bank = load_bank(cfg.distill.prototypes)
-        bank.meta["path"] = str(cfg.distill.prototypes)
-        bank = control_bank(bank, cfg.distill.bank_control, seed=cfg.seed)
-    elif cfg.distill.weight != 0:
-        raise ValueError("distill.weight is not 0 but distill.prototypes is not set: give the teacher's prototypes.pt "
-                         "(e.g. distill.prototypes=runs/teacher/prototypes.pt), or set distill.weight=0 for the baseline")
-    return StudentModule(net, names, bank=bank, distill_weight=d.weight, beta=d.beta, gamma=d.gamma, tau=d.tau,
-                         geometry=d.geometry, log_floor=d.log_floor, min_pixels=d.min_pixels, row_weight=d.row_weight,
-                         min_reliability=d.min_reliability, mask_classes=list(d.mask_classes), grad_every=d.grad_every,
-                         feature_layer=cfg.distill.feature_layer or head_module_name(cfg.model.name), **common)
-
-
-def build_cmedl(cfg: DictConfig, net, names, common: Dict[str, Any]):
-    """CMEDL: a teacher of the student's architecture, and the translator of ``cmedl.translator``."""
-    from lightning_distill.methods.cmedl import CMEDLModule
-    from lightning_distill.methods.translator import build_generator, patch_discriminator
-
-    c, dims = cfg.cmedl, len(cfg.data.shape)
-    if list(c.target.shape) != list(cfg.data.shape):
-        raise ValueError(f"cmedl.target.shape {list(c.target.shape)} must equal data.shape {list(cfg.data.shape)}")
-    teacher = build_net(cfg, len(names))
-    nets = {}
-    if c.translator != "none":
-        size = {"blocks": c.blocks} if c.translator == "resnet" else {"depth": c.blocks}
-        gen = lambda: build_generator(c.translator, channels=c.channels, spatial_dims=dims, **size)  # noqa: E731
-        disc = lambda: patch_discriminator(channels=c.disc_channels, layers=c.disc_layers, spatial_dims=dims)  # noqa: E731
-        nets = {"g_ab": gen(), "g_ba": gen(), "d_a": disc(), "d_b": disc()}
-    return CMEDLModule(net, names, teacher=teacher, hint_layers=list(c.hint_layers) if c.hint_layers else None,
-                       hint_weight=cfg.distill.weight, teacher_weight=c.teacher_weight, adv_weight=c.adv_weight,
-                       cycle_weight=c.cycle_weight, identity_weight=c.identity_weight, translator_seg=c.translator_seg,
-                       gan_lr=c.gan_lr, gan_betas=list(c.gan_betas), **nets, **common)
-
-
-def load_teacher_network(checkpoint: Optional[str], names, why: str):
-    """The network of a 2D teacher checkpoint (built from the checkpoint's own config), checked against ``names``."""
-    from lightning_distill.inference import load_checkpoint, load_network
-
-    if not checkpoint:
-        raise ValueError(f"{why} needs distill.teacher: the 2D teacher's checkpoint (e.g. "
-                         "runs/sikd_teacher/checkpoints/best.ckpt), or distill.weight=0 for the baseline")
-    from lightning_distill.modules import check_checkpoint
-
-    ckpt, tcfg = load_checkpoint(checkpoint)
-    check_checkpoint(ckpt, names, f"teacher checkpoint {checkpoint}")
-    return load_network(ckpt, tcfg)
+    return method_builder(d.method)(cfg, net, names, common)
 
 
 class LastCheckpoint(ModelCheckpoint):

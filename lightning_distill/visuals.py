@@ -24,7 +24,17 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_distill.io import atomic_write
-from lightning_distill.report import new_figure
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """``(figure, axes)`` as ``pyplot.subplots`` would return, but a bare ``matplotlib.figure.Figure``:
+    the package never imports pyplot or switches matplotlib's backend, so plotting from a notebook
+    (inline figures) or a GUI session keeps working, and nothing needs closing. Save with
+    ``fig.savefig``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def to_2d(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor):

@@ -7,7 +7,7 @@ from conftest import FakeTrainer as _FakeTrainer  # tests/ is on sys.path (pytes
 from lightning_distill.data.phantom import CLASS_NAMES
 from lightning_distill.losses import masked_class_mean
 from lightning_distill.networks import build_network
-from lightning_distill.modules import StudentModule
+from lightning_distill.methods.prototype import StudentModule
 from lightning_distill.prototypes import Bank, PrototypeBank, load_bank, save_bank
 
 

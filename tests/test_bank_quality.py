@@ -247,7 +247,7 @@ def test_running_teacher_bank_records_its_reliability(teacher_bank):
 @pytest.mark.slow
 def test_teacher_fit_with_a_final_bank_that_the_student_loads(tmp_path, capsys):
     from lightning_distill.cli import main
-    from lightning_distill.modules import StudentModule, row_weights
+    from lightning_distill.methods.prototype import StudentModule, row_weights
 
     out = tmp_path / "teacher"
     assert main(["fit", TEACHER_YAML, f"output_dir={out}", *TINY_TEACHER, "trainer.max_steps=2", "pictures=0",

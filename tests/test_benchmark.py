@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from lightning_distill import bench_report
-from lightning_distill.bench_report import case_scores, paired_bootstrap, verdict
-from lightning_distill.benchmark import Benchmark, append_record, grid, load_benchmark, read_records
+from lightning_distill.lab import bench_report
+from lightning_distill.lab.bench_report import case_scores, paired_bootstrap, verdict
+from lightning_distill.lab.benchmark import Benchmark, append_record, grid, load_benchmark, read_records
 from lightning_distill.config import ConfigError, to_dict
 
 PHANTOM = os.path.join(REPO, "experiments/benchmarks/phantom.yaml")
@@ -246,7 +246,7 @@ def test_resume_runs_only_missing_keys_and_refuses_changed_configs(tmp_path, mon
 
 
 def test_config_changes_ignore_new_schema_keys_at_their_default():
-    from lightning_distill.benchmark import config_changes
+    from lightning_distill.lab.benchmark import config_changes
     from lightning_distill.config import load_config
 
     new = to_dict(load_config(f"{REPO}/experiments/student.yaml", ["output_dir=a"]))
@@ -391,7 +391,7 @@ def test_quick_cmedl_benchmark_reports_three_metrics_and_translated_images(tmp_p
 
 
 def test_late_rise_and_organ_scores():
-    from lightning_distill.bench_report import late_rise, organ_scores
+    from lightning_distill.lab.bench_report import late_rise, organ_scores
 
     curve = [[10, 0.5, {}], [20, 0.7, {}], [30, 0.72, {}], [40, 0.71, {}]]
     assert late_rise(curve, 40) == pytest.approx(0.0)  # the best came before the last quarter

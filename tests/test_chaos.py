@@ -91,7 +91,7 @@ def test_quick_chaos_benchmark_scores_teachers_on_the_students_slices(tmp_path, 
     """`make bench-chaos --quick`: both teachers scored on the students' test slices (single slices and
     every axial slice), students validated on the val patient's volume, best and last checkpoints tested,
     the teachers' banks and the spleen-masked control in the report."""
-    from lightning_distill.benchmark import read_records
+    from lightning_distill.lab.benchmark import read_records
     from lightning_distill.cli import main
 
     monkeypatch.setenv("CHAOS_DIR", os.path.abspath(CHAOS))

@@ -190,7 +190,7 @@ def test_geometry_errors():
 
 def test_bank_accumulates_every_temperature_and_the_student_reads_its_own(tmp_path):
     from lightning_distill.losses import masked_class_mean
-    from lightning_distill.modules import StudentModule
+    from lightning_distill.methods.prototype import StudentModule
     from lightning_distill.networks import build_network
     from lightning_distill.prototypes import PrototypeBank, load_bank, save_bank
 
@@ -226,7 +226,7 @@ def test_bank_accumulates_every_temperature_and_the_student_reads_its_own(tmp_pa
 
 def test_min_pixels_decides_which_classes_are_present():
     from lightning_distill.losses.prototype import class_means, masked_class_sums
-    from lightning_distill.modules import StudentModule
+    from lightning_distill.methods.prototype import StudentModule
     from lightning_distill.networks import build_network
     from lightning_distill.prototypes import Bank
 
@@ -251,7 +251,7 @@ def test_min_pixels_decides_which_classes_are_present():
 
 
 def test_reliability_weights_come_from_the_bank():
-    from lightning_distill.modules import StudentModule, row_weights
+    from lightning_distill.methods.prototype import StudentModule, row_weights
     from lightning_distill.networks import build_network
     from lightning_distill.prototypes import Bank
 

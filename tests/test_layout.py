@@ -78,6 +78,6 @@ def test_no_import_cycle():
     # the three cycles broken in issue 18, named so that a regression says which
     assert "lightning_distill.modules" not in _reach(graph, "lightning_distill.methods.sikd", back=True)
     assert "lightning_distill.train" not in _reach(graph, "lightning_distill.inference")
-    assert not {"lightning_distill.cli", "lightning_distill.benchmark"} & _reach(graph, "lightning_distill.bench_report")
-    assert "lightning_distill.cli" not in _reach(graph, "lightning_distill.benchmark")
+    assert not {"lightning_distill.cli", "lightning_distill.lab.benchmark"} & _reach(graph, "lightning_distill.lab.bench_report")
+    assert "lightning_distill.cli" not in _reach(graph, "lightning_distill.lab.benchmark")
 

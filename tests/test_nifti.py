@@ -347,7 +347,7 @@ def test_a_nifti_teacher_is_scored_on_exactly_the_students_test_slices(tmp_path,
 
     import lightning_distill.inference as inference
     from lightning_distill.config import load_config
-    from lightning_distill.teacher_slices import score_teacher_on_student_slices
+    from lightning_distill.lab.teacher_slices import score_teacher_on_student_slices
 
     vols = _phantom_nifti_teacher(tmp_path, tiny_teacher, 6)
     names = PHANTOM_NAMES

@@ -312,7 +312,7 @@ def test_sigkill_while_writing_keeps_the_previous_file(tmp_path):
 
 def test_truncated_artifacts_give_clear_errors(tmp_path, teacher_bank):
     from lightning_distill.inference import load_checkpoint
-    from lightning_distill.report import load_results
+    from lightning_distill.lab.report import load_results
 
     for name, load, message in [("results.json", load_results, "truncated or corrupt"),
                                 ("prototypes.pt", load_bank, "truncated or not a bank"),

@@ -137,7 +137,7 @@ def test_module_test_run_reports_surface_dice(tmp_path):
 def test_benchmark_report_shows_surface_dice_and_hd95_per_setting(tmp_path, monkeypatch):
     """Surface Dice and HD95 (mean ± std over seeds) per setting; records without surface Dice show n/a."""
     import lightning_distill.train as train
-    from lightning_distill.benchmark import Benchmark, load_benchmark
+    from lightning_distill.lab.benchmark import Benchmark, load_benchmark
 
     from test_benchmark import GRID, _bench_yaml
 
@@ -174,7 +174,7 @@ def test_benchmark_report_shows_surface_dice_and_hd95_per_setting(tmp_path, monk
 def test_compare_table_adds_surface_dice_when_recorded(tmp_path):
     import json
 
-    from lightning_distill.report import compare_table
+    from lightning_distill.lab.report import compare_table
 
     old = {"test": {"dice": {"liver": 0.8}, "dice_mean": 0.8, "hd95": {"liver": 3.0}, "hd95_mean": 3.0, "num_cases": 2}}
     new = json.loads(json.dumps(old))

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_STUDENT
-from lightning_distill.sweep import SweepError, command_for, format_value, load_sweep, results_table, run_local, sample
+from lightning_distill.lab.sweep import SweepError, command_for, format_value, load_sweep, results_table, run_local, sample
 
 SWEEPS = sorted(glob.glob(os.path.join(REPO, "experiments", "sweeps", "*.yaml")))
 
@@ -117,7 +117,7 @@ def test_local_sweep_runs_trials_and_writes_one_table(tmp_path):
     assert main(["sweep", str(sweep), "--local", "--out", str(out), "pictures=0"]) == 0
     table = (out / "results.md").read_text()
     assert table.count("| trial_00") == 2 and "| optim.lr | trainer.max_steps | val/dice |" in table
-    from lightning_distill.benchmark import read_records
+    from lightning_distill.lab.benchmark import read_records
 
     recs = read_records(out / "trials.jsonl")
     assert [r["returncode"] for r in recs] == [0, 0] and all(r["value"] is not None for r in recs)

@@ -108,7 +108,7 @@ def test_teacher_scored_on_the_student_slices(teacher_bank, tiny_student, tmp_pa
 
 def test_teacher_on_other_slices_is_refused(teacher_bank, tmp_path):
     from lightning_distill.config import load_config
-    from lightning_distill.teacher_slices import score_teacher_on_student_slices
+    from lightning_distill.lab.teacher_slices import score_teacher_on_student_slices
 
     ckpt = str(teacher_bank / "checkpoints" / "best.ckpt")
     cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), ["data.shape=[64,64]", "data.num_subjects=8",

@@ -1,13 +1,55 @@
-"""Distillation methods with a teacher *network* (one small file each): a pure loss plus a thin module.
+"""Distillation methods, one small file each, found by the name ``distill.method`` gives.
 
-The core 3D->2D method needs no teacher network at training time (only its prototype bank); it
-lives in :mod:`lightning_distill.modules` (``StudentModule``). CMEDL (:mod:`.cmedl`) trains its teacher
-concurrently with the student and an image translator (:mod:`.translator`).
+``METHODS`` maps a method's name to ``"module:function"``: a builder
+``build(cfg, net, class_names, common) -> LightningModule`` that makes the student's module from the
+run config, the student network built by :func:`lightning_distill.factory.build_net`, the K class names,
+and ``common`` (the :class:`~lightning_distill.modules.SegmentationModule` keyword arguments every
+method passes on: optimiser, segmentation loss, metrics, config). The module is imported only when
+the method is used, so this registry stays cheap to import (``config`` validates names against it).
+
+Adding a method: write ``lightning_distill/methods/mine.py`` with a module subclassing
+``SegmentationModule`` (extra loss terms in ``extra_terms``, their weights in ``term_weights``) and a
+``build`` function, then add one line below (docs/architecture.md).
+
+* ``prototype`` — the core 3D->2D method: prototype-bank DIST, no teacher network (:mod:`.prototype`).
+* ``sikd`` — shape-intensity KD from a class-mean-image teacher (:mod:`.sikd`).
+* ``pixel`` — pixel-wise DIST with a paired 2D teacher, the classic comparison (:mod:`.pixel_dist`).
+* ``cmedl`` — cross-modality educed distillation, translator + teacher + student at once (:mod:`.cmedl`).
 """
 
-from lightning_distill.methods.cmedl import CMEDLModule, hint_loss
-from lightning_distill.methods.frozen import FrozenTeacher
-from lightning_distill.methods.pixel_dist import PixelDistModule
-from lightning_distill.methods.sikd import SIKDModule, class_mean_image
+from __future__ import annotations
 
-__all__ = ["CMEDLModule", "FrozenTeacher", "hint_loss", "PixelDistModule", "SIKDModule", "class_mean_image"]
+import importlib
+from typing import Any, Callable
+
+METHODS = {
+    "prototype": "lightning_distill.methods.prototype:build",
+    "sikd": "lightning_distill.methods.sikd:build",
+    "pixel": "lightning_distill.methods.pixel_dist:build",
+    "cmedl": "lightning_distill.methods.cmedl:build",
+}
+
+# names this package re-exports, imported on first use
+_EXPORTS = {"CMEDLModule": "cmedl", "hint_loss": "cmedl", "FrozenTeacher": "frozen", "load_teacher_network": "frozen",
+            "PixelDistModule": "pixel_dist", "SIKDModule": "sikd", "class_mean_image": "sikd",
+            "StudentModule": "prototype", "row_weights": "prototype"}
+
+__all__ = ["METHODS", "method_builder", *_EXPORTS]
+
+
+def method_builder(name: str) -> Callable[..., Any]:
+    """The ``build`` function of method ``name``.
+
+    Raises:
+        KeyError: ``name`` is not a registered method (the message lists the valid ones).
+    """
+    if name not in METHODS:
+        raise KeyError(f"unknown distillation method {name!r}; valid: {sorted(METHODS)}")
+    module, _, function = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

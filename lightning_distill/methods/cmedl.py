@@ -303,7 +303,7 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
     segmenters (A, pseudo-B, reconstructed A, teacher and student predictions, truth), and of ``n``
     target images (B, pseudo-A). Returns the path, or ``None`` when there is no validation image."""
     from lightning_distill.io import atomic_write
-    from lightning_distill.report import new_figure
+    from lightning_distill.visuals import new_figure
 
     dm.setup()
     val = dm.datasets["val"] if len(dm.datasets["val"]) else dm.datasets["test"]
@@ -348,3 +348,25 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     return path
+
+
+def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict) -> CMEDLModule:
+    """``distill.method=cmedl``: a teacher of the student's architecture, and the translator of
+    ``cmedl.translator`` (``none``: the teacher sees the student's images); ``distill.weight`` is the hint weight."""
+    from lightning_distill.factory import build_net
+    from lightning_distill.methods.translator import build_generator, patch_discriminator
+
+    c, dims = cfg.cmedl, len(cfg.data.shape)
+    if list(c.target.shape) != list(cfg.data.shape):
+        raise ValueError(f"cmedl.target.shape {list(c.target.shape)} must equal data.shape {list(cfg.data.shape)}")
+    teacher = build_net(cfg, len(class_names))
+    nets = {}
+    if c.translator != "none":
+        size = {"blocks": c.blocks} if c.translator == "resnet" else {"depth": c.blocks}
+        gen = lambda: build_generator(c.translator, channels=c.channels, spatial_dims=dims, **size)  # noqa: E731
+        disc = lambda: patch_discriminator(channels=c.disc_channels, layers=c.disc_layers, spatial_dims=dims)  # noqa: E731
+        nets = {"g_ab": gen(), "g_ba": gen(), "d_a": disc(), "d_b": disc()}
+    return CMEDLModule(net, class_names, teacher=teacher, hint_layers=list(c.hint_layers) if c.hint_layers else None,
+                       hint_weight=cfg.distill.weight, teacher_weight=c.teacher_weight, adv_weight=c.adv_weight,
+                       cycle_weight=c.cycle_weight, identity_weight=c.identity_weight, translator_seg=c.translator_seg,
+                       gan_lr=c.gan_lr, gan_betas=list(c.gan_betas), **nets, **common)

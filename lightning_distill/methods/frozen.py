@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -32,3 +34,25 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def load_teacher_network(checkpoint: Optional[str], class_names: Sequence[str], why: str) -> nn.Module:
+    """The network of a trained 2D teacher checkpoint (built from the checkpoint's own config).
+
+    Args:
+        checkpoint: the teacher's ``.ckpt`` (``distill.teacher``).
+        class_names: the student's classes; the teacher's must be the same.
+        why: what needs the teacher (for the error message), e.g. ``"distill.method=sikd"``.
+
+    Raises:
+        ValueError: no checkpoint given, or one of another class set.
+    """
+    from lightning_distill.inference import load_checkpoint, load_network
+    from lightning_distill.modules import check_checkpoint
+
+    if not checkpoint:
+        raise ValueError(f"{why} needs distill.teacher: the 2D teacher's checkpoint (e.g. "
+                         "runs/sikd_teacher/checkpoints/best.ckpt), or distill.weight=0 for the baseline")
+    ckpt, tcfg = load_checkpoint(checkpoint)
+    check_checkpoint(ckpt, class_names, f"teacher checkpoint {checkpoint}")
+    return load_network(ckpt, tcfg)

@@ -5,12 +5,13 @@ teacher network and a teacher forward pass on the *same* 2D input at every train
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence
 
 from torch import Tensor, nn
 
 from lightning_distill.losses.dist import pixel_dist_loss
-from lightning_distill.methods.frozen import FrozenTeacher
+from lightning_distill.methods.frozen import FrozenTeacher, load_teacher_network
+from lightning_distill.methods.prototype import build as baseline
 from lightning_distill.modules import SegmentationModule
 
 
@@ -37,3 +38,14 @@ class PixelDistModule(SegmentationModule):
     def extra_terms(self, batch: Dict, logits: Tensor) -> Dict[str, Tensor]:
         t = self.teacher(batch["image"])
         return {"pixel_dist": pixel_dist_loss(logits, t, beta=self.beta, gamma=self.gamma, tau=self.tau)}
+
+
+def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict[str, Any]) -> SegmentationModule:
+    """``distill.method=pixel``: pixel-wise DIST from the paired 2D teacher ``distill.teacher``; with ``distill.weight=0``, the
+    baseline (no teacher is loaded)."""
+    d = cfg.distill
+    if d.weight == 0:
+        return baseline(cfg, net, class_names, common)
+    teacher = load_teacher_network(d.teacher, class_names, "distill.method=pixel")
+    return PixelDistModule(net, class_names, teacher=teacher, distill_weight=d.weight, beta=d.beta, gamma=d.gamma,
+                           tau=1.0 if d.tau is None else d.tau, **common)

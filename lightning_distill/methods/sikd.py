@@ -11,15 +11,16 @@ pulled through forward hooks by module name; only the student is used at inferen
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_distill.data.class_mean import class_mean_image
-from lightning_distill.methods.frozen import FrozenTeacher
+from lightning_distill.methods.frozen import FrozenTeacher, load_teacher_network
+from lightning_distill.methods.prototype import build as baseline
 from lightning_distill.modules import SegmentationModule
-from lightning_distill.networks import InputHook
+from lightning_distill.networks import InputHook, head_module_name
 
 
 def sikd_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
@@ -62,3 +63,14 @@ class SIKDModule(SegmentationModule):
         student = self._student_hook.pop()
         self.teacher(class_mean_image(batch["image"], batch["label"], self.num_classes))
         return {"sikd_mse": sikd_loss(student, self._teacher_hook.pop())}
+
+
+def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict[str, Any]) -> SegmentationModule:
+    """``distill.method=sikd``: the student of the class-mean teacher ``distill.teacher``; with ``distill.weight=0``, the
+    baseline (no teacher is loaded)."""
+    d = cfg.distill
+    if d.weight == 0:
+        return baseline(cfg, net, class_names, common)
+    teacher = load_teacher_network(d.teacher, class_names, "distill.method=sikd")
+    layer = d.feature_layer or head_module_name(cfg.model.name)
+    return SIKDModule(net, class_names, teacher=teacher, feature_layer=layer, distill_weight=d.weight, **common)

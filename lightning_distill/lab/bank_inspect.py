@@ -107,7 +107,7 @@ def plot_bank_diagnostics(bank: Bank, path: str | Path, source: str = "") -> Pat
     import numpy as np
 
     from lightning_distill.io import atomic_write
-    from lightning_distill.report import new_figure
+    from lightning_distill.visuals import new_figure
 
     names = bank.class_names
     prob = bank.space == "prob"

@@ -145,7 +145,7 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
     from lightning_distill.data.nifti import discover, read_case
     from lightning_distill.inference import load_network, predict_array
     from lightning_distill.modules import check_checkpoint
-    from lightning_distill.slices import _canonical
+    from lightning_distill.slices import to_ras
     from lightning_distill.train import build_datamodule, build_source, class_names
 
     where = f"teacher checkpoint {teacher_checkpoint}"
@@ -189,7 +189,7 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
         s_image, _, s_affine, _ = read_case(case, 3, source.mapping, require_foreground=False)
         planes = []
         for vol in (pred, label):
-            canon, _ = _canonical(vol, affine)
+            canon, _ = to_ras(vol, affine)
             planes.append(canon[:, :, z:z + 1])
         if planes[0].shape[:2] != s_image.shape[1:3]:
             raise ValueError(f"{where}: slice {z} of {subject}'s volume has shape {planes[0].shape[:2]}, the student's file "
@@ -226,10 +226,10 @@ def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baselin
 
     A baseline whose test slices are not the student's is refused (``ValueError``).
     """
-    from lightning_distill.stats import case_scores, fmt_ci, organ_scores, paired_bootstrap
+    from lightning_distill.lab.stats import case_scores, fmt_ci, organ_scores, paired_bootstrap
     from lightning_distill.config import load_config
     from lightning_distill.io import write_text
-    from lightning_distill.report import load_results
+    from lightning_distill.lab.report import load_results
 
     run = Path(student_run)
     student = load_results(run)

@@ -6,16 +6,7 @@ import json
 from pathlib import Path
 from typing import List, Sequence
 
-
-def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
-    """``(figure, axes)`` as ``pyplot.subplots`` would return, but a bare ``matplotlib.figure.Figure``:
-    the package never imports pyplot or switches matplotlib's backend, so plotting from a notebook
-    (inline figures) or a GUI session keeps working, and nothing needs closing. Save with
-    ``fig.savefig``."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=kwargs.pop("figsize", None))
-    return fig, fig.subplots(nrows, ncols, **kwargs)
+from lightning_distill.visuals import new_figure
 
 
 def load_results(run_dir: str | Path, name: str = "results.json") -> dict:

@@ -32,9 +32,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from omegaconf import DictConfig
 
-from lightning_distill.bench_grid import cpu_count, grid, runs_at
-from lightning_distill.stats import case_scores, fmt_ci, late_rise, organ_scores, paired_bootstrap, verdict  # noqa: F401  (re-exported)
-from lightning_distill.report import fmt_mean_sd, mean_sd, new_figure
+from lightning_distill.lab.bench_grid import cpu_count, grid, runs_at
+from lightning_distill.lab.stats import case_scores, fmt_ci, late_rise, organ_scores, paired_bootstrap, verdict  # noqa: F401  (re-exported)
+from lightning_distill.lab.report import fmt_mean_sd, mean_sd
+from lightning_distill.visuals import new_figure
 
 OWN_TEST = "test"
 
@@ -403,7 +404,7 @@ def _teachers_on_slices(tab: Table) -> List[str]:
     L = ["## Teachers on the students' test slices", "",
          f"Each teacher scored on exactly the test slices the students are scored on (a 3D teacher segments each "
          f"subject's whole volume and is scored on the student's slice of it, a 2D teacher on the student's images; "
-         f"`lightning_distill/teacher_slices.py`), "
+         f"`lightning_distill/lab/teacher_slices.py`), "
          f"beside the {base} at fraction {tab.frac_label(f)} (mean over its seeds). Δ: paired difference teacher − "
          f"{base} over the slices (the teacher's one run paired with every {base} seed), [bootstrap 95% CI]. A "
          "teacher can only pass on what it knows better than the student.", ""]

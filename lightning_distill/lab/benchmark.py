@@ -10,7 +10,7 @@
 4. appends one JSON line per finished run to ``<output_dir>/results.jsonl`` (written atomically);
    a re-run skips the keys already there, so a killed benchmark resumes where it stopped. A finished
    run whose resolved config differs from what the YAML asks for now is an error, not a silent mix;
-5. writes the markdown report and its PNG plots from the JSON lines (:mod:`lightning_distill.bench_report`).
+5. writes the markdown report and its PNG plots from the JSON lines (:mod:`lightning_distill.lab.bench_report`).
 
 Paths of run configs in the benchmark YAML are relative to the YAML file; output paths are relative
 to the working directory (like ``output_dir`` in run configs). ``--quick`` applies the ``quick:``
@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_distill.bench_grid import GridRun, among, append_record, cpu_count, grid, read_records
+from lightning_distill.lab.bench_grid import GridRun, among, append_record, cpu_count, grid, read_records
 from lightning_distill.config import ConfigError, load_config, to_dict
 
 RESULTS_FILE = "results.jsonl"
@@ -474,7 +474,7 @@ class Benchmark:
             rec["bank"] = summary
         if self.cfg.teachers[name].score_on_students:
             from lightning_distill.config import apply_overrides
-            from lightning_distill.teacher_slices import score_teacher_on_student_slices
+            from lightning_distill.lab.teacher_slices import score_teacher_on_student_slices
 
             first = GridRun(self.cfg.baseline, next(iter(self.cfg.archs)), max(self.cfg.fractions), self.cfg.seeds[0])
             scfg = self.run_config(first)
@@ -524,7 +524,7 @@ class Benchmark:
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def write_report(self, records: Optional[List[Dict[str, Any]]] = None) -> Path:
-        from lightning_distill.bench_report import write_report
+        from lightning_distill.lab.bench_report import write_report
 
         records = read_records(self.results_path) if records is None else records
         return write_report(self.cfg, records, self.command, quick=self.quick)

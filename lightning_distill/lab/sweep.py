@@ -213,7 +213,7 @@ def run_local(path: str | Path, count: Optional[int], out: str | Path, seed: int
     ``extra``); every finished trial is appended to ``out/trials.jsonl`` and the table
     ``out/results.md`` is rewritten. Returns the trial records.
     """
-    from lightning_distill.bench_grid import append_record
+    from lightning_distill.lab.bench_grid import append_record
     from lightning_distill.io import atomic_write
 
     sweep = load_sweep(path)
