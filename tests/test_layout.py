@@ -81,3 +81,57 @@ def test_no_import_cycle():
     assert not {"lightning_distill.cli", "lightning_distill.lab.benchmark"} & _reach(graph, "lightning_distill.lab.bench_report")
     assert "lightning_distill.cli" not in _reach(graph, "lightning_distill.lab.benchmark")
 
+
+
+# --------------------------------------------------------------------------- layers
+def _layer(module: str) -> str:
+    if module == "lightning_distill.cli":
+        return "cli"
+    return "lab" if module.startswith("lightning_distill.lab") else "core"
+
+
+def test_the_core_never_imports_the_lab_or_the_cli():
+    graph = _graph()
+    assert any(_layer(m) == "lab" for m in graph) and any(_layer(m) == "core" for m in graph)
+    wrong = {m: sorted(t for t in ts if _layer(t) != "core") for m, ts in graph.items() if _layer(m) == "core"}
+    assert not {m: ts for m, ts in wrong.items() if ts}, "core modules importing the lab or the CLI"
+    # nor does the lab start runs through the CLI: it calls the core's functions
+    assert not [m for m, ts in graph.items() if _layer(m) == "lab" and "lightning_distill.cli" in ts]
+
+
+def _private_uses(tree: ast.AST):
+    """``from lightning_distill.<core> import _name`` and ``<core module alias>._name`` in one file."""
+    core_aliases, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_distill"):
+            for a in node.names:
+                target = f"{node.module}.{a.name}"
+                if a.name.startswith("_") and a.name != "__version__" and _layer(node.module) == "core":
+                    found.append(target)
+                if _layer(target) == "core" and (PACKAGE / Path(*target.split(".")[1:])).with_suffix(".py").exists():
+                    core_aliases.add(a.asname or a.name)  # `from lightning_distill import prototypes`
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in core_aliases
+                and node.attr.startswith("_")):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_the_private_use_check_sees_both_forms():
+    src = "from lightning_distill.slices import _x\nfrom lightning_distill import prototypes\nprototypes._world()\n"
+    assert _private_uses(ast.parse(src)) == ["lightning_distill.slices._x", "prototypes._world"]
+    assert _private_uses(ast.parse("from lightning_distill.lab.stats import _y\n")) == []  # inside the lab
+
+
+def test_the_lab_cli_scripts_and_notebooks_use_only_the_cores_public_names():
+    import json
+
+    files = [*(PACKAGE / "lab").glob("*.py"), PACKAGE / "cli.py", *(Path(REPO) / "experiments").rglob("*.py")]
+    sources = {str(f): f.read_text() for f in files}
+    for nb in (Path(REPO) / "notebooks").glob("*.ipynb"):
+        cells = json.loads(nb.read_text())["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        sources[str(nb)] = "\n".join(line for c in code for line in c.splitlines() if not line.lstrip().startswith(("%", "!")))
+    assert len(sources) > 12
+    bad = {f: uses for f, src in sources.items() if (uses := _private_uses(ast.parse(src)))}
+    assert not bad, f"private names of the core used outside it: {bad}"
