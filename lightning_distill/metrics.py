@@ -1,6 +1,6 @@
 """Per-organ segmentation metrics (MONAI computes, torchmetrics aggregates across processes).
 
-How absent classes count (documented in README, "Metrics"):
+How absent classes count (documented in docs/cli.md, "Metrics"):
 
 * Dice of organ k on a case is MONAI's ``compute_dice`` with ``ignore_empty=True``: NaN when the
   ground truth has no pixel of k. NaNs are left out of every mean, so an organ's Dice is the mean over
