@@ -106,14 +106,14 @@ bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader th
 
 METHOD_RUNS ?= runs/method
 
-method-figures: $(STAMP) $(TEACHER_BANK) ## what each prototype-DIST geometry sees and does: 4 students on the teacher's bank (~15 min) -> docs/method.md
+method-figures: $(STAMP) $(TEACHER_BANK) ## what each prototype-DIST geometry sees and does: 4 students on the teacher's bank (~15 min) -> docs/geometry.md
 	@for g in baseline prob logprob offdiag; do \
 	  if [ -f $(METHOD_RUNS)/$$g/results.json ]; then echo "$(METHOD_RUNS)/$$g: done"; continue; fi; \
 	  if [ $$g = baseline ]; then extra="distill.weight=0"; else extra="distill.geometry=$$g"; fi; \
 	  $(BIN)/lightning-distill fit experiments/student.yaml distill.prototypes=$(TEACHER_BANK) $$extra \
 	    output_dir=$(METHOD_RUNS)/$$g trainer.enable_progress_bar=false $(ARGS) || exit 1; \
 	done
-	$(BIN)/python experiments/method_figures.py --teacher $(dir $(TEACHER_BANK)) --out docs/method.md \
+	$(BIN)/python experiments/method_figures.py --teacher $(dir $(TEACHER_BANK)) --out docs/geometry.md \
 	  --students $(METHOD_RUNS)/baseline $(METHOD_RUNS)/prob $(METHOD_RUNS)/logprob $(METHOD_RUNS)/offdiag
 
 reliability-figure: $(STAMP) ## resume and DDP training curves of docs/reliability.md (~2 min) -> docs/img/reliability.png

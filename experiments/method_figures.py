@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""docs/method.md (`make method-figures`): what each prototype-DIST geometry sees of a teacher's bank,
+"""docs/geometry.md (`make method-figures`): what each prototype-DIST geometry sees of a teacher's bank,
 and what it does when a student trains.
 
 Inputs: a finished teacher run (``prototypes.pt``, ``config.yaml``, ``checkpoints/best.ckpt``) and
@@ -20,7 +20,7 @@ finished student runs of one config that differ only in ``distill.geometry`` / `
 
 Public tools only (torch, matplotlib, csv). Usage::
 
-    python experiments/method_figures.py --teacher runs/teacher --students runs/method/* --out docs/method.md
+    python experiments/method_figures.py --teacher runs/teacher --students runs/method/* --out docs/geometry.md
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, help="teacher run directory")
     ap.add_argument("--students", nargs="*", default=[], help="student run directories")
-    ap.add_argument("--out", help="markdown file to write (e.g. docs/method.md); default: print only")
+    ap.add_argument("--out", help="markdown file to write (e.g. docs/geometry.md); default: print only")
     ap.add_argument("--img", default=str(REPO / "docs/img/method_training.png"))
     ap.add_argument("--no-source", action="store_true", help="skip section 2 (no eval-mode passes)")
     args = ap.parse_args(argv)

@@ -45,7 +45,7 @@ def _uniform_confusion(k: int, diag: float) -> torch.Tensor:
 
 
 def test_identity_degeneracy_of_the_default_bank_is_recorded(bank):
-    """The figures docs/method.md explains. A change of them must be deliberate (update both)."""
+    """The figures docs/geometry.md explains. A change of them must be deliberate (update both)."""
     d = identity_distances(bank)
     assert d["prob"] == pytest.approx((0.0034, 0.0010), abs=1e-4)  # the literal reading: ~blind
     assert d["logprob"] == pytest.approx((0.2833, 0.1836), abs=1e-3)

@@ -9,7 +9,7 @@
 * the distance of the bank from the identity under each geometry and at each stored temperature:
   the (inter, intra) prototype-DIST terms of a student that is right with certainty and has no
   confusion at all. A figure near 0 means a loss in that geometry barely tells such a student from
-  the teacher: it is almost blind to what the bank knows beyond the labels (docs/method.md).
+  the teacher: it is almost blind to what the bank knows beyond the labels (docs/geometry.md).
 """
 
 from __future__ import annotations

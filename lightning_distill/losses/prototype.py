@@ -8,7 +8,7 @@ X a feature vector they form a K x D matrix. The student is pulled towards the t
 DIST applied to the two matrices: inter-class relation over rows, intra-class relation over
 columns, both restricted to the classes present in the student's batch (and in the bank).
 
-Geometries (``distill.geometry``; docs/method.md has the measured figures). A Pearson correlation
+Geometries (``distill.geometry``; docs/geometry.md has the measured figures). A Pearson correlation
 is blind to a positive affine map of its vector, and a confident teacher's row is nearly one-hot, so
 on probabilities (``prob``, the paper's literal reading) every student row that puts most mass on
 the right class correlates ~1 with it whatever its confidence or its confusions. The other
