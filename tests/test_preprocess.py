@@ -258,8 +258,9 @@ def _compare(kwargs: Dict[str, Any], image: np.ndarray, affine: np.ndarray, labe
     assert tuple(old_back.shape) == (k, *image.shape[1:]), what
     _close(new_back, old_back, what + " inverse")
     assert torch.equal(new_back.argmax(0), old_back.argmax(0)), what + " inverse argmax"
-    # the preprocessed image is not changed by inverting predictions with its record
-    _close(new_img.as_tensor(), old_img.as_tensor(), what + " image after invert")
+    # inverting leaves the image's record intact: the same reference inverts again to the same result
+    assert torch.equal(Preprocess.invert(probs, new_img, new_chain), new_back), what + " second inverse"
+    assert _boxes(new_img) == _boxes(old_img), what + " crop box after invert"
 
 
 @pytest.mark.parametrize("intensity", INTENSITY, ids=lambda d: "-".join(f"{v}" for v in d.values()))
@@ -304,3 +305,19 @@ def test_phantom_mr_normalisation_matches():
         for c in _case(kind, seed=11)[0]:
             old = FrozenPreprocess(modality="MR", mr_norm="percentile").intensity(torch.from_numpy(c)[None])[0].numpy()
             np.testing.assert_allclose(mr_percentile_normalise(c), old, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("window", [(100.0, 100.0), (250.0, -175.0)])
+def test_a_ct_window_that_is_not_increasing_is_an_error(window):
+    """The frozen code gave NaN (lo == hi) or constant (lo > hi) images; MONAI would invert the
+    window, so such a window is refused with a clear message instead."""
+    image = torch.from_numpy(_case("ct")[0])
+    old = FrozenPreprocess(modality="CT", ct_window=window).intensity(image)
+    assert bool(old.isnan().all()) or bool((old == 1.0).all())
+    pre = Preprocess(modality="CT", ct_window=window)
+    with pytest.raises(ValueError, match="ct_window must be"):
+        pre.intensity(image)
+    with pytest.raises(ValueError, match="ct_window must be"):
+        pre(image.numpy(), _affine("aniso"))
+    assert pre.intensity_settings() == {"modality": "CT", "ct_window": list(window)}  # still recorded as before
+    Preprocess(modality="MR", ct_window=window).intensity(image)  # only the CT step uses the window
