@@ -77,8 +77,8 @@ class Preprocess:
 
         CT is MONAI's ``ScaleIntensityRange`` (window clipped and scaled to [0, 1]; bit-identical to
         the former code). The MR steps stay ours, per channel, because MONAI's differ:
-        percentile: MONAI's ScaleIntensityRangePercentiles returns ``x - lo`` unscaled and unclipped when the percentiles tie (ours: 0), e.g. 500 instead of 0 with 3 non-zero voxels.
-        zscore: MONAI's NormalizeIntensity(nonzero=True) leaves zero voxels at 0 and divides by the population std (ours: all voxels shifted, sample std); up to 2.0 apart.
+        percentile: MONAI's ScaleIntensityRangePercentiles gives ``x - lo`` unscaled, unclipped at tied percentiles (500, not 0).
+        zscore: MONAI's NormalizeIntensity(nonzero=True) keeps zeros at 0 and uses the population std (up to 2.0 apart).
 
         Raises:
             ValueError: a CT window whose lower end is not below its upper end (it gave NaN or
