@@ -6,10 +6,15 @@ orientation (to ``RAS`` by default), resampling to a target spacing (images line
 a non-positive entry keeps that axis's spacing), intensity (CT: HU window scaled to [0, 1]; MR:
 percentile clip scaled to [0, 1], or z-score over the non-zero voxels), foreground crop (image
 above a threshold, with a margin), and resizing to the model size (``pad_crop`` or ``resize``).
+The spatial steps, the CT window, the crop and the inversion are MONAI transforms; the MR
+normalisations are ours (:meth:`Preprocess.intensity` says why). ``tests/test_preprocess.py``
+checks every option against a frozen copy of the former hand-written code.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -68,9 +73,26 @@ class Preprocess:
         )
 
     def intensity(self, image: torch.Tensor) -> torch.Tensor:
+        """The intensity step on a ``(C, ...)`` tensor; returns a float32 tensor of the same shape.
+
+        CT is MONAI's ``ScaleIntensityRange`` (window clipped and scaled to [0, 1]; bit-identical to
+        the former code). The MR steps stay ours, per channel, because MONAI's differ:
+        percentile: MONAI's ScaleIntensityRangePercentiles gives ``x - lo`` unscaled, unclipped at tied percentiles (500, not 0).
+        zscore: MONAI's NormalizeIntensity(nonzero=True) keeps zeros at 0 and uses the population std (up to 2.0 apart).
+
+        Raises:
+            ValueError: a CT window whose lower end is not below its upper end (it gave NaN or
+                constant images).
+        """
+        from monai.transforms import ScaleIntensityRange
+        from monai.utils import convert_to_tensor
+
         if self.modality == "CT":
-            lo, hi = self.ct_window
-            return ((image.clamp(lo, hi) - lo) / (hi - lo)).float()
+            lo, hi = (float(v) for v in self.ct_window)
+            if not lo < hi:
+                raise ValueError(f"ct_window must be [lo, hi] with lo < hi, got {list(self.ct_window)}")
+            scaled = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(image)
+            return convert_to_tensor(scaled, track_meta=False)
         if self.modality == "MR":
             out = []
             for c in image:  # per channel
@@ -83,6 +105,19 @@ class Preprocess:
                     out.append((c - mu) / max(float(sd), 1e-6))
             return torch.stack(out).float()
         return image.float()
+
+    def _foreground_crop(self, image: torch.Tensor):
+        """``(cropper, start, end)``: MONAI's ``CropForeground`` and its box around the voxels where any
+        channel is above ``crop_threshold``, widened by ``crop_margin`` and kept inside the image;
+        ``None`` when no voxel is above the threshold (the case is then not cropped)."""
+        from monai.transforms import CropForeground
+
+        cropper = CropForeground(select_fn=functools.partial(torch.gt, other=float(self.crop_threshold)),
+                                 margin=self.crop_margin, allow_smaller=True)
+        start, end = cropper.compute_bounding_box(image)
+        if not (end > start).all():  # MONAI's box for an image without foreground is empty
+            return None
+        return cropper, start, end
 
     def __call__(self, image: np.ndarray, affine: np.ndarray, label: Optional[np.ndarray] = None):
         """Preprocess one case.
@@ -99,7 +134,6 @@ class Preprocess:
             :meth:`invert` undoes.
         """
         from monai.data import MetaTensor
-        from monai.transforms import SpatialCrop
 
         aff = torch.as_tensor(affine, dtype=torch.float64)
         img = MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=aff)
@@ -112,16 +146,13 @@ class Preprocess:
             pre_l, size_l = self.spatial("nearest")
             lbl = pre_l(MetaTensor(torch.as_tensor(label[None], dtype=torch.float32), affine=aff.clone()))
         if self.crop_foreground:
-            mask = img.as_tensor().amax(0) > self.crop_threshold
-            if mask.any():
-                idx = torch.nonzero(mask)
-                start = (idx.min(0).values - self.crop_margin).clamp_min(0)
-                end = torch.minimum(idx.max(0).values + 1 + self.crop_margin, torch.tensor(mask.shape))
-                crop = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())
-                img = crop(img)
+            found = self._foreground_crop(img)
+            if found is not None:
+                crop, start, end = found
+                img = crop.crop_pad(img, start, end)
                 chain.append(crop)
                 if lbl is not None:
-                    lbl = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())(lbl)
+                    lbl = crop.crop_pad(lbl, start, end)
         if size is not None:
             img = size(img)
             chain.append(size)
@@ -142,8 +173,10 @@ class Preprocess:
                 interpolated linearly; take the argmax afterwards.
         """
         from monai.data import MetaTensor
-        from monai.transforms import Compose
+        from monai.transforms import Compose, Invert
 
         p = MetaTensor(probs.float(), affine=reference.affine.clone())
-        p.applied_operations = [dict(op) for op in reference.applied_operations]
-        return Compose(list(chain)).inverse(p).as_tensor()
+        # a deep copy: inverting a crop edits its record, and ``reference`` may be inverted again
+        p.applied_operations = copy.deepcopy(reference.applied_operations)
+        # nearest_interp=False: probabilities are interpolated as the image was, not nearest
+        return Invert(Compose(list(chain)), nearest_interp=False)(p).as_tensor()
