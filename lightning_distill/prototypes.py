@@ -13,8 +13,13 @@ Sources (``bank.source``):
   - running mean (default): sums and counts over the training batches from ``start`` (a fraction of
     the training steps) to the end, so early, untrained predictions are left out;
   - EMA (``momentum`` set): ``P_k <- m P_k + (1 - m) batch_mean_k`` for every class in the batch;
-  - under DDP, per-batch sums and counts are all-reduced (summed) before the update, so every
-    process holds the same bank, equal to a single process over the union of the batches.
+  - the per-class sums and counts are held in a torchmetrics :class:`ClassSums` (states reduced
+    with ``sum``). Under DDP a running mean's per-process sums stay local and are summed over the
+    processes when the bank is read (at each validation, in every checkpoint, at the end of
+    training): one collective then, not one per step. An EMA needs each step's global batch means,
+    so it sums over the processes every step. Either way every process then holds the same bank,
+    equal (to float64 rounding) to a single process over the union of the batches, and a
+    checkpoint (written by rank 0) holds the global sums.
 
 * ``final``: :func:`final_bank`, after training, from one set of weights (``fit`` uses the best
   checkpoint by ``val/dice``; the last weights, with a warning, when there is none) in eval mode,
@@ -83,6 +88,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from torchmetrics import Metric
 
 from lightning_distill import __version__
 from lightning_distill.io import atomic_write
@@ -362,7 +368,7 @@ def warn_empty_classes(counts: torch.Tensor, class_names: Sequence[str], axial_r
 def _bank_values(logits: torch.Tensor, feats: Optional[torch.Tensor], space: str, tau: float,
                  extra_taus: Sequence[float], feature_layer: Optional[str] = None) -> torch.Tensor:
     """The per-voxel vectors a bank averages: softmax(logits / tau) (``prob``) or ``feats``, then the
-    softmax at each of ``extra_taus``, side by side along the channels (one pass, one all-reduce)."""
+    softmax at each of ``extra_taus``, side by side along the channels (one pass, one sum over processes)."""
     logits = logits.detach().float()
     if space == "prob":
         values = torch.softmax(logits / tau, dim=1)
@@ -375,11 +381,52 @@ def _bank_values(logits: torch.Tensor, feats: Optional[torch.Tensor], space: str
     return values
 
 
+class ClassSums(Metric):
+    """Per-class sums and voxel counts of per-voxel vectors, summed over the processes when computed.
+
+    States (reduced with ``sum`` across processes): ``sums`` ``(K, C)`` and ``counts`` ``(K,)``, both
+    float64. :meth:`update` adds a batch's :func:`masked_class_sums` (labels outside ``[0, K)`` count
+    in nothing); :meth:`compute` returns ``(sums, counts)`` over every process (under DDP a
+    collective: every process must call it).
+
+    Args:
+        num_classes: K.
+        channels: C, the length of the per-voxel vectors.
+        kwargs: torchmetrics' ``Metric`` options (e.g. ``distributed_available_fn``).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_classes: int, channels: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.add_state("sums", torch.zeros(self.num_classes, int(channels), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(self.num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor, label: torch.Tensor) -> None:
+        """Add the sums of ``values`` ``(B, C, *spatial)`` per class of ``label`` (``(B, 1, *spatial)``)."""
+        sums, counts = masked_class_sums(values, label, self.num_classes)
+        self.sums += sums.double()
+        self.counts += counts.double()
+
+    def compute(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.sums, self.counts
+
+
 class PrototypeBank(Callback):
     """Accumulate class prototypes of the training predictions (or features).
 
     The LightningModule's ``training_step`` must return a dict with ``loss`` and ``logits``
     (``B x K x *spatial``); labels are read from ``batch["label"]``.
+
+    Each process adds its batches to a :class:`ClassSums`, folded into the bank after every batch
+    without DDP or with an EMA, else when the bank is read. Under DDP with batches pending, reading
+    (``sums``, ``counts``, ``prototypes``, :meth:`bank`, :meth:`state_dict`, :meth:`export`) is a
+    collective that every process must call; the callback folds at the start of every validation,
+    in ``state_dict`` and at the end of training, so Lightning's hooks and rank-0-only readers
+    during validation (the run's pictures) find nothing pending.
 
     Args:
         class_names: the K class names (background first).
@@ -429,40 +476,69 @@ class PrototypeBank(Callback):
         self.axial_range = check_axial_range(axial_range)
         self._warned_empty = False
         self.extra_taus = sorted({float(t) for t in taus} - {self.tau}) if space == "prob" else []
-        self.sums: Optional[torch.Tensor] = None  # (K, C) float64 (running mean) or means (EMA), at tau
-        self.tau_sums: Dict[float, torch.Tensor] = {}  # the same at each of extra_taus
-        self.counts = torch.zeros(self.num_classes, dtype=torch.float64)
+        # the bank so far, the same on every process: (K, C) float64 sums (running mean) or means (EMA) at tau,
+        # the same at each of extra_taus, and the counts (voxels; batches with the class for an EMA)
+        self._sums: Optional[torch.Tensor] = None
+        self._tau_sums: Dict[float, torch.Tensor] = {}
+        self._counts = torch.zeros(self.num_classes, dtype=torch.float64)
+        self._pending: Optional[ClassSums] = None  # this process's batches not yet folded into the bank
+        self._distributed = False  # training under DDP (set at each batch from the trainer)
         self._hook: Optional[InputHook] = None
 
-    # ----------------------------------------------------------------- state
+    # ----------------------------------------------------------------- state (reads fold first: see the class docstring)
+    @property
+    def sums(self) -> Optional[torch.Tensor]:
+        """``(K, C)`` float64 sums at ``tau`` over every process (EMA: the means), or ``None`` before any batch."""
+        self._fold()
+        return self._sums
+
+    @property
+    def tau_sums(self) -> Dict[float, torch.Tensor]:
+        """The same as :attr:`sums` at each of ``extra_taus``."""
+        self._fold()
+        return self._tau_sums
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``(K,)`` float64 voxels per class over every process (EMA: the batches that held the class)."""
+        self._fold()
+        return self._counts
+
     @property
     def prototypes(self) -> Optional[torch.Tensor]:
         """Current ``(K, C)`` float32 prototypes (rows of unseen classes are 0), or ``None``."""
-        return None if self.sums is None else self._means(self.sums)
+        self._fold()
+        return None if self._sums is None else self._means(self._sums)
 
     def _means(self, sums: torch.Tensor) -> torch.Tensor:
-        return (sums if self.momentum is not None else class_means(sums, self.counts)).float()
+        return (sums if self.momentum is not None else class_means(sums, self._counts)).float()
 
     def bank(self) -> Bank:
-        if self.sums is None:
+        self._fold()
+        if self._sums is None:
             raise RuntimeError("the prototype bank is empty: no training batch was accumulated (is `start` too late?)")
         meta = {"mode": "ema" if self.momentum is not None else "running_mean", "momentum": self.momentum,
                 "start": self.start, "feature_layer": self.feature_layer,
                 "axial_range": None if self.axial_range is None else list(self.axial_range), **self.metadata}
-        by_tau = {t: self._means(v) for t, v in self.tau_sums.items()}
-        return Bank(self.prototypes, self.counts.clone(), self.class_names, self.tau, self.space, meta, by_tau)
+        by_tau = {t: self._means(v) for t, v in self._tau_sums.items()}
+        return Bank(self._means(self._sums), self._counts.clone(), self.class_names, self.tau, self.space, meta, by_tau)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"sums": None if self.sums is None else self.sums.clone(), "counts": self.counts.clone(),
-                "tau_sums": {t: v.clone() for t, v in self.tau_sums.items()},
+        """The bank over every process (folded first: under DDP rank 0 writes the checkpoint, and it must
+        hold the global sums), in the format of checkpoints written before :class:`ClassSums`."""
+        self._fold()
+        return {"sums": None if self._sums is None else self._sums.clone(), "counts": self._counts.clone(),
+                "tau_sums": {t: v.clone() for t, v in self._tau_sums.items()},
                 "class_names": self.class_names, "space": self.space, "tau": self.tau, "momentum": self.momentum}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the global bank; every process loads the same one)."""
         if list(state_dict.get("class_names", [])) != self.class_names:
             raise ValueError(f"checkpointed prototype bank has classes {state_dict.get('class_names')}, this run has {self.class_names}")
-        self.sums = None if state_dict["sums"] is None else state_dict["sums"].clone()
-        self.counts = state_dict["counts"].clone()
-        self.tau_sums = {float(t): v.clone() for t, v in (state_dict.get("tau_sums") or {}).items() if float(t) in self.extra_taus}
+        self._sums = None if state_dict["sums"] is None else state_dict["sums"].clone()
+        self._counts = state_dict["counts"].clone()
+        self._tau_sums = {float(t): v.clone() for t, v in (state_dict.get("tau_sums") or {}).items() if float(t) in self.extra_taus}
+        self._pending = None
 
     # ----------------------------------------------------------------- hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -493,28 +569,40 @@ class PrototypeBank(Callback):
         logits = outputs["logits"]
         values = _bank_values(logits, feats, self.space, self.tau, self.extra_taus, self.feature_layer)
         label = axial_masked_labels(batch["label"], self.axial_range, logits.ndim - 2)  # a copy: the loss's labels stay
-        sums, counts = self._batch_sums(trainer, pl_module, values, label)
-        parts = sums.split(sums.shape[1] // (1 + len(self.extra_taus)), dim=1)
-        seen = self.counts
-        self.sums = self._update(self.sums, parts[0], counts, seen)
-        for t, part in zip(self.extra_taus, parts[1:]):
-            self.tau_sums[t] = self._update(self.tau_sums.get(t), part, counts, seen)
-        self.counts = seen + (counts if self.momentum is None else (counts > 0).double())
+        self._distributed = dist.is_available() and dist.is_initialized() and trainer.world_size > 1
+        if self._pending is None:  # on the values' device: NCCL sums CUDA tensors only
+            self._pending = ClassSums(self.num_classes, values.shape[1], distributed_available_fn=self._is_distributed)
+            self._pending.to(values.device)
+        self._pending.update(values, label)
+        if self.momentum is not None or not self._distributed:  # an EMA needs every step's global batch means
+            self._fold()
 
-    def _batch_sums(self, trainer: Trainer, pl_module: LightningModule, values: torch.Tensor, label: torch.Tensor):
-        """Per-class sums and counts of one batch, summed over the processes under DDP (float64, CPU)."""
-        sums, counts = masked_class_sums(values, label, self.num_classes)
-        sums, counts = sums.double(), counts.double()
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            packed = torch.cat([sums.flatten(), counts]).to(pl_module.device)
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            packed = packed.cpu()
-            sums, counts = packed[: sums.numel()].view_as(sums), packed[sums.numel():]
-        return sums.cpu(), counts.cpu()
+    def _is_distributed(self) -> bool:
+        return self._distributed
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fold()  # on every process, so that rank-0-only readers during validation need no collective
+
+    def _fold(self) -> None:
+        """Add the pending batches, summed over the processes (a collective under DDP), to the bank.
+
+        A no-op with nothing pending; every process has the same number of pending batches (DDP runs
+        the same steps), so they all call the collective or none does.
+        """
+        if self._pending is None or not self._pending.update_called:
+            return
+        sums, counts = (t.cpu() for t in self._pending.compute())
+        self._pending.reset()
+        parts = sums.split(sums.shape[1] // (1 + len(self.extra_taus)), dim=1)
+        seen = self._counts
+        self._sums = self._update(self._sums, parts[0], counts, seen)
+        for t, part in zip(self.extra_taus, parts[1:]):
+            self._tau_sums[t] = self._update(self._tau_sums.get(t), part, counts, seen)
+        self._counts = seen + (counts if self.momentum is None else (counts > 0).double())
 
     def _update(self, state: Optional[torch.Tensor], sums: torch.Tensor, counts: torch.Tensor,
                 seen: torch.Tensor) -> torch.Tensor:
-        """The running sums (or EMA means) after one batch; ``seen``: the counts before it."""
+        """The running sums (or EMA means) after the folded batches; ``seen``: the counts before them."""
         if self.momentum is None:
             return sums if state is None else state + sums
         means = class_means(sums, counts)
@@ -527,6 +615,7 @@ class PrototypeBank(Callback):
         return state
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fold()
         if self.export_path:
             cb = trainer.checkpoint_callback
             self.export(trainer, getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") or None)
@@ -534,9 +623,11 @@ class PrototypeBank(Callback):
     def export(self, trainer: Trainer, checkpoint: Optional[str] = None) -> None:
         """Write the bank to ``export_path`` (rank 0 only), recording ``checkpoint`` and its SHA-256.
 
-        Lightning runs checkpoint callbacks last, so the run's final checkpoint may not exist yet
-        in ``on_train_end``; the runner calls this again after ``fit`` to record it.
+        Every process calls it (the pending batches are folded in on each); rank 0 writes. Lightning
+        runs checkpoint callbacks last, so the run's final checkpoint may not exist yet in
+        ``on_train_end``; the runner calls this again after ``fit`` to record it.
         """
+        self._fold()
         self.metadata["checkpoint"] = checkpoint
         self.metadata["checkpoint_sha256"] = file_sha256(checkpoint) if checkpoint else None
         if trainer.is_global_zero and self.export_path:

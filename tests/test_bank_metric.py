@@ -1,0 +1,194 @@
+"""The running bank's sums and counts in a torchmetrics ``ClassSums``: the same numbers as the
+per-step float64 sums it replaces, on one process and on two gloo processes (DDP)."""
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import FakeTrainer
+from lightning_distill.losses.prototype import class_means, masked_class_sums
+from lightning_distill.prototypes import ClassSums, PrototypeBank, load_bank
+
+K = 4
+NAMES = [f"c{i}" for i in range(K)]
+CONFIGS = {
+    "running": dict(start=0.0, taus=[0.5, 2.0]),
+    "ema": dict(start=0.0, momentum=0.7, taus=[0.5, 4.0]),
+    "running_axial": dict(start=0.0, axial_range=[0.2, 0.6]),
+}
+
+
+def _batches(n=8, b=4, seed=0):
+    """3D batches (B, K, X, Y, Z) with ignored voxels (255) and a class missing from some batches."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        logits = torch.randn(b, K, 6, 5, 7, generator=g) * 3
+        label = torch.randint(0, K, (b, 1, 6, 5, 7), generator=g)
+        label[:, :, 0] = 255
+        if i % 3 == 1:
+            label[label == 2] = 0
+        out.append((logits, label))
+    return out
+
+
+class _Trainer(FakeTrainer):
+    def __init__(self, world=1, rank=0):
+        self.world_size, self.is_global_zero = world, rank == 0
+
+
+def _feed(cb, batches, world=1, rank=0):
+    """Each process gets its share of every batch (rank r: samples [r B/W, (r + 1) B/W))."""
+    trainer = _Trainer(world, rank)
+    for i, (logits, label) in enumerate(batches):
+        part = slice(rank * len(logits) // world, (rank + 1) * len(logits) // world)
+        cb.on_train_batch_end(trainer, None, {"logits": logits[part]}, {"label": label[part]}, i)
+    return cb
+
+
+def _reference(cfg, batches, world=1):
+    """The bank as the callback computed it before ClassSums: each step's per-class float64 sums (over
+    the processes' shares, summed in rank order) added to running sums, or folded into an EMA."""
+    tau, extra = 1.0, sorted({float(t) for t in cfg.get("taus", ())} - {1.0})
+    momentum, rng = cfg.get("momentum"), cfg.get("axial_range")
+    state = {t: None for t in [tau, *extra]}
+    seen = torch.zeros(K, dtype=torch.float64)
+    for logits, label in batches:
+        if rng is not None:
+            f = torch.arange(label.shape[-1], dtype=torch.float64) / (label.shape[-1] - 1)
+            label = label.masked_fill(~((f >= rng[0] - 1e-9) & (f <= rng[1] + 1e-9)), -1)
+        counts = None
+        for t in state:
+            total, n = None, None
+            for r in range(world):
+                part = slice(r * len(logits) // world, (r + 1) * len(logits) // world)
+                s, c = masked_class_sums(torch.softmax(logits[part] / t, 1), label[part], K)
+                total = s.double() if total is None else total + s.double()
+                n = c.double() if n is None else n + c.double()
+            counts = n
+            if momentum is None:
+                state[t] = total if state[t] is None else state[t] + total
+            else:
+                means = class_means(total, n)
+                new = torch.zeros(K, K, dtype=torch.float64) if state[t] is None else state[t].clone()
+                first, upd = (n > 0) & (seen == 0), (n > 0) & (seen > 0)
+                new[first] = means[first]
+                new[upd] = momentum * new[upd] + (1 - momentum) * means[upd]
+                state[t] = new
+        seen = seen + (counts if momentum is None else (counts > 0).double())
+    return {"sums": state[tau], "counts": seen, "tau_sums": {t: state[t] for t in extra}}
+
+
+def _assert_state_equal(state, ref, exact=True):
+    for key in ("sums", "counts"):
+        assert state[key].dtype == torch.float64
+        if exact:
+            assert torch.equal(state[key], ref[key]), key
+        else:
+            torch.testing.assert_close(state[key], ref[key], rtol=1e-12, atol=1e-12)
+    assert sorted(state["tau_sums"]) == sorted(ref["tau_sums"])
+    for t, v in ref["tau_sums"].items():
+        assert torch.equal(state["tau_sums"][t], v) if exact else torch.allclose(state["tau_sums"][t], v, rtol=1e-12, atol=1e-12)
+
+
+def test_class_sums_metric_adds_batches_and_resets():
+    batches = _batches(3)
+    metric = ClassSums(K, K)
+    for logits, label in batches:
+        metric.update(torch.softmax(logits, 1), label)
+    sums, counts = metric.compute()
+    expected = [masked_class_sums(torch.softmax(lg, 1), lb, K) for lg, lb in batches]
+    assert sums.dtype == counts.dtype == torch.float64
+    assert torch.equal(sums, sum(s.double() for s, _ in expected)) and torch.equal(counts, sum(c.double() for _, c in expected))
+    assert counts.sum() == sum(int(((lb >= 0) & (lb < K)).sum()) for _, lb in batches)  # ignored voxels count in nothing
+    metric.reset()
+    assert not metric.update_called and metric.sums.abs().sum() == 0 and metric.counts.sum() == 0
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_one_process_bank_equals_the_per_step_float64_sums(name):
+    """Without DDP every batch is folded in at once: the same additions in the same order as before."""
+    cfg, batches = CONFIGS[name], _batches()
+    cb = _feed(PrototypeBank(NAMES, **cfg), batches)
+    ref = _reference(cfg, batches)
+    _assert_state_equal(cb.state_dict(), ref, exact=True)
+    means = ref["sums"] if cfg.get("momentum") else class_means(ref["sums"], ref["counts"])
+    assert torch.equal(cb.prototypes, means.float())
+    assert cb._pending.update_count == 0  # nothing left to fold
+
+
+def test_state_dict_keeps_the_checkpoint_format():
+    """Checkpoints written before ClassSums load, and new ones have the same keys and dtypes."""
+    batches = _batches(4)
+    cb = _feed(PrototypeBank(NAMES, start=0.0, taus=[0.5]), batches)
+    state = cb.state_dict()
+    assert set(state) == {"sums", "counts", "tau_sums", "class_names", "space", "tau", "momentum"}
+    old_format = {"sums": state["sums"].clone(), "counts": state["counts"].clone(),
+                  "tau_sums": {0.5: state["tau_sums"][0.5].clone()},
+                  "class_names": list(NAMES), "space": "prob", "tau": 1.0, "momentum": None}
+    again = PrototypeBank(NAMES, start=0.0, taus=[0.5])
+    again.load_state_dict(old_format)
+    more = _batches(3, seed=1)
+    _feed(again, more)
+    _assert_state_equal(again.state_dict(), _reference(CONFIGS["running"] | {"taus": [0.5]}, batches + more), exact=True)
+
+
+# ------------------------------------------------------------------------------------------ 2 gloo processes
+def _worker(rank, world, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                           timeout=datetime.timedelta(seconds=60))  # a missed collective fails, it does not hang
+    try:
+        batches, more = _batches(), _batches(4, seed=1)
+        res = {}
+        for name, cfg in CONFIGS.items():
+            cb = _feed(PrototypeBank(NAMES, **cfg), batches, world, rank)
+            pending = cb._pending.update_count  # a running mean's batches stay on their process until read
+            state = cb.state_dict()  # every process: the sums over both (rank 0 writes the checkpoint)
+            resumed = _feed(PrototypeBank(NAMES, **cfg), [], world, rank)
+            resumed.load_state_dict(state)  # every process loads the checkpoint (the same state on both)
+            _feed(resumed, more, world, rank)
+            _feed(cb, more, world, rank)
+            res[name] = {"pending": pending, "state": state, "end": cb.state_dict(), "resumed": resumed.state_dict()}
+        # a rank-0-only reader during validation (RunPictures) needs no collective: the callback folded at its start
+        cb = _feed(PrototypeBank(NAMES, start=0.0), batches, world, rank)
+        cb.on_validation_start(_Trainer(world, rank), None)
+        if rank == 0:
+            res["picture"] = cb.prototypes
+        dist.barrier()
+        # export: every process calls it with batches pending, rank 0 alone writes
+        cb = _feed(PrototypeBank(NAMES, start=0.0, export_path=os.path.join(out, "bank.pt")), batches, world, rank)
+        cb.export(_Trainer(world, rank))
+        res["exported"] = cb.state_dict()
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_hold_the_single_process_bank(tmp_path):
+    """Two processes, each with half of every batch: after a read (state_dict, export, a validation)
+    both hold the bank of the per-step sums over the two halves; a checkpoint holds it too, and a
+    run resumed from it on both processes continues as the uninterrupted one."""
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    batches, more = _batches(), _batches(4, seed=1)
+    for name, cfg in CONFIGS.items():
+        a, b = res[0][name], res[1][name]
+        assert a["pending"] == b["pending"] == (0 if cfg.get("momentum") else len(batches))  # EMA: folded every step
+        for key in ("state", "end", "resumed"):
+            _assert_state_equal(a[key], b[key], exact=True)  # the same bank on both processes
+        _assert_state_equal(a["state"], _reference(cfg, batches, world=2), exact=False)
+        _assert_state_equal(a["end"], _reference(cfg, batches + more, world=2), exact=False)
+        _assert_state_equal(a["resumed"], a["end"], exact=True)
+        single = _feed(PrototypeBank(NAMES, **cfg), batches + more).state_dict()
+        assert torch.equal(a["end"]["counts"], single["counts"])
+        torch.testing.assert_close(a["end"]["sums"], single["sums"], rtol=1e-5, atol=1e-4)  # float32 batch sums differ
+    single = _feed(PrototypeBank(NAMES, start=0.0), batches)
+    torch.testing.assert_close(res[0]["picture"], single.prototypes, rtol=0, atol=1e-6)
+    exported = load_bank(tmp_path / "bank.pt")
+    _assert_state_equal(res[0]["exported"], res[1]["exported"], exact=True)
+    assert torch.equal(exported.counts, single.counts)
+    torch.testing.assert_close(exported.prototypes, single.prototypes, rtol=0, atol=1e-6)
