@@ -21,7 +21,8 @@ class RecordingIO(AtomicCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         stage = self.trainer_ref[0].state.stage
-        self.saves.append((checkpoint["global_step"], str(stage.value) if stage else None, "optimizer_states" in checkpoint))
+        stage = str(stage.value) if stage else None
+        self.saves.append((checkpoint["global_step"], stage, "optimizer_states" in checkpoint))
         super().save_checkpoint(checkpoint, path, storage_options)
 
 
