@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -151,30 +151,72 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     return method_builder(d.method)(cfg, net, names, common)
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(Checkpoint):
     """``last.ckpt``: the newest training state, for ``resume``.
 
-    Written every ``every_n_steps`` training steps (``None``: never mid-epoch), after every
-    validation, and when training ends, whether or not ``val/dice`` improved (Lightning's own
-    ``save_last`` only follows a top-k save). Lightning writes it atomically.
+    Written every ``every_n_steps`` training steps (``trainer.global_step``; ``None``: never
+    mid-epoch), after every validation, and when training ends unless already written at that step,
+    whether or not ``val/dice`` improved (Lightning's own ``save_last`` only follows a top-k save).
+    Never during the sanity check, with ``fast_dev_run`` or outside ``fit``. Written through
+    ``trainer.save_checkpoint``, so by the trainer's CheckpointIO (:class:`AtomicCheckpointIO`: an
+    atomic write); every DDP process calls it (it gathers state collectively) and rank 0 writes.
+    A callback on public hooks: ``ModelCheckpoint`` could only do this through its private methods.
+
+    Args:
+        dirpath: the folder of ``last.ckpt``.
+        every_n_steps: write every this many training steps; ``None`` or 0: only after validation
+            and at the end.
+        weights_only: write the weights without optimizer and loop state (such a file cannot resume).
+
+    Raises:
+        ValueError: ``every_n_steps`` is negative.
     """
 
-    def __init__(self, dirpath, every_n_steps: Optional[int] = None, weights_only: bool = False):
-        super().__init__(dirpath=str(dirpath), filename="last", monitor=None, save_top_k=1, every_n_epochs=0,
-                         every_n_train_steps=every_n_steps or 0, save_on_train_epoch_end=False,
-                         enable_version_counter=False, save_weights_only=weights_only)
+    FILENAME = "last.ckpt"
 
-    def _save_now(self, trainer) -> None:
+    def __init__(self, dirpath, every_n_steps: Optional[int] = None, weights_only: bool = False):
+        super().__init__()
+        if every_n_steps is not None and every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be a positive number of steps, 0 or None, got {every_n_steps}")
+        self.dirpath = os.path.realpath(os.path.expanduser(str(dirpath)))  # as ModelCheckpoint resolves it
+        self.every_n_steps = every_n_steps or 0
+        self.weights_only = weights_only
+        self.best_model_path = ""  # last.ckpt once written (ModelCheckpoint's name, which ``fit`` reads)
+        self.step_saved = 0  # the global step last written; none at train end when no step was taken
+
+    @property
+    def state_key(self) -> str:
+        # the ModelCheckpoint-based LastCheckpoint's key: its checkpoints resume without a missing-callback warning
+        key = {"monitor": None, "mode": "min", "every_n_train_steps": self.every_n_steps, "every_n_epochs": 0,
+               "train_time_interval": None}
+        return f"{type(self).__qualname__}{key!r}"
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` (on every process), except in a sanity check, ``fast_dev_run`` or outside ``fit``."""
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
             return
-        self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.best_model_path = os.path.join(self.dirpath, self.FILENAME)  # before the save: it is part of the state
+        trainer.save_checkpoint(self.best_model_path, weights_only=self.weights_only)
+        self.step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.step_saved:
+            self.save(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._save_now(trainer)
+        self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_now(trainer)
+        if trainer.global_step != self.step_saved:
+            self.save(trainer)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"dirpath": self.dirpath, "best_model_path": self.best_model_path}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores ``best_model_path`` (also from checkpoints of the ModelCheckpoint-based version)."""
+        self.best_model_path = state_dict.get("best_model_path", self.best_model_path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -39,6 +39,34 @@ def test_translator_factory_lists_valid_names_and_lsgan_targets():
         build_generator("unet", depth=1)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 6, 6), (3, 1, 2, 2, 2), (1, 1, 33, 33)])
+@pytest.mark.parametrize("real", [True, False])
+def test_lsgan_loss_is_the_least_squares_loss_of_earlier_versions(shape, real):
+    """``lsgan_loss`` (MONAI's PatchAdversarialLoss without its activation) gives the numbers and gradients of
+    the hand-written loss it replaced, in float32 also for bfloat16 scores."""
+    def frozen(s):  # lsgan_loss before MONAI
+        return torch.nn.functional.mse_loss(s.float(), torch.full_like(s.float(), 1.0 if real else 0.0))
+
+    torch.manual_seed(0)
+    s = (3 * torch.randn(shape)).requires_grad_()
+    new, old = lsgan_loss(s, real), frozen(s)
+    assert new.dtype == torch.float32 and torch.equal(new, old)
+    assert torch.equal(*(torch.autograd.grad(v, s)[0] for v in (new, old)))
+    b = s.detach().bfloat16()
+    assert lsgan_loss(b, real).dtype == torch.float32 and torch.equal(lsgan_loss(b, real), frozen(b))
+    assert lsgan_loss(s, real) > 0 and lsgan_loss(torch.full(shape, float(real)), real) == 0
+
+
+def test_discriminator_layers_and_state_dict_keys_are_those_of_earlier_checkpoints():
+    """CMEDL checkpoints hold ``d_a``/``d_b`` under these keys; widths double from ``channels`` up to 8x."""
+    d = patch_discriminator(channels=4, layers=4)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [
+        (1, 4, 2), (4, 8, 2), (8, 16, 2), (16, 32, 2), (32, 32, 1), (32, 1, 1)]
+    assert list(d.state_dict()) == [f"body.{i}.{p}" for i in (0, 2, 5, 8, 11, 14) for p in ("weight", "bias")]
+    assert sum(p.numel() for p in patch_discriminator(channels=32, layers=3, spatial_dims=3).parameters()) == 2771425
+
+
 def test_hint_loss_and_default_layers():
     s, t = [torch.ones(1, 2, 4, 4), torch.zeros(1, 3, 2, 2)], [torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2, 2)]
     assert hint_loss(s, t) == pytest.approx(0.5)  # mean of MSE 1 and MSE 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
 from torch import Tensor, nn
 
 
@@ -135,7 +135,8 @@ def patch_discriminator(in_channels: int = 1, channels: int = 32, layers: int = 
     """PatchGAN discriminator (CycleGAN's ``n_layers=3`` is the 70x70 PatchGAN): one score per patch.
 
     Input images are in ``[0, 1]`` and are mapped to ``[-1, 1]`` first; output ``(B, 1, *S')``
-    unbounded scores (least-squares GAN: real -> 1, fake -> 0).
+    unbounded scores (least-squares GAN: real -> 1, fake -> 0). Widths double up to 8x ``channels``.
+    Not MONAI's ``PatchDiscriminator``: its N(0, 0.02) init, uncapped widths and key names would change CMEDL runs.
     """
     conv, _, norm, _ = _layers(spatial_dims)
     seq = [conv(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
@@ -162,6 +163,13 @@ def build_generator(name: str, **kwargs) -> nn.Module:
     return GENERATORS[name](**kwargs)
 
 
+# without its default LeakyReLU(0.05) on the scores, MONAI's least-squares loss is the plain LSGAN loss
+_LSGAN = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
+
+
 def lsgan_loss(scores: Tensor, real: bool) -> Tensor:
-    """Least-squares GAN loss (Mao et al. 2017): ``mean((D(x) - target)^2)``, target 1 for real, 0 for fake."""
-    return F.mse_loss(scores.float(), torch.full_like(scores.float(), 1.0 if real else 0.0))
+    """Least-squares GAN loss (Mao et al. 2017): ``mean((D(x) - target)^2)`` in float32, target 1 for real, 0 for fake.
+
+    The same loss for discriminator and generator terms (a generator asks for ``real=True``).
+    """
+    return _LSGAN(scores.float(), target_is_real=real, for_discriminator=True)
