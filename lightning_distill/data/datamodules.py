@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_distill.data.sampling import EpochSampler, ResumableLoader, sample_generator
+from lightning_distill.data.sampling import EpochSampler, sample_generator, train_loader
 from lightning_distill.data.sources import SubjectSource
 
 
@@ -237,13 +237,12 @@ class SegmentationDataModule(L.LightningDataModule):
         return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
-    def _train_loader(self, dataset: Dataset) -> ResumableLoader:
-        """The training loader: this process's share of a seeded per-epoch order (resumable)."""
+    def _train_loader(self, dataset: Dataset) -> DataLoader:
+        """The training loader: this process's share of a seeded per-epoch order (resumable, see :mod:`.sampling`)."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=True, num_replicas=world, rank=rank)
-        return ResumableLoader(dataset, sampler=sampler, batch_size=self.batch_size, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0, drop_last=False)
+        return train_loader(dataset, sampler, self.batch_size, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
