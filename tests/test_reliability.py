@@ -147,6 +147,10 @@ def test_resumable_loader_skips_the_batches_already_trained_on():
     assert [torch.equal(x, y) for x, y in zip(seen + rest, full)] == [True] * len(full)
     again.sampler.set_epoch(3)  # the skip applies once, to the restored epoch
     assert len(list(again)) == 4
+    older = train_loader(data, EpochSampler(10, seed=3), batch_size=3)
+    older.load_state_dict({"epoch": 2, "batches": 2})  # the state our former loader wrote into checkpoints
+    older.sampler.set_epoch(2)
+    assert [torch.equal(x, y) for x, y in zip(list(older), rest)] == [True] * len(rest)
 
 
 def test_sampler_state_restores_its_epoch_and_rolls_a_finished_epoch_over():

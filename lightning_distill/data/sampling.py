@@ -106,12 +106,23 @@ class EpochSampler(DistributedSampler):
         self.epoch, self.yielded, self._resume = epoch, yielded, (epoch, yielded)
 
 
-def train_loader(dataset, sampler: EpochSampler, batch_size: int, num_workers: int = 0) -> StatefulDataLoader:
-    """The training loader over ``sampler``: a ``StatefulDataLoader`` (Lightning checkpoints its position)."""
+class TrainLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` that also resumes from checkpoints of our former loader, whose
+    state was ``{"epoch", "batches"}`` (the batches of that epoch handed out)."""
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if set(state_dict) == {"epoch", "batches"} and isinstance(self.sampler, EpochSampler):
+            self.sampler.load_state_dict({"epoch": state_dict["epoch"], "yielded": state_dict["batches"] * self.batch_size})
+            state_dict = {}  # a fresh iterator over the restored sampler
+        super().load_state_dict(state_dict)
+
+
+def train_loader(dataset, sampler: EpochSampler, batch_size: int, num_workers: int = 0) -> TrainLoader:
+    """The training loader over ``sampler``: a :class:`TrainLoader` (Lightning checkpoints its position)."""
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in recent torch: noise
         warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated", category=UserWarning)
-        return StatefulDataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0, drop_last=False)
+        return TrainLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                           persistent_workers=num_workers > 0, drop_last=False)
 
 
 def sample_generator(key: Any) -> Tuple[int, Optional[torch.Generator]]:
