@@ -14,12 +14,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from conftest import REPO, TINY_STUDENT, TINY_TEACHER
 from lightning_distill.cli import main
-from lightning_distill.data.sampling import EpochSampler, ResumableLoader
+from lightning_distill.data.sampling import EpochSampler, train_loader
 from lightning_distill.io import atomic_write, write_json
 from lightning_distill.prototypes import load_bank, save_bank
 
@@ -132,20 +133,42 @@ class _Keys(torch.utils.data.Dataset):
 
 def test_resumable_loader_skips_the_batches_already_trained_on():
     data = _Keys()
-    first = ResumableLoader(data, sampler=EpochSampler(10, seed=3), batch_size=3)
+    first = train_loader(data, EpochSampler(10, seed=3), batch_size=3)
     first.sampler.set_epoch(2)
     full = [batch for batch in first]
     it = iter(first)
     seen = [next(it), next(it)]
     state = first.state_dict()
-    assert state == {"epoch": 2, "batches": 2}
-    again = ResumableLoader(data, sampler=EpochSampler(10, seed=3), batch_size=3)
+    assert state["_sampler_iter_state"]["sampler_state"] == {"epoch": 2, "yielded": 6}  # the sampler's position
+    again = train_loader(data, EpochSampler(10, seed=3), batch_size=3)
     again.load_state_dict(state)
     again.sampler.set_epoch(2)
     rest = list(again)
     assert [torch.equal(x, y) for x, y in zip(seen + rest, full)] == [True] * len(full)
     again.sampler.set_epoch(3)  # the skip applies once, to the restored epoch
     assert len(list(again)) == 4
+    older = train_loader(data, EpochSampler(10, seed=3), batch_size=3)
+    older.load_state_dict({"epoch": 2, "batches": 2})  # the state our former loader wrote into checkpoints
+    older.sampler.set_epoch(2)
+    assert [torch.equal(x, y) for x, y in zip(list(older), rest)] == [True] * len(rest)
+
+
+def test_sampler_state_restores_its_epoch_and_rolls_a_finished_epoch_over():
+    """The epoch comes back with the position (a loader with workers prefetches before Lightning's
+    ``set_epoch``); an epoch handed out entirely resumes at the start of the next one."""
+    s = EpochSampler(10, seed=3, num_replicas=2, rank=1)
+    s.set_epoch(4)
+    head = [k for _, k in zip(range(2), s)]
+    assert s.state_dict() == {"epoch": 4, "yielded": 2}
+    again = EpochSampler(10, seed=3, num_replicas=2, rank=1)
+    again.load_state_dict(s.state_dict())
+    assert again.epoch == 4 and head + list(again) == list(s)
+    again.load_state_dict({"epoch": 4, "yielded": 5})  # all 5 of this rank's samples
+    fresh = EpochSampler(10, seed=3, num_replicas=2, rank=1)
+    fresh.set_epoch(5)
+    assert again.epoch == 5 and list(again) == list(fresh) and len(list(fresh)) == 5
+    with pytest.raises(KeyError, match="'epoch' and 'yielded'"):
+        again.load_state_dict({"batches": 2})
 
 
 def test_lightning_may_swap_the_sampler(tmp_path):
@@ -154,6 +177,55 @@ def test_lightning_may_swap_the_sampler(tmp_path):
     assert main(["fit", STUDENT_YAML, f"output_dir={tmp_path}", *TINY_STUDENT, "distill.weight=0", "distill.prototypes=null",
                  "trainer.overfit_batches=1", "trainer.max_steps=2", "pictures=0"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
+
+
+class _Recorder(L.LightningModule):
+    """Records the keys of every training batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, i):
+        self.seen.append((self.current_epoch, batch[:, 0].tolist()))
+        return (self.w - 1).pow(2).sum()
+
+    def validation_step(self, batch, i):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _keys_fit(out, max_steps, workers, every, val, ckpt=None):
+    from lightning_distill.train import LastCheckpoint
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return train_loader(_Keys(), EpochSampler(10, seed=3), batch_size=3, num_workers=workers)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=2)
+
+    module = _Recorder()
+    L.Trainer(max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, accelerator="cpu", devices=1, callbacks=[LastCheckpoint(out, every_n_steps=every)],
+              **({"limit_val_batches": 0} if val is None else {"val_check_interval": val})).fit(module, Data(), ckpt_path=ckpt)
+    return module.seen
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop,every,val", [(6, 1, None), (8, 1, None), (4, None, 1.0), (6, None, 2)],
+                         ids=["mid-epoch", "epoch-end", "after-epoch-end-validation", "after-mid-epoch-validation"])
+def test_lightning_resumes_the_loader_where_the_checkpoint_was_written(tmp_path, workers, stop, every, val):
+    """Through Lightning (4 batches an epoch): a run stopped at step ``stop`` and resumed from its last.ckpt
+    trains on the batches (and epochs) the uninterrupted run trained on, with or without loader workers."""
+    full = _keys_fit(tmp_path / "full", 10, workers, every, val)
+    first = _keys_fit(tmp_path / "part", stop, workers, every, val)
+    rest = _keys_fit(tmp_path / "part", 10, workers, every, val, ckpt=tmp_path / "part" / "last.ckpt")
+    assert len(full) == 10 and len(first) == stop
+    assert first + rest == full
 
 
 def test_augmentation_is_a_function_of_the_draw_seed():

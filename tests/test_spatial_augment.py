@@ -1,4 +1,5 @@
-"""Spatial augmentation of training samples (issue 17): image and label move together, seeded and resumable."""
+"""Training augmentation (issues 17, 18): MONAI transforms seeded per sample; image and label move together,
+labels keep their values, the draws depend on the draw seed alone."""
 
 import numpy as np
 import pytest
@@ -61,3 +62,59 @@ def test_config_key_reaches_the_training_set(tiny_student):
                                       [*tiny_student, "data.spatial_augment=affine"]))
     dm.setup()
     assert dm.datasets["train"].spatial_augment == "affine" and dm.datasets["val"].spatial_augment == "none"
+
+
+def _label_values(shape):
+    """Labels with non-contiguous values (0, 1, 2, 7) and the ignore index 255."""
+    lab = _Source(shape).load("a")["label"]
+    lab[36:44, 30:46] = 7
+    return lab
+
+
+class _Labels(_Source):
+    def load(self, sid):
+        return dict(super().load(sid), label=_label_values(self.shape))
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (48, 48, 6)])
+def test_augmentation_is_seeded_keeps_label_values_and_leaves_global_rngs_alone(shape):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    ds = SubjectDataset(_Labels(shape), ["a"], augment=True, spatial_augment="affine")  # MONAI built on first use, below
+    a, again, other = ds[(0, 11)], ds[(0, 11)], ds[(0, 12)]
+    # (1) same seed, same output; (2) another seed, another output
+    assert torch.equal(a["image"], again["image"]) and torch.equal(a["label"], again["label"])
+    assert not torch.equal(a["image"], other["image"]) and not torch.equal(a["label"], other["label"])
+    # (3) nearest-neighbour labels with zero padding: only values present before (0 is background)
+    before = set(np.unique(_label_values(shape)).tolist())
+    for seed in range(20):
+        assert set(ds[(0, seed)]["label"].unique().tolist()) <= before
+    # (4) neither torch's nor numpy's global RNG was used
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+
+
+def test_intensity_augmentation_keeps_its_ranges():
+    """Scale ``1 + U(-0.1, 0.1)``, then shift ``U(-0.05, 0.05)``, then noise of sd 0.02, read back
+    from an image that is 0 on one half and 1 on the other."""
+
+    class Halves:
+        def load(self, sid):
+            image = np.zeros((1, 64, 64), np.float32)
+            image[0, :, 32:] = 1.0
+            return {"image": image, "label": np.zeros((64, 64), np.int64), "spacing": [1.0, 1.0]}
+
+    ds = SubjectDataset(Halves(), ["a"], augment=True)
+    factors, shifts, sds = [], [], []
+    for seed in range(300):
+        x = ds[(0, seed)]["image"][0].double()
+        shifts.append(float(x[:, :32].mean()))
+        factors.append(float(x[:, 32:].mean()) - shifts[-1] - 1.0)
+        sds.append(float(torch.cat([x[:, :32] - x[:, :32].mean(), x[:, 32:] - x[:, 32:].mean()]).std()))
+    tol = 0.002  # the noise's share of a half's mean
+    assert -0.1 - tol <= min(factors) < -0.09 and 0.09 < max(factors) <= 0.1 + tol
+    assert -0.05 - tol <= min(shifts) < -0.045 and 0.045 < max(shifts) <= 0.05 + tol
+    assert all(abs(sd - 0.02) < 0.001 for sd in sds)
+    assert ds[(0, 1)]["label"].eq(0).all()  # intensity augmentation leaves labels alone

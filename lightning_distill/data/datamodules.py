@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_distill.data.sampling import EpochSampler, ResumableLoader, sample_generator
+from lightning_distill.data.sampling import EpochSampler, sample_generator, train_loader
 from lightning_distill.data.sources import SubjectSource
 
 
@@ -54,18 +54,24 @@ def train_subset(pool: Sequence[str], fraction: float = 1.0, count: Optional[int
 class SubjectDataset(Dataset):
     """Samples of ``ids`` from ``source``, decoded once and cached in memory.
 
+    Training augmentation is a MONAI ``Compose`` of dictionary transforms, seeded per sample
+    (``set_random_state``) from the sample's draw seed (see :mod:`.sampling`), so it is the same
+    after a resume and under DDP and takes nothing from torch's or numpy's global RNG.
+
     Args:
         source: the subject source.
         ids: subject ids.
-        augment: intensity augmentation (scale, shift, noise) for training.
+        augment: intensity augmentation for training: scale ``v * (1 + f)``, ``f ~ U(-0.1, 0.1)``
+            (MONAI ``RandScaleIntensityd``), shift by ``U(-0.05, 0.05)`` (``RandShiftIntensityd``) and
+            Gaussian noise of sd 0.02 (``RandGaussianNoised``), in that order, on the whole image.
         patch_size: random crop of this size (training volumes); ``None`` keeps whole images.
         cache: keep decoded samples in memory.
         labels: load labels (``False``: images only, for unlabelled data).
         spatial_augment: ``none`` or ``affine``: a random in-plane affine map of image and label
             together (MONAI ``RandAffined``: rotation up to +-15 degrees about the axial axis, scale
-            +-10 %, shift up to 5 % of the size; bilinear image, nearest-neighbour label, zero padding:
-            air and background), drawn from the sample's seed like the intensity augmentation, so a
-            resumed run sees the same maps.
+            +-10 %, shift up to 5 % of the size; bilinear image, nearest-neighbour label, so no new
+            label value and the ignore index stays; zero padding: air and background), applied
+            before the intensity augmentation.
     """
 
     def __init__(self, source: SubjectSource, ids: Sequence[str], augment: bool = False,
@@ -77,7 +83,7 @@ class SubjectDataset(Dataset):
         self.patch_size = tuple(patch_size) if patch_size else None
         self.cache: Optional[Dict[str, Dict]] = {} if cache else None
         self.spatial_augment = spatial_augment
-        self._affine = None  # built on first use (per worker process)
+        self._transforms: Dict[tuple, object] = {}  # augmentation by image shape, built on first use (per worker)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -110,34 +116,39 @@ class SubjectDataset(Dataset):
             starts = [int(torch.randint(0, s - p + 1, (), generator=gen)) for s, p in zip(spatial, self.patch_size)]
             sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch_size))
             image, label = image[(slice(None),) + sl], label[(slice(None),) + sl]
-        if self.spatial_augment != "none":
-            image, label = self._spatial(image, label, gen)
-        if self.augment:
-            scale = 1.0 + 0.1 * (2 * torch.rand((), generator=gen) - 1)
-            shift = 0.05 * (2 * torch.rand((), generator=gen) - 1)
-            image = image * scale + shift + 0.02 * torch.randn(image.shape, generator=gen, dtype=image.dtype)
+        if self.augment or self.spatial_augment != "none":
+            image, label = self._augmented(image, label, int(torch.randint(0, 2 ** 31 - 1, (), generator=gen)))
         item["image"] = image.contiguous()
         if self.labels:
             item["label"] = label.contiguous()
         return item
 
+    def augmentation(self, shape: Sequence[int]):
+        """The MONAI ``Compose`` of this dataset's augmentation for images of ``shape`` ``(C, *spatial)``."""
+        shape = tuple(shape)
+        if shape not in self._transforms:
+            from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd,
+                                          RandShiftIntensityd)
 
-    def _spatial(self, image: torch.Tensor, label: torch.Tensor, gen: Optional[torch.Generator]):
-        """The random affine map of ``spatial_augment`` applied to image and label alike."""
-        import math
+            steps = []
+            if self.spatial_augment == "affine":
+                nd = len(shape) - 1
+                rotate = (math.pi / 12,) if nd == 2 else (0.0, 0.0, math.pi / 12)  # about the axial (last) axis
+                shift = [0.05 * s for s in shape[1:3]] + ([0.0] if nd == 3 else [])
+                steps.append(RandAffined(keys=["image", "label"], prob=1.0, rotate_range=rotate,
+                                         scale_range=(0.1,) * 2 + ((0.0,) if nd == 3 else ()), translate_range=shift,
+                                         mode=("bilinear", "nearest"), padding_mode="zeros"))
+            if self.augment:
+                steps += [RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+                          RandShiftIntensityd(keys="image", offsets=0.05, prob=1.0),
+                          RandGaussianNoised(keys="image", prob=1.0, mean=0.0, std=0.02, sample_std=False)]
+            self._transforms[shape] = Compose(steps)
+        return self._transforms[shape]
 
-        from monai.transforms import RandAffined
-
-        nd = image.ndim - 1
-        if self._affine is None:
-            rotate = (math.pi / 12,) if nd == 2 else (0.0, 0.0, math.pi / 12)  # about the axial (last) axis
-            shift = [0.05 * s for s in image.shape[1:3]] + ([0.0] if nd == 3 else [])
-            self._affine = RandAffined(keys=["image", "label"], prob=1.0, rotate_range=rotate,
-                                       scale_range=(0.1,) * 2 + ((0.0,) if nd == 3 else ()), translate_range=shift,
-                                       mode=("bilinear", "nearest"), padding_mode="zeros")
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
-        self._affine.set_random_state(seed=seed)
-        out = self._affine({"image": image, "label": label.float()})
+    def _augmented(self, image: torch.Tensor, label: torch.Tensor, seed: int):
+        """Image and label through :meth:`augmentation`, its random state set from ``seed``."""
+        transform = self.augmentation(image.shape).set_random_state(seed=seed)
+        out = transform({"image": image, "label": label.float()})
         plain = lambda t: t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)  # noqa: E731  (MetaTensor -> Tensor)
         # plain tensors: a MONAI MetaTensor would spread into the prototype sums and the checkpoint, which then
         # needs weights_only=False to load
@@ -237,13 +248,12 @@ class SegmentationDataModule(L.LightningDataModule):
         return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
-    def _train_loader(self, dataset: Dataset) -> ResumableLoader:
-        """The training loader: this process's share of a seeded per-epoch order (resumable)."""
+    def _train_loader(self, dataset: Dataset) -> DataLoader:
+        """The training loader: this process's share of a seeded per-epoch order (resumable, see :mod:`.sampling`)."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=True, num_replicas=world, rank=rank)
-        return ResumableLoader(dataset, sampler=sampler, batch_size=self.batch_size, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0, drop_last=False)
+        return train_loader(dataset, sampler, self.batch_size, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -2,10 +2,12 @@
 
 Three things follow from it, and each is tested (``tests/test_reliability.py``):
 
-* **Resume mid-epoch.** :class:`ResumableLoader` counts the batches it has handed to the training
-  loop; Lightning stores that count in every checkpoint (the loader has ``state_dict`` /
-  ``load_state_dict``) and, on resume, the sampler skips the batches already trained on. The
-  remaining batches, and their augmentations, are the ones the uninterrupted run would have seen.
+* **Resume mid-epoch.** The training loader is torchdata's ``StatefulDataLoader``, which Lightning
+  saves in every checkpoint and restores on resume; it stores the state of its sampler, an
+  :class:`EpochSampler`, which counts the samples of the current epoch handed out so far
+  (torchdata snapshots that count together with each batch, also with ``num_workers > 0``). On
+  resume the sampler skips them: the remaining batches, and their augmentations, are the ones the
+  uninterrupted run would have seen.
 * **Same data under DDP.** :class:`EpochSampler` deals the positions of one seeded permutation to the
   processes (``rank::world_size``, padded like ``DistributedSampler``); the union of the processes'
   k-th batches of size B is the single process's k-th batch of size ``world_size * B``, with the
@@ -18,12 +20,13 @@ Three things follow from it, and each is tested (``tests/test_reliability.py``):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 class EpochSampler(DistributedSampler):
@@ -31,7 +34,9 @@ class EpochSampler(DistributedSampler):
 
     It is a ``DistributedSampler`` so that Lightning keeps it under DDP instead of wrapping it; unlike
     torch's, it needs no process group (``num_replicas`` and ``rank`` are given) and it yields a
-    per-position seed for the dataset's random draws.
+    per-position seed for the dataset's random draws. It is stateful (``state_dict`` /
+    ``load_state_dict``: ``{"epoch", "yielded"}``, the samples of that epoch handed out so far), so
+    a ``StatefulDataLoader`` over it resumes mid-epoch.
 
     Args:
         length: number of samples in the dataset.
@@ -50,12 +55,15 @@ class EpochSampler(DistributedSampler):
         self.num_replicas, self.rank, self.epoch, self.drop_last = int(num_replicas), int(rank), 0, False
         self.num_samples = math.ceil(self.length / self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
-        self.skip = 0  # samples of this process to leave out of the next epoch's start (resume)
+        self.yielded = 0  # samples of ``self.epoch`` handed out so far
+        self._resume: Optional[Tuple[int, int]] = None  # (epoch, samples to skip) of a restored state
 
     def __len__(self) -> int:
         return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.yielded = 0
         self.epoch = int(epoch)
 
     def epoch_plan(self, epoch: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -69,48 +77,52 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         order, seeds = self.epoch_plan()
-        mine = range(self.rank, self.total_size, self.num_replicas)
-        skip, self.skip = self.skip, 0
-        for pos in list(mine)[skip:]:
+        skip = 0
+        if self._resume is not None:  # a restored position applies once, to its own epoch
+            if self._resume[0] == self.epoch:
+                skip = self._resume[1]
+            self._resume = None
+        self.yielded = skip
+        for pos in range(self.rank + skip * self.num_replicas, self.total_size, self.num_replicas):
+            self.yielded += 1
             yield int(order[pos]), int(seeds[pos])
 
-
-class ResumableLoader(DataLoader):
-    """A training ``DataLoader`` over an :class:`EpochSampler` whose position survives a restart.
-
-    ``state_dict()`` is ``{"epoch", "batches"}``: the batches of the current epoch handed out so far.
-    Lightning fetches sized loaders without prefetching, so that is the number trained on when a
-    checkpoint is written. ``load_state_dict`` makes the next pass over that epoch skip them.
-    """
-
-    def __init__(self, dataset, sampler: Optional[EpochSampler] = None, batch_size: int = 1, **kwargs: Any):
-        # Lightning may rebuild the loader with another sampler (e.g. ``trainer.overfit_batches``);
-        # it then works as a plain DataLoader, without a position to resume from.
-        super().__init__(dataset, sampler=sampler, batch_size=batch_size, **kwargs)
-        self._epoch, self._batches = 0, 0
-        self._pending: Optional[Dict[str, int]] = None
-
-    def __iter__(self):
-        sampler = self.sampler
-        if not isinstance(sampler, EpochSampler):
-            yield from super().__iter__()
-            return
-        skip = 0
-        if self._pending is not None:
-            if self._pending["epoch"] == sampler.epoch:
-                skip = self._pending["batches"]
-            self._pending = None
-        sampler.skip = skip * self.batch_size
-        self._epoch, self._batches = sampler.epoch, skip
-        for batch in super().__iter__():
-            self._batches += 1
-            yield batch
-
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self._epoch, "batches": self._batches}
+        return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        self._pending = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        """Resume at ``state``: the next pass over its epoch skips the samples already handed out.
+
+        The epoch is restored too: with ``num_workers > 0`` the loader prefetches when Lightning
+        creates its iterator, before Lightning calls ``set_epoch``. A finished epoch resumes at the
+        start of the next one.
+        """
+        try:
+            epoch, yielded = int(state["epoch"]), int(state["yielded"])
+        except KeyError as e:
+            raise KeyError(f"an EpochSampler state needs 'epoch' and 'yielded', got {sorted(state)}") from e
+        if yielded >= self.num_samples:
+            epoch, yielded = epoch + 1, 0
+        self.epoch, self.yielded, self._resume = epoch, yielded, (epoch, yielded)
+
+
+class TrainLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` that also resumes from checkpoints of our former loader, whose
+    state was ``{"epoch", "batches"}`` (the batches of that epoch handed out)."""
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if set(state_dict) == {"epoch", "batches"} and isinstance(self.sampler, EpochSampler):
+            self.sampler.load_state_dict({"epoch": state_dict["epoch"], "yielded": state_dict["batches"] * self.batch_size})
+            state_dict = {}  # a fresh iterator over the restored sampler
+        super().load_state_dict(state_dict)
+
+
+def train_loader(dataset, sampler: EpochSampler, batch_size: int, num_workers: int = 0) -> TrainLoader:
+    """The training loader over ``sampler``: a :class:`TrainLoader` (Lightning checkpoints its position)."""
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in recent torch: noise
+        warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated", category=UserWarning)
+        return TrainLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                           persistent_workers=num_workers > 0, drop_last=False)
 
 
 def sample_generator(key: Any) -> Tuple[int, Optional[torch.Generator]]:
