@@ -41,7 +41,7 @@ import os, signal, sys
 from lightning_distill import prototypes
 from lightning_distill.data import sampling
 if os.environ.get("LD_IGNORE_LOADER_STATE"):
-    sampling.ResumableLoader.load_state_dict = lambda self, state: None
+    sampling.TrainLoader.load_state_dict = lambda self, state: None
 kill = int(os.environ.get("LD_KILL_AT_STEP", "0"))
 orig = prototypes.PrototypeBank.on_train_batch_end
 def hook(self, trainer, *args):
