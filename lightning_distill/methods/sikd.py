@@ -71,6 +71,5 @@ def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict[str, Any
     d = cfg.distill
     if d.weight == 0:
         return baseline(cfg, net, class_names, common)
-    teacher = load_teacher_network(d.teacher, class_names, "distill.method=sikd")
-    layer = d.feature_layer or head_module_name(cfg.model.name)
-    return SIKDModule(net, class_names, teacher=teacher, feature_layer=layer, distill_weight=d.weight, **common)
+    return SIKDModule(net, class_names, teacher=load_teacher_network(d.teacher, class_names, "distill.method=sikd"),
+                      feature_layer=d.feature_layer or head_module_name(cfg.model.name), distill_weight=d.weight, **common)
