@@ -1,3 +1,3 @@
 """lightning_distill: unpaired knowledge distillation for medical image segmentation."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
