@@ -89,6 +89,8 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torchmetrics import Metric
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassStatScores
 
 from lightning_distill import __version__
 from lightning_distill.io import atomic_write
@@ -741,14 +743,16 @@ def _to(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 
 
 def _scan(module: nn.Module, data: Any, device: Optional[torch.device], max_batches: Optional[int],
-          distributed: bool, step) -> Tuple[List[torch.Tensor], int]:
-    """Run ``step(batch, logits, feats) -> [tensors to sum]`` over the batches (this process's share
-    of them under DDP: batch ``i`` on rank ``i % world``) and return the sums over every batch (of
-    every process) and the number of samples."""
+          distributed: bool, step, make) -> Tuple[Any, int]:
+    """Run ``step(batch) -> args`` over the batches (this process's share of them under DDP: batch
+    ``i`` on rank ``i % world``), add each ``args`` to one torchmetrics ``Metric`` built by
+    ``make(*args, distributed_available_fn=...)`` at the first batch, and return its ``compute()``
+    over every batch of every process (states reduced by torchmetrics) and the number of samples."""
     world, rank = _world() if distributed else (1, 0)
-    totals: Optional[List[torch.Tensor]] = None
-    samples, first = 0, None
+    shared = lambda: world > 1  # noqa: E731
+    metric, samples, first = None, SumMetric(distributed_available_fn=shared), None
     with _evaluating(module, device) as dev:
+        samples = samples.to(dev)
         for i, batch in enumerate(_batches(data)):
             if max_batches is not None and i >= max_batches:
                 break
@@ -756,22 +760,18 @@ def _scan(module: nn.Module, data: Any, device: Optional[torch.device], max_batc
             if i % world != rank:
                 continue
             batch = _to(batch, dev)
-            parts = step(batch)
-            totals = parts if totals is None else [t + p for t, p in zip(totals, parts)]
-            samples += int(batch["image"].shape[0])
+            args = step(batch)
+            metric = make(*args, distributed_available_fn=shared).to(dev) if metric is None else metric
+            metric.update(*args)
+            samples.update(float(batch["image"].shape[0]))
         if first is None:
             raise ValueError("no batch to run over: the data are empty")  # on every process: same batches
-        if totals is None:  # fewer batches than processes: this one adds zeros of the right shapes
-            totals = [torch.zeros_like(t) for t in step(_to(first, dev))]
-        if world > 1:
-            packed = torch.cat([t.double().flatten() for t in totals] + [torch.tensor([float(samples)], dtype=torch.float64)]).to(dev)
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            packed, out, at = packed.cpu(), [], 0
-            for t in totals:
-                out.append(packed[at:at + t.numel()].view(t.shape).to(t.dtype))
-                at += t.numel()
-            totals, samples = out, int(packed[-1])
-    return [t.cpu() for t in totals], samples
+        if metric is None:  # fewer batches than processes: this one adds nothing, to states of the right shapes
+            metric = make(*step(_to(first, dev)), distributed_available_fn=shared).to(dev)
+            samples.update(0.0)
+        result = metric.compute()
+        volumes = int(samples.compute())
+    return result, volumes
 
 
 def final_bank(module: nn.Module, data: Any, class_names: Optional[Sequence[str]] = None, *, space: str = "prob",
@@ -831,12 +831,14 @@ def final_bank(module: nn.Module, data: Any, class_names: Optional[Sequence[str]
         if logits.shape[1] != k:
             raise ValueError(f"the module predicts {logits.shape[1]} classes, class_names has {k}: {names}")
         values = _bank_values(logits, feats, space, tau, extra, feature_layer)
-        label = axial_masked_labels(batch["label"], rng, logits.ndim - 2)
-        sums, counts = masked_class_sums(values, label, k)
-        return [sums.double(), counts.double()]
+        return values, axial_masked_labels(batch["label"], rng, logits.ndim - 2)
+
+    def make(values, label, **kwargs):
+        return ClassSums(k, values.shape[1], **kwargs)
 
     with _features_through(module, feature_layer if space == "feature" else None):
-        (sums, counts), volumes = _scan(module, data, device, max_batches, distributed, step)
+        (sums, counts), volumes = _scan(module, data, device, max_batches, distributed, step, make)
+    sums, counts = sums.cpu(), counts.cpu()
     if not bool((counts > 0).any()):
         raise ValueError("the final bank has no voxel of any class"
                          + (f" in bank.axial_range={list(rng)}" if rng is not None else "") + ": nothing to average")
@@ -875,13 +877,15 @@ def class_reliability(module: nn.Module, data: Any, class_names: Optional[Sequen
             raise ValueError(f"the module predicts {logits.shape[1]} classes, class_names has {k}: {names}")
         label = axial_masked_labels(batch["label"], rng, logits.ndim - 2)
         label = label[:, 0] if label.ndim == logits.ndim else label
-        pred = logits.argmax(1)
         valid = (label >= 0) & (label < k)
-        y, p = label[valid], pred[valid]
-        tp = torch.bincount(y[y == p], minlength=k)
-        return [tp.double(), torch.bincount(p, minlength=k).double(), torch.bincount(y, minlength=k).double()]
+        return logits.argmax(1)[valid], label[valid]
 
-    (tp, predicted, truth), _ = _scan(module, data, device, max_batches, distributed, step)
+    def make(pred, label, **kwargs):  # per class: tp, fp, tn, fn, support (int64 counts)
+        return MulticlassStatScores(k, average=None, validate_args=False, **kwargs)
+
+    stats, _ = _scan(module, data, device, max_batches, distributed, step, make)
+    tp, fp, fn = stats[:, 0].cpu(), stats[:, 1].cpu(), stats[:, 3].cpu()
+    predicted, truth = tp + fp, tp + fn
     ratio = lambda a, b: None if b <= 0 else float(a / b)  # noqa: E731
     out = {}
     for i, name in enumerate(names):

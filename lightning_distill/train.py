@@ -181,7 +181,7 @@ class LastCheckpoint(Checkpoint):
         self.dirpath = os.path.realpath(os.path.expanduser(str(dirpath)))  # as ModelCheckpoint resolves it
         self.every_n_steps = every_n_steps or 0
         self.weights_only = weights_only
-        self.best_model_path = ""  # last.ckpt once written (ModelCheckpoint's name, which ``fit`` reads)
+        self.last_model_path = ""  # last.ckpt once written
         self.step_saved = 0  # the global step last written; none at train end when no step was taken
 
     @property
@@ -195,8 +195,8 @@ class LastCheckpoint(Checkpoint):
         """Write ``last.ckpt`` (on every process), except in a sanity check, ``fast_dev_run`` or outside ``fit``."""
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
             return
-        self.best_model_path = os.path.join(self.dirpath, self.FILENAME)  # before the save: it is part of the state
-        trainer.save_checkpoint(self.best_model_path, weights_only=self.weights_only)
+        self.last_model_path = os.path.join(self.dirpath, self.FILENAME)  # before the save: it is part of the state
+        trainer.save_checkpoint(self.last_model_path, weights_only=self.weights_only)
         self.step_saved = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -212,11 +212,12 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"dirpath": self.dirpath, "best_model_path": self.best_model_path}
+        return {"dirpath": self.dirpath, "last_model_path": self.last_model_path}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restores ``best_model_path`` (also from checkpoints of the ModelCheckpoint-based version)."""
-        self.best_model_path = state_dict.get("best_model_path", self.best_model_path)
+        """Restores ``last_model_path`` (from ``best_model_path`` in checkpoints written before 0.4.0,
+        whose ModelCheckpoint-based callback kept last.ckpt there)."""
+        self.last_model_path = state_dict.get("last_model_path") or state_dict.get("best_model_path") or self.last_model_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -354,7 +355,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     targs["plugins"] = _with_atomic_checkpoints(targs.get("plugins"))
     trainer = L.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **targs)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    last = (last_cb.best_model_path or None) if last_cb is not None else None
+    last = (last_cb.last_model_path or None) if last_cb is not None else None
     best = None if fast else (ckpt.best_model_path or None)
     if not fast and best is None:
         _warn_no_best(out, dm, targs, last)

@@ -192,3 +192,76 @@ def test_two_gloo_processes_hold_the_single_process_bank(tmp_path):
     _assert_state_equal(res[0]["exported"], res[1]["exported"], exact=True)
     assert torch.equal(exported.counts, single.counts)
     torch.testing.assert_close(exported.prototypes, single.prototypes, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------- final bank and reliability: torchmetrics states over 2 processes
+def _volumes(n):
+    """Batches whose "image" is the logits (an identity module predicts them): 5 batches share unevenly
+    between 2 processes; 1 batch leaves the second process without any."""
+    return [{"image": logits, "label": label} for logits, label in _batches(n, b=2, seed=3)]
+
+
+def _scan_reference(vols, taus=(0.5,)):
+    """The bank and the reliability counts as ``_scan`` computed them before the torchmetrics states:
+    per-batch float64 sums and bincounts added in batch order."""
+    sums = counts = None
+    tp = predicted = truth = torch.zeros(K, dtype=torch.float64)
+    for v in vols:
+        values = torch.cat([torch.softmax(v["image"], 1)] + [torch.softmax(v["image"] / t, 1) for t in taus], 1)
+        s, c = masked_class_sums(values, v["label"], K)
+        sums = s.double() if sums is None else sums + s.double()
+        counts = c.double() if counts is None else counts + c.double()
+        y, p = v["label"][:, 0], v["image"].argmax(1)
+        valid = (y >= 0) & (y < K)
+        y, p = y[valid], p[valid]
+        tp = tp + torch.bincount(y[y == p], minlength=K).double()
+        predicted = predicted + torch.bincount(p, minlength=K).double()
+        truth = truth + torch.bincount(y, minlength=K).double()
+    return sums, counts, tp, predicted, truth
+
+
+def _scan_results(vols):
+    from lightning_distill.prototypes import class_reliability, final_bank
+    identity = torch.nn.Identity()
+    bank = final_bank(identity, vols, NAMES, tau=1.0, taus=[0.5])
+    rel = class_reliability(identity, vols, NAMES, include_background=True)
+    return {"prototypes": bank.prototypes, "tau": bank.at_tau(0.5), "counts": bank.counts,
+            "volumes": bank.meta["volumes"], "reliability": rel}
+
+
+def _scan_worker(rank, world, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                           timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save({n: _scan_results(_volumes(n)) for n in (5, 1)}, os.path.join(out, f"scan{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _reliability(tp, predicted, truth):
+    ratio = lambda a, b: None if b <= 0 else float(a / b)  # noqa: E731
+    return {name: {"dice": ratio(2 * tp[i], predicted[i] + truth[i]), "precision": ratio(tp[i], predicted[i]),
+                   "recall": ratio(tp[i], truth[i]), "voxels": int(truth[i])} for i, name in enumerate(NAMES)}
+
+
+def test_final_bank_and_reliability_equal_the_former_sums_on_one_and_two_processes(tmp_path):
+    """One process: bitwise the per-batch float64 sums and bincounts they replace. Two gloo processes
+    (batches shared unevenly, or one process without any): the same bank and counts on both, equal
+    to one process's."""
+    for n in (5, 1):
+        sums, counts, tp, predicted, truth = _scan_reference(_volumes(n))
+        one = _scan_results(_volumes(n))
+        assert torch.equal(one["counts"], counts) and one["volumes"] == 2 * n
+        parts = sums.split(K, dim=1)
+        assert torch.equal(one["prototypes"], class_means(parts[0], counts).float())
+        assert torch.equal(one["tau"], class_means(parts[1], counts).float())
+        assert one["reliability"] == _reliability(tp, predicted, truth)
+    mp.start_processes(_scan_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    res = [torch.load(tmp_path / f"scan{r}.pt", weights_only=False) for r in range(2)]
+    for n in (5, 1):
+        one = _scan_results(_volumes(n))
+        for r in res:
+            assert r[n]["volumes"] == one["volumes"] and torch.equal(r[n]["counts"], one["counts"])
+            assert r[n]["reliability"] == one["reliability"]  # integer counts: exact
+            torch.testing.assert_close(r[n]["prototypes"], one["prototypes"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(r[n]["tau"], one["tau"], rtol=0, atol=1e-6)

@@ -84,10 +84,10 @@ def test_every_n_steps_after_every_validation_and_at_the_end(tmp_path):
                              (10, "validate"), (12, "train")]
     assert all(opt for *_, opt in saves)
     path = tmp_path / "checkpoints" / "last.ckpt"
-    assert cb.best_model_path == str(path.resolve()) and path.is_file()
+    assert cb.last_model_path == str(path.resolve()) and path.is_file()
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left, no versions
     ckpt = torch.load(path, weights_only=False)
-    assert ckpt["global_step"] == 12 and ckpt["callbacks"][cb.state_key]["best_model_path"] == cb.best_model_path
+    assert ckpt["global_step"] == 12 and ckpt["callbacks"][cb.state_key]["last_model_path"] == cb.last_model_path
 
 
 def test_without_every_n_steps_after_validation_and_at_the_end(tmp_path):
@@ -129,7 +129,7 @@ def test_never_written_outside_training(tmp_path, how):
         assert _steps(saves) == [(1, "train")]
         return
     saves, cb = _fit(tmp_path, every=1, **kwargs)
-    assert saves == [] and cb.best_model_path == "" and not (tmp_path / "checkpoints").exists()
+    assert saves == [] and cb.last_model_path == "" and not (tmp_path / "checkpoints").exists()
 
 
 def test_state_key_is_the_one_of_earlier_versions_and_their_state_loads(tmp_path):
@@ -144,7 +144,8 @@ def test_state_key_is_the_one_of_earlier_versions_and_their_state_loads(tmp_path
            "kth_value": torch.tensor(float("inf")), "last_model_path": ""}
     cb = LastCheckpoint(tmp_path)
     cb.load_state_dict(old)
-    assert cb.best_model_path == "/old/checkpoints/last.ckpt"
+    assert cb.last_model_path == "/old/checkpoints/last.ckpt"
+    assert cb.state_dict() == {"dirpath": cb.dirpath, "last_model_path": "/old/checkpoints/last.ckpt"}
     with pytest.raises(ValueError, match="every_n_steps"):
         LastCheckpoint(tmp_path, every_n_steps=-1)
 
