@@ -118,3 +118,37 @@ def test_intensity_augmentation_keeps_its_ranges():
     assert -0.05 - tol <= min(shifts) < -0.045 and 0.045 < max(shifts) <= 0.05 + tol
     assert all(abs(sd - 0.02) < 0.001 for sd in sds)
     assert ds[(0, 1)]["label"].eq(0).all()  # intensity augmentation leaves labels alone
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (48, 48, 6)])
+def test_augmentation_equals_monai_with_metadata_and_restores_the_switch(shape):
+    """The transforms run with MONAI's metadata tracking off (for speed): the values are those of the same
+    ``Compose`` run with tracking on, the outputs are plain tensors, and the switch is as before afterwards,
+    also when a transform raises."""
+    from monai.data import get_track_meta
+
+    ds = SubjectDataset(_Labels(shape), ["a"], augment=True, spatial_augment="affine")
+    raw = ds._load("a")
+    for seed in (3, 4):
+        out = ds[(0, seed)]
+        draw = int(torch.randint(0, 2 ** 31 - 1, (), generator=torch.Generator().manual_seed(seed)))
+        assert get_track_meta()  # MONAI's default, restored
+        ref = ds.augmentation(raw["image"].shape).set_random_state(seed=draw)(
+            {"image": raw["image"], "label": raw["label"].float()})
+        assert type(ref["image"]).__name__ == "MetaTensor"  # the reference did track metadata
+        assert type(out["image"]) is torch.Tensor and type(out["label"]) is torch.Tensor
+        assert torch.equal(out["image"], ref["image"].as_tensor())
+        assert torch.equal(out["label"], ref["label"].as_tensor().round().long())
+
+    class Failing:
+        def set_random_state(self, seed):
+            return self
+
+        def __call__(self, data):
+            assert not get_track_meta()
+            raise RuntimeError("a transform failed")
+
+    ds.augmentation = lambda shape: Failing()
+    with pytest.raises(RuntimeError, match="a transform failed"):
+        ds[(0, 3)]
+    assert get_track_meta()

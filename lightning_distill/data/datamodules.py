@@ -117,7 +117,7 @@ class SubjectDataset(Dataset):
             sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch_size))
             image, label = image[(slice(None),) + sl], label[(slice(None),) + sl]
         if self.augment or self.spatial_augment != "none":
-            image, label = self._augmented(image, label, int(torch.randint(0, 2 ** 31 - 1, (), generator=gen)))
+            image, label = self.augmented(image, label, int(torch.randint(0, 2 ** 31 - 1, (), generator=gen)))
         item["image"] = image.contiguous()
         if self.labels:
             item["label"] = label.contiguous()
@@ -145,14 +145,24 @@ class SubjectDataset(Dataset):
             self._transforms[shape] = Compose(steps)
         return self._transforms[shape]
 
-    def _augmented(self, image: torch.Tensor, label: torch.Tensor, seed: int):
-        """Image and label through :meth:`augmentation`, its random state set from ``seed``."""
+    def augmented(self, image: torch.Tensor, label: torch.Tensor, seed: int):
+        """Image and label through :meth:`augmentation`, its random state set from ``seed``.
+
+        MONAI's metadata tracking is off while the transforms run: the same values (tested), plain tensors
+        out (a MetaTensor would spread into the prototype sums and the checkpoint, which then needs
+        ``weights_only=False`` to load), and a 64x64 slice augments in about 0.7x the time
+        (``experiments/bench_speed.py`` measures the loaders).
+        """
+        from monai.data import get_track_meta, set_track_meta
+
         transform = self.augmentation(image.shape).set_random_state(seed=seed)
-        out = transform({"image": image, "label": label.float()})
-        plain = lambda t: t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)  # noqa: E731  (MetaTensor -> Tensor)
-        # plain tensors: a MONAI MetaTensor would spread into the prototype sums and the checkpoint, which then
-        # needs weights_only=False to load
-        return plain(out["image"]).float(), plain(out["label"]).round().to(label.dtype)
+        tracking = get_track_meta()
+        set_track_meta(False)  # a module-level switch of MONAI: restored below, also on error
+        try:
+            out = transform({"image": image, "label": label.float()})
+        finally:
+            set_track_meta(tracking)
+        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(label.dtype)
 
 
 SPATIAL_AUGMENTS = ("none", "affine")
