@@ -90,8 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     sw.add_argument("--out", help="folder of the trials and results.md (default: runs/sweeps/<sweep name>)")
     sw.add_argument("--dry-run", action="store_true", help="print the trial command lines only")
-    bk = sub.add_parser("bank", help="inspect a prototype bank: what it knows and what each loss geometry sees of it")
+    bk = sub.add_parser("bank", help="compute a prototype bank from a trained 3D model over a folder of volumes, or inspect one")
     bsub = bk.add_subparsers(dest="bank_command", required=True)
+    bb = bsub.add_parser("build", help="a bank from a trained 3D model (our checkpoint, a MONAI network state_dict, a MONAI "
+                         "bundle or TorchScript) over labelled or unlabelled volumes; resumable, multi-process",
+                         description="Compute a prototype bank from a trained 3D model over a folder of NIfTI volumes "
+                         "(see docs/bank.md). Config keys: lightning_distill.config.BankBuildConfig; overrides key=value.")
+    bb.add_argument("config", nargs="?", help="bank build YAML, e.g. experiments/bank.yaml (or only key=value overrides)")
+    bb.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data/ct processes=2")
     bi = bsub.add_parser("inspect", help="print per-class rows (entropy, off-diagonal mass, reliability) and the bank's "
                          "distance from the identity under every geometry and temperature; write a PNG",
                          description="Print a bank's diagnostics (markdown) and write a PNG. A distance from the identity "
@@ -210,11 +216,27 @@ def _compare(args) -> int:
 
 
 def _bank(args) -> int:
+    if args.bank_command == "build":
+        return _bank_build(args)
     from lightning_distill.lab.bank_inspect import inspect_bank
 
     text, png = inspect_bank(args.bank, args.png)
     print(text, end="")
     print(f"figure: {png}")
+    return 0
+
+
+def _bank_build(args) -> int:
+    from lightning_distill.bank_build import describe, run_bank_build
+    from lightning_distill.config import load_bank_build_config
+    from lightning_distill.prototypes import load_bank
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # only overrides
+        config, overrides = None, [config, *overrides]
+    path = run_bank_build(load_bank_build_config(config, overrides))
+    print(describe(load_bank(path)))
+    print(f"wrote {path}")
     return 0
 
 

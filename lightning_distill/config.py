@@ -253,7 +253,8 @@ _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorb
             "loss.class_balance": ("none", "inverse_frequency")}
 
 
-_FREE_FORM = ("trainer", "data.splits", "data.nifti.label_map", "cmedl.target.splits", "cmedl.target.nifti.label_map")
+_FREE_FORM = ("trainer", "data.splits", "data.nifti.label_map", "cmedl.target.splits", "cmedl.target.nifti.label_map",
+              "class_map", "data.label_map")  # the last two: BankBuildConfig
 
 
 def _free_form(key: str) -> bool:
@@ -273,9 +274,9 @@ def _all_keys(node: Any, prefix: str = "") -> List[str]:
     return keys
 
 
-def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
+def _explain(e: OmegaConfBaseException, where: str, schema: type = None) -> ConfigError:
     key = getattr(e, "full_key", None) or ""
-    schema_keys = _all_keys(OmegaConf.structured(RunConfig))
+    schema_keys = _all_keys(OmegaConf.structured(schema or RunConfig))
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
         near = difflib.get_close_matches(key, schema_keys, n=5, cutoff=0.5)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
@@ -365,7 +366,7 @@ def load_config_dict(values: Dict[str, Any], overrides: Sequence[str] = (), wher
     return apply_overrides(cfg, overrides)
 
 
-def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], schema: type = None) -> DictConfig:
     """Apply ``key=value`` overrides; ``~key`` deletes an entry of a free-form mapping.
 
     Deleting is for ``model.kwargs``, ``trainer``, ``data.nifti.label_map`` and the like, e.g.
@@ -390,7 +391,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             try:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([_spaced_mapping(o)]))
             except OmegaConfBaseException as e:
-                raise _explain(e, "command-line override") from None
+                raise _explain(e, "command-line override", schema) from None
     return cfg
 
 
@@ -420,3 +421,108 @@ def _spaced_mapping(override: str) -> str:
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ lightning-distill bank build
+@dataclass
+class BankModelSpec:
+    """The trained 3D model a bank is computed from (see :mod:`lightning_distill.bank_build`)."""
+
+    format: str = "checkpoint"  # checkpoint (of `lightning-distill fit`) | monai (state_dict file) | bundle (MONAI bundle dir) | torchscript
+    path: Optional[str] = None  # the .ckpt, the state_dict file, the bundle directory, or the TorchScript file
+    name: Optional[str] = None  # monai: a class of monai.networks.nets (SegResNet, SwinUNETR, UNet, DynUNet, ...)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # monai: the constructor's arguments (spatial_dims, in_channels, out_channels, ...)
+    labels: Optional[List[str]] = None  # names of the model's output channels, in order (checkpoint: its class names)
+
+
+@dataclass
+class BankPreprocessConfig:
+    """The model's own preprocessing (format checkpoint: taken from the checkpoint unless ``from_checkpoint=false``)."""
+
+    from_checkpoint: bool = True
+    orientation: Optional[str] = "RAS"
+    spacing: Optional[List[float]] = None  # target mm; <= 0 keeps an axis; None: the file's grid
+    modality: str = "CT"  # CT | MR | none
+    ct_window: List[float] = field(default_factory=lambda: [-175.0, 250.0])
+    mr_norm: str = "percentile"  # percentile | zscore
+    percentiles: List[float] = field(default_factory=lambda: [0.5, 99.5])
+    crop_foreground: bool = False
+    crop_threshold: float = 0.05
+    crop_margin: int = 4
+
+
+@dataclass
+class BankDataSpec:
+    root: Optional[str] = None  # a folder of volumes (nnU-Net, MSD or plain layout, as data.nifti.root)
+    layout: str = "auto"  # auto | nnunet | msd | folder
+    image_pattern: str = "images/*.nii.gz"
+    label_pattern: Optional[str] = "labels/{case}.nii.gz"
+    labels: str = "auto"  # auto: a case's label file when it has one, else pseudo-labels | use: every case needs one | ignore: pseudo-labels for every case
+    label_map: Dict[Any, str] = field(default_factory=dict)  # dataset label id or name -> bank class | ignore
+    unmapped: str = "error"  # dataset label ids nothing maps: background | ignore | error
+    cases: Optional[List[str]] = None  # keep only these case ids
+    preprocess: BankPreprocessConfig = field(default_factory=BankPreprocessConfig)
+
+
+@dataclass
+class BankInferenceConfig:
+    roi_size: Optional[List[int]] = None  # sliding-window ROI (None: the checkpoint's patch size, else the whole volume at once)
+    overlap: float = 0.25
+    sw_batch_size: int = 2
+    mode: str = "gaussian"  # constant | gaussian (MONAI sliding_window_inference blending)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+
+
+@dataclass
+class BankOptions:
+    tau: float = 1.0
+    taus: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    axial_range: Optional[List[float]] = None  # [lo, hi] fractions of each volume's axial axis (see prototypes.py)
+
+
+@dataclass
+class BankBuildConfig:
+    """``lightning-distill bank build``: a prototype bank from a trained 3D model over a folder of volumes."""
+
+    model: BankModelSpec = field(default_factory=BankModelSpec)
+    classes: Optional[List[str]] = None  # the bank's classes, background first (default: the model's labels)
+    class_map: Dict[Any, str] = field(default_factory=dict)  # model label (name or channel index) -> bank class | ignore
+    unmapped: str = "error"  # model labels nothing maps: background | ignore | error
+    threshold: float = 0.9  # unlabelled volumes: keep voxels whose class probability is at least this
+    data: BankDataSpec = field(default_factory=BankDataSpec)
+    inference: BankInferenceConfig = field(default_factory=BankInferenceConfig)
+    bank: BankOptions = field(default_factory=BankOptions)
+    output: str = "runs/bank/prototypes.pt"
+    processes: int = 1  # local worker processes (volumes sharded, sums all-reduced); under torchrun: its world
+    save_every: int = 10  # volumes between writes of the resumable state (<output>.partial/)
+    overwrite: bool = False
+
+
+_BANK_CHOICES = {"model.format": ("checkpoint", "monai", "bundle", "torchscript"),
+                 "unmapped": ("background", "ignore", "error"), "data.unmapped": ("background", "ignore", "error"),
+                 "data.labels": ("auto", "use", "ignore"), "data.layout": ("auto", "nnunet", "msd", "folder"),
+                 "data.preprocess.modality": ("CT", "MR", "none"), "data.preprocess.mr_norm": ("percentile", "zscore"),
+                 "inference.mode": ("constant", "gaussian")}
+
+
+def load_bank_build_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The ``bank build`` config: ``path`` (YAML) over :class:`BankBuildConfig`, then ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key (with the valid ones), wrong type, or a value outside its choices.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    cfg = OmegaConf.structured(BankBuildConfig)
+    where = str(path) if path else "bank config"
+    if path is not None:
+        for source, layer in _file_layers(Path(path)):
+            try:
+                cfg = OmegaConf.merge(cfg, layer)
+            except OmegaConfBaseException as e:
+                raise _explain(e, str(source), BankBuildConfig) from None
+    cfg = apply_overrides(cfg, overrides, BankBuildConfig)
+    for key, choices in _BANK_CHOICES.items():
+        v = OmegaConf.select(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"{where}: {key}={v!r} is not one of {list(choices)}")
+    return cfg

@@ -1,0 +1,551 @@
+"""A prototype bank from any trained 3D model over a folder of volumes (``lightning-distill bank build``).
+
+The paper's premise is that 3D CT is abundant and a good 3D model already exists. This computes the
+bank (Yu et al. 2024: for each class k, the mean softmax vector over the voxels of class k) from such
+a model, in eval mode under ``no_grad``, over whole volumes read from disk:
+
+* **Models** (``model.format``): ``checkpoint`` (a ``lightning-distill fit`` checkpoint: its network,
+  class names, preprocessing and patch size), ``monai`` (any class of ``monai.networks.nets`` by
+  ``model.name`` with its constructor arguments in ``model.kwargs`` and a ``state_dict`` file),
+  ``bundle`` (a MONAI bundle directory: ``network_def`` of ``configs/inference.{json,yaml}`` and the
+  weights ``models/model.pt``, or ``models/model.ts``) and ``torchscript`` (a ``torch.jit`` file).
+  Nothing is downloaded. The bank's metadata records the format, the file and its SHA-256.
+* **Classes**: the model's output channels (``model.labels``, or the checkpoint's class names) are
+  mapped to the bank's classes (``classes``, background first): a model label whose name is a bank
+  class maps to it, ``class_map`` maps the others (``{model label name or channel index: bank class |
+  ignore}``), and what nothing maps follows ``unmapped`` (``background``: its probability adds to the
+  background's; ``ignore``: its probability is left out and the rest renormalised; ``error``). A
+  bank voxel vector is the mapped probability over the bank's K classes (renormalised to 1).
+* **Class of a voxel**: from the case's label file (labelled volumes, mapped to the bank's classes
+  like ``data.nifti`` labels) or, for **unlabelled volumes**, the model's own prediction: the bank
+  class of highest mapped probability at temperature 1, kept only when that probability (before
+  renormalising: ignored labels' mass counts against it) is at least ``threshold``. Which volumes
+  were labelled and which pseudo-labelled, the threshold and the voxels kept per class are recorded.
+* **Inference**: the model's own preprocessing (orientation, spacing, intensity; a checkpoint's is
+  taken from it), then MONAI ``sliding_window_inference`` (``inference.roi_size``, ``overlap``,
+  ``sw_batch_size``, ``mode``). Labels follow the image through the same spatial steps (nearest).
+* **Bank options**: every temperature of ``bank.taus`` (one K x K matrix each), ``bank.axial_range``.
+  Probability space only (a feature-space bank needs the network's layers by name: train the teacher
+  with ``bank.space=feature`` instead).
+* **Processes and resume**: the cases (sorted by id) are dealt to the processes (``i % world``);
+  each process keeps float64 sums and counts and, every ``save_every`` volumes, writes them with the
+  ids it has done to ``<output>.partial/state-<rank>-of-<world>.pt`` (atomically). A killed run
+  started again with the same config continues from there; at the end the sums are all-reduced
+  (``torch.distributed``: gloo on CPU, NCCL on GPUs), rank 0 writes the bank atomically and the
+  partial folder is removed. ``processes: N`` starts N local processes; under ``torchrun`` the
+  launcher's world is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_distill.data.nifti import IGNORE_INDEX, Case, DataError, LabelMapping, discover, read_case
+from lightning_distill.data.preprocess import Preprocess
+from lightning_distill.io import atomic_write
+from lightning_distill.losses.prototype import class_means, masked_class_sums
+from lightning_distill.prototypes import Bank, axial_masked_labels, check_axial_range, save_bank, warn_empty_classes
+
+STATE_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------- models
+@dataclass
+class LoadedModel:
+    """A network ready for inference, with what is known about it."""
+
+    net: nn.Module
+    labels: List[str]  # names of its output channels
+    source: Dict[str, Any]  # format, path, sha256 (and name/kwargs): recorded in the bank
+    preprocess: Optional[Preprocess] = None  # a checkpoint's own
+    roi_size: Optional[List[int]] = None  # a checkpoint's patch size
+    in_channels: Optional[int] = None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _need_file(path: Optional[str], what: str) -> Path:
+    if not path:
+        raise ValueError(f"model.path is not set: give the {what}")
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.path {str(p)!r} does not exist (expected the {what})")
+    return p
+
+
+def _labels(spec: DictConfig, out_channels: Optional[int]) -> List[str]:
+    if spec.labels:
+        return [str(n) for n in spec.labels]
+    if out_channels is None:
+        raise ValueError("model.labels is not set and the number of the model's output channels is unknown: "
+                         "list the names of its output channels in order (model.labels=[background,liver,...])")
+    return [str(i) for i in range(out_channels)]
+
+
+def _state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling error means a bad file
+        raise ValueError(f"{path}: could not be read as a state_dict ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path}: is not a state_dict (a mapping of parameter names to tensors)")
+    return obj
+
+
+def _load_into(net: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> nn.Module:
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit the network ({str(e).splitlines()[0]} ...): "
+                         "check model.name and model.kwargs") from None
+    return net
+
+
+def load_model(spec: DictConfig) -> LoadedModel:
+    """The network of ``spec`` (a :class:`~lightning_distill.config.BankModelSpec`), in eval mode.
+
+    Raises:
+        ValueError: unknown MONAI network name (the message lists valid ones), missing or unreadable
+            weights, weights that do not fit the network; the message names the file.
+        FileNotFoundError: ``model.path`` does not exist.
+    """
+    fmt = spec.format
+    if fmt == "checkpoint":
+        from lightning_distill.factory import make_preprocess
+        from lightning_distill.inference import load_checkpoint, load_network
+
+        path = _need_file(spec.path, "checkpoint of `lightning-distill fit`")
+        ckpt, cfg = load_checkpoint(path)
+        if len(cfg.data.shape) != 3:
+            raise ValueError(f"{path}: a {len(cfg.data.shape)}D model; a bank is computed from a 3D model")
+        pre = make_preprocess(cfg)
+        pre.shape = list(cfg.data.shape) if cfg.data.patch_size is None else None  # its input grid, or sliding patches
+        roi = list(cfg.data.patch_size) if cfg.data.patch_size else None
+        names = [str(n) for n in ckpt["hyper_parameters"]["class_names"]]
+        return LoadedModel(load_network(ckpt, cfg), names, {"format": fmt, "path": str(path), "sha256": _sha256(path)},
+                           pre, roi, in_channels=1)
+    if fmt == "monai":
+        import monai.networks.nets as nets
+
+        path = _need_file(spec.path, "state_dict file of the MONAI network")
+        valid = sorted(n for n in dir(nets) if isinstance(getattr(nets, n), type) and issubclass(getattr(nets, n), nn.Module))
+        if not spec.name or spec.name not in valid:
+            raise ValueError(f"model.name={spec.name!r} is not a network of monai.networks.nets; valid: {valid}")
+        kwargs = OmegaConf.to_container(spec.kwargs)
+        try:
+            net = getattr(nets, spec.name)(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"model.kwargs do not fit monai.networks.nets.{spec.name}: {e}") from None
+        net = _load_into(net, _state_dict(path), path)
+        out = kwargs.get("out_channels")
+        return LoadedModel(net.eval(), _labels(spec, out), {"format": fmt, "path": str(path), "sha256": _sha256(path),
+                                                           "name": spec.name, "kwargs": kwargs},
+                           in_channels=kwargs.get("in_channels"))
+    if fmt == "bundle":
+        return _load_bundle(spec)
+    if fmt == "torchscript":
+        path = _need_file(spec.path, "TorchScript file")
+        try:
+            net = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: could not be read as TorchScript ({type(e).__name__}: {e})") from None
+        return LoadedModel(net.eval(), _labels(spec, None), {"format": fmt, "path": str(path), "sha256": _sha256(path)})
+    raise ValueError(f"unknown model.format {fmt!r}; valid: checkpoint, monai, bundle, torchscript")
+
+
+def _load_bundle(spec: DictConfig) -> LoadedModel:
+    """A MONAI bundle directory: ``configs/inference.{json,yaml,yml}`` (its ``network_def``) and
+    ``models/model.pt`` (a state_dict), or ``models/model.ts`` (TorchScript)."""
+    from monai.bundle import ConfigParser
+
+    if not spec.path or not Path(spec.path).is_dir():
+        raise FileNotFoundError(f"model.path {spec.path!r} is not a MONAI bundle directory")
+    root = Path(spec.path)
+    weights, ts = root / "models" / "model.pt", root / "models" / "model.ts"
+    configs = [root / "configs" / f"inference.{e}" for e in ("json", "yaml", "yml")]
+    config = next((c for c in configs if c.is_file()), None)
+    if config is not None and weights.is_file():
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        if "network_def" not in parser.config:
+            raise ValueError(f"{config}: has no network_def")
+        try:
+            net = parser.get_parsed_content("network_def")
+        except Exception as e:  # noqa: BLE001 - MONAI raises several kinds for a bad definition
+            raise ValueError(f"{config}: network_def could not be built ({type(e).__name__}: {e})") from None
+        net = _load_into(net, _state_dict(weights), weights)
+        out = getattr(net, "out_channels", None)
+        return LoadedModel(net.eval(), _labels(spec, out), {"format": "bundle", "path": str(root), "weights": str(weights),
+                                                           "sha256": _sha256(weights), "config": str(config)})
+    if ts.is_file():
+        net = torch.jit.load(str(ts), map_location="cpu")
+        return LoadedModel(net.eval(), _labels(spec, None), {"format": "bundle", "path": str(root), "weights": str(ts),
+                                                           "sha256": _sha256(ts)})
+    raise FileNotFoundError(f"{root}: not a MONAI bundle with weights: expected configs/inference.json (or .yaml) with "
+                            "models/model.pt, or models/model.ts")
+
+
+# ---------------------------------------------------------------------------------------- classes
+@dataclass
+class ClassMap:
+    """Model output channels -> bank classes (see the module docstring).
+
+    Attributes:
+        matrix: ``(M, K)`` 0/1: channel m adds to bank class k; a row of zeros is an ignored channel.
+        how: per model label, where it goes (``liver``, ``background (unmapped)``, ``ignore``).
+    """
+
+    model_labels: List[str]
+    classes: List[str]
+    class_map: Dict[Any, str] = field(default_factory=dict)
+    unmapped: str = "error"
+
+    def __post_init__(self):
+        m, names = list(self.model_labels), list(self.classes)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"classes must be distinct names, background first; got {names}")
+        if len(set(m)) != len(m):
+            raise ValueError(f"model.labels must be distinct; got {m}")
+        target: Dict[int, str] = {i: n for i, n in enumerate(m) if n in names}
+        for key, dst in dict(self.class_map).items():
+            i = self._channel(key)
+            if dst != "ignore" and dst not in names:
+                raise ValueError(f"class_map sends model label {key!r} to {dst!r}, which is not a bank class "
+                                 f"(classes: {names}, or 'ignore')")
+            target[i] = dst
+        left = [m[i] for i in range(len(m)) if i not in target]
+        if left and self.unmapped == "error":
+            raise ValueError(f"model labels {left} map to no bank class: add them to class_map (or set "
+                             f"unmapped=background or unmapped=ignore); bank classes: {names}")
+        for i in range(len(m)):
+            target.setdefault(i, names[0] if self.unmapped == "background" else "ignore")
+        missing = [n for n in names if n not in target.values()]
+        if missing:
+            raise ValueError(f"bank classes {missing} receive no model label: map one to each in class_map "
+                             f"(model labels: {m})")
+        self.matrix = torch.zeros(len(m), len(names))
+        for i, dst in target.items():
+            if dst != "ignore":
+                self.matrix[i, names.index(dst)] = 1.0
+        self.how = {m[i]: dst + (" (unmapped)" if m[i] in left else "") for i, dst in sorted(target.items())}
+
+    def _channel(self, key) -> int:
+        m = list(self.model_labels)
+        if isinstance(key, str) and key in m:
+            return m.index(key)
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+            i = int(key)
+            if 0 <= i < len(m):
+                return i
+            raise ValueError(f"class_map names model channel {i}, but the model has {len(m)} output channels")
+        raise ValueError(f"class_map names model label {key!r}, which the model does not have (its labels: {m})")
+
+    def probabilities(self, logits: torch.Tensor, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(mapped, renormalised)`` ``(B, K, *spatial)`` probabilities of ``(B, M, *spatial)`` logits at ``tau``."""
+        if logits.shape[1] != self.matrix.shape[0]:
+            raise ValueError(f"the model predicts {logits.shape[1]} channels, model.labels names {self.matrix.shape[0]}: "
+                             f"{list(self.model_labels)}")
+        p = torch.softmax(logits.float() / tau, dim=1)
+        mapped = torch.einsum("bm...,mk->bk...", p, self.matrix.to(p))
+        return mapped, mapped / mapped.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def pseudo_labels(mapped: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(B, 1, *spatial)`` bank classes of the highest mapped probability, ``IGNORE_INDEX`` where it is
+    below ``threshold`` (``mapped``: before renormalising, so ignored labels' mass counts against it)."""
+    conf, cls = mapped.max(dim=1, keepdim=True)
+    return torch.where(conf >= threshold, cls, torch.full_like(cls, IGNORE_INDEX))
+
+
+# ---------------------------------------------------------------------------------------- the run
+def _preprocess(cfg: DictConfig, model: LoadedModel) -> Preprocess:
+    p = cfg.data.preprocess
+    if model.preprocess is not None and p.from_checkpoint:
+        return model.preprocess
+    return Preprocess(orientation=p.orientation, spacing=list(p.spacing) if p.spacing else None, modality=p.modality,
+                      ct_window=tuple(p.ct_window), mr_norm=p.mr_norm, percentiles=tuple(p.percentiles),
+                      crop_foreground=p.crop_foreground, crop_threshold=p.crop_threshold, crop_margin=p.crop_margin)
+
+
+def _cases(cfg: DictConfig) -> Tuple[List[Case], Dict[int, str]]:
+    d = cfg.data
+    if not d.root:
+        raise ValueError("data.root is not set: give the folder of volumes")
+    index = discover(d.root, d.layout, d.image_pattern, d.label_pattern if d.labels != "ignore" else None,
+                     require_labels=d.labels == "use")
+    cases = sorted(index.cases, key=lambda c: c.case_id)
+    if d.cases is not None:
+        known = {c.case_id for c in cases}
+        unknown = [c for c in d.cases if c not in known]
+        if unknown:
+            raise ValueError(f"data.cases lists cases that are not in {d.root}: {unknown[:10]}")
+        keep = set(d.cases)
+        cases = [c for c in cases if c.case_id in keep]
+    if not cases:
+        raise ValueError(f"{d.root}: no volumes found")
+    if d.labels == "ignore":
+        cases = [Case(c.case_id, c.images) for c in cases]
+    return cases, index.labels
+
+
+def _device(name: str, rank_local: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{rank_local}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+class _Run:
+    """One process's part of a bank build."""
+
+    def __init__(self, cfg: DictConfig, rank: int, world: int):
+        from monai.inferers import sliding_window_inference
+
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.model = load_model(cfg.model)
+        self.classes = list(cfg.classes) if cfg.classes else list(self.model.labels)
+        self.map = ClassMap(self.model.labels, self.classes, dict(cfg.class_map), cfg.unmapped)
+        self.pre = _preprocess(cfg, self.model)
+        self.roi = list(cfg.inference.roi_size) if cfg.inference.roi_size else self.model.roi_size
+        self.axial = check_axial_range(cfg.bank.axial_range)
+        self.tau = float(cfg.bank.tau)
+        if self.tau <= 0 or any(t <= 0 for t in cfg.bank.taus):
+            raise ValueError(f"temperatures must be positive, got bank.tau={self.tau}, bank.taus={list(cfg.bank.taus)}")
+        self.taus = [self.tau] + sorted({float(t) for t in cfg.bank.taus} - {self.tau})
+        if not 0.0 < float(cfg.threshold) <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {cfg.threshold}")
+        self.cases, dataset_labels = _cases(cfg)
+        self.mapping = LabelMapping(self.classes, dataset_labels, dict(cfg.data.label_map), cfg.data.unmapped,
+                                    source=str(cfg.data.root))
+        self.device = _device(cfg.inference.device, int(os.environ.get("LOCAL_RANK", rank)))
+        self.net = self.model.net.to(self.device)
+        self.sliding = sliding_window_inference
+        self.key = config_key(cfg)
+
+    # --------------------------------------------------------------- state
+    @property
+    def partial(self) -> Path:
+        return Path(str(self.cfg.output) + ".partial")
+
+    def state_path(self) -> Path:
+        return self.partial / f"state-{self.rank}-of-{self.world}.pt"
+
+    def load_state(self) -> Dict[str, Any]:
+        k, c = len(self.classes), len(self.classes) * len(self.taus)
+        empty = {"format": STATE_FORMAT, "key": self.key, "sums": torch.zeros(k, c, dtype=torch.float64),
+                 "counts": torch.zeros(k, dtype=torch.float64), "done": [], "labelled": [], "pseudo": []}
+        path = self.state_path()
+        if not path.is_file():
+            others = list(self.partial.glob("state-*.pt")) if self.partial.is_dir() else []
+            if others and not any(p.name.endswith(f"-of-{self.world}.pt") for p in others):
+                raise ValueError(f"{self.partial}: holds the state of a run with another number of processes "
+                                 f"({sorted(p.name for p in others)}); resume it with that many, or delete the folder")
+            return empty
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: resumable state could not be read ({type(e).__name__}); delete {self.partial} "
+                             "to start over") from None
+        if state.get("key") != self.key:
+            raise ValueError(f"{self.partial}: was written by a bank build with another config (model, data, classes or "
+                             f"bank options differ); delete it to start over, or set output to another path")
+        return state
+
+    def save_state(self, state: Dict[str, Any]) -> None:
+        self.partial.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.state_path(), lambda tmp: torch.save(state, tmp))
+
+    # --------------------------------------------------------------- one volume
+    def volume(self, case: Case) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(sums (K, K * T) float64, counts (K,) float64, labelled)`` of one case."""
+        image, label, affine, _ = read_case(case, 3, self.mapping, require_foreground=False,
+                                            require_label=self.cfg.data.labels == "use")
+        if self.model.in_channels is not None and image.shape[0] != self.model.in_channels:
+            raise DataError(f"{case.images[0]}: {image.shape[0]} image channel(s); the model takes {self.model.in_channels}")
+        img, lbl, _ = self.pre(image, affine, label)
+        x = img.as_tensor()[None].to(self.device)
+        with torch.no_grad():
+            if self.roi is not None and any(s > r for s, r in zip(x.shape[2:], self.roi)):
+                logits = self.sliding(x, roi_size=self.roi, sw_batch_size=int(self.cfg.inference.sw_batch_size),
+                                      predictor=self.net, overlap=float(self.cfg.inference.overlap),
+                                      mode=self.cfg.inference.mode)
+            else:
+                logits = self.net(x)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        logits = torch.as_tensor(logits).float()
+        if logits.shape[2:] != x.shape[2:]:
+            raise ValueError(f"{self.model.source['path']}: the model's output {tuple(logits.shape[2:])} does not match "
+                             f"its input {tuple(x.shape[2:])} ({case.images[0]}); is it a segmentation network?")
+        values = [self.map.probabilities(logits, t)[1] for t in self.taus]  # the bank's vectors at every temperature
+        labelled = lbl is not None
+        cls = (lbl.as_tensor()[None].to(self.device) if labelled
+               else pseudo_labels(self.map.probabilities(logits, 1.0)[0], float(self.cfg.threshold)))
+        cls = axial_masked_labels(cls, self.axial, 3)
+        sums, counts = masked_class_sums(torch.cat(values, dim=1), cls, len(self.classes))
+        return sums.double().cpu(), counts.double().cpu(), labelled
+
+    # --------------------------------------------------------------- all
+    def run(self, stop_after: Optional[int] = None) -> Optional[Bank]:
+        state = self.load_state()
+        done = set(state["done"])
+        mine = [c for i, c in enumerate(self.cases) if i % self.world == self.rank]
+        todo = [c for c in mine if c.case_id not in done]
+        if done:
+            print(f"[bank build] rank {self.rank}: resuming: {len(done)} of {len(mine)} volumes done", flush=True)
+        since = 0
+        for n, case in enumerate(todo):
+            if stop_after is not None and n >= stop_after:
+                self.save_state(state)
+                return None  # tests: a run stopped here, as a kill after the last write would leave it
+            sums, counts, labelled = self.volume(case)
+            state["sums"] += sums
+            state["counts"] += counts
+            state["done"].append(case.case_id)
+            state["labelled" if labelled else "pseudo"].append(case.case_id)
+            since += 1
+            if since >= int(self.cfg.save_every):
+                self.save_state(state)
+                since = 0
+        self.save_state(state)
+        sums, counts = state["sums"].clone(), state["counts"].clone()
+        tallies = torch.tensor([len(state["labelled"]), len(state["pseudo"])], dtype=torch.float64)
+        if self.world > 1:
+            for t in (sums, counts, tallies):
+                dist.all_reduce(t)
+        return self.bank(sums, counts, int(tallies[0]), int(tallies[1]))
+
+    def bank(self, sums: torch.Tensor, counts: torch.Tensor, labelled: int, pseudo: int) -> Bank:
+        if not bool((counts > 0).any()):
+            raise ValueError("the bank has no voxel of any class" + (
+                f" at threshold {self.cfg.threshold} (no prediction is that confident)" if labelled == 0 else "")
+                + (f" in bank.axial_range={list(self.axial)}" if self.axial else ""))
+        k = len(self.classes)
+        means = [class_means(p, counts).float() for p in sums.split(k, dim=1)]
+        meta = {
+            "mode": "model", "model": self.model.source, "model_labels": list(self.model.labels),
+            "class_map": self.map.how, "volumes": labelled + pseudo, "labelled_volumes": labelled,
+            "pseudo_labelled_volumes": pseudo, "threshold": float(self.cfg.threshold) if pseudo else None,
+            "class_voxels": {n: int(c) for n, c in zip(self.classes, counts.tolist())},
+            "axial_range": None if self.axial is None else list(self.axial),
+            "preprocess": {"orientation": self.pre.orientation, "spacing": self.pre.spacing, **self.pre.intensity_settings()},
+            "inference": {"roi_size": self.roi, "overlap": float(self.cfg.inference.overlap),
+                          "sw_batch_size": int(self.cfg.inference.sw_batch_size), "mode": self.cfg.inference.mode},
+            "data": str(self.cfg.data.root), "processes": self.world, "config": OmegaConf.to_container(self.cfg),
+        }
+        return Bank(means[0], counts.float(), self.classes, self.tau, "prob", meta, dict(zip(self.taus[1:], means[1:])))
+
+
+def config_key(cfg: DictConfig) -> str:
+    """A hash of what determines the bank (not ``processes``, ``save_every``, ``overwrite``): a resumed
+    run must have the same."""
+    c = OmegaConf.to_container(cfg)
+    for k in ("processes", "save_every", "overwrite"):
+        c.pop(k, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_bank(cfg: DictConfig, rank: int = 0, world: int = 1, stop_after: Optional[int] = None) -> Optional[Bank]:
+    """This process's part of the bank build of ``cfg`` (see the module docstring); rank 0 writes the
+    bank to ``cfg.output`` and returns it (other ranks return it too, without writing).
+
+    Args:
+        cfg: a :class:`~lightning_distill.config.BankBuildConfig`.
+        rank, world: this process and the number of processes (a process group must be initialised
+            when ``world > 1``).
+        stop_after: stop (state saved, nothing written) after this many volumes: what a killed run
+            leaves, for tests.
+    """
+    out = Path(cfg.output)
+    if rank == 0 and out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists; set overwrite=true to replace it")
+    run = _Run(cfg, rank, world)
+    bank = run.run(stop_after)
+    if bank is None:
+        return None
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        empty = warn_empty_classes(bank.counts, bank.class_names, run.axial, "bank build")
+        bank.meta["empty_classes"] = empty
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_bank(out, bank)
+        shutil.rmtree(run.partial, ignore_errors=True)
+    return bank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world: int, cfg_dict: Dict[str, Any], port: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "nccl" if torch.cuda.is_available() and OmegaConf.create(cfg_dict).inference.device != "cpu" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        build_bank(OmegaConf.create(cfg_dict), rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_bank_build(cfg: DictConfig) -> Path:
+    """Build the bank of ``cfg`` in this process, under ``torchrun`` (its world), or in ``processes``
+    local processes; returns the bank's path."""
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_env > 1:  # torchrun / srun: one of several processes already
+        backend = "nccl" if torch.cuda.is_available() and cfg.inference.device != "cpu" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        build_bank(cfg, dist.get_rank(), dist.get_world_size())
+        return Path(cfg.output)
+    n = int(cfg.processes)
+    if n < 1:
+        raise ValueError(f"processes must be at least 1, got {n}")
+    if n == 1:
+        build_bank(cfg)
+        return Path(cfg.output)
+    out = Path(cfg.output)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists; set overwrite=true to replace it")
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.spawn(_worker, args=(n, OmegaConf.to_container(cfg), _free_port(), threads), nprocs=n, join=True)
+    return out
+
+
+def describe(bank: Bank) -> str:
+    """A few lines about a built bank (printed by the CLI)."""
+    m = bank.meta
+    lines = [f"bank of {len(bank.class_names)} classes from {m['model']['format']} {m['model']['path']} "
+             f"(sha256 {m['model']['sha256'][:12]}...)",
+             f"volumes: {m['volumes']} ({m['labelled_volumes']} labelled, {m['pseudo_labelled_volumes']} pseudo-labelled"
+             + (f" at threshold {m['threshold']:g}" if m["threshold"] is not None else "") + ")",
+             "voxels per class: " + ", ".join(f"{n} {c}" for n, c in m["class_voxels"].items())]
+    return "\n".join(lines)
+
