@@ -1,0 +1,226 @@
+"""`lightning-distill bank build` (issue 19): a bank from a trained 3D model in any of four formats over
+a folder of volumes, labelled or pseudo-labelled; class maps; processes; resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lightning_distill.bank_build import ClassMap, build_bank, pseudo_labels, run_bank_build
+from lightning_distill.cli import main
+from lightning_distill.config import load_bank_build_config
+from lightning_distill.prototypes import load_bank
+
+from conftest import REPO
+
+NAMES = ["background", "body_wall", "muscle", "liver", "spleen", "right_kidney", "left_kidney", "aorta", "vertebra"]
+SEGRES = {"spatial_dims": 3, "in_channels": 1, "out_channels": 9, "init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]}
+
+
+def _kwargs(d):
+    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in d.items()) + "}"
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    """Six phantom volumes (32 x 32 x 16, nnU-Net layout, with labels) and a SegResNet's weights."""
+    root = tmp_path_factory.mktemp("bankbuild")
+    assert main(["phantom", os.path.join(REPO, "experiments/teacher.yaml"), str(root / "ph"), "data.num_subjects=6",
+                 "data.shape=[32,32,16]"]) == 0
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(0)
+    net = SegResNet(**SEGRES).eval()
+    torch.save(net.state_dict(), root / "segresnet.pt")
+    return root, net
+
+
+def _cfg(root, out, *extra, kw=SEGRES, path=None):
+    return load_bank_build_config(None, [
+        "model.format=monai", f"model.path={path or root / 'segresnet.pt'}", "model.name=SegResNet",
+        f"model.kwargs={_kwargs(kw)}", f"model.labels=[{','.join(NAMES)}]", f"data.root={root / 'ph'}",
+        "data.preprocess.orientation=LAS", "inference.roi_size=[16,16,16]", f"output={out}", *extra])
+
+
+def _same(a, b, atol=1e-6):
+    assert a.class_names == b.class_names and torch.equal(a.counts, b.counts)
+    assert a.taus == b.taus
+    for t in a.taus:
+        assert torch.allclose(a.at_tau(t), b.at_tau(t), atol=atol), t
+
+
+# ----------------------------------------------------------------------------------------- formats
+def test_monai_bundle_and_torchscript_formats_give_the_same_bank(volumes, tmp_path):
+    root, net = volumes
+    ref = build_bank(_cfg(root, tmp_path / "monai.pt"))
+    assert ref.meta["model"]["sha256"] and ref.meta["volumes"] == 6 and ref.meta["labelled_volumes"] == 6
+    assert load_bank(tmp_path / "monai.pt").meta["model"]["name"] == "SegResNet"
+    rows = ref.prototypes[ref.present]
+    assert torch.allclose(rows.sum(1), torch.ones(len(rows)), atol=1e-5)  # mapped probabilities, rows sum to 1
+
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text(json.dumps({"network_def": {"_target_": "SegResNet", **SEGRES}}))
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    b = build_bank(_cfg(root, tmp_path / "bundle.pt", "model.format=bundle", f"model.path={bundle}"))
+    _same(ref, b)
+    assert b.meta["model"]["weights"].endswith("model.pt")
+
+    ts = tmp_path / "net.ts"
+    torch.jit.trace(net, torch.zeros(1, 1, 16, 16, 16)).save(str(ts))
+    t = build_bank(_cfg(root, tmp_path / "ts.pt", "model.format=torchscript", f"model.path={ts}"))
+    _same(ref, t, atol=1e-5)
+
+
+def test_our_checkpoint_equals_its_network_loaded_as_a_monai_state_dict(volumes, teacher_bank, tmp_path):
+    """The checkpoint format brings its own classes and preprocessing: the same bank as its UNet's weights
+    given as a MONAI state_dict with the same preprocessing."""
+    root, _ = volumes
+    ckpt = next((teacher_bank / "checkpoints").glob("best*.ckpt"), None) or teacher_bank / "checkpoints" / "last.ckpt"
+    a = build_bank(load_bank_build_config(None, ["model.format=checkpoint", f"model.path={ckpt}", f"data.root={root / 'ph'}",
+                                                 f"output={tmp_path / 'ckpt.pt'}"]))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    torch.save({k[4:]: v for k, v in state.items() if k.startswith("net.")}, tmp_path / "unet.pt")
+    kw = {"spatial_dims": 3, "in_channels": 1, "out_channels": 9, "channels": [8, 16, 32], "strides": [2, 2],
+          "num_res_units": 1}
+    b = build_bank(_cfg(root, tmp_path / "unet_bank.pt", "model.name=UNet", "inference.roi_size=null",
+                        kw=kw, path=tmp_path / "unet.pt"))
+    _same(a, b, atol=1e-5)
+    assert a.class_names == NAMES and a.meta["model"]["format"] == "checkpoint"
+
+
+def test_bad_models_are_refused_with_the_file_named(volumes, tmp_path):
+    root, _ = volumes
+    with pytest.raises(ValueError, match="not a network of monai.networks.nets; valid: .*SegResNet"):
+        build_bank(_cfg(root, tmp_path / "x.pt", "model.name=SegResNett"))
+    with pytest.raises(ValueError, match="do not fit the network"):
+        build_bank(_cfg(root, tmp_path / "x.pt", kw={**SEGRES, "init_filters": 16}))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a state dict")
+    with pytest.raises(ValueError, match=f"{bad}: could not be read"):
+        build_bank(_cfg(root, tmp_path / "x.pt", path=bad))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_bank(_cfg(root, tmp_path / "x.pt", path=tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="predicts 9 channels, model.labels names 8"):
+        build_bank(_cfg(root, tmp_path / "x.pt", f"model.labels=[{','.join(NAMES[:8])}]", "data.labels=ignore"))
+    assert not (tmp_path / "x.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------- classes
+def test_class_map_merges_drops_and_renormalises():
+    labels = ["bg", "liver", "liver_tumour", "lung", "spleen"]
+    cm = ClassMap(labels, ["background", "liver", "spleen"], {"liver_tumour": "liver", "lung": "ignore", 0: "background"})
+    assert cm.how == {"bg": "background", "liver": "liver", "liver_tumour": "liver", "lung": "ignore", "spleen": "spleen"}
+    p = torch.tensor([0.1, 0.2, 0.3, 0.3, 0.1])
+    mapped, renorm = cm.probabilities(p.log().view(1, 5, 1, 1, 1), 1.0)
+    assert torch.allclose(mapped.flatten(), torch.tensor([0.1, 0.5, 0.1]), atol=1e-6)  # the lung's 0.3 left out
+    assert torch.allclose(renorm.flatten(), torch.tensor([0.1, 0.5, 0.1]) / 0.7, atol=1e-6)
+    bg = ClassMap(labels, ["background", "liver", "spleen"], {"liver_tumour": "liver"}, unmapped="background")
+    assert bg.how["lung"] == "background (unmapped)" and bg.how["bg"] == "background (unmapped)"
+    assert torch.allclose(bg.probabilities(p.log().view(1, 5, 1, 1, 1), 1.0)[0].flatten(), torch.tensor([0.4, 0.5, 0.1]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"class_map": {"lungs": "liver"}}, "model label 'lungs', which the model does not have"),
+    ({"class_map": {"lung": "lungs"}}, "sends model label 'lung' to 'lungs', which is not a bank class"),
+    ({"class_map": {7: "liver"}}, "names model channel 7, but the model has 5 output channels"),
+    ({}, r"model labels \['liver_tumour', 'lung'\] map to no bank class"),
+    ({"class_map": {"liver_tumour": "liver", "lung": "ignore", "spleen": "ignore"}}, r"bank classes \['spleen'\] receive no model label"),
+])
+def test_class_map_errors_say_what_is_wrong(kwargs, message):
+    labels = ["background", "liver", "liver_tumour", "lung", "spleen"]
+    with pytest.raises(ValueError, match=message):
+        ClassMap(labels, ["background", "liver", "spleen"], **kwargs)
+
+
+def test_unknown_bank_build_keys_are_refused_with_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown config key 'thresold'.*Did you mean 'threshold'"):
+        load_bank_build_config(None, ["thresold=0.5"])
+    with pytest.raises(ValueError, match="model.format='onnx' is not one of"):
+        load_bank_build_config(None, ["model.format=onnx"])
+
+
+# ----------------------------------------------------------------------------------------- pseudo-labels
+def test_pseudo_label_threshold_keeps_voxels_at_or_above_it():
+    mapped = torch.tensor([[0.9, 0.05, 0.05], [0.5, 0.4, 0.1], [0.2, 0.2, 0.3]]).T.reshape(1, 3, 3, 1, 1)  # the third sums to 0.7: 0.3 ignored
+    assert pseudo_labels(mapped, 0.5).flatten().tolist() == [0, 0, 255]
+    assert pseudo_labels(mapped, 0.3).flatten().tolist() == [0, 0, 2]
+    assert pseudo_labels(mapped, 0.95).flatten().tolist() == [255, 255, 255]
+
+
+def test_unlabelled_volumes_use_the_models_confident_voxels(volumes, tmp_path):
+    root, _ = volumes
+    banks = {t: build_bank(_cfg(root, tmp_path / f"u{t}.pt", "data.labels=ignore", f"threshold={t}")) for t in (0.2, 0.3)}
+    lo, hi = banks[0.2], banks[0.3]
+    assert lo.meta["pseudo_labelled_volumes"] == 6 and lo.meta["labelled_volumes"] == 0 and lo.meta["threshold"] == 0.2
+    assert hi.counts.sum() < lo.counts.sum() and bool((hi.counts <= lo.counts).all())  # fewer voxels pass a higher bar
+    # each kept voxel's own class is its most probable one: the diagonal holds each row's largest entry
+    for c in torch.nonzero(lo.counts > 0).flatten().tolist():
+        assert int(lo.at_tau(1.0)[c].argmax()) == c
+    with pytest.raises(ValueError, match="no voxel of any class at threshold 1"):
+        build_bank(_cfg(root, tmp_path / "none.pt", "data.labels=ignore", "threshold=1.0"))
+
+
+# ----------------------------------------------------------------------------------------- processes, resume
+def test_killed_and_resumed_equals_uninterrupted_and_refuses_another_config(volumes, tmp_path):
+    root, _ = volumes
+    whole = build_bank(_cfg(root, tmp_path / "whole.pt", "save_every=1"))
+    out = tmp_path / "resumed.pt"
+    assert build_bank(_cfg(root, out, "save_every=1"), stop_after=4) is None
+    assert not out.exists() and len(torch.load(str(out) + ".partial/state-0-of-1.pt", weights_only=True)["done"]) == 4
+    with pytest.raises(ValueError, match="another config"):
+        build_bank(_cfg(root, out, "bank.tau=2.0"))
+    resumed = build_bank(_cfg(root, out, "save_every=1"))
+    _same(whole, resumed, atol=0)
+    assert not (tmp_path / "resumed.pt.partial").exists()
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        build_bank(_cfg(root, out))
+
+
+def test_two_processes_equal_one(volumes, tmp_path):
+    root, _ = volumes
+    one = build_bank(_cfg(root, tmp_path / "one.pt"))
+    run_bank_build(_cfg(root, tmp_path / "two.pt", "processes=2", "inference.device=cpu"))
+    two = load_bank(tmp_path / "two.pt")
+    _same(one, two, atol=1e-6)
+    assert two.meta["processes"] == 2 and two.meta["volumes"] == 6
+
+
+@pytest.mark.slow
+def test_a_killed_command_resumes_where_it_stopped(volumes, tmp_path):
+    """SIGKILL of the real command after some volumes are saved; the second run reads only the rest."""
+    root, _ = volumes
+    args = [sys.executable, "-m", "lightning_distill.cli", "bank", "build", "model.format=monai",
+            f"model.path={root / 'segresnet.pt'}", "model.name=SegResNet", f"model.kwargs={_kwargs(SEGRES)}",
+            f"model.labels=[{','.join(NAMES)}]", f"data.root={root / 'ph'}", "data.preprocess.orientation=LAS",
+            "inference.roi_size=[16,16,16]", "save_every=1"]
+    out = tmp_path / "k.pt"
+    state = tmp_path / "k.pt.partial" / "state-0-of-1.pt"
+    proc = subprocess.Popen(args + [f"output={out}"], cwd=REPO)
+    while proc.poll() is None:
+        if state.is_file() and len(torch.load(state, weights_only=True)["done"]) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert not out.exists()
+    done = len(torch.load(state, weights_only=True)["done"])
+    r = subprocess.run(args + [f"output={out}"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming: {done} of 6 volumes done" in r.stdout
+    _same(build_bank(_cfg(root, tmp_path / "ref.pt")), load_bank(out), atol=0)
+
+
+def test_a_student_trains_with_a_built_bank(volumes, tmp_path, tiny_student):
+    root, _ = volumes
+    run_bank_build(_cfg(root, tmp_path / "bank.pt", "data.labels=ignore", "threshold=0.2"))
+    assert main(["fit", os.path.join(REPO, "experiments/student.yaml"), f"output_dir={tmp_path / 'student'}",
+                 f"distill.prototypes={tmp_path / 'bank.pt'}", *tiny_student]) == 0
+    assert (tmp_path / "student" / "results.json").is_file()
+
