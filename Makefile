@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow train-teacher train-student train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed method-figures reliability-figure sweep agent sweep-local test-notebooks clean
+.PHONY: help install test test-all test-slow train-teacher train-student bank-example train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed method-figures reliability-figure sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -56,6 +56,12 @@ COMPARE = if [ -f $(TEACHER_CKPT) ] && [ -f $(STUDENT_DIR)/results.json ]; then 
 train-student: $(STAMP) $(TEACHER_BANK) ## train the distilled 2D student (pretrains the teacher first), then print it beside the teacher
 	$(BIN)/lightning-distill fit experiments/student.yaml distill.prototypes=$(TEACHER_BANK) $(ARGS)
 	@$(COMPARE)
+
+BANK_VOLUMES ?= runs/unlabelled_ct
+bank-example: $(STAMP) $(TEACHER_BANK) ## a bank from the trained 3D teacher over 100 unlabelled phantom volumes, then a student with it (docs/bank.md)
+	[ -d $(BANK_VOLUMES) ] || $(BIN)/lightning-distill phantom experiments/teacher.yaml $(BANK_VOLUMES) data.phantom.seed=5 data.num_subjects=100
+	$(BIN)/lightning-distill bank build experiments/bank.yaml data.root=$(BANK_VOLUMES) overwrite=true $(ARGS)
+	$(MAKE) train-student TEACHER_BANK=runs/bank/prototypes.pt STUDENT_DIR=runs/student-bank ARGS="output_dir=runs/student-bank"
 
 train-baseline: $(STAMP) ## train the plain 2D model (the student with lambda = 0); with a student, print all three
 	$(BIN)/lightning-distill fit experiments/baseline.yaml $(ARGS)

@@ -84,6 +84,8 @@ class NiftiConfig:
     crop_threshold: float = 0.05
     crop_margin: int = 4
     resize: str = "resize"  # resize | pad_crop (to data.shape)
+    open: str = "eager"  # eager: read and check every case before the first batch | lazy: headers only at start, each case read when first used, nothing kept in memory (large datasets; docs/data.md)
+    cache_dir: Optional[str] = None  # persistent cache of preprocessed cases (keyed by files and preprocessing); None: none
 
 
 @dataclass
@@ -245,7 +247,7 @@ _CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorb
             "data.nifti.on_missing": ("error", "warn"),
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),
             "data.phantom.modality": ("CT", "MR"),
-            "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.resize": ("resize", "pad_crop"),
+            "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.open": ("eager", "lazy"), "data.nifti.resize": ("resize", "pad_crop"),
             "bank.space": ("prob", "feature"), "bank.source": ("running", "final"), "bank.final_split": ("train", "val", "both"),
             "distill.geometry": ("prob", "logprob", "offdiag"), "distill.bank_control": ("none", "identity", "flat", "shuffled"), "distill.row_weight": ("none", "reliability"),
             "cmedl.translator": ("resnet", "unet", "none"),

@@ -12,6 +12,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from collections import abc
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import lightning as L
@@ -64,7 +65,8 @@ def build_source(cfg: DictConfig, root: Optional[str] = None, slice_mode: Option
         return NiftiSource(root, list(cfg.classes), dims, pre, layout=n.layout, image_pattern=n.image_pattern,
                            label_pattern=n.label_pattern, label_map=OmegaConf.to_container(n.label_map),
                            unmapped=n.unmapped, cases=cases, slice_mode=slice_mode or n.slice_mode,
-                           on_bad_case=d.on_bad_case, require_foreground=n.require_foreground, on_missing=n.on_missing)
+                           on_bad_case=d.on_bad_case, require_foreground=n.require_foreground, on_missing=n.on_missing,
+                           open_mode=n.open, cache_dir=n.cache_dir)
     raise ValueError(f"unknown data.source {d.source!r}")
 
 
@@ -530,11 +532,26 @@ def _training_record(cfg: DictConfig, dm: SegmentationDataModule) -> Dict[str, A
                            _raw_profiles(dm.source, dm.train_ids))
 
 
-def _raw_profiles(source, ids) -> Dict[str, Any]:
-    """Raw intensity quantile profiles of the samples ``ids`` (NIfTI sources keep one per case; a sample
-    ``"<case>@<z>"`` is a slice of it); empty for sources without them (the phantom)."""
-    raw = getattr(source, "raw_quantiles", {})
-    return {i: raw[subject_of(i)] for i in ids if subject_of(i) in raw}
+class _RawProfiles(abc.Mapping):
+    """Raw intensity quantile profiles of the samples ``ids``, looked up when asked (NIfTI sources keep
+    one per case read so far, a lazily opened one only after the case is read; a sample
+    ``"<case>@<z>"`` is a slice of its case); empty for sources without them (the phantom)."""
+
+    def __init__(self, source, ids):
+        self.raw, self.ids = getattr(source, "raw_quantiles", {}), list(ids)
+
+    def __getitem__(self, i):
+        return self.raw[subject_of(i)]
+
+    def __iter__(self):
+        return (i for i in self.ids if subject_of(i) in self.raw)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def _raw_profiles(source, ids) -> Mapping:
+    return _RawProfiles(source, ids)
 
 
 def _warn_no_best(out: Path, dm: SegmentationDataModule, targs: Dict[str, Any], last: Optional[str]) -> None:

@@ -65,7 +65,8 @@ class SubjectDataset(Dataset):
             (MONAI ``RandScaleIntensityd``), shift by ``U(-0.05, 0.05)`` (``RandShiftIntensityd``) and
             Gaussian noise of sd 0.02 (``RandGaussianNoised``), in that order, on the whole image.
         patch_size: random crop of this size (training volumes); ``None`` keeps whole images.
-        cache: keep decoded samples in memory.
+        cache: keep decoded samples in memory (never for a source opened lazily, ``source.lazy``: its
+            memory stays bounded; its own disk cache serves repeated reads).
         labels: load labels (``False``: images only, for unlabelled data).
         spatial_augment: ``none`` or ``affine``: a random in-plane affine map of image and label
             together (MONAI ``RandAffined``: rotation up to +-15 degrees about the axial axis, scale
@@ -81,7 +82,7 @@ class SubjectDataset(Dataset):
             raise ValueError(f"spatial_augment must be one of {list(SPATIAL_AUGMENTS)}, got {spatial_augment!r}")
         self.source, self.ids, self.augment, self.labels = source, list(ids), augment, labels
         self.patch_size = tuple(patch_size) if patch_size else None
-        self.cache: Optional[Dict[str, Dict]] = {} if cache else None
+        self.cache: Optional[Dict[str, Dict]] = {} if cache and not getattr(source, "lazy", False) else None
         self.spatial_augment = spatial_augment
         self._transforms: Dict[tuple, object] = {}  # augmentation by image shape, built on first use (per worker)
 

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -529,6 +529,59 @@ def read_case(case: Case, ndim: int, mapping: LabelMapping, require_foreground: 
         if require_foreground and not np.any((label > 0) & (label != IGNORE_INDEX)):
             raise DataError(f"{case.label}: label is empty (only background) after mapping to {list(mapping.class_names)}")
     return image, label, affine, header
+
+
+def case_header(case: Case, ndim: int, atol: float = 1e-3) -> Tuple[Tuple[int, ...], np.ndarray]:
+    """Light check of a case from its files' headers only (no voxel is decoded): every file reads as
+    NIfTI, the channels and the label have the same grid. Returns ``(spatial shape, affine)``; the
+    full check (:func:`read_case`) runs when the case is first read.
+
+    Raises:
+        DataError: naming the file and the problem.
+    """
+    import nibabel as nib
+
+    def header(path: Path, what: str):
+        if not path.is_file():
+            raise DataError(f"{path}: {what} file is missing")
+        try:
+            img = nib.load(str(path))
+            shape = tuple(int(n) for n in img.shape)
+        except Exception as e:  # noqa: BLE001 - nibabel and gzip errors all mean the same
+            raise DataError(f"{path}: cannot read {what} as NIfTI (its header: {type(e).__name__}: {e})") from None
+        while len(shape) > ndim and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) == ndim - 1 and ndim == 3:
+            shape = shape + (1,)
+        if len(shape) != ndim:
+            raise DataError(f"{path}: {what} has {len(shape)} dimensions {shape}, expected {ndim}")
+        return shape, np.asarray(img.affine, dtype=np.float64)
+
+    shape, affine = header(case.images[0], "image")
+    for p in case.images[1:]:
+        s, a = header(p, "image")
+        if s != shape or not np.allclose(a, affine, atol=atol):
+            raise DataError(f"{p}: channel does not match {case.images[0].name} in shape or affine")
+    if case.label is not None:
+        s, a = header(case.label, "label")
+        if s != shape:
+            raise DataError(f"{case.label}: label shape {s} differs from image shape {shape} ({case.images[0]})")
+        if not np.allclose(a, affine, atol=atol):
+            raise DataError(f"{case.label}: label affine differs from the image's ({case.images[0]})")
+    return shape, affine
+
+
+def reoriented_shape(shape: Sequence[int], affine: np.ndarray, axcodes: Optional[str]) -> Tuple[int, ...]:
+    """The spatial shape of a ``shape`` array after :func:`reorient` to ``axcodes`` (no data needed)."""
+    import nibabel.orientations as no
+
+    if not axcodes:
+        return tuple(shape)
+    fwd = no.ornt_transform(no.io_orientation(affine), no.axcodes2ornt(tuple(axcodes)))
+    out = [0] * len(shape)
+    for i, n in enumerate(shape):  # input axis i becomes output axis fwd[i, 0]
+        out[int(fwd[i, 0])] = int(n)
+    return tuple(out)
 
 
 def reorient(data: np.ndarray, affine: np.ndarray, axcodes: Optional[str]):

@@ -156,13 +156,23 @@ class NiftiSource(SubjectSource):
         on_bad_case: ``error`` stops at the first bad case; ``skip`` leaves bad cases out and logs
             one warning listing every skipped case and why.
         require_foreground: a label with no organ voxel is a bad case.
+        open_mode: ``eager`` reads and checks every case before the first batch (and prints the
+            label map with every class's voxels, checks that every class occurs); ``lazy`` lists the
+            cases and checks their headers only (:func:`~lightning_distill.data.nifti.case_header`),
+            reads and fully checks a case when it is first used, and keeps nothing in memory (memory
+            stays bounded whatever the dataset size; pair it with ``cache_dir``). ``lazy`` needs
+            ``on_bad_case=error``: a bad case then stops the run when it is reached (``lightning-distill
+            check-data`` finds them all up front).
+        cache_dir: a folder for a persistent cache of preprocessed cases
+            (:mod:`lightning_distill.data.case_cache`); ``None``: none.
     """
 
     def __init__(self, root, class_names: Sequence[str], spatial_dims: int, preprocess, layout: str = "auto",
                  image_pattern: str = "images/*.nii.gz", label_pattern: Optional[str] = "labels/{case}.nii.gz",
                  label_map: Optional[Dict] = None, unmapped: str = "background", cases: Optional[Sequence[str]] = None,
                  slice_mode: str = "file", on_bad_case: str = "error", require_foreground: bool = True,
-                 on_missing: str = "error"):
+                 on_missing: str = "error", open_mode: str = "eager", cache_dir: Optional[str] = None):
+        from lightning_distill.data.case_cache import CaseCache
         from lightning_distill.data.nifti import DataError, LabelMapping, discover
 
         if spatial_dims not in (2, 3):
@@ -171,6 +181,14 @@ class NiftiSource(SubjectSource):
             raise ValueError(f"slice_mode must be 'file' or 'all', got {slice_mode!r}")
         if on_bad_case not in ("error", "skip"):
             raise ValueError(f"on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
+        if open_mode not in ("eager", "lazy"):
+            raise ValueError(f"open_mode must be 'eager' or 'lazy', got {open_mode!r}")
+        if open_mode == "lazy" and on_bad_case == "skip":
+            raise ValueError("data.nifti.open=lazy reads a case only when it is used, so it cannot leave bad cases out "
+                             "beforehand (data.on_bad_case=skip): run `lightning-distill check-data` and list the good "
+                             "cases in data.nifti.cases, or open eagerly")
+        self.lazy = open_mode == "lazy"
+        self.disk = CaseCache(cache_dir) if cache_dir else None
         self.spatial_dims, self.class_names = spatial_dims, tuple(class_names)
         self.preprocess, self.slice_mode, self.require_foreground = preprocess, slice_mode, require_foreground
         self.index = discover(root, layout, image_pattern, label_pattern, require_labels=False)  # checked per case
@@ -186,6 +204,9 @@ class NiftiSource(SubjectSource):
         self._cache: Dict[str, Dict] = {}
         self.raw_quantiles: Dict[str, np.ndarray] = {}  # case id -> quantile profile of the raw image
         self.skipped: Dict[str, str] = {}
+        if self.lazy:
+            self._open_lazily(root)
+            return
         for cid in list(by_id):  # read and check every case once (results are cached)
             counted = dict(self.mapping.voxels), dict(self.mapping.files)
             try:
@@ -213,13 +234,73 @@ class NiftiSource(SubjectSource):
         else:
             self.ids = [f"{cid}@{z}" for cid in sorted(self.cases) for z in range(self._cache[cid]["label"].shape[-1])]
 
-    def _load_case(self, cid: str) -> Dict:
-        from lightning_distill.data.nifti import DataError, read_case
-        from lightning_distill.fingerprint import quantile_profile
+    def _open_lazily(self, root) -> None:
+        """Header checks only; the ids (slice mode ``all``: the depth after reorientation, from the header)."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+        from lightning_distill.data.nifti import DataError, case_header, reoriented_shape
+
+        if not self.cases:
+            raise DataError(f"{root}: no case")
+        self.ids = []
+        for cid in sorted(self.cases):
+            shape, affine = case_header(self.cases[cid], 3)
+            if self.spatial_dims == 2 and self.slice_mode == "all":
+                depth = reoriented_shape(shape, affine, self.preprocess.orientation)[-1]
+                self.ids += [f"{cid}@{z}" for z in range(depth)]
+            else:
+                if self.spatial_dims == 2 and shape[-1] != 1:
+                    raise DataError(f"{self.cases[cid].images[0]}: a single-slice sample must be 2D (or 3D with one slice), "
+                                    f"got shape {shape}; use data.nifti.slice_mode=all to take every axial slice of volumes")
+                self.ids.append(cid)
+        if rank_zero_only.rank == 0:
+            print(f"{root}: {len(self.cases)} cases opened lazily ({self.index.layout} layout; headers checked, each case "
+                  f"is read and checked when first used{'; cache ' + str(self.disk.folder) if self.disk else ''})",
+                  flush=True)
+
+    def _cache_key(self, case) -> str:
+        from dataclasses import asdict
+
+        from lightning_distill.data.case_cache import case_key
+
+        settings = {"preprocess": asdict(self.preprocess), "lut": sorted(self.mapping.lut.items()),
+                    "unmapped": self.mapping.unmapped, "dims": self.spatial_dims, "slice_mode": self.slice_mode,
+                    "require_foreground": self.require_foreground}
+        return case_key(list(case.images) + ([case.label] if case.label is not None else []), settings)
+
+    def _load_case(self, cid: str) -> Dict:
         if cid in self._cache:
             return self._cache[cid]
         case = self.cases[cid]
+        key = self._cache_key(case) if self.disk is not None else None
+        stored = self.disk.get(cid, key) if self.disk is not None else None
+        if stored is not None:
+            for v, n in zip(stored["label_ids"].tolist(), stored["label_counts"].tolist()):  # as reading the label counts them
+                self.mapping.voxels[v] = self.mapping.voxels.get(v, 0) + int(n)
+                self.mapping.files[v] = self.mapping.files.get(v, 0) + 1
+            self.raw_quantiles[cid] = stored["raw_quantiles"]
+            item = {"image": stored["image"], "label": stored["label"] if "label" in stored else None,
+                    "spacing": stored["spacing"]}
+        else:
+            before = dict(self.mapping.voxels)
+            item = self._read_case(cid, case)
+            if self.disk is not None:
+                ids = sorted(v for v in self.mapping.voxels if self.mapping.voxels[v] != before.get(v, 0))
+                counts = [self.mapping.voxels[v] - before.get(v, 0) for v in ids]
+                arrays = {"image": item["image"], "spacing": np.asarray(item["spacing"]),
+                          "raw_quantiles": np.asarray(self.raw_quantiles[cid]),
+                          "label_ids": np.asarray(ids, np.int64), "label_counts": np.asarray(counts, np.int64)}
+                if item["label"] is not None:
+                    arrays["label"] = item["label"]
+                self.disk.put(cid, key, arrays)
+        if not self.lazy:
+            self._cache[cid] = item
+        return item
+
+    def _read_case(self, cid: str, case) -> Dict:
+        from lightning_distill.data.nifti import DataError, read_case
+        from lightning_distill.fingerprint import quantile_profile
+
         image, label, affine, _ = read_case(case, 3, self.mapping, self.require_foreground)
         if self.spatial_dims == 2 and self.slice_mode == "file" and image.shape[-1] != 1:
             raise DataError(f"{case.images[0]}: a single-slice sample must be 2D (or 3D with one slice), got shape {image.shape[1:]}; "
@@ -231,7 +312,6 @@ class NiftiSource(SubjectSource):
             img, lbl, _ = self.preprocess(image, affine, label)
             item = {"image": img.as_tensor().numpy(), "label": lbl.as_tensor()[0].numpy() if lbl is not None else None,
                     "spacing": _spacing(img.affine)}
-        self._cache[cid] = item
         return item
 
     def _per_slice(self, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> Dict:
