@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.nifti.slice_mode=all")
     ev.add_argument("--out", help="results file (default: <output_dir>/results_test.json)")
     ev.add_argument("--all", action="store_true", help="test on every subject of the data, not the config's test split")
+    cd = sub.add_parser("check-data", help="read and check every case of a config's NIfTI data up front, in parallel; "
+                        "write a report of bad cases, good cases and the label map",
+                        description="Every case read, checked and preprocessed as a run would (data.nifti.open=eager does "
+                        "it at every start); exit status 1 when a case is bad. Writes data_check.json and data_check.md.")
+    cd.add_argument("config")
+    cd.add_argument("overrides", nargs="*")
+    cd.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    cd.add_argument("--out", help="report folder (default: <output_dir>/data_check)")
     ph = sub.add_parser("phantom", help="write a config's phantom population as a NIfTI dataset (nnU-Net, or a plain folder)")
     ph.add_argument("config")
     ph.add_argument("dst")
@@ -252,6 +260,24 @@ def _benchmark(args) -> int:
     return 0
 
 
+def _check_data(args) -> int:
+    from pathlib import Path
+
+    from lightning_distill.data.check import bad_lines, check_data
+
+    cfg = _load(args)
+    out = Path(args.out or Path(cfg.output_dir) / "data_check")
+    report = check_data(cfg, out, jobs=args.jobs)
+    print(f"{report['root']}: {report['cases']} cases, {report['good']} good, {len(report['bad'])} bad "
+          f"({report['seconds']} s, {args.jobs} process(es)); report: {out / 'data_check.md'}")
+    for p in report["coverage_problems"]:
+        print(f"  coverage: {p}")
+    if report["bad"]:
+        print("\n".join(bad_lines(report)))
+        return 1
+    return 0
+
+
 def _phantom(args) -> int:
     from lightning_distill.data.sources import PhantomSource, export_phantom
     from lightning_distill.train import build_source
@@ -287,7 +313,8 @@ def _sweep(args) -> int:
 
 
 _COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
-             "report": _report, "bank": _bank, "compare": _compare, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep}
+             "report": _report, "bank": _bank, "compare": _compare, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep,
+             "check-data": _check_data}
 
 
 if __name__ == "__main__":

@@ -119,3 +119,29 @@ def test_two_hundred_volumes_start_training_without_reading_every_case(tmp_path,
     assert first_batch["reads"] == 0  # nothing was read before the first sample was asked for
     assert 0 < len(set(reads)) < 100, len(set(reads))  # what training, the fingerprint, validation and test touched
     assert torch.load(tmp_path / "t" / "checkpoints" / "last.ckpt", weights_only=False)["lightning_distill"]["intensity"]["raw"] is not None
+
+
+def test_check_data_reports_every_bad_case_and_the_good_ones(tmp_path, capsys):
+    root = make_nnunet(tmp_path / "nn", n=5)
+    BAD["nan"](root)  # case1
+    lab = root / "labelsTr" / "case3.nii.gz"
+    lab.write_bytes(lab.read_bytes()[:len(lab.read_bytes()) // 2])  # a cut gzip stream
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    args = ["check-data", os.path.join(REPO, "experiments/teacher.yaml"), "data.source=nifti", f"data.nifti.root={root}",
+            "classes=[background,liver,spleen]", "data.nifti.modality=none", "data.nifti.unmapped=ignore",
+            "data.shape=[16,14,6]", "--out", str(tmp_path / "rep")]
+    assert main(args + ["--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "5 cases, 3 good, 2 bad" in out and "case1_0000.nii.gz: image contains" in out and "case3.nii.gz" in out
+    import json
+
+    rep = json.loads((tmp_path / "rep" / "data_check.json").read_text())
+    assert rep["good_cases"] == ["case0", "case2", "case4"] and set(rep["bad"]) == {"case1", "case3"}
+    assert rep["class_voxels"]["liver"] > 0 and (tmp_path / "rep" / "data_check.md").is_file()
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    # the same with one process; a dataset without a bad case passes
+    assert main(args[:-2] + ["--out", str(tmp_path / "rep1")]) == 1
+    assert json.loads((tmp_path / "rep1" / "data_check.json").read_text())["bad"] == rep["bad"]
+    good = make_nnunet(tmp_path / "good", n=3)
+    swapped = [f"data.nifti.root={good}" if a.startswith("data.nifti.root=") else a for a in args[:-2]]
+    assert main(swapped + ["--out", str(tmp_path / "rep2")]) == 0
