@@ -44,7 +44,7 @@ import os
 import shutil
 import socket
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -53,6 +53,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lightning_distill.data.case_cache import CaseCache, case_key
 from lightning_distill.data.nifti import IGNORE_INDEX, Case, DataError, LabelMapping, discover, read_case
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.io import atomic_write
@@ -339,6 +340,7 @@ class _Run:
                                     source=str(cfg.data.root))
         self.device = _device(cfg.inference.device, int(os.environ.get("LOCAL_RANK", rank)))
         self.net = self.model.net.to(self.device)
+        self.disk = CaseCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
         self.sliding = sliding_window_inference
         self.key = config_key(cfg)
 
@@ -376,14 +378,31 @@ class _Run:
         atomic_write(self.state_path(), lambda tmp: torch.save(state, tmp))
 
     # --------------------------------------------------------------- one volume
-    def volume(self, case: Case) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(sums (K, K * T) float64, counts (K,) float64, labelled)`` of one case."""
+    def preprocessed(self, case: Case) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The case's image ``(C, *spatial)`` and label ``(1, *spatial)`` (or ``None``) on the model's grid,
+        from the persistent cache (``data.cache_dir``) when it holds them."""
+        key = None
+        if self.disk is not None:
+            settings = {"preprocess": asdict(self.pre), "lut": sorted(self.mapping.lut.items()),
+                        "unmapped": self.mapping.unmapped, "labels": self.cfg.data.labels, "use": "bank build"}
+            key = case_key(list(case.images) + ([case.label] if case.label is not None else []), settings)
+            hit = self.disk.get(case.case_id, key)
+            if hit is not None:
+                return torch.from_numpy(hit["image"]), (torch.from_numpy(hit["label"]) if "label" in hit else None)
         image, label, affine, _ = read_case(case, 3, self.mapping, require_foreground=False,
                                             require_label=self.cfg.data.labels == "use")
         if self.model.in_channels is not None and image.shape[0] != self.model.in_channels:
             raise DataError(f"{case.images[0]}: {image.shape[0]} image channel(s); the model takes {self.model.in_channels}")
         img, lbl, _ = self.pre(image, affine, label)
-        x = img.as_tensor()[None].to(self.device)
+        x, y = img.as_tensor(), (lbl.as_tensor() if lbl is not None else None)
+        if self.disk is not None:
+            self.disk.put(case.case_id, key, {"image": x.numpy(), **({"label": y.numpy()} if y is not None else {})})
+        return x, y
+
+    def volume(self, case: Case) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(sums (K, K * T) float64, counts (K,) float64, labelled)`` of one case."""
+        x, lbl = self.preprocessed(case)
+        x = x[None].to(self.device)
         with torch.no_grad():
             if self.roi is not None and any(s > r for s, r in zip(x.shape[2:], self.roi)):
                 logits = self.sliding(x, roi_size=self.roi, sw_batch_size=int(self.cfg.inference.sw_batch_size),
@@ -399,7 +418,7 @@ class _Run:
                              f"its input {tuple(x.shape[2:])} ({case.images[0]}); is it a segmentation network?")
         values = [self.map.probabilities(logits, t)[1] for t in self.taus]  # the bank's vectors at every temperature
         labelled = lbl is not None
-        cls = (lbl.as_tensor()[None].to(self.device) if labelled
+        cls = (lbl[None].to(self.device) if labelled
                else pseudo_labels(self.map.probabilities(logits, 1.0)[0], float(self.cfg.threshold)))
         cls = axial_masked_labels(cls, self.axial, 3)
         sums, counts = masked_class_sums(torch.cat(values, dim=1), cls, len(self.classes))

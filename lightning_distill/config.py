@@ -463,6 +463,7 @@ class BankDataSpec:
     label_map: Dict[Any, str] = field(default_factory=dict)  # dataset label id or name -> bank class | ignore
     unmapped: str = "error"  # dataset label ids nothing maps: background | ignore | error
     cases: Optional[List[str]] = None  # keep only these case ids
+    cache_dir: Optional[str] = None  # persistent cache of preprocessed cases (data.nifti.cache_dir's format); None: none
     preprocess: BankPreprocessConfig = field(default_factory=BankPreprocessConfig)
 
 

@@ -224,3 +224,16 @@ def test_a_student_trains_with_a_built_bank(volumes, tmp_path, tiny_student):
                  f"distill.prototypes={tmp_path / 'bank.pt'}", *tiny_student]) == 0
     assert (tmp_path / "student" / "results.json").is_file()
 
+
+
+def test_the_cache_of_preprocessed_volumes_gives_the_same_bank_without_reading_again(volumes, tmp_path, monkeypatch):
+    root, _ = volumes
+    ref = build_bank(_cfg(root, tmp_path / "ref.pt"))
+    cold = build_bank(_cfg(root, tmp_path / "cold.pt", f"data.cache_dir={tmp_path / 'cache'}"))
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 6
+    import lightning_distill.bank_build as bb
+
+    monkeypatch.setattr(bb, "read_case", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read again")))
+    warm = build_bank(_cfg(root, tmp_path / "warm.pt", f"data.cache_dir={tmp_path / 'cache'}"))
+    _same(ref, cold, atol=0)
+    _same(ref, warm, atol=0)
