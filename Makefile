@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow train-teacher train-student bank-example train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed method-figures reliability-figure sweep agent sweep-local test-notebooks clean
+.PHONY: help install test test-all test-slow train-teacher train-student bank-example train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -106,6 +106,9 @@ sweep-local: $(STAMP) ## run COUNT trials of SWEEP here without a W&B server -> 
 
 bench-cmedl: $(STAMP) ## CMEDL vs the plain CT model on the two-modality phantom (~25 min) -> docs/benchmarks/cmedl.md
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/cmedl.yaml $(ARGS)
+
+bench-scale: $(STAMP) ## 1,000 phantom volumes opened lazily vs eagerly (first batch, peak memory) and bank throughput cold/warm, 1 and 2 processes (~25 min) -> docs/performance.md
+	$(BIN)/python experiments/bench_scale.py --out docs/performance.md $(ARGS)
 
 bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~3 min) -> docs/performance.md
 	$(BIN)/python experiments/bench_speed.py --out docs/performance.md $(ARGS)

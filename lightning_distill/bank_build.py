@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import socket
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -432,7 +433,7 @@ class _Run:
         todo = [c for c in mine if c.case_id not in done]
         if done:
             print(f"[bank build] rank {self.rank}: resuming: {len(done)} of {len(mine)} volumes done", flush=True)
-        since = 0
+        since, started = 0, time.perf_counter()
         for n, case in enumerate(todo):
             if stop_after is not None and n >= stop_after:
                 self.save_state(state)
@@ -449,10 +450,14 @@ class _Run:
         self.save_state(state)
         sums, counts = state["sums"].clone(), state["counts"].clone()
         tallies = torch.tensor([len(state["labelled"]), len(state["pseudo"])], dtype=torch.float64)
+        seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64)  # this run's volumes (not resumed ones)
         if self.world > 1:
             for t in (sums, counts, tallies):
                 dist.all_reduce(t)
-        return self.bank(sums, counts, int(tallies[0]), int(tallies[1]))
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        bank = self.bank(sums, counts, int(tallies[0]), int(tallies[1]))
+        bank.meta["seconds"] = round(float(seconds), 3)  # the slowest process's volume loop in this run
+        return bank
 
     def bank(self, sums: torch.Tensor, counts: torch.Tensor, labelled: int, pseudo: int) -> Bank:
         if not bool((counts > 0).any()):
