@@ -515,6 +515,8 @@ def build_bank(cfg: DictConfig, rank: int = 0, world: int = 1, stop_after: Optio
         out.parent.mkdir(parents=True, exist_ok=True)
         save_bank(out, bank)
         shutil.rmtree(run.partial, ignore_errors=True)
+    if world > 1:
+        dist.barrier()  # every process returns once the bank is written
     return bank
 
 

@@ -243,8 +243,9 @@ def _bank_build(args) -> int:
     if config is not None and "=" in config:  # only overrides
         config, overrides = None, [config, *overrides]
     path = run_bank_build(load_bank_build_config(config, overrides))
-    print(describe(load_bank(path)))
-    print(f"wrote {path}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one report
+        print(describe(load_bank(path)))
+        print(f"wrote {path}")
     return 0
 
 
