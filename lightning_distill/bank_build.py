@@ -59,7 +59,7 @@ from lightning_distill.data.nifti import IGNORE_INDEX, Case, DataError, LabelMap
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.io import atomic_write
 from lightning_distill.losses.prototype import class_means, masked_class_sums
-from lightning_distill.prototypes import Bank, axial_masked_labels, check_axial_range, save_bank, warn_empty_classes
+from lightning_distill.prototypes import Bank, file_sha256, axial_masked_labels, check_axial_range, save_bank, warn_empty_classes
 
 STATE_FORMAT = 1
 
@@ -75,14 +75,6 @@ class LoadedModel:
     preprocess: Optional[Preprocess] = None  # a checkpoint's own
     roi_size: Optional[List[int]] = None  # a checkpoint's patch size
     in_channels: Optional[int] = None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _need_file(path: Optional[str], what: str) -> Path:
@@ -145,7 +137,7 @@ def load_model(spec: DictConfig) -> LoadedModel:
         pre.shape = list(cfg.data.shape) if cfg.data.patch_size is None else None  # its input grid, or sliding patches
         roi = list(cfg.data.patch_size) if cfg.data.patch_size else None
         names = [str(n) for n in ckpt["hyper_parameters"]["class_names"]]
-        return LoadedModel(load_network(ckpt, cfg), names, {"format": fmt, "path": str(path), "sha256": _sha256(path)},
+        return LoadedModel(load_network(ckpt, cfg), names, {"format": fmt, "path": str(path), "sha256": file_sha256(path)},
                            pre, roi, in_channels=1)
     if fmt == "monai":
         import monai.networks.nets as nets
@@ -161,7 +153,7 @@ def load_model(spec: DictConfig) -> LoadedModel:
             raise ValueError(f"model.kwargs do not fit monai.networks.nets.{spec.name}: {e}") from None
         net = _load_into(net, _state_dict(path), path)
         out = kwargs.get("out_channels")
-        return LoadedModel(net.eval(), _labels(spec, out), {"format": fmt, "path": str(path), "sha256": _sha256(path),
+        return LoadedModel(net.eval(), _labels(spec, out), {"format": fmt, "path": str(path), "sha256": file_sha256(path),
                                                            "name": spec.name, "kwargs": kwargs},
                            in_channels=kwargs.get("in_channels"))
     if fmt == "bundle":
@@ -172,7 +164,7 @@ def load_model(spec: DictConfig) -> LoadedModel:
             net = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{path}: could not be read as TorchScript ({type(e).__name__}: {e})") from None
-        return LoadedModel(net.eval(), _labels(spec, None), {"format": fmt, "path": str(path), "sha256": _sha256(path)})
+        return LoadedModel(net.eval(), _labels(spec, None), {"format": fmt, "path": str(path), "sha256": file_sha256(path)})
     raise ValueError(f"unknown model.format {fmt!r}; valid: checkpoint, monai, bundle, torchscript")
 
 
@@ -199,11 +191,11 @@ def _load_bundle(spec: DictConfig) -> LoadedModel:
         net = _load_into(net, _state_dict(weights), weights)
         out = getattr(net, "out_channels", None)
         return LoadedModel(net.eval(), _labels(spec, out), {"format": "bundle", "path": str(root), "weights": str(weights),
-                                                           "sha256": _sha256(weights), "config": str(config)})
+                                                           "sha256": file_sha256(weights), "config": str(config)})
     if ts.is_file():
         net = torch.jit.load(str(ts), map_location="cpu")
         return LoadedModel(net.eval(), _labels(spec, None), {"format": "bundle", "path": str(root), "weights": str(ts),
-                                                           "sha256": _sha256(ts)})
+                                                           "sha256": file_sha256(ts)})
     raise FileNotFoundError(f"{root}: not a MONAI bundle with weights: expected configs/inference.json (or .yaml) with "
                             "models/model.pt, or models/model.ts")
 

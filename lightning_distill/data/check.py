@@ -98,9 +98,7 @@ def check_data(cfg: DictConfig, out: str | Path, jobs: int = 1, root: Optional[s
     total = _mapping(cfg, dict(index.labels))
     for r in records:
         if r["ok"]:
-            for v, c in zip(r["label_ids"], r["label_counts"]):
-                total.voxels[v] = total.voxels.get(v, 0) + c
-                total.files[v] = total.files.get(v, 0) + 1
+            total.add_counts(r["label_ids"], r["label_counts"])
     import warnings
 
     with warnings.catch_warnings():

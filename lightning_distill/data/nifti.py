@@ -440,10 +440,15 @@ class LabelMapping:
                                 f"{list(self.class_names)} (data.nifti.unmapped=error); map them in data.nifti.label_map "
                                 "(to a class or 'ignore'), or set data.nifti.unmapped=background|ignore")
         out = np.array([self.target(int(v)) for v in values], np.int64)[inverse].reshape(label.shape)
-        for v, n in zip(values, counts):
+        self.add_counts(values.tolist(), counts.tolist())
+        return out
+
+    def add_counts(self, ids, counts) -> None:
+        """Count one file's raw label ids and their voxels (what :meth:`apply` counts; also for labels read
+        from a cache, or counted in another process)."""
+        for v, n in zip(ids, counts):
             self.voxels[int(v)] = self.voxels.get(int(v), 0) + int(n)
             self.files[int(v)] = self.files.get(int(v), 0) + 1
-        return out
 
     def class_voxels(self) -> Dict[str, int]:
         """Voxels counted so far per class name (``ignore`` for the ignore index)."""

@@ -275,9 +275,7 @@ class NiftiSource(SubjectSource):
         key = self._cache_key(case) if self.disk is not None else None
         stored = self.disk.get(cid, key) if self.disk is not None else None
         if stored is not None:
-            for v, n in zip(stored["label_ids"].tolist(), stored["label_counts"].tolist()):  # as reading the label counts them
-                self.mapping.voxels[v] = self.mapping.voxels.get(v, 0) + int(n)
-                self.mapping.files[v] = self.mapping.files.get(v, 0) + 1
+            self.mapping.add_counts(stored["label_ids"].tolist(), stored["label_counts"].tolist())  # as reading the label would
             self.raw_quantiles[cid] = stored["raw_quantiles"]
             item = {"image": stored["image"], "label": stored["label"] if "label" in stored else None,
                     "spacing": stored["spacing"]}
