@@ -166,3 +166,56 @@ def collect_cases(ids: List[str], dice: Tensor, hd95: Optional[Tensor], organs: 
             row["surface_dice"] = {o: (None if math.isnan(float(v)) else float(v)) for o, v in zip(organs, surface_dice[i])}
         rows.append(row)
     return rows
+
+
+class CaseMeans:
+    """Per-column means over the cases of an evaluation pass, each case counted once, also under DDP.
+
+    Under DDP Lightning's distributed sampler pads the evaluation set so every process gets as many
+    batches, repeating cases: a metric averaged over the processes' batches counts those twice (and
+    ``val/dice`` picks ``best.ckpt``). Here every process keeps its cases' rows with their ids;
+    :meth:`compute` gathers them (a collective: every process calls it), keeps each id's first row
+    and averages every column over its non-NaN entries. In one process the result equals torchmetrics'
+    ``MeanMetric(nan_strategy="ignore")`` fed batch by batch, bit for bit (it is what computes it).
+
+    Args:
+        columns: M, the number of values per case (e.g. one per organ).
+    """
+
+    def __init__(self, columns: int):
+        self.columns = int(columns)
+        self.reset()
+
+    def reset(self) -> None:
+        self._chunks: List[tuple] = []
+
+    def update(self, ids: Sequence[str], values: Tensor) -> None:
+        """Add ``values`` ``(B, M)`` of the cases ``ids`` (B names)."""
+        if values.ndim != 2 or values.shape != (len(ids), self.columns):
+            raise ValueError(f"values must be ({len(ids)}, {self.columns}) for {len(ids)} cases, got {tuple(values.shape)}")
+        self._chunks.append((list(ids), values.detach().float().cpu()))
+
+    def compute(self) -> Tensor:
+        """``(M,)`` means over the unique cases of every process (NaN for a column without a value)."""
+        from torchmetrics import MeanMetric
+
+        chunks = self._chunks
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered: List = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, chunks)
+            chunks = [c for part in gathered for c in part]
+        seen: set = set()
+        means = [MeanMetric(nan_strategy="ignore", sync_on_compute=False) for _ in range(self.columns)]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            for ids, values in chunks:
+                keep = [i for i, cid in enumerate(ids) if not (cid in seen or seen.add(cid))]
+                if keep:
+                    for j, m in enumerate(means):
+                        m.update(values[keep, j])
+            return torch.stack([m.compute() if m.update_called else torch.tensor(float("nan")) for m in means])
+
+    @property
+    def num_cases(self) -> int:
+        """Rows added on this process (duplicates included)."""
+        return sum(len(ids) for ids, _ in self._chunks)

@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss, MaskedDiceLoss
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from lightning_distill import __version__
 from lightning_distill.data.nifti import IGNORE_INDEX
 from lightning_distill.losses.dice import batch_dice_loss
-from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, summarize
+from lightning_distill.metrics import CaseMeans, collect_cases, per_case_dice, per_case_hd95, summarize
 
 
 class SegmentationModule(L.LightningModule):
@@ -64,8 +63,9 @@ class SegmentationModule(L.LightningModule):
         self.masked_dice_loss = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=dice_batch)
         # per-class CE weights (None: unweighted); not saved in checkpoints: `fit` derives them from the data
         self.register_buffer("ce_class_weights", None, persistent=False)
-        self.val_dice = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
-        self.val_hd = nn.ModuleList([MeanMetric(nan_strategy="ignore") for _ in self.organs])
+        # per-organ means over the validation cases, each case once also under DDP (the sampler pads with repeats)
+        self.val_dice = CaseMeans(len(self.organs))
+        self.val_hd = CaseMeans(len(self.organs))
         self._test_rows: List[Dict[str, Any]] = []
         self.test_summary: Optional[Dict] = None
         # what checkpoints record about the training data (set by `fit`, see lightning_distill.fingerprint)
@@ -122,11 +122,14 @@ class SegmentationModule(L.LightningModule):
         nothing (DDP averages it).
         """
         ignore = label == IGNORE_INDEX
+        # on an accelerator, `ignore.any()` would make the host wait for the device every step: there the
+        # masked loss is used whatever (with nothing ignored it equals the unmasked one, bit for bit)
+        masked = bool(ignore.any()) if label.device.type == "cpu" else True
         if self.hparams.get("dice_batch", True) and self._trainer is not None and self.trainer.world_size > 1:
             # DDP: the Dice of the global batch (a per-image Dice needs no synchronisation)
-            mask = (~ignore).float() if ignore.any() else None
+            mask = (~ignore).float() if masked else None
             dice = batch_dice_loss(logits, label.masked_fill(ignore, 0), mask=mask, sync=self.training)
-        elif ignore.any():
+        elif masked:
             dice = self.masked_dice_loss(logits, label.masked_fill(ignore, 0), mask=(~ignore).float())
         else:
             dice = self.dice_loss(logits, label)
@@ -146,9 +149,7 @@ class SegmentationModule(L.LightningModule):
         """Predicted and true label maps with ignored pixels set to background in both."""
         pred = logits.argmax(1, keepdim=True)
         ignore = label == IGNORE_INDEX
-        if ignore.any():
-            return pred.masked_fill(ignore, 0), label.masked_fill(ignore, 0)
-        return pred, label
+        return pred.masked_fill(ignore, 0), label.masked_fill(ignore, 0)
 
     def extra_terms(self, batch: Dict, logits: Tensor) -> Dict[str, Tensor]:
         """Additional (weighted) loss terms; none for plain segmentation."""
@@ -168,8 +169,7 @@ class SegmentationModule(L.LightningModule):
         terms = self.seg_terms(logits, label)
         if train:
             terms.update(self.extra_terms(batch, logits))
-        w = self.term_weights()
-        loss = sum(w.get(k, 0.0) * v for k, v in terms.items() if w.get(k, 0.0) != 0.0)
+        loss = weighted_sum(terms, self.term_weights())
         return {"loss": loss, "logits": logits, "terms": terms}
 
     # ------------------------------------------------------------------ steps
@@ -189,16 +189,14 @@ class SegmentationModule(L.LightningModule):
         out = self.model_step(batch, train=False)
         pred, label = self._eval_pair(out["logits"], batch["label"])
         dice = per_case_dice(pred, label, self.num_classes)
-        for i, m in enumerate(self.val_dice):
-            m.update(dice[:, i])
+        self.val_dice.update(batch["id"], dice)
         if self.hparams.val_hd95:
             hd = per_case_hd95(pred, label, self.num_classes, batch["spacing"].cpu().numpy())
-            for i, m in enumerate(self.val_hd):
-                m.update(hd[:, i])
+            self.val_hd.update(batch["id"], hd)
         self.log("val/loss", out["loss"], batch_size=batch["image"].shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        per_organ = [m.compute() for m in self.val_dice]
+        per_organ = list(self.val_dice.compute())
         for o, v in zip(self.organs, per_organ):
             self.log(f"val/dice_{o}", v)
         mean = torch.nanmean(torch.stack(per_organ))
@@ -207,15 +205,13 @@ class SegmentationModule(L.LightningModule):
             nan_none = lambda v: None if torch.isnan(v) else round(float(v), 5)  # noqa: E731
             self.val_curve.append([int(self.trainer.global_step), nan_none(mean),
                                    {o: nan_none(v) for o, v in zip(self.organs, per_organ)}])
-        for m in self.val_dice:
-            m.reset()
+        self.val_dice.reset()
         if self.hparams.val_hd95:
-            per_organ = [m.compute() for m in self.val_hd]
+            per_organ = list(self.val_hd.compute())
             for o, v in zip(self.organs, per_organ):
                 self.log(f"val/hd95_{o}", v)
             self.log("val/hd95", torch.nanmean(torch.stack(per_organ)))
-            for m in self.val_hd:
-                m.reset()
+            self.val_hd.reset()
 
     def on_test_epoch_start(self) -> None:
         self._test_rows = []
@@ -277,6 +273,23 @@ class SegmentationModule(L.LightningModule):
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
+
+
+def weighted_sum(terms: Dict[str, Tensor], weights: Dict[str, float]) -> Tensor:
+    """``sum_k weights[k] * terms[k]`` over the terms that have a weight.
+
+    A term of weight 0 still enters, as ``0 * nan_to_num(term)``: it adds exactly nothing to the loss
+    or to any gradient, but every parameter it reads stays in the graph, so DDP's gradient reducer
+    finds no unused parameter (a feature-bank projector at lambda = 0, a CMEDL teacher at
+    ``teacher_weight=0``) and no NaN of a term that does not count can reach the loss.
+    """
+    total: Any = 0.0
+    for k, v in terms.items():
+        if k not in weights:
+            continue
+        w = float(weights[k])
+        total = total + (w * v if w != 0.0 else 0.0 * torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0))
+    return total
 
 
 def _wandb_run_id(trainer) -> Optional[str]:

@@ -424,7 +424,7 @@ class PrototypeBank(Callback):
     (``B x K x *spatial``); labels are read from ``batch["label"]``.
 
     Each process adds its batches to a :class:`ClassSums`, folded into the bank after every batch
-    without DDP or with an EMA, else when the bank is read. Under DDP with batches pending, reading
+    with an EMA or in one CPU process, else (on a GPU, under DDP) when the bank is read. Under DDP with batches pending, reading
     (``sums``, ``counts``, ``prototypes``, :meth:`bank`, :meth:`state_dict`, :meth:`export`) is a
     collective that every process must call; the callback folds at the start of every validation,
     in ``state_dict`` and at the end of training, so Lightning's hooks and rank-0-only readers
@@ -576,7 +576,10 @@ class PrototypeBank(Callback):
             self._pending = ClassSums(self.num_classes, values.shape[1], distributed_available_fn=self._is_distributed)
             self._pending.to(values.device)
         self._pending.update(values, label)
-        if self.momentum is not None or not self._distributed:  # an EMA needs every step's global batch means
+        # an EMA needs every step's global batch means. A running mean in one CPU process folds every step too
+        # (free there, and the order of the float64 additions every result so far was computed with); on an
+        # accelerator, or under DDP, the sums stay on the device until the bank is read (no host sync per step)
+        if self.momentum is not None or (not self._distributed and values.device.type == "cpu"):
             self._fold()
 
     def _is_distributed(self) -> bool:

@@ -244,11 +244,15 @@ def _with_atomic_checkpoints(plugins: Any) -> list:
     return plugins
 
 
-def _default_trainer_args() -> Dict[str, Any]:
-    gpu = torch.cuda.is_available()
-    return {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10, "num_sanity_val_steps": 0,
-            # bf16 autocast is ~2x slower than fp32 on CPUs without bf16 units
-            "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"}
+def _trainer_args(cfg: DictConfig, say: bool = True) -> Dict[str, Any]:
+    """The run's ``trainer.*`` settings over the defaults chosen for this machine
+    (:mod:`lightning_distill.devices`); the choices are printed once (rank 0) when ``say``."""
+    from lightning_distill.devices import apply_trainer_defaults
+
+    targs, notes = apply_trainer_defaults(OmegaConf.to_container(cfg.trainer))
+    if say and notes and rank_zero_only.rank == 0:
+        print("trainer defaults for this machine: " + "; ".join(notes))
+    return targs
 
 
 def _logger(cfg: DictConfig, out: Path, wandb_run_id: Optional[str] = None):
@@ -329,7 +333,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         feature_layer=(b.feature_layer or head_module_name(cfg.model.name)) if b.space == "feature" and teacher else None,
         export_path=str(out / (b.export if teacher else "student_prototypes.pt")),
         metadata={"config": to_dict(cfg), "stage": cfg.stage}, axial_range=axial)
-    targs = {**_default_trainer_args(), **OmegaConf.to_container(cfg.trainer)}
+    targs = _trainer_args(cfg)
     fast = bool(targs.get("fast_dev_run"))
     every = cfg.checkpoint.every_n_steps
     if every is not None and every < 1:
@@ -705,7 +709,7 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     module = SegmentationModule(load_network(ckpt, cfg), names, input_transform=cfg.input_transform,
                                 roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg),
                                 surface_tolerance=cfg.surface_tolerance_mm)
-    targs = {k: v for k, v in {**_default_trainer_args(), **OmegaConf.to_container(cfg.trainer)}.items()
+    targs = {k: v for k, v in _trainer_args(cfg, say=False).items()
              if k in ("accelerator", "devices", "precision", "enable_progress_bar")}
     trainer = L.Trainer(logger=False, enable_checkpointing=False, **targs)
     trainer.test(module, datamodule=dm, verbose=False)

@@ -71,13 +71,36 @@ def masked_class_sums(values: Tensor, labels: Tensor, num_classes: int) -> Tuple
     """
     labels = _labels_like(labels, values)
     b, c = values.shape[:2]
-    v = values.reshape(b, c, -1).float()
-    y = labels.reshape(b, -1)
-    valid = (y >= 0) & (y < num_classes)
-    onehot = F.one_hot(torch.where(valid, y, 0), num_classes).to(v.dtype) * valid[..., None].to(v.dtype)
-    sums = torch.einsum("bnk,bcn->kc", onehot, v)
-    counts = onehot.sum(dim=(0, 1))
+    # float32 whatever the surrounding autocast: under 16-mixed the einsum would run in fp16, where the
+    # background row of one 8 x 128^2 batch (~80k probabilities) overflows 65504 (inf, then NaN)
+    with torch.autocast(values.device.type, enabled=False):
+        v = values.reshape(b, c, -1).float()
+        y = labels.reshape(b, -1)
+        valid = (y >= 0) & (y < num_classes)
+        onehot = F.one_hot(torch.where(valid, y, 0), num_classes).to(v.dtype) * valid[..., None].to(v.dtype)
+        sums = torch.einsum("bnk,bcn->kc", onehot, v)
+        counts = onehot.sum(dim=(0, 1))
     return sums, counts
+
+
+def all_reduce_class_sums(sums: Tensor, counts: Tensor) -> Tuple[Tensor, Tensor]:
+    """Sum ``(K, C)`` class sums and ``(K,)`` counts over the DDP processes, differentiably.
+
+    Under DDP every process then forms the prototypes of the global batch, so N processes with
+    batches of B compute the prototype-DIST terms of one process with a batch of N x B (a small
+    per-GPU batch no longer loses the classes that only another process's slices hold). The
+    gradient matches one process as well: the all-reduce's backward sums the processes' (equal)
+    upstream gradients and DDP's averaging divides by N again (as :func:`~lightning_distill.losses.dice.batch_dice_loss`).
+    Without an initialised process group of more than one process, the inputs are returned as they are.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return sums, counts
+    from torch.distributed.nn.functional import all_reduce
+
+    both = all_reduce(torch.cat([sums, counts.to(sums.dtype)[:, None]], dim=1), op=dist.ReduceOp.SUM)
+    return both[:, :-1], both[:, -1]
 
 
 def class_means(sums: Tensor, counts: Tensor) -> Tensor:
@@ -132,9 +155,9 @@ def geometry_values(p: Tensor, geometry: str, floor: float = LOG_FLOOR) -> Tenso
 
 def _relation(corr: Tensor, valid: Tensor, weights: Optional[Tensor]) -> Tensor:
     w = valid.to(corr.dtype) * (1.0 if weights is None else weights.to(corr.dtype))
-    if not bool((w > 0).any()):
-        return corr.sum() * 0.0  # nothing to relate: 0, and a (zero) gradient
-    return 1.0 - (w * corr).sum() / w.sum()
+    total = w.sum()
+    # nothing to relate: 0, with a (zero) gradient; decided on the device (no host sync per step)
+    return torch.where(total > 0, 1.0 - (w * corr).sum() / total.clamp_min(1e-12), corr.sum() * 0.0)
 
 
 def prototype_dist_terms(p_s: Tensor, p_t: Tensor, present: Optional[Tensor] = None, geometry: str = "prob",

@@ -39,11 +39,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import do_nothing_closure
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from lightning_distill.methods.translator import lsgan_loss
-from lightning_distill.metrics import per_case_dice
-from lightning_distill.modules import SegmentationModule
+from lightning_distill.metrics import CaseMeans, per_case_dice
+from lightning_distill.modules import SegmentationModule, weighted_sum
 from lightning_distill.networks import InputHook
 
 HEAD_INPUT = "segmentation_head:input"
@@ -136,7 +135,7 @@ class CMEDLModule(SegmentationModule):
         self.hint_layers = list(hint_layers) if hint_layers else default_hint_layers(net)
         self._student_hooks = _Hooks(net, self.hint_layers)
         self._teacher_hooks = _Hooks(teacher, self.hint_layers)
-        self.val_teacher_dice = MeanMetric(nan_strategy="ignore")
+        self.val_teacher_dice = CaseMeans(1)  # each validation case once, also under DDP
 
     # ------------------------------------------------------------------ pieces
     def to_teacher_domain(self, x_a: Tensor) -> Tensor:
@@ -206,7 +205,7 @@ class CMEDLModule(SegmentationModule):
         out = self.compute_terms(batch)
         terms = out["terms"]
         w = self.term_weights()
-        loss = sum(w[k] * v for k, v in terms.items() if k in w and w[k] != 0.0)
+        loss = weighted_sum(terms, w)
         for o in (opt_g, opt_d, opt_seg):
             if o is not None:
                 o.zero_grad()
@@ -263,11 +262,11 @@ class CMEDLModule(SegmentationModule):
         logits = self.teacher(self.to_teacher_domain(batch["image"]))
         self._teacher_hooks.pop()
         pred, label = self._eval_pair(logits, batch["label"])
-        self.val_teacher_dice.update(torch.nanmean(per_case_dice(pred, label, self.num_classes), dim=1))
+        self.val_teacher_dice.update(batch["id"], torch.nanmean(per_case_dice(pred, label, self.num_classes), dim=1)[:, None])
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        self.log("val/teacher_dice", self.val_teacher_dice.compute())
+        self.log("val/teacher_dice", self.val_teacher_dice.compute()[0])
         self.val_teacher_dice.reset()
 
     def model_step(self, batch: Dict, train: bool = True) -> Dict:

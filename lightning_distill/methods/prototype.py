@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lightning_distill.losses.prototype import GEOMETRIES, LOG_FLOOR, class_means, masked_class_sums, prototype_dist_terms
+from lightning_distill.losses.prototype import (GEOMETRIES, LOG_FLOOR, all_reduce_class_sums, class_means, masked_class_sums,
+                                               prototype_dist_terms)
 from lightning_distill.modules import SegmentationModule
 from lightning_distill.networks import InputHook, head_module_name
 from lightning_distill.prototypes import Bank, control_bank, load_bank
@@ -144,6 +145,8 @@ class StudentModule(SegmentationModule):
             self._distill_input = self._hook.pop()
             values = self.projector(self._distill_input).float()
         sums, counts = masked_class_sums(values, batch["label"], self.num_classes)
+        if self.training:  # DDP: the prototypes of the global batch (a no-op in one process)
+            sums, counts = all_reduce_class_sums(sums, counts)
         p_s = class_means(sums, counts)
         present = (counts >= self.min_pixels) & self.teacher_present
         self.student_batch_prototypes = p_s.detach()

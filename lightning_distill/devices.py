@@ -1,0 +1,116 @@
+"""Trainer defaults chosen from the machine a run starts on (docs/gpu.md).
+
+What differs between a CPU and a GPU is chosen here at run time, without initialising CUDA in the
+launching process (a CUDA context created before Lightning's DDP launcher forks or spawns breaks the
+children, and costs ~300 MB of GPU memory per process that never trains), and printed by ``fit``:
+
+* ``devices``: 1. A plain ``fit`` never becomes an N-GPU DDP run silently (the global batch would grow
+  N times with the same learning rate and ``max_steps``); ask for it with ``trainer.devices=N``.
+* ``precision``: ``bf16-mixed`` on GPUs with native bf16 (compute capability >= 8.0: Ampere and
+  later), ``16-mixed`` (fp16 with a gradient scaler) on older GPUs, where bf16 is emulated and slow,
+  ``32-true`` on CPU (bf16 autocast is ~2x slower than fp32 on CPUs without bf16 units).
+* ``sync_batchnorm``: ``true`` when ``trainer.devices`` asks for more than one device, so batch-norm
+  statistics are those of the global batch (N processes x B = one process x N*B, as the Dice, the
+  prototype-DIST terms and the bank already are).
+* ``deterministic``: ``true`` becomes ``"warn"`` on CUDA: some CUDA kernels the package uses have no
+  deterministic implementation (2D cross-entropy's backward, reflection padding's backward), and
+  ``true`` makes them raise; ``"warn"`` keeps every deterministic kernel and warns about the others.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+_QUERY = "import torch; c = torch.cuda.get_device_capability(0); print(c[0], c[1], torch.cuda.get_device_name(0))"
+
+
+def cuda_available() -> bool:
+    """``torch.cuda.is_available()`` (it counts devices without creating a CUDA context)."""
+    return bool(torch.cuda.is_available())
+
+
+def cuda_capability() -> Optional[Tuple[int, int, str]]:
+    """``(major, minor, name)`` of CUDA device 0, or ``None`` without CUDA, learnt without initialising
+    CUDA in this process: through NVML when ``pynvml`` is installed, else in a short child process."""
+    if not cuda_available():
+        return None
+    if torch.cuda.is_initialized():  # already paid for: ask directly
+        major, minor = torch.cuda.get_device_capability(0)
+        return major, minor, torch.cuda.get_device_name(0)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+            index = int(visible) if visible.isdigit() else 0
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            return int(major), int(minor), name.decode() if isinstance(name, bytes) else str(name)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no pynvml, or NVML refused (a UUID in CUDA_VISIBLE_DEVICES, MIG, ...): ask a child
+        pass
+    try:
+        out = subprocess.run([sys.executable, "-c", _QUERY], capture_output=True, text=True, timeout=120, check=True).stdout
+        major, minor, name = out.strip().split(" ", 2)
+        return int(major), int(minor), name
+    except Exception:
+        return None
+
+
+def default_precision(capability: Optional[Tuple[int, int, str]]) -> Tuple[str, str]:
+    """``(precision, why)`` for the device of ``capability`` (``None``: CPU)."""
+    if capability is None:
+        return "32-true", "CPU: bf16 autocast is slower than fp32 on CPUs without bf16 units"
+    major, minor, name = capability
+    if major >= 8:
+        return "bf16-mixed", f"{name}, compute capability {major}.{minor}: native bf16"
+    return "16-mixed", f"{name}, compute capability {major}.{minor}: bf16 would be emulated, fp16 with a gradient scaler"
+
+
+def trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """The trainer arguments the user left unset, chosen for this machine, and a line per choice.
+
+    Args:
+        user: the run's ``trainer`` settings (``trainer.*`` keys); they win over every default.
+
+    Returns:
+        ``(defaults, notes)``: arguments to pass to ``lightning.Trainer`` under the user's, and what was
+        chosen and why (``fit`` prints them).
+    """
+    accelerator = str(user.get("accelerator", "auto"))
+    on_cuda = accelerator in ("auto", "gpu", "cuda") and cuda_available()
+    defaults: Dict[str, Any] = {"accelerator": "auto", "devices": 1, "log_every_n_steps": 10, "num_sanity_val_steps": 0}
+    notes: List[str] = []
+    if "devices" not in user:
+        notes.append("trainer.devices=1 (set trainer.devices=N for N-device DDP; the global batch is then N x data.batch_size)")
+    if "precision" not in user:
+        precision, why = default_precision(cuda_capability() if on_cuda else None)
+        defaults["precision"] = precision
+        notes.append(f"trainer.precision={precision} ({why})")
+    n = user.get("devices", 1)
+    if n not in (1, "1", [0]) and "sync_batchnorm" not in user:
+        defaults["sync_batchnorm"] = True
+        notes.append(f"trainer.sync_batchnorm=true (trainer.devices={n}: batch statistics over the global batch, as in one "
+                     "process; set trainer.sync_batchnorm=false for per-device statistics)")
+    if on_cuda and user.get("deterministic") is True:
+        defaults["deterministic"] = "warn"
+        notes.append("trainer.deterministic=warn instead of true on CUDA (2D cross-entropy's and reflection padding's "
+                     "backward have no deterministic CUDA kernel; true would raise)")
+    return defaults, notes
+
+
+def apply_trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """``{**defaults, **user}`` with the CUDA override of ``deterministic`` applied, and the notes."""
+    defaults, notes = trainer_defaults(user)
+    args = {**defaults, **user}
+    if defaults.get("deterministic") == "warn":
+        args["deterministic"] = "warn"
+    return args, notes

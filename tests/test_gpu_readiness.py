@@ -1,0 +1,234 @@
+"""What a GPU run depends on, tested on CPU (issue 20; docs/gpu.md lists what was run where):
+mixed precision of the prototype sums, DDP-global prototype-DIST, every parameter used at weight 0,
+validation cases counted once under DDP, and the trainer defaults chosen from the device."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import REPO, TINY_STUDENT, TINY_TEACHER
+from lightning_distill import devices
+from lightning_distill.losses.prototype import (all_reduce_class_sums, class_means, masked_class_sums,
+                                               prototype_dist_terms)
+from lightning_distill.metrics import CaseMeans
+from lightning_distill.modules import weighted_sum
+
+K = 5
+
+
+def _confident_batch(b=8, size=128, seed=0):
+    """Logits of a confident student on a mostly-background batch: the background row of the class
+    sums is ~b * size^2 * 0.8 probabilities, above fp16's largest finite value (65504)."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.zeros(b, 1, size, size, dtype=torch.long)
+    for i in range(b):
+        for k in range(1, K):
+            x, y = torch.randint(0, size - 24, (2,), generator=g).tolist()
+            label[i, 0, x:x + 12 + 2 * k, y:y + 12] = k
+    logits = 6.0 * torch.nn.functional.one_hot(label[:, 0], K).movedim(-1, 1).float()
+    logits = logits + 0.5 * torch.randn(logits.shape, generator=g)
+    return logits, label
+
+
+def _terms(logits, label, bank, sync=False):
+    probs = torch.softmax(logits.float(), dim=1)
+    sums, counts = masked_class_sums(probs, label, K)
+    if sync:
+        sums, counts = all_reduce_class_sums(sums, counts)
+    return sums, counts, prototype_dist_terms(class_means(sums, counts), bank, counts > 0, geometry="logprob")
+
+
+def _bank():
+    bank = torch.full((K, K), 0.02) + 0.9 * torch.eye(K)
+    return bank / bank.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_class_sums_and_prototype_loss_under_autocast_equal_fp32(dtype):
+    logits, label = _confident_batch()
+    bank = _bank()
+    ref_sums, ref_counts, (ref_inter, ref_intra) = _terms(logits, label, bank)
+    assert ref_sums[0].sum() > 65504  # the batch is one that overflows fp16 ...
+    with torch.autocast("cpu", dtype=torch.float16):  # ... as the einsum did inside the step's autocast
+        onehot = torch.nn.functional.one_hot(label[:, 0].reshape(8, -1), K).float()
+        naive = torch.einsum("bnk,bcn->kc", onehot, torch.softmax(logits, 1).reshape(8, K, -1))
+    assert not torch.isfinite(naive).all()
+    with torch.autocast("cpu", dtype=dtype):
+        sums, counts, (inter, intra) = _terms(logits, label, bank)
+    assert sums.dtype == torch.float32 and torch.isfinite(sums).all()
+    assert torch.allclose(sums, ref_sums, rtol=1e-6, atol=1e-3) and torch.equal(counts, ref_counts)
+    for a, b in ((inter, ref_inter), (intra, ref_intra)):
+        assert torch.isfinite(a) and abs(float(a) - float(b)) < 1e-3
+
+
+def test_weighted_sum_keeps_zero_weight_terms_in_the_graph_and_adds_nothing():
+    a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    loss = weighted_sum({"seg": a * 1.5, "dist": b * 2.0, "unweighted": b * 7.0}, {"seg": 2.0, "dist": 0.0})
+    assert float(loss.detach()) == 6.0
+    ga, gb = torch.autograd.grad(loss, (a, b))  # b is used (DDP's reducer needs every parameter) with a 0 gradient
+    assert float(ga) == 3.0 and float(gb) == 0.0
+    nan = weighted_sum({"seg": a * 1.0, "dist": b * float("nan")}, {"seg": 1.0, "dist": 0.0})
+    assert float(nan.detach()) == 2.0  # a term that does not count cannot make the loss NaN
+
+
+# ------------------------------------------------------------------------------------------ device defaults
+@pytest.mark.parametrize("capability, expected", [((7, 0, "Tesla V100"), "16-mixed"), ((7, 5, "T4"), "16-mixed"),
+                                                  ((8, 0, "A100"), "bf16-mixed"), ((9, 0, "H100"), "bf16-mixed")])
+def test_precision_chosen_from_the_compute_capability_without_initialising_cuda(monkeypatch, capability, expected):
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(devices, "cuda_capability", lambda: capability)
+    args, notes = devices.apply_trainer_defaults({})
+    assert args["precision"] == expected and args["devices"] == 1
+    assert any(expected in n and capability[2] in n for n in notes)
+    assert not torch.cuda.is_initialized()
+    # the user's setting wins; deterministic=true becomes "warn" on CUDA only, and says so
+    args, notes = devices.apply_trainer_defaults({"precision": "32-true", "devices": 2, "deterministic": True})
+    assert args["precision"] == "32-true" and args["devices"] == 2 and args["deterministic"] == "warn"
+    assert any("deterministic=warn" in n for n in notes)
+    args, _ = devices.apply_trainer_defaults({"accelerator": "cpu", "deterministic": True})
+    assert args["deterministic"] is True and args["precision"] == "32-true"
+
+
+def test_on_this_machine_the_defaults_are_one_cpu_device_in_fp32():
+    assert devices.cuda_capability() is None or torch.cuda.is_available()
+    args, notes = devices.apply_trainer_defaults({})
+    if not torch.cuda.is_available():
+        assert args["devices"] == 1 and args["precision"] == "32-true"
+    assert not torch.cuda.is_initialized()
+
+
+def test_fit_without_trainer_devices_uses_one_device_and_says_what_it_chose(tmp_path, capsys):
+    from lightning_distill.cli import main
+
+    assert main(["fit", os.path.join(REPO, "experiments/teacher.yaml"), f"output_dir={tmp_path}", *TINY_TEACHER,
+                 "trainer.max_steps=2", "pictures=0"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer defaults for this machine: trainer.devices=1" in out and "trainer.precision=" in out
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------ DDP (gloo, 2 processes)
+def _ddp_worker(rank, world, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        logits, label = _confident_batch(b=4, size=32, seed=3)
+        part = logits[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
+        sums, counts, (inter, intra) = _terms(part, label[rank * 2:(rank + 1) * 2], _bank(), sync=True)
+        (inter + intra).backward()
+        # validation cases through Lightning's sampler, which pads 5 cases to 6 with a repeat
+        ids = [f"case{i}" for i in range(5)]
+        sampler = torch.utils.data.DistributedSampler(ids, num_replicas=world, rank=rank, shuffle=False)
+        means = CaseMeans(2)
+        for i in sampler:
+            means.update([ids[i]], torch.tensor([[float(i), float("nan") if i == 0 else 10.0 * i]]))
+        torch.save({"sums": sums.detach(), "counts": counts, "inter": inter.detach(), "intra": intra.detach(),
+                    "grad": part.grad, "val": means.compute(), "val_rows": means.num_cases}, os.path.join(out, f"r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_prototype_terms_and_validation_means_equal_one_process(tmp_path):
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    r = [torch.load(tmp_path / f"r{i}.pt") for i in range(2)]
+    logits, label = _confident_batch(b=4, size=32, seed=3)
+    logits.requires_grad_(True)
+    sums, counts, (inter, intra) = _terms(logits, label, _bank())
+    (inter + intra).backward()
+    for x in r:  # every process computes the terms of the concatenated batch
+        assert torch.allclose(x["sums"], sums, rtol=1e-6) and torch.equal(x["counts"], counts)
+        assert abs(float(x["inter"]) - float(inter)) < 1e-6 and abs(float(x["intra"]) - float(intra)) < 1e-6
+    # DDP averages the processes' gradients: each process's share, / 2, is the single process's gradient there
+    ddp_grad = torch.cat([r[0]["grad"], r[1]["grad"]]) / 2
+    assert torch.allclose(ddp_grad, logits.grad, rtol=1e-4, atol=1e-9)
+    # validation: 6 rows were added (one repeat), 5 cases counted; a NaN is left out of its column
+    assert r[0]["val_rows"] + r[1]["val_rows"] == 6
+    expected = torch.tensor([sum(range(5)) / 5, sum(10.0 * i for i in range(1, 5)) / 4])
+    for x in r:
+        assert torch.allclose(x["val"], expected)
+
+
+def test_case_means_in_one_process_equal_torchmetrics_mean():
+    from torchmetrics import MeanMetric
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.rand(3, 4, generator=g) for _ in range(5)]
+    chunks[1][0, 2] = float("nan")
+    means, ref = CaseMeans(4), [MeanMetric(nan_strategy="ignore") for _ in range(4)]
+    for n, c in enumerate(chunks):
+        means.update([f"{n}-{i}" for i in range(3)], c)
+        for j, m in enumerate(ref):
+            m.update(c[:, j])
+    assert torch.equal(means.compute(), torch.stack([m.compute() for m in ref]))
+    with pytest.raises(ValueError, match=r"\(2, 4\)"):
+        means.update(["a", "b"], torch.zeros(2, 3))
+
+
+def _cli(args, timeout=900):
+    env = {**os.environ, "PYTHONPATH": REPO, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "lightning_distill.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def _terms_logged(out, term):
+    with open(out / "logs" / "metrics.csv", newline="") as f:
+        return [float(r[term]) for r in csv.DictReader(f) if r.get(term)]
+
+
+DDP = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "data.batch_size=2", "pictures=0"]
+
+
+@pytest.mark.slow
+def test_zero_weight_terms_train_under_ddp(tmp_path):
+    """Parameters only a weight-0 term reads (a feature-bank projector at lambda = 0; a CMEDL teacher at
+    teacher_weight=0 with hint_weight=0) made DDP's reducer fail with 'parameters that were not used'."""
+    teacher = tmp_path / "teacher"
+    r = _cli(["fit", "experiments/teacher.yaml", f"output_dir={teacher}", *TINY_TEACHER, "bank.space=feature", "pictures=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    student = tmp_path / "student"
+    r = _cli(["fit", "experiments/student.yaml", f"output_dir={student}", *TINY_STUDENT, *DDP, "trainer.max_steps=3",
+              f"distill.prototypes={teacher / 'prototypes.pt'}", "distill.weight=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((student / "results.json").read_text())["steps"] == 3
+    assert _terms_logged(student, "train/dist_inter")  # computed and logged at weight 0
+    cmedl = tmp_path / "cmedl"
+    r = _cli(["fit", "experiments/cmedl.yaml", f"output_dir={cmedl}", *TINY_STUDENT, *DDP, "trainer.max_steps=2",
+              "cmedl.target.num_subjects=8", "cmedl.target.shape=[64,64]", "cmedl.target.val_subjects=0",
+              "cmedl.target.test_subjects=0", "cmedl.channels=8", "cmedl.blocks=2", "cmedl.disc_channels=8",
+              "cmedl.teacher_weight=0", "distill.weight=0", "trainer.val_check_interval=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((cmedl / "results.json").read_text())["steps"] == 2
+
+
+def _weights_rel_l2(a, b):
+    wa, wb = (torch.load(p, map_location="cpu", weights_only=False)["state_dict"] for p in (a, b))
+    keys = [k for k in wa if wa[k].is_floating_point() and not k.startswith("teacher_")]
+    num = sum((wa[k].double() - wb[k].double()).pow(2).sum() for k in keys)
+    return float((num / sum(wa[k].double().pow(2).sum() for k in keys)) ** 0.5)
+
+
+@pytest.mark.slow
+def test_ddp_student_follows_the_single_process_student(tmp_path, teacher_bank):
+    """2 gloo processes x batches of 2 vs 1 process x batches of 4, prototype-DIST at lambda = 1: the class
+    sums are all-reduced, so both optimise the same objective; the student's weights end as close as the
+    teacher's do in test_reliability.py::test_ddp_teacher_bank_equals_single_process (relative L2 1.3e-3)."""
+    common = ["fit", "experiments/student.yaml", *TINY_STUDENT, f"distill.prototypes={teacher_bank / 'prototypes.pt'}",
+              "trainer.max_steps=6", "trainer.deterministic=true", "trainer.accelerator=cpu", "pictures=0",
+              "distill.geometry=logprob", "trainer.val_check_interval=3"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    r = _cli([*common, f"output_dir={single}", "data.batch_size=4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli([*common, f"output_dir={ddp}", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainer.sync_batchnorm=true" in r.stdout
+    a, b = _terms_logged(single, "train/dist_inter"), _terms_logged(ddp, "train/dist_inter")
+    assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    rel = _weights_rel_l2(single / "checkpoints/last.ckpt", ddp / "checkpoints/last.ckpt")
+    print(f"student weights relative L2, DDP vs single: {rel:.1e}; dist_inter per step {a} vs {b}")
+    assert rel < 1.3e-3
