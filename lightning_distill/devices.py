@@ -9,9 +9,10 @@ children, and costs ~300 MB of GPU memory per process that never trains), and pr
 * ``precision``: ``bf16-mixed`` on GPUs with native bf16 (compute capability >= 8.0: Ampere and
   later), ``16-mixed`` (fp16 with a gradient scaler) on older GPUs, where bf16 is emulated and slow,
   ``32-true`` on CPU (bf16 autocast is ~2x slower than fp32 on CPUs without bf16 units).
-* ``sync_batchnorm``: ``true`` when ``trainer.devices`` asks for more than one device, so batch-norm
+* ``sync_batchnorm``: ``true`` when ``trainer.devices`` asks for more than one GPU, so batch-norm
   statistics are those of the global batch (N processes x B = one process x N*B, as the Dice, the
-  prototype-DIST terms and the bank already are).
+  prototype-DIST terms and the bank already are). torch's SyncBatchNorm runs on CUDA only: CPU (gloo)
+  DDP keeps per-process statistics.
 * ``deterministic``: ``true`` becomes ``"warn"`` on CUDA: some CUDA kernels the package uses have no
   deterministic implementation (2D cross-entropy's backward, reflection padding's backward), and
   ``true`` makes them raise; ``"warn"`` keeps every deterministic kernel and warns about the others.
@@ -96,7 +97,7 @@ def trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
         defaults["precision"] = precision
         notes.append(f"trainer.precision={precision} ({why})")
     n = user.get("devices", 1)
-    if n not in (1, "1", [0]) and "sync_batchnorm" not in user:
+    if on_cuda and n not in (1, "1", [0]) and "sync_batchnorm" not in user:  # torch's SyncBatchNorm is CUDA only
         defaults["sync_batchnorm"] = True
         notes.append(f"trainer.sync_batchnorm=true (trainer.devices={n}: batch statistics over the global batch, as in one "
                      "process; set trainer.sync_batchnorm=false for per-device statistics)")
