@@ -63,11 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("output", help="output file (for one input file) or folder; masks are named like their inputs "
                     "without _0000 (case_0000.nii.gz -> case.nii.gz)")
     pr.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. preprocessing)")
+    pr.add_argument("--device", default="auto", help="auto (CUDA when available; bf16/fp16 autocast there), cpu, cuda, cuda:N")
+    pr.add_argument("--batch-size", type=int, default=16, help="slices per forward of a 2D model (default 16)")
+    pr.add_argument("--sw-batch-size", type=int, help="windows per forward of a 3D model (default: the config's sw_batch_size)")
     ev = sub.add_parser("test", help="evaluate a checkpoint on the test split of its config (with overrides)")
     ev.add_argument("checkpoint")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.nifti.slice_mode=all")
     ev.add_argument("--out", help="results file (default: <output_dir>/results_test.json)")
     ev.add_argument("--all", action="store_true", help="test on every subject of the data, not the config's test split")
+    ev.add_argument("--device", default="auto", help="auto (one CUDA device when available), cpu, cuda, cuda:N")
     cd = sub.add_parser("check-data", help="read and check every case of a config's NIfTI data up front, in parallel; "
                         "write a report of bad cases, good cases and the label map",
                         description="Every case read, checked and preprocessed as a run would (data.nifti.open=eager does "
@@ -168,7 +172,8 @@ def _config(args) -> int:
 def _predict(args) -> int:
     from lightning_distill.inference import predict
 
-    written = predict(args.checkpoint, args.input, args.output, args.overrides)
+    written = predict(args.checkpoint, args.input, args.output, args.overrides, device=args.device,
+                      batch_size=args.batch_size, sw_batch_size=args.sw_batch_size)
     print(f"wrote {len(written)} mask(s): {written[0] if len(written) == 1 else args.output}")
     return 0
 
@@ -176,7 +181,7 @@ def _predict(args) -> int:
 def _test(args) -> int:
     from lightning_distill.train import evaluate
 
-    evaluate(args.checkpoint, args.overrides, args.out, all_subjects=args.all)
+    evaluate(args.checkpoint, args.overrides, args.out, all_subjects=args.all, device=args.device)
     return 0
 
 

@@ -231,6 +231,7 @@ class RunConfig:
     input_transform: str = "none"  # none | class_mean (SIKD teacher: train and test on class-wise averaged images)
     val_hd95: bool = False
     surface_tolerance_mm: Optional[float] = None  # surface Dice tolerance (mm); None = one voxel (the largest spacing)
+    sw_batch_size: int = 2  # sliding-window inference (3D validation/test/predict): windows per forward (GPU: 4-16)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -115,3 +115,38 @@ def apply_trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[s
     if defaults.get("deterministic") == "warn":
         args["deterministic"] = "warn"
     return args, notes
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` (CUDA device 0 when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ValueError: an unknown device, or CUDA asked for on a machine without it.
+    """
+    spec = str(spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        if not cuda_available():
+            raise ValueError(f"device {spec!r} asked for, but this machine has no CUDA device (torch.cuda.is_available() "
+                             "is False): use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def autocast_for(device: torch.device):
+    """The inference autocast of ``device``: bf16 on GPUs with native bf16, fp16 on older GPUs, none on CPU
+    (probabilities are taken in float32 after the network either way)."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    precision, _ = default_precision(cuda_capability())
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)

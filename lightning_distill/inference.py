@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_distill.config import load_config_dict
+from lightning_distill.devices import resolve_device
 from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, check_nifti_file, load_nifti, reorient, slice_affine
 from lightning_distill.fingerprint import IntensityCheck
 from lightning_distill.io import save_nifti, staged_dir
@@ -103,51 +104,73 @@ def check_input(path: Path) -> None:
 
 @torch.no_grad()
 def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affine: np.ndarray,
-                  observe: Optional[Callable[[np.ndarray], None]] = None) -> np.ndarray:
+                  observe: Optional[Callable[[np.ndarray], None]] = None, device: Optional[torch.device] = None,
+                  batch_size: int = 16, sw_batch_size: Optional[int] = None) -> np.ndarray:
     """Label map (input shape) for one image array ``(X, Y)`` or ``(X, Y, Z)``.
 
     A 2D student predicts a 3D volume slice by slice: the volume is reoriented, and every axial slice
-    is preprocessed on its own, exactly as a single-slice file would be, then the stacked prediction
-    is put back in the input's axis order.
+    is preprocessed on its own, exactly as a single-slice file would be; the slices go through the
+    network ``batch_size`` at a time, and the stacked prediction is put back in the input's axis order.
+    A 3D model predicts with MONAI's sliding window (``sw_batch_size`` windows per forward).
 
     Args:
+        net: the network, in eval mode, on ``device``.
         observe: called with every preprocessed network input ``(C, X, Y, Z)`` (one per slice for a
             2D model predicting a volume), e.g. :meth:`lightning_distill.fingerprint.IntensityCheck.add`.
+        device: where the network runs (default: the network's device); on CUDA under autocast
+            (:func:`lightning_distill.devices.autocast_for`). Preprocessing and the inverse stay on the CPU.
+        batch_size: slices per forward of a 2D model.
+        sw_batch_size: windows per forward of a 3D model (default: the run config's ``sw_batch_size``).
     """
     from monai.inferers import sliding_window_inference
 
+    from lightning_distill.devices import autocast_for
+
+    if batch_size < 1 or (sw_batch_size is not None and sw_batch_size < 1):
+        raise ValueError(f"batch_size and sw_batch_size must be >= 1, got {batch_size} and {sw_batch_size}")
+    device = device or next(net.parameters()).device
     two_d_file = data.ndim == 2
     vol = (data[..., None] if two_d_file else data)[None].astype(np.float32)
     if vol.ndim != 4:
         raise DataError(f"expected a 2D or 3D image, got shape {data.shape}")
     pre = make_preprocess(cfg)
 
-    def one(image: np.ndarray, aff: np.ndarray, predictor) -> np.ndarray:
+    def prepare(image: np.ndarray, aff: np.ndarray):
         img, _, chain = pre(image, aff)
         if observe is not None:
             observe(img.as_tensor().numpy())
-        probs = predictor(img.as_tensor()[None])
+        return img, chain
+
+    def finish(probs, img, chain) -> np.ndarray:
         return pre.invert(probs, img, chain).argmax(0).numpy().astype(np.uint8)
 
     if len(cfg.data.shape) == 2:  # student
-        def net2d(x):  # (1, C, X, Y, 1) -> (K, X, Y, 1)
-            return torch.softmax(net(x[..., 0]).float(), 1)[0][..., None]
-
         if vol.shape[-1] == 1:
-            pred = one(vol, affine, net2d)
+            inputs = [prepare(vol, affine)]
         else:
             oriented, o_aff, undo = reorient(vol, affine, pre.orientation)
-            pred = np.concatenate([one(oriented[..., z:z + 1], slice_affine(o_aff, z), net2d)
-                                   for z in range(oriented.shape[-1])], axis=-1)
-            pred = undo(pred)
+            inputs = [prepare(oriented[..., z:z + 1], slice_affine(o_aff, z)) for z in range(oriented.shape[-1])]
+        probs: List[torch.Tensor] = []
+        i = 0
+        while i < len(inputs):  # batches of consecutive slices of one shape (C, X, Y, 1)
+            shape = inputs[i][0].shape
+            j = i + 1
+            while j < len(inputs) and j - i < batch_size and inputs[j][0].shape == shape:
+                j += 1
+            x = torch.stack([img.as_tensor()[..., 0] for img, _ in inputs[i:j]]).to(device)
+            with autocast_for(device):
+                logits = net(x)
+            probs.extend(torch.softmax(logits.float(), 1).cpu()[..., None].unbind(0))  # (K, X, Y, 1) each
+            i = j
+        preds = [finish(p, img, chain) for p, (img, chain) in zip(probs, inputs)]
+        pred = preds[0] if vol.shape[-1] == 1 else undo(np.concatenate(preds, axis=-1))
     else:
         roi = list(cfg.data.patch_size or cfg.data.shape)
-
-        def net3d(x):
-            logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=2, predictor=net, overlap=0.25)
-            return torch.softmax(logits.float(), 1)[0]
-
-        pred = one(vol, affine, net3d)
+        img, chain = prepare(vol, affine)
+        with autocast_for(device):
+            logits = sliding_window_inference(img.as_tensor()[None].to(device), roi_size=roi, overlap=0.25,
+                                              sw_batch_size=sw_batch_size or cfg.sw_batch_size, predictor=net)
+        pred = finish(torch.softmax(logits.float(), 1)[0].cpu(), img, chain)
     return pred[..., 0] if two_d_file else pred
 
 
@@ -161,21 +184,23 @@ def _save_like(pred: np.ndarray, header, affine: np.ndarray, path: Path) -> None
     save_nifti(out, path)
 
 
-def _predict_file(net: torch.nn.Module, cfg: DictConfig, path: Path, check: IntensityCheck):
-    """``(mask, header, affine)`` of one input file; warns (``check``) if its intensities are unlike the training data's."""
+def _predict_file(net: torch.nn.Module, cfg: DictConfig, path: Path, check: IntensityCheck, **kwargs):
+    """``(mask, header, affine)`` of one input file; warns (``check``) if its intensities are unlike the training data's.
+    ``kwargs``: :func:`predict_array`'s ``device``, ``batch_size``, ``sw_batch_size``."""
     data, affine, header = load_nifti(path, "image")
     if not np.all(np.isfinite(data)):
         raise DataError(f"{path}: image contains {int((~np.isfinite(data)).sum())} NaN or Inf voxels")
     data = data.reshape(_squeezed_shape(data.shape)).astype(np.float32)
     try:
-        pred = predict_array(net, cfg, data, affine, observe=check.add)
+        pred = predict_array(net, cfg, data, affine, observe=check.add, **kwargs)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     check.finish(str(path), data)
     return pred, header, affine
 
 
-def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, overrides: Sequence[str] = ()) -> List[Path]:
+def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, overrides: Sequence[str] = (),
+            device: str = "auto", batch_size: int = 16, sw_batch_size: Optional[int] = None) -> List[Path]:
     """Predict masks for a NIfTI file or a folder of them; returns the written paths.
 
     Every input is checked before any inference (header readable, 2D or 3D after dropping trailing
@@ -195,10 +220,15 @@ def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, over
             suffix ``_0000`` dropped (``case_0000.nii.gz`` -> ``case.nii.gz``); two inputs with the
             same mask name (``a.nii.gz`` and ``a_0000.nii.gz``) are refused.
         overrides: ``key=value`` overrides of the checkpoint's config (e.g. preprocessing).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; on CUDA the network runs
+            under autocast (bf16 or fp16, :func:`lightning_distill.devices.autocast_for`).
+        batch_size: slices per forward of a 2D model predicting a volume.
+        sw_batch_size: windows per forward of a 3D model's sliding window (default: the config's).
 
     Returns:
         The mask paths, in input order (uint8 label maps with the input's shape, affine and header).
     """
+    dev = resolve_device(device)  # an impossible device is refused before anything is read
     ckpt, cfg = load_checkpoint(checkpoint, overrides)
     if cfg.input_transform != "none":
         raise ValueError(f"checkpoint {checkpoint} was trained on {cfg.input_transform} images, which are built from "
@@ -209,12 +239,13 @@ def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, over
     names = {} if single_file_out else output_names(files, out)
     for f in files:
         check_input(f)
-    net = load_network(ckpt, cfg)
+    net = load_network(ckpt, cfg).to(dev)
     check = IntensityCheck((ckpt.get("lightning_distill") or {}).get("intensity"))
+    opts = {"device": dev, "batch_size": batch_size, "sw_batch_size": sw_batch_size}
     if single_file_out:
-        _save_like(*_predict_file(net, cfg, files[0], check), out)
+        _save_like(*_predict_file(net, cfg, files[0], check, **opts), out)
         return [out]
     with staged_dir(out, merge=True) as tmp:
         for f in files:
-            _save_like(*_predict_file(net, cfg, f, check), tmp / names[f])
+            _save_like(*_predict_file(net, cfg, f, check, **opts), tmp / names[f])
     return [out / names[f] for f in files]

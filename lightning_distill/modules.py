@@ -41,6 +41,7 @@ class SegmentationModule(L.LightningModule):
             voxel, i.e. per case the largest spacing of that case).
         dice_batch: Dice over the whole batch (default) or per image (``False``: every image's
             classes weigh alike, a class-balanced loss).
+        sw_batch_size: windows per forward of the sliding-window inference (with ``roi_size``).
 
     Per-class CE weights (a class-balanced baseline) are set with :meth:`set_ce_class_weights`.
     """
@@ -48,7 +49,8 @@ class SegmentationModule(L.LightningModule):
     def __init__(self, net: nn.Module, class_names: Sequence[str], lr: float = 1e-3, weight_decay: float = 1e-4,
                  scheduler: str = "cosine", dice_weight: float = 1.0, ce_weight: float = 1.0,
                  roi_size: Optional[Sequence[int]] = None, val_hd95: bool = False, config: Optional[Dict] = None,
-                 input_transform: str = "none", surface_tolerance: Optional[float] = None, dice_batch: bool = True):
+                 input_transform: str = "none", surface_tolerance: Optional[float] = None, dice_batch: bool = True,
+                 sw_batch_size: int = 2):
         super().__init__()
         if scheduler not in ("cosine", "none"):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
@@ -110,7 +112,8 @@ class SegmentationModule(L.LightningModule):
         """Logits for a whole input (sliding window when ``roi_size`` is set)."""
         roi = self.hparams.roi_size
         if roi is not None and any(s > r for s, r in zip(x.shape[2:], roi)):
-            return sliding_window_inference(x, roi_size=list(roi), sw_batch_size=2, predictor=self.net, overlap=0.25)
+            return sliding_window_inference(x, roi_size=list(roi), sw_batch_size=self.hparams.get("sw_batch_size", 2),
+                                            predictor=self.net, overlap=0.25)
         return self.net(x)
 
     def seg_terms(self, logits: Tensor, label: Tensor) -> Dict[str, Tensor]:

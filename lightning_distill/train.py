@@ -141,7 +141,7 @@ def build_module(cfg: DictConfig, names) -> SegmentationModule:
     common = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, scheduler=cfg.optim.scheduler,
                   dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight, dice_batch=cfg.loss.dice_batch,
                   roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, val_hd95=cfg.val_hd95,
-                  surface_tolerance=cfg.surface_tolerance_mm, config=to_dict(cfg))
+                  surface_tolerance=cfg.surface_tolerance_mm, sw_batch_size=cfg.sw_batch_size, config=to_dict(cfg))
     if cfg.stage == "teacher":
         return SegmentationModule(net, names, input_transform=cfg.input_transform, **common)
     if cfg.input_transform != "none":
@@ -683,7 +683,8 @@ def _check_test_intensities(fp: Optional[Mapping[str, Any]], dm: SegmentationDat
     check_samples(fp, {i: test_set._load(i)["image"].numpy() for i in test_set.ids}, _raw_profiles(dm.source, test_set.ids))
 
 
-def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subjects: bool = False) -> Dict[str, Any]:
+def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subjects: bool = False,
+             device: str = "auto") -> Dict[str, Any]:
     """Test a checkpoint's network on the test split of its config with ``overrides`` applied.
 
     Use it to evaluate on other data than the run's own test split, e.g. every axial slice of held-out
@@ -691,7 +692,8 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     subject of the data instead of the test split. Writes ``out`` (default
     ``<output_dir>/results_test.json``), which also says how many tested subjects the checkpoint was
     trained on (``training_subjects_in_test``, ``test_set``). Warns when test samples' intensities
-    are unlike the training data's (:mod:`lightning_distill.fingerprint`).
+    are unlike the training data's (:mod:`lightning_distill.fingerprint`). ``device``: ``auto`` (the
+    trainer defaults: one CUDA device when available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
     from lightning_distill.inference import load_checkpoint, load_network
     from lightning_distill.modules import check_checkpoint
@@ -708,9 +710,16 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     _check_test_intensities(record.get("intensity"), dm)
     module = SegmentationModule(load_network(ckpt, cfg), names, input_transform=cfg.input_transform,
                                 roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg),
-                                surface_tolerance=cfg.surface_tolerance_mm)
+                                surface_tolerance=cfg.surface_tolerance_mm, sw_batch_size=cfg.sw_batch_size)
     targs = {k: v for k, v in _trainer_args(cfg, say=False).items()
              if k in ("accelerator", "devices", "precision", "enable_progress_bar")}
+    if device != "auto":  # one device, named: cpu, cuda or cuda:N
+        from lightning_distill.devices import resolve_device
+
+        dev = resolve_device(device)
+        targs.update(accelerator="cpu" if dev.type == "cpu" else "gpu", devices=1 if dev.index is None else [dev.index])
+        if dev.type == "cpu" and "precision" not in cfg.trainer:
+            targs["precision"] = "32-true"
     trainer = L.Trainer(logger=False, enable_checkpointing=False, **targs)
     trainer.test(module, datamodule=dm, verbose=False)
     path = Path(out) if out else Path(cfg.output_dir) / "results_test.json"

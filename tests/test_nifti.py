@@ -6,6 +6,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from lightning_distill.cli import main
 from lightning_distill.data.nifti import DataError, discover
@@ -265,9 +266,23 @@ def test_phantom_nifti_teacher_slices_student_predict_round_trip(tmp_path, tiny_
     assert main(["predict", str(ckpt), str(tmp_path / "in"), str(tmp_path / "out")]) == 0
     pred = nib.load(str(tmp_path / "out" / "ras.nii.gz"))
     assert pred.shape == vol.shape and np.allclose(pred.affine, flipped_aff) and pred.get_data_dtype() == np.uint8
+    # slices one per forward on a named device give the same mask as the default batches of 16
+    assert main(["predict", str(ckpt), str(tmp_path / "in"), str(tmp_path / "out1"), "--device", "cpu",
+                 "--batch-size", "1"]) == 0
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "out1" / "ras.nii.gz")).dataobj), np.asarray(pred.dataobj))
+    # the 3D teacher: one window per forward = the config's sw_batch_size
+    teacher_ckpt = tmp_path / "t" / "checkpoints" / "last.ckpt"
+    for sw, dst in ((None, "t_out"), ("1", "t_out1")):
+        assert main(["predict", str(teacher_ckpt), str(tmp_path / "in"), str(tmp_path / dst),
+                     *(["--sw-batch-size", sw] if sw else [])]) == 0
+    masks = [np.asarray(nib.load(str(tmp_path / d / "ras.nii.gz")).dataobj) for d in ("t_out", "t_out1")]
+    assert masks[0].shape == vol.shape and np.array_equal(*masks)
+    if not torch.cuda.is_available():  # a device this machine lacks is refused before anything is written
+        assert main(["predict", str(ckpt), str(tmp_path / "in"), str(tmp_path / "out_cuda"), "--device", "cuda"]) == 2
+        assert not (tmp_path / "out_cuda").exists()
     # the evaluation command on every axial slice of volumes
     assert main(["test", str(ckpt), f"data.nifti.root={vols}", "data.nifti.slice_mode=all",
-                 "data.val_subjects=1", "data.test_subjects=2", "--out", str(tmp_path / "all.json")]) == 0
+                 "data.val_subjects=1", "data.test_subjects=2", "--out", str(tmp_path / "all.json"), "--device", "cpu"]) == 0
     res = json.loads((tmp_path / "all.json").read_text())
     assert res["test"]["num_cases"] == 2 * 16 and "liver" in res["test"]["dice"]
     # every subject of another dataset; overrides may also follow the options
