@@ -217,6 +217,9 @@ class CheckpointConfig:
     save_last: bool = True
     every_n_steps: Optional[int] = 100  # also write last.ckpt every N training steps (null: only after validation)
     weights_only: bool = False  # drop optimizer/scheduler state (1/3 of the size; such a file cannot resume training)
+    # a last.ckpt write (not the final one) is skipped sooner than this many minutes after the previous one;
+    # auto: 0 on CPU (every every_n_steps and validation), 5 on a GPU (a write costs seconds of GPU time there)
+    min_minutes: Any = "auto"
 
 
 @dataclass
@@ -228,6 +231,7 @@ class RunConfig:
     classes: Optional[List[str]] = None  # default: the data source's class names
     logger: str = "csv"  # csv | wandb (offline unless WANDB_MODE says otherwise) | tensorboard (if installed) | none
     pictures: int = 4  # validation samples drawn as overlays after each validation (0: no pictures)
+    pictures_min_minutes: Any = "auto"  # draw at most this often (and once at the end); auto: 0 on CPU, 10 on a GPU
     input_transform: str = "none"  # none | class_mean (SIKD teacher: train and test on class-wise averaged images)
     val_hd95: bool = False
     surface_tolerance_mm: Optional[float] = None  # surface Dice tolerance (mm); None = one voxel (the largest spacing)

@@ -86,8 +86,7 @@ def trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
         ``(defaults, notes)``: arguments to pass to ``lightning.Trainer`` under the user's, and what was
         chosen and why (``fit`` prints them).
     """
-    accelerator = str(user.get("accelerator", "auto"))
-    on_cuda = accelerator in ("auto", "gpu", "cuda") and cuda_available()
+    on_cuda = uses_cuda(user)
     defaults: Dict[str, Any] = {"accelerator": "auto", "devices": 1, "log_every_n_steps": 10, "num_sanity_val_steps": 0}
     notes: List[str] = []
     if "devices" not in user:
@@ -106,6 +105,28 @@ def trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
         notes.append("trainer.deterministic=warn instead of true on CUDA (2D cross-entropy's and reflection padding's "
                      "backward have no deterministic CUDA kernel; true would raise)")
     return defaults, notes
+
+
+def minutes_setting(value: Any, key: str, on_cuda: bool, gpu_default: float) -> float:
+    """A ``*_min_minutes`` setting in minutes: ``auto`` is 0 on CPU and ``gpu_default`` on a GPU.
+
+    Raises:
+        ValueError: naming ``key``, for a value that is neither ``auto`` nor a number >= 0.
+    """
+    if value is None or str(value).strip().lower() == "auto":
+        return float(gpu_default) if on_cuda else 0.0
+    try:
+        minutes = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be auto or a number of minutes >= 0, got {value!r}") from None
+    if not minutes >= 0:
+        raise ValueError(f"{key} must be auto or a number of minutes >= 0, got {value!r}")
+    return minutes
+
+
+def uses_cuda(user: Dict[str, Any]) -> bool:
+    """Whether a trainer with the ``trainer.*`` settings ``user`` trains on CUDA on this machine."""
+    return str(user.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and cuda_available()
 
 
 def apply_trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:

@@ -169,17 +169,24 @@ class LastCheckpoint(Checkpoint):
         every_n_steps: write every this many training steps; ``None`` or 0: only after validation
             and at the end.
         weights_only: write the weights without optimizer and loop state (such a file cannot resume).
+        min_interval_s: skip a write (not the final one) sooner than this many seconds after the
+            previous write (0: never skip). Under DDP rank 0's clock decides for every process.
 
     Raises:
-        ValueError: ``every_n_steps`` is negative.
+        ValueError: ``every_n_steps`` or ``min_interval_s`` is negative.
     """
 
     FILENAME = "last.ckpt"
 
-    def __init__(self, dirpath, every_n_steps: Optional[int] = None, weights_only: bool = False):
+    def __init__(self, dirpath, every_n_steps: Optional[int] = None, weights_only: bool = False,
+                 min_interval_s: float = 0.0):
         super().__init__()
         if every_n_steps is not None and every_n_steps < 0:
             raise ValueError(f"every_n_steps must be a positive number of steps, 0 or None, got {every_n_steps}")
+        if min_interval_s < 0:
+            raise ValueError(f"min_interval_s must be >= 0, got {min_interval_s}")
+        self.min_interval_s = float(min_interval_s)
+        self._saved_at = time.monotonic()  # the start counts as a write: the first one comes min_interval_s later
         self.dirpath = os.path.realpath(os.path.expanduser(str(dirpath)))  # as ModelCheckpoint resolves it
         self.every_n_steps = every_n_steps or 0
         self.weights_only = weights_only
@@ -193,13 +200,19 @@ class LastCheckpoint(Checkpoint):
                "train_time_interval": None}
         return f"{type(self).__qualname__}{key!r}"
 
-    def save(self, trainer: L.Trainer) -> None:
-        """Write ``last.ckpt`` (on every process), except in a sanity check, ``fast_dev_run`` or outside ``fit``."""
+    def save(self, trainer: L.Trainer, final: bool = False) -> None:
+        """Write ``last.ckpt`` (on every process), except in a sanity check, ``fast_dev_run`` or outside ``fit``,
+        or (unless ``final``) sooner than ``min_interval_s`` after the previous write."""
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
             return
+        if self.min_interval_s > 0 and not final:
+            due = time.monotonic() - self._saved_at >= self.min_interval_s
+            if not trainer.strategy.broadcast(due, src=0):  # one decision for every process: the save is collective
+                return
         self.last_model_path = os.path.join(self.dirpath, self.FILENAME)  # before the save: it is part of the state
         trainer.save_checkpoint(self.last_model_path, weights_only=self.weights_only)
         self.step_saved = trainer.global_step
+        self._saved_at = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -211,7 +224,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self.step_saved:
-            self.save(trainer)
+            self.save(trainer, final=True)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"dirpath": self.dirpath, "last_model_path": self.last_model_path}
@@ -344,13 +357,22 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
                            save_weights_only=cfg.checkpoint.weights_only)
     callbacks = [c for c in (bank_cb, ckpt) if c is not None]
     last_cb = None
+    from lightning_distill.devices import minutes_setting, uses_cuda
+
+    on_cuda = uses_cuda(targs)
+    ckpt_minutes = minutes_setting(cfg.checkpoint.min_minutes, "checkpoint.min_minutes", on_cuda, 5.0)
+    picture_minutes = minutes_setting(cfg.pictures_min_minutes, "pictures_min_minutes", on_cuda, 10.0)
+    if on_cuda and rank_zero_only.rank == 0:
+        print(f"on a GPU: last.ckpt at most every {ckpt_minutes:g} min (checkpoint.min_minutes), pictures at most every "
+              f"{picture_minutes:g} min (pictures_min_minutes)")
     if cfg.checkpoint.save_last and not fast:
-        last_cb = LastCheckpoint(out / "checkpoints", every_n_steps=every, weights_only=cfg.checkpoint.weights_only)
+        last_cb = LastCheckpoint(out / "checkpoints", every_n_steps=every, weights_only=cfg.checkpoint.weights_only,
+                                 min_interval_s=60.0 * ckpt_minutes)
         callbacks.append(last_cb)
     if cfg.pictures > 0:
         from lightning_distill.visuals import RunPictures
 
-        callbacks.append(RunPictures(out, names, num_samples=cfg.pictures))
+        callbacks.append(RunPictures(out, names, num_samples=cfg.pictures, min_interval_s=60.0 * picture_minutes))
     previous_log = _previous_csv_rows(cfg, out, resume_step) if resume else []
     logger = _logger(cfg, out, resume_meta.get("wandb_run_id"))
     if logger:

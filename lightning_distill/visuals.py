@@ -16,6 +16,7 @@ per validation step is kept in ``images/steps/``.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -126,13 +127,20 @@ class RunPictures(Callback):
         class_names: the K class names.
         num_samples: validation samples shown (the first ones of the validation set: fixed across
             validations and runs with the same split).
+        min_interval_s: draw after a validation only when this many seconds have passed since the last
+            drawing (0: after every validation); a validation skipped so is drawn when training ends.
     """
 
-    def __init__(self, out_dir: str | Path, class_names: Sequence[str], num_samples: int = 4):
+    def __init__(self, out_dir: str | Path, class_names: Sequence[str], num_samples: int = 4, min_interval_s: float = 0.0):
+        if min_interval_s < 0:
+            raise ValueError(f"min_interval_s must be >= 0, got {min_interval_s}")
         self.dir = Path(out_dir) / "images"
         self.class_names = list(class_names)
         self.num_samples = num_samples
+        self.min_interval_s = float(min_interval_s)
         self.written: List[Path] = []
+        self._drawn_at: Optional[float] = None
+        self._skipped = False
 
     # ------------------------------------------------------------------ pieces
     def _samples(self, trainer: Trainer):
@@ -222,7 +230,17 @@ class RunPictures(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.fast_dev_run:
             return
+        now = time.monotonic()
+        if self._drawn_at is not None and now - self._drawn_at < self.min_interval_s:
+            self._skipped = True
+            return
         self.draw(trainer, pl_module)
+        self._drawn_at, self._skipped = now, False
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._skipped and trainer.is_global_zero:  # the last validation's pictures, skipped by the interval
+            self.draw(trainer, pl_module)
+            self._skipped = False
 
 
 def log_artifacts(logger, files: Dict[str, Optional[str]], run_name: str) -> List[str]:
