@@ -277,3 +277,30 @@ def test_paper_settings_fast_dev_run(tmp_path, setting, student, teacher, transl
     assert main(["fit", path, f"output_dir={out}", *TINY_CMEDL, "trainer.fast_dev_run=true"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["test"]["num_cases"] > 0 and (out / "translations.png").is_file()
+
+
+def test_fp16_gradient_scaler_updates_once_per_batch(tmp_path):
+    """16-mixed: the three optimisers step through one GradScaler, updated once per batch (the precision
+    plugin alone updated it after each optimiser, three times a batch). Lightning maps 16-mixed to bf16 on
+    CPU, so the CPU GradScaler is given explicitly."""
+    import lightning as L
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from lightning_distill.config import load_config
+    from lightning_distill.train import build_datamodule, build_module
+
+    cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), CMEDL[:-1] + ["trainer.max_steps=3"])
+    L.seed_everything(0)
+    module, dm = build_module(cfg, NAMES_PHANTOM()), build_datamodule(cfg)
+    scaler = torch.amp.GradScaler("cpu")
+    updates, steps = [], []
+    real_update, real_step = scaler.update, scaler.step
+    scaler.update = lambda *a, **k: (updates.append(1), real_update(*a, **k))[1]
+    scaler.step = lambda opt, *a, **k: (steps.append(type(opt).__name__), real_step(opt, *a, **k))[1]
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 3
+    assert len(updates) == 3 and len(steps) == 9, (updates, steps)
+    assert all(len(o.optimizer.state) > 0 for o in module.optimizers())

@@ -265,3 +265,13 @@ def test_time_based_checkpoint_and_picture_cadence(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "b" / "images" / "steps").glob("overlays_step*.png")) == [
         "overlays_step000002.png", "overlays_step000006.png"]
     assert main([*run, f"output_dir={tmp_path / 'c'}", "checkpoint.min_minutes=soon"]) == 2
+
+
+def test_mixed_precision_with_gradient_clipping_trains(tmp_path):
+    """Lightning's mixed-precision plugin refuses to clip a fused optimiser's gradients (it unscales inside its
+    step); the package then falls back to the unfused AdamW. (16-mixed is bf16-mixed on CPU.)"""
+    from lightning_distill.cli import main
+
+    assert main(["fit", os.path.join(REPO, "experiments/teacher.yaml"), f"output_dir={tmp_path}", *TINY_TEACHER,
+                 "trainer.max_steps=2", "pictures=0", "trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2

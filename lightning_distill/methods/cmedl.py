@@ -192,7 +192,9 @@ class CMEDLModule(SegmentationModule):
         discriminators were frozen while the generator terms went through them, and ``gan_d`` sees
         detached translations, so the sum separates (``tests/test_cmedl.py`` checks every pairing).
         A single backward per step is also what DDP's gradient reducer expects. Then the generator,
-        segmenter and discriminator optimisers step.
+        discriminator and segmenter optimisers step (independent parameters: the order changes nothing),
+        the segmenters last: under ``16-mixed`` their step is the one that updates the gradient scaler,
+        once per batch.
 
         ``opt_g`` and ``opt_d`` are ``None`` without a translator. ``backward(loss)`` defaults to
         ``loss.backward()``, ``step(opt)`` and ``step_seg(opt)`` to ``opt.step()`` (the training step
@@ -212,9 +214,9 @@ class CMEDLModule(SegmentationModule):
         backward(loss + terms["gan_d"] if self.translate else loss)
         if opt_g is not None:
             step(opt_g)
-        step_seg(opt_seg)
         if self.translate:
             step(opt_d)
+        step_seg(opt_seg)
         out["loss"] = loss
         return out
 
@@ -238,8 +240,17 @@ class CMEDLModule(SegmentationModule):
         """Step a Lightning-wrapped optimizer through the strategy (precision plugin, gradient scaler)
         without counting it in ``trainer.global_step``, which Lightning's manual optimisation
         increments on every wrapped ``step()``: with three optimisers ``max_steps`` would otherwise
-        mean a third of the batches."""
-        self.trainer.strategy.optimizer_step(opt.optimizer, do_nothing_closure)
+        mean a third of the batches.
+
+        Under ``16-mixed`` the scaler steps it (unscaling its gradients and skipping the step on an inf)
+        without ``scaler.update()``: the precision plugin would update the scale after every optimiser,
+        so the next optimiser's gradients would be unscaled by a scale they were not scaled with. The
+        segmenters' counted step, last, updates it once per batch."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.step(opt.optimizer)
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, do_nothing_closure)
 
     def configure_optimizers(self):
         seg = self.make_optimizer(list(self.net.parameters()) + list(self.teacher.parameters()))
