@@ -117,3 +117,98 @@ def nnunet_dirs(root: Path) -> Path:
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
     return root
+
+
+def _claim_text() -> str:
+    import socket
+    import time
+
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def read_claim(path: str | os.PathLike) -> dict:
+    """The ``{"host", "pid", "since"}`` of a claim file (``{}`` when unreadable or gone)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _claim_is_stale(info: dict) -> bool:
+    """A claim of a process on this host that no longer runs (a claim of another host is never judged stale)."""
+    import socket
+
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def claim(path: str | os.PathLike) -> bool:
+    """Claim ``path`` by creating it exclusively (``O_CREAT | O_EXCL``, atomic also on NFS v3+ and Lustre,
+    unlike ``flock``); returns whether this process now holds it. The file records host, pid and time;
+    a claim left by a dead process of this host is taken over. :func:`release` removes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _claim_is_stale(read_claim(path)):
+                return False
+            try:
+                path.unlink()  # the dead holder's: try once more
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(_claim_text())
+        return True
+    return False
+
+
+def release(path: str | os.PathLike) -> None:
+    """Remove a claim this process holds (a claim of another process is left alone)."""
+    info = read_claim(path)
+    if info.get("pid") == os.getpid():
+        import socket
+
+        if info.get("host") == socket.gethostname():
+            Path(path).unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(path: str | os.PathLike, timeout: float = 120.0, stale_after: float = 60.0) -> Iterator[None]:
+    """A short critical section between processes, on any file system: a lock file created exclusively.
+
+    Waits (up to ``timeout`` seconds) while another process holds it; a lock file older than
+    ``stale_after`` seconds (its holder died inside the section, which lasts milliseconds) is removed.
+
+    Raises:
+        TimeoutError: naming the lock file, when it could not be taken in time.
+    """
+    import random
+    import time
+
+    path = Path(path)
+    t0 = time.monotonic()
+    while not claim(path):
+        try:
+            if time.time() - path.stat().st_mtime > stale_after:
+                path.unlink(missing_ok=True)
+                continue
+        except FileNotFoundError:
+            continue
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"could not take the lock {path} in {timeout:.0f} s (held by {read_claim(path) or 'unknown'}); "
+                               "delete it if no benchmark process is running")
+        time.sleep(0.02 + 0.08 * random.random())
+    try:
+        yield
+    finally:
+        release(path)

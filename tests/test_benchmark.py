@@ -400,3 +400,66 @@ def test_late_rise_and_organ_scores():
     assert late_rise([[10, None, {}], [20, 0.6, {}], [40, 0.61, {}]], 40) == pytest.approx(0.01)
     cases = [{"id": "a", "dice": {"liver": 0.8, "spleen": None}}, {"id": "b", "dice": {"liver": 0.6, "spleen": 0.4}}]
     assert organ_scores(cases, "spleen") == {"b": 0.4} and organ_scores(cases, "liver") == {"a": 0.8, "b": 0.6}
+
+
+def _claimer(path, q):
+    from lightning_distill.io import claim
+
+    q.put(claim(path))
+
+
+def test_a_run_is_claimed_by_exactly_one_process_and_claims_are_honoured(tmp_path, monkeypatch):
+    """Benchmark processes sharing an output folder (array tasks, nodes) claim a run by creating its claim file
+    exclusively before training: 6 processes racing for one claim, one wins; a run claimed by another host is
+    skipped (and the students of a teacher claimed so); a claim of a dead process of this host is taken over."""
+    import json
+    import multiprocessing as mp
+    import socket
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(str(tmp_path / "race.claim"), q)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sorted(q.get() for _ in procs) == [False] * 5 + [True]
+
+    calls = []
+    _fake_training(monkeypatch, calls)
+    out = tmp_path / "bench"
+    grid_yaml = _bench_yaml(tmp_path, GRID.replace(f"student: {{config: {REPO}/experiments/student.yaml}}\n", ""))
+    cfg, base = load_benchmark(grid_yaml, [f"output_dir={out}", f"report={tmp_path}/report.md"])
+    b = Benchmark(cfg, base)
+    runs = b.pending()
+    other = {"host": "another-node", "pid": 4242, "since": "2026-12-04T10:00:00"}
+    teacher_key = f"teacher|{b.teacher_instance(b.teachers_of(next(r for r in runs if b.teachers_of(r)))[0], runs[0])[0]}"
+    b.claim_path(teacher_key).parent.mkdir(parents=True)
+    b.claim_path(teacher_key).write_text(json.dumps(other))
+    baseline = next(r for r in runs if not b.teachers_of(r))
+    dead = {"host": socket.gethostname(), "pid": 2 ** 22 + 12345, "since": "2026-12-04T10:00:00"}  # no such pid
+    b.claim_path(baseline.key).write_text(json.dumps(dead))
+    lines = []
+    records = b.run(log=lines.append)
+    done = {r["key"] for r in records}
+    assert teacher_key not in done and not any(k in done for k in (r.key for r in runs if b.teachers_of(r)))
+    assert {r.key for r in runs if not b.teachers_of(r)} <= done  # baselines ran, the dead holder's one too
+    assert any("skipped, claimed by another-node pid 4242" in ln for ln in lines)
+    assert any("is not finished" in ln for ln in lines)
+    assert sorted(p.name for p in b.claim_path(teacher_key).parent.iterdir()) == [b.claim_path(teacher_key).name]
+    # the other node is done: its claim gone, the next invocation trains the teacher and its students
+    b.claim_path(teacher_key).unlink()
+    calls.clear()
+    records = Benchmark(cfg, base).run(log=lambda *_: None)
+    assert len(records) == 33 and any("teachers" in c for c in calls)
+
+
+def test_parallel_benchmark_jobs_get_one_gpu_each(monkeypatch):
+    from lightning_distill.lab.benchmark import gpu_for_worker, visible_gpus
+
+    assert [gpu_for_worker(i, ["0", "1"]) for i in range(4)] == ["0", "1", "0", "1"]
+    assert gpu_for_worker(3, []) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig
 
-from lightning_distill.io import atomic_write
+from lightning_distill.io import atomic_write, exclusive
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,12 @@ def append_record(path: str | Path, record: Dict[str, Any]) -> bool:
     """Add one JSON line unless a record with the same ``key`` is there already; returns whether it was added.
 
     The file is rewritten atomically (temp file + rename), so a crash keeps the previous lines intact;
-    an exclusive lock on ``<path>.lock`` serialises writers (parallel benchmark workers).
+    a lock file ``<path>.lock`` created exclusively serialises writers (parallel workers, array tasks,
+    nodes: ``flock`` is unreliable on NFS and Lustre; :func:`lightning_distill.io.exclusive`).
     """
-    import fcntl
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(path.with_name(path.name + ".lock")):
         if any(r.get("key") == record.get("key") for r in read_records(path)):
             return False
         previous = path.read_text() if path.exists() else ""

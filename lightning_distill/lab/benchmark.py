@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lightning_distill.lab.bench_grid import GridRun, among, append_record, cpu_count, grid, read_records
 from lightning_distill.config import ConfigError, load_config, to_dict
+from lightning_distill.io import claim, read_claim, release
 
 RESULTS_FILE = "results.jsonl"
 PER_AXES = ("arch", "fraction", "seed")
@@ -377,6 +379,9 @@ class Benchmark:
 
         def report(task: Tuple, rec: Dict[str, Any]) -> None:
             nonlocal finished
+            if rec.get("skipped"):
+                log(f"{rec['key']}: skipped, {rec['skipped']}")
+                return
             dice, secs = _fmt(rec["test"].get("dice_mean")), rec["wall_time_s"]
             if task[0] == "teacher":
                 log(f"teacher {rec['instance']}: test Dice {dice} ({secs:.0f} s)")
@@ -398,8 +403,40 @@ class Benchmark:
         log(f"benchmark {self.cfg.name}: this invocation took {time.time() - t0:.0f} s")
         return read_records(self.results_path)
 
+    def _task_key(self, task: Tuple) -> str:
+        return f"teacher|{self.teacher_instance(task[1], task[2])[0]}" if task[0] == "teacher" else task[1].key
+
+    def claim_path(self, key: str) -> Path:
+        """The claim file of run ``key``: ``<output_dir>/claims/<key>.claim``."""
+        return self.out / "claims" / (re.sub(r"[^A-Za-z0-9._=-]+", "_", key) + ".claim")
+
     def _task(self, task: Tuple) -> Dict[str, Any]:
-        return self._teacher(task[1], task[2]) if task[0] == "teacher" else self._student(task[1])
+        """Train one teacher or student run, unless another benchmark process has claimed it.
+
+        The run's claim file is created exclusively before anything is trained or deleted, so two
+        processes on a shared file system (SLURM array tasks, nodes) never train the same run or remove
+        each other's checkpoints; it is removed when the run ends (finished or failed). A claim of a dead
+        process on this host is taken over; one of another host stays until its holder ends (delete the
+        file by hand if that host died). A student whose teacher is not finished is left for later.
+        """
+        key = self._task_key(task)
+        path = self.claim_path(key)
+        if not claim(path):
+            info = read_claim(path)
+            return {"key": key, "skipped": f"claimed by {info.get('host', '?')} pid {info.get('pid', '?')} since "
+                                           f"{info.get('since', '?')} ({path})"}
+        try:
+            if key in self.finished():  # finished by another process between our listing and our claim
+                return {"key": key, "skipped": "finished by another process"}
+            if task[0] == "student":
+                done = self.finished()
+                missing = [f"teacher|{self.teacher_instance(n, task[1])[0]}" for n in self.teachers_of(task[1])]
+                missing = [m for m in missing if m not in done]
+                if missing:
+                    return {"key": key, "skipped": f"its teacher {', '.join(missing)} is not finished (trained elsewhere?)"}
+            return self._teacher(task[1], task[2]) if task[0] == "teacher" else self._student(task[1])
+        finally:
+            release(path)
 
     def _needs(self, tasks: Sequence[Tuple]) -> List[set]:
         """For each task, the indices of the teacher tasks in ``tasks`` it has to wait for."""
@@ -421,7 +458,9 @@ class Benchmark:
         import multiprocessing as mp
 
         threads = max(1, cpu_count() // jobs)
-        state = (OmegaConf.to_container(self.cfg, resolve=True), str(self.base), self.quick, threads)
+        gpus = visible_gpus()
+        counter = mp.get_context("spawn").Value("i", 0)  # worker numbers: worker i trains on GPU i % len(gpus)
+        state = (OmegaConf.to_container(self.cfg, resolve=True), str(self.base), self.quick, threads, counter, gpus)
         waiting, done = list(range(len(tasks))), set()
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                     initargs=state) as pool:
@@ -547,10 +586,36 @@ def bank_summary(path: str | Path) -> Optional[Dict[str, Any]]:
 _WORKER: Optional[Benchmark] = None
 
 
-def _worker_init(cfg: Dict[str, Any], base: str, quick: bool, threads: int) -> None:
+def visible_gpus() -> List[str]:
+    """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` entries, without initialising CUDA."""
+    import os
+
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
     import torch
 
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def gpu_for_worker(index: int, gpus: Sequence[str]) -> Optional[str]:
+    """The one GPU benchmark worker ``index`` trains on (round robin; ``None`` without GPUs): with
+    ``jobs > 1`` every job would otherwise take every GPU."""
+    return gpus[index % len(gpus)] if gpus else None
+
+
+def _worker_init(cfg: Dict[str, Any], base: str, quick: bool, threads: int, counter=None, gpus: Sequence[str] = ()) -> None:
+    import os
     import warnings
+
+    if counter is not None:
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        gpu = gpu_for_worker(index, list(gpus))
+        if gpu is not None:  # before torch initialises CUDA in this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    import torch
 
     global _WORKER
     _die_with_parent()
