@@ -123,8 +123,22 @@ def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, Segmenta
     return variants
 
 
-def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rounds: int, warmup: int = 3):
-    """Round-robin over variants; returns ``{name: [step seconds]}``."""
+def _to(batch: Dict, device: torch.device) -> Dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rounds: int, warmup: int = 3,
+               device: torch.device = torch.device("cpu")):
+    """Round-robin over variants on ``device`` (the batches moved there first; CUDA synchronised around
+    each step); returns ``{name: [step seconds]}``."""
+    batches = [_to(b, device) for b in batches]
+    for m in variants.values():
+        m.to(device)
     steps = {n: _stepper(m) for n, m in variants.items()}
     for m in variants.values():
         m.train()
@@ -132,8 +146,10 @@ def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rou
     for r in range(warmup + rounds):
         batch = batches[r % len(batches)]
         for name, module in variants.items():
+            _sync(device)
             t = time.perf_counter()
             steps[name](batch)
+            _sync(device)
             dt = time.perf_counter() - t
             if r >= warmup:
                 times[name].append(dt)
@@ -159,8 +175,9 @@ def _stepper(module: SegmentationModule) -> Callable[[Dict], None]:
     return step
 
 
-def memory_of(name: str, student: str, overrides, steps: int = 3) -> None:
-    """Child process: peak RSS (MiB) before and after ``steps`` training steps of one variant alone."""
+def memory_of(name: str, student: str, overrides, steps: int = 3, device: str = "cpu") -> None:
+    """Child process: peak RSS (MiB) before and after ``steps`` training steps of one variant alone
+    (on CUDA, the peak GPU memory allocated is printed in the second column instead)."""
     cfg = load_config(student, overrides)
     src = build_source(cfg)
     names = class_names(cfg, src)
@@ -168,18 +185,20 @@ def memory_of(name: str, student: str, overrides, steps: int = 3) -> None:
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     module = build_variants(cfg, names, only=name)[name]
+    dev = torch.device(device)
     before = _peak_mib()
-    time_steps({name: module}, [batch], steps, warmup=0)
-    print(f"PEAK {before} {_peak_mib()}")
+    time_steps({name: module}, [batch], steps, warmup=0, device=dev)
+    after = torch.cuda.max_memory_allocated(dev) / 2 ** 20 + before if dev.type == "cuda" else _peak_mib()
+    print(f"PEAK {before} {after}")
 
 
-def measure_memory(names, student: str, overrides) -> Dict[str, tuple]:
+def measure_memory(names, student: str, overrides, device: str = "cpu") -> Dict[str, tuple]:
     """Each variant in its own process, so that one variant's allocations do not hide another's."""
     import subprocess
 
     out = {}
     for n in names:
-        r = subprocess.run([sys.executable, __file__, "--memory-of", n, "--student", student, *overrides],
+        r = subprocess.run([sys.executable, __file__, "--memory-of", n, "--student", student, "--device", device, *overrides],
                            capture_output=True, text=True)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("PEAK ")]
         out[n] = tuple(float(v) for v in line[0].split()[1:]) if r.returncode == 0 and line else (None, None)
@@ -219,10 +238,10 @@ def augmentation_ms(dataset: SubjectDataset, samples: int = 60) -> Dict[str, flo
     return {k: 1e3 * statistics.median(v[3:]) for k, v in times.items()}
 
 
-def median_step(cfg, names, batch, rounds: int) -> float:
+def median_step(cfg, names, batch, rounds: int, device: torch.device = torch.device("cpu")) -> float:
     """Median step time of a plain segmentation module (the teacher's consumption)."""
     module = SegmentationModule(build_net(cfg, len(names)), names, scheduler="none")
-    return statistics.median(time_steps({"teacher": module}, [batch], rounds, warmup=2)["teacher"])
+    return statistics.median(time_steps({"teacher": module}, [batch], rounds, warmup=2, device=device)["teacher"])
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -232,12 +251,16 @@ def main(argv=None) -> int:
     ap.add_argument("--student", default=str(REPO / "experiments/student.yaml"))
     ap.add_argument("--teacher", default=str(REPO / "experiments/teacher.yaml"))
     ap.add_argument("--out", help="write the markdown report here (e.g. docs/performance.md)")
+    ap.add_argument("--device", default="auto", help="where the training steps run: auto (CUDA when available), cpu, cuda")
     ap.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # child process of measure_memory
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the student config (e.g. data.shape=[64,64])")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lightning_distill.devices import resolve_device
+
+    device = resolve_device(args.device)
     if args.memory_of:
-        memory_of(args.memory_of, args.student, args.overrides)
+        memory_of(args.memory_of, args.student, args.overrides, device=str(device))
         return 0
     t_start = time.time()
 
@@ -248,10 +271,10 @@ def main(argv=None) -> int:
     sdm.setup()
     batches = [b for _, b in zip(range(4), sdm.train_dataloader())]
     variants = build_variants(scfg, names)
-    res = time_steps(variants, batches, args.steps)
+    res = time_steps(variants, batches, args.steps, device=device)
     del variants
     base = statistics.median(res["baseline"])
-    memory = measure_memory(list(res), args.student, args.overrides)
+    memory = measure_memory(list(res), args.student, args.overrides, device=str(device))
 
     rows = []
     for name, ts in res.items():
@@ -269,13 +292,13 @@ def main(argv=None) -> int:
     tdm = build_datamodule(tcfg, tsrc)
     tdm.setup()
     tbatch = next(iter(tdm.train_dataloader()))
-    t_step = median_step(tcfg, class_names(tcfg, tsrc), tbatch, max(5, args.steps // 3))
+    t_step = median_step(tcfg, class_names(tcfg, tsrc), tbatch, max(5, args.steps // 3), device=device)
     teacher_sps = tcfg.data.batch_size / t_step
     t_rates = loader_rate(lambda: build_datamodule(tcfg, build_source(tcfg)).train_dataloader())
     loaders = [("slices (student)", scfg, s_rates, student_sps), ("volumes (teacher)", tcfg, t_rates, teacher_sps)]
     augment = [("slices (student)", augmentation_ms(student_train_set(scfg))), ("volumes (teacher)", augmentation_ms(tdm.datasets["train"]))]
 
-    text = render(args, scfg, tcfg, rows, loaders, augment, t_step, time.time() - t_start)
+    text = render(args, scfg, tcfg, rows, loaders, augment, t_step, time.time() - t_start, device)
     print(text)
     if args.out:
         old = Path(args.out).read_text() if Path(args.out).is_file() else ""
@@ -287,6 +310,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def _device_label(device: torch.device) -> str:
+    """The device the steps ran on, as the report names it."""
+    if device.type == "cuda":
+        return f"CUDA ({torch.cuda.get_device_name(device)})"
+    return "the CPU" + (" (CUDA present, not used)" if torch.cuda.is_available() else "")
+
+
 def student_train_set(cfg) -> SubjectDataset:
     """The student's training set as its runs build it (augmentation as configured)."""
     dm = build_datamodule(cfg, build_source(cfg))
@@ -294,19 +324,21 @@ def student_train_set(cfg) -> SubjectDataset:
     return dm.datasets["train"]
 
 
-def render(args, scfg, tcfg, rows, loaders, augment, t_step, wall) -> str:
+def render(args, scfg, tcfg, rows, loaders, augment, t_step, wall, device: torch.device) -> str:
     cmd = "make bench-speed" if args.out == "docs/performance.md" and not args.overrides else \
         "python experiments/bench_speed.py " + " ".join(sys.argv[1:])
     L = ["# Performance", "",
          f"Generated by `{cmd}` (`experiments/bench_speed.py`; {wall:.0f} s). lightning_distill {__version__}, "
          f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
-         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}, fp32. Do not edit by hand.", "",
+         f"training steps on {_device_label(device)}, fp32. Do not edit by hand.", "",
          "## Training-step cost of each method", "",
          f"Student `{scfg.model.name}/{scfg.model.encoder}` on {list(scfg.data.shape)} single slices, batch "
          f"{scfg.data.batch_size}, the same 4 batches for every variant; variants interleaved step by step; "
          f"{args.steps} timed rounds after 3 warm-up rounds. A step = `model_step` (forward and every loss term) + "
          "backward + fused AdamW step.", "",
-         "| method | median step (s) | IQR (s) | × baseline | target | peak RSS (MiB) | training adds (MiB) |",
+         ("| method | median step (s) | IQR (s) | × baseline | target | host RSS + GPU peak (MiB) | GPU peak allocated (MiB) |"
+          if device.type == "cuda" else
+          "| method | median step (s) | IQR (s) | × baseline | target | peak RSS (MiB) | training adds (MiB) |"),
          "|---|---|---|---|---|---|---|"]
     for name, med, q1, q3, ratio, (before, after), ok in rows:
         mem = "n/a | n/a" if after is None else f"{after:.0f} | {after - before:.0f}"
