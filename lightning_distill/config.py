@@ -223,6 +223,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class AccelConfig:
+    """Throughput options (docs/gpu.md); ``auto`` chooses from the device at run time and ``fit`` prints it."""
+
+    channels_last: Any = "auto"  # auto: on CUDA for 2D networks (tensor cores), off on CPU | true | false
+    compile: bool = False  # torch.compile the network in place (net.compile(): checkpoint keys keep their names)
+    matmul_precision: str = "auto"  # torch.set_float32_matmul_precision: auto (high on CUDA: TF32) | highest | high | medium
+
+
+@dataclass
 class RunConfig:
     stage: str = "student"  # teacher | student
     output_dir: str = "runs/student"
@@ -244,10 +253,11 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     cmedl: CMEDLConfig = field(default_factory=CMEDLConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    accel: AccelConfig = field(default_factory=AccelConfig)
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-_CHOICES = {"stage": ("teacher", "student"), "logger": ("csv", "wandb", "tensorboard", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"), "data.spatial_augment": ("none", "affine"),
+_CHOICES = {"stage": ("teacher", "student"), "accel.matmul_precision": ("auto", "highest", "high", "medium"), "logger": ("csv", "wandb", "tensorboard", "none"), "data.source": ("phantom", "nifti"), "data.on_bad_case": ("error", "skip"), "data.spatial_augment": ("none", "affine"),
             "data.nifti.layout": ("auto", "nnunet", "msd", "folder"), "data.nifti.unmapped": ("background", "ignore", "error"),
             "data.nifti.on_missing": ("error", "warn"),
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),

@@ -100,6 +100,9 @@ def trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
         defaults["sync_batchnorm"] = True
         notes.append(f"trainer.sync_batchnorm=true (trainer.devices={n}: batch statistics over the global batch, as in one "
                      "process; set trainer.sync_batchnorm=false for per-device statistics)")
+    if on_cuda and "benchmark" not in user and not user.get("deterministic"):
+        defaults["benchmark"] = True
+        notes.append("trainer.benchmark=true (cuDNN picks the fastest convolution algorithms for the fixed input sizes)")
     if on_cuda and user.get("deterministic") is True:
         defaults["deterministic"] = "warn"
         notes.append("trainer.deterministic=warn instead of true on CUDA (2D cross-entropy's and reflection padding's "
@@ -127,6 +130,29 @@ def minutes_setting(value: Any, key: str, on_cuda: bool, gpu_default: float) -> 
 def uses_cuda(user: Dict[str, Any]) -> bool:
     """Whether a trainer with the ``trainer.*`` settings ``user`` trains on CUDA on this machine."""
     return str(user.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and cuda_available()
+
+
+def accel_settings(accel: Any, on_cuda: bool, spatial_dims: int) -> Tuple[Dict[str, Any], List[str]]:
+    """``{"channels_last", "compile", "matmul_precision"}`` from the ``accel.*`` settings (``auto`` resolved
+    for the device) and a line per choice made on a GPU.
+
+    Raises:
+        ValueError: ``accel.channels_last`` is neither ``auto`` nor a boolean.
+    """
+    cl = accel.channels_last
+    if isinstance(cl, str) and cl.strip().lower() == "auto":
+        cl = on_cuda and spatial_dims == 2
+    elif not isinstance(cl, bool):
+        raise ValueError(f"accel.channels_last must be auto, true or false, got {cl!r}")
+    mp = accel.matmul_precision
+    if mp == "auto":
+        mp = "high" if on_cuda else None
+    notes = []
+    if on_cuda:
+        notes.append(f"accel.channels_last={str(bool(cl)).lower()}" + (f", accel.matmul_precision={mp} (TF32 matmuls)" if mp else ""))
+    if accel.compile:
+        notes.append("accel.compile=true (the network is compiled in place at its first step)")
+    return {"channels_last": bool(cl), "compile": bool(accel.compile), "matmul_precision": mp}, notes
 
 
 def apply_trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:

@@ -74,6 +74,7 @@ class SegmentationModule(L.LightningModule):
         self.training_data: Dict[str, Any] = {}
         # the learning curve: one [step, val Dice mean, {organ: Dice}] per validation (kept in checkpoints)
         self.val_curve: List[List[Any]] = []
+        self._memory_format: Optional[torch.memory_format] = None  # set_accel(channels_last=True)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -103,6 +104,25 @@ class SegmentationModule(L.LightningModule):
         curve = (checkpoint.get("lightning_distill") or {}).get("val_curve")
         if curve and not self.val_curve:
             self.val_curve = [list(p) for p in curve]
+
+    # ------------------------------------------------------------------ throughput (docs/gpu.md)
+    def set_accel(self, channels_last: bool = False, compile: bool = False) -> None:
+        """Channels-last weights and inputs (``channels_last_3d`` for a 3D network), and/or the network
+        compiled in place (``nn.Module.compile``: the state dict, so checkpoints, keep their keys)."""
+        if channels_last:
+            three_d = any(isinstance(m, nn.Conv3d) for m in self.net.modules())
+            self._memory_format = torch.channels_last_3d if three_d else torch.channels_last
+            self.net.to(memory_format=self._memory_format)
+        if compile:
+            self.net.compile()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._memory_format is not None and isinstance(batch, dict):
+            for key in ("image", "image_b"):
+                x = batch.get(key)
+                if torch.is_tensor(x) and x.ndim in (4, 5):
+                    batch[key] = x.contiguous(memory_format=self._memory_format)
+        return batch
 
     # ------------------------------------------------------------------ core
     def forward(self, x: Tensor) -> Tensor:

@@ -347,6 +347,15 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         export_path=str(out / (b.export if teacher else "student_prototypes.pt")),
         metadata={"config": to_dict(cfg), "stage": cfg.stage}, axial_range=axial)
     targs = _trainer_args(cfg)
+    from lightning_distill.devices import accel_settings, minutes_setting, uses_cuda
+
+    on_cuda = uses_cuda(targs)
+    accel, accel_notes = accel_settings(cfg.accel, on_cuda, len(cfg.data.shape))
+    module.set_accel(channels_last=accel["channels_last"], compile=accel["compile"])
+    if accel["matmul_precision"]:
+        torch.set_float32_matmul_precision(accel["matmul_precision"])
+    if accel_notes and rank_zero_only.rank == 0:
+        print("throughput: " + "; ".join(accel_notes))
     fast = bool(targs.get("fast_dev_run"))
     every = cfg.checkpoint.every_n_steps
     if every is not None and every < 1:
@@ -357,9 +366,6 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
                            save_weights_only=cfg.checkpoint.weights_only)
     callbacks = [c for c in (bank_cb, ckpt) if c is not None]
     last_cb = None
-    from lightning_distill.devices import minutes_setting, uses_cuda
-
-    on_cuda = uses_cuda(targs)
     ckpt_minutes = minutes_setting(cfg.checkpoint.min_minutes, "checkpoint.min_minutes", on_cuda, 5.0)
     picture_minutes = minutes_setting(cfg.pictures_min_minutes, "pictures_min_minutes", on_cuda, 10.0)
     if on_cuda and rank_zero_only.rank == 0:

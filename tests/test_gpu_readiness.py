@@ -275,3 +275,45 @@ def test_mixed_precision_with_gradient_clipping_trains(tmp_path):
     assert main(["fit", os.path.join(REPO, "experiments/teacher.yaml"), f"output_dir={tmp_path}", *TINY_TEACHER,
                  "trainer.max_steps=2", "pictures=0", "trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
+
+
+def test_accel_settings_resolve_for_the_device_and_reject_bad_values():
+    from omegaconf import OmegaConf
+
+    acc = OmegaConf.create({"channels_last": "auto", "compile": False, "matmul_precision": "auto"})
+    assert devices.accel_settings(acc, on_cuda=False, spatial_dims=2)[0] == {"channels_last": False, "compile": False,
+                                                                             "matmul_precision": None}
+    on_gpu, notes = devices.accel_settings(acc, on_cuda=True, spatial_dims=2)
+    assert on_gpu == {"channels_last": True, "compile": False, "matmul_precision": "high"} and notes
+    assert devices.accel_settings(acc, on_cuda=True, spatial_dims=3)[0]["channels_last"] is False
+    acc.channels_last = "yes please"
+    with pytest.raises(ValueError, match="accel.channels_last"):
+        devices.accel_settings(acc, on_cuda=False, spatial_dims=2)
+
+
+def test_channels_last_student_trains_and_keeps_its_checkpoint_keys(tmp_path):
+    from lightning_distill.cli import main
+
+    run = ["fit", os.path.join(REPO, "experiments/baseline.yaml"), *TINY_STUDENT, "trainer.max_steps=2", "pictures=0"]
+    assert main([*run, f"output_dir={tmp_path / 'a'}"]) == 0
+    assert main([*run, f"output_dir={tmp_path / 'b'}", "accel.channels_last=true"]) == 0
+    a, b = (torch.load(tmp_path / d / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+            for d in ("a", "b"))
+    assert list(a) == list(b)
+    conv = next(k for k, v in b.items() if v.ndim == 4 and v.shape[1] > 1 and v.shape[2] > 1)
+    assert b[conv].is_contiguous(memory_format=torch.channels_last) and not b[conv].is_contiguous()
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_and_keeps_its_checkpoint_keys(tmp_path):
+    """accel.compile=true: nn.Module.compile() in place (torch.compile with inductor; needs a C compiler on CPU)."""
+    from lightning_distill.cli import main
+
+    run = ["fit", os.path.join(REPO, "experiments/baseline.yaml"), *TINY_STUDENT, "trainer.max_steps=2", "pictures=0"]
+    assert main([*run, f"output_dir={tmp_path / 'a'}"]) == 0
+    assert main([*run, f"output_dir={tmp_path / 'b'}", "accel.compile=true"]) == 0
+    a, b = (torch.load(tmp_path / d / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+            for d in ("a", "b"))
+    assert list(a) == list(b)
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["test"]["dice_mean"] for d in ("a", "b"))
+    assert abs(ra - rb) < 0.05  # the same 2 steps, compiled kernels round differently
