@@ -100,7 +100,7 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 8
     eval_batch_size: Optional[int] = None
-    num_workers: int = 0
+    num_workers: Any = "auto"  # loader workers; auto: 0 on CPU (the cores train), on a GPU min(8, cores / devices - 1)
     augment: bool = True
     spatial_augment: str = "none"  # none | affine: random in-plane rotation/scale/shift of image and label (training; seeded, resumable)
     patch_size: Optional[List[int]] = None

@@ -117,6 +117,10 @@ class SegmentationModule(L.LightningModule):
             self.net.compile()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Labels sent as uint8 (GPU loaders, :func:`~lightning_distill.data.sampling.compact_label_collate`) back to
+        int64, now on the device; channels-last images with ``set_accel(channels_last=True)``."""
+        if isinstance(batch, dict) and torch.is_tensor(batch.get("label")) and batch["label"].dtype == torch.uint8:
+            batch["label"] = batch["label"].long()
         if self._memory_format is not None and isinstance(batch, dict):
             for key in ("image", "image_b"):
                 x = batch.get(key)

@@ -95,7 +95,7 @@ def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
     d = cfg.data
     common = dict(batch_size=d.batch_size, val_subjects=d.val_subjects, test_subjects=d.test_subjects,
                   train_fraction=d.train_fraction, train_subjects=d.train_subjects, split_seed=d.split_seed,
-                  num_workers=d.num_workers, augment=d.augment, spatial_augment=d.spatial_augment,
+                  num_workers=loader_workers(cfg), augment=d.augment, spatial_augment=d.spatial_augment,
                   patch_size=d.patch_size, eval_batch_size=d.eval_batch_size,
                   splits=OmegaConf.to_container(d.splits) if d.splits else None, seed=cfg.seed)
     if training and uses_target(cfg):
@@ -255,6 +255,29 @@ def _with_atomic_checkpoints(plugins: Any) -> list:
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     return plugins
+
+
+def loader_workers(cfg: DictConfig) -> int:
+    """``data.num_workers``, with ``auto``: 0 on CPU (the loaders keep ahead of training with the cores
+    free for it, docs/performance.md), on a GPU ``min(8, cores per device - 1)``.
+
+    Raises:
+        ValueError: neither ``auto`` nor an integer >= 0.
+    """
+    n = cfg.data.num_workers
+    if isinstance(n, str) and n.strip().lower() == "auto":
+        from lightning_distill.devices import uses_cuda
+
+        user = OmegaConf.to_container(cfg.trainer)
+        if not uses_cuda(user):
+            return 0
+        devices = user.get("devices", 1)
+        per = len(devices) if isinstance(devices, (list, tuple)) else (int(devices) if str(devices).isdigit() else 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(0, min(8, cores // max(1, per) - 1))
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"data.num_workers must be auto or an integer >= 0, got {n!r}")
+    return n
 
 
 def _trainer_args(cfg: DictConfig, say: bool = True) -> Dict[str, Any]:

@@ -317,3 +317,33 @@ def test_compiled_network_trains_and_keeps_its_checkpoint_keys(tmp_path):
     assert list(a) == list(b)
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["test"]["dice_mean"] for d in ("a", "b"))
     assert abs(ra - rb) < 0.05  # the same 2 steps, compiled kernels round differently
+
+
+def test_loader_workers_and_compact_labels(monkeypatch):
+    from lightning_distill.config import load_config
+    from lightning_distill.data.sampling import compact_label_collate
+    from lightning_distill.modules import SegmentationModule
+    from lightning_distill.networks import build_network
+    from lightning_distill.train import loader_workers
+
+    cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), ["trainer.devices=2"])
+    assert cfg.data.num_workers == "auto"
+    if not torch.cuda.is_available():
+        assert loader_workers(cfg) == 0  # CPU: the cores train, the loaders keep ahead without workers
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert loader_workers(cfg) == 7  # 16 cores for 2 devices, one left for the training process
+    cfg.data.num_workers = 3
+    assert loader_workers(cfg) == 3
+    cfg.data.num_workers = "many"
+    with pytest.raises(ValueError, match="data.num_workers"):
+        loader_workers(cfg)
+    # GPU loaders send labels as uint8 (the ignore index 255 fits); the module casts them back on the device
+    samples = [{"image": torch.zeros(1, 4, 4), "label": torch.tensor([[[0, 3], [255, 1]]])} for _ in range(2)]
+    batch = compact_label_collate(samples)
+    assert batch["label"].dtype == torch.uint8
+    module = SegmentationModule(build_network("Unet", 2, 1, 4, encoder="resnet18"), ["bg", "a", "b", "c"])
+    back = module.on_after_batch_transfer(batch, 0)["label"]
+    assert back.dtype == torch.int64 and torch.equal(back, torch.stack([s["label"] for s in samples]))
+    wide = compact_label_collate([{"label": torch.tensor([300])}])
+    assert wide["label"].dtype == torch.int64

@@ -254,17 +254,27 @@ class SegmentationDataModule(L.LightningDataModule):
                 "test": SubjectDataset(self.source, self.splits["test"]),
             }
 
+    def _on_cuda(self) -> bool:
+        """Whether the attached trainer trains on a CUDA device (loaders then pin memory and send uint8 labels)."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def _gpu_loading(self) -> dict:
+        from lightning_distill.data.sampling import compact_label_collate
+
+        return {"pin_memory": True, "collate_fn": compact_label_collate} if self._on_cuda() else {}
+
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()
         return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+                          persistent_workers=self.num_workers > 0, drop_last=False, **self._gpu_loading())
 
     def _train_loader(self, dataset: Dataset) -> DataLoader:
         """The training loader: this process's share of a seeded per-epoch order (resumable, see :mod:`.sampling`)."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=True, num_replicas=world, rank=rank)
-        return train_loader(dataset, sampler, self.batch_size, self.num_workers)
+        return train_loader(dataset, sampler, self.batch_size, self.num_workers, **self._gpu_loading())
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

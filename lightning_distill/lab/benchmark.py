@@ -226,7 +226,8 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """Keys whose values differ between a finished run's config and the one asked for now.
 
     ``output_dir`` is ignored, and so is a key that is new in the schema (absent from ``old``) while it
-    has its default value: new options default to the old behaviour, so such runs stay valid.
+    has its default value: new options default to the old behaviour, so such runs stay valid. Keys of
+    :data:`EXECUTION_KEYS` say how a run executes, not what it computes, and are ignored too.
     """
     from lightning_distill.config import RunConfig
 
@@ -234,7 +235,7 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     a, b = _flat(old), _flat(new)
     changes = []
     for k in sorted(set(a) | set(b)):
-        if k == "output_dir" or a.get(k, _MISSING) == b.get(k, _MISSING):
+        if k == "output_dir" or k in EXECUTION_KEYS or a.get(k, _MISSING) == b.get(k, _MISSING):
             continue
         if k not in a and k in defaults and b[k] == defaults[k]:
             continue
@@ -243,6 +244,9 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
 
 
 _MISSING = object()
+# loader workers draw nothing themselves (every sample's augmentation is seeded by its draw seed; resume and
+# worker counts give the same batches, tests/test_reliability.py), so their number does not change a result
+EXECUTION_KEYS = frozenset({"data.num_workers"})
 
 
 # ---------------------------------------------------------------------------------------- running
