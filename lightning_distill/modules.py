@@ -74,7 +74,6 @@ class SegmentationModule(L.LightningModule):
         self.training_data: Dict[str, Any] = {}
         # the learning curve: one [step, val Dice mean, {organ: Dice}] per validation (kept in checkpoints)
         self.val_curve: List[List[Any]] = []
-        self._memory_format: Optional[torch.memory_format] = None  # set_accel(channels_last=True)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -106,27 +105,18 @@ class SegmentationModule(L.LightningModule):
             self.val_curve = [list(p) for p in curve]
 
     # ------------------------------------------------------------------ throughput (docs/gpu.md)
-    def set_accel(self, channels_last: bool = False, compile: bool = False) -> None:
-        """Channels-last weights and inputs (``channels_last_3d`` for a 3D network), and/or the network
-        compiled in place (``nn.Module.compile``: the state dict, so checkpoints, keep their keys)."""
+    def set_accel(self, channels_last: bool = False, compile: bool = False) -> Optional[torch.memory_format]:
+        """Channels-last weights (``channels_last_3d`` for a 3D network), and/or the network compiled in
+        place (``nn.Module.compile``: the state dict, so checkpoints, keep their keys). Returns the memory
+        format the inputs should have (``None``: as they are; the DataModule converts them)."""
+        fmt = None
         if channels_last:
             three_d = any(isinstance(m, nn.Conv3d) for m in self.net.modules())
-            self._memory_format = torch.channels_last_3d if three_d else torch.channels_last
-            self.net.to(memory_format=self._memory_format)
+            fmt = torch.channels_last_3d if three_d else torch.channels_last
+            self.net.to(memory_format=fmt)
         if compile:
             self.net.compile()
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Labels sent as uint8 (GPU loaders, :func:`~lightning_distill.data.sampling.compact_label_collate`) back to
-        int64, now on the device; channels-last images with ``set_accel(channels_last=True)``."""
-        if isinstance(batch, dict) and torch.is_tensor(batch.get("label")) and batch["label"].dtype == torch.uint8:
-            batch["label"] = batch["label"].long()
-        if self._memory_format is not None and isinstance(batch, dict):
-            for key in ("image", "image_b"):
-                x = batch.get(key)
-                if torch.is_tensor(x) and x.ndim in (4, 5):
-                    batch[key] = x.contiguous(memory_format=self._memory_format)
-        return batch
+        return fmt
 
     # ------------------------------------------------------------------ core
     def forward(self, x: Tensor) -> Tensor:
@@ -203,7 +193,8 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: Dict, batch_idx: int):
         out = self.model_step(batch, train=True)
         bs = batch["image"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        # the progress bar reads its value every step: a host sync on an accelerator, so it shows it on CPU only
+        self.log("train/loss", out["loss"], prog_bar=self.device.type == "cpu", batch_size=bs)
         for k, v in out["terms"].items():
             self.log(f"train/{k}", v, batch_size=bs)
         self.log_contribution(out)

@@ -186,7 +186,7 @@ class LastCheckpoint(Checkpoint):
         if min_interval_s < 0:
             raise ValueError(f"min_interval_s must be >= 0, got {min_interval_s}")
         self.min_interval_s = float(min_interval_s)
-        self._saved_at = time.monotonic()  # the start counts as a write: the first one comes min_interval_s later
+        self.saved_at = time.monotonic()  # the start counts as a write: the first one comes min_interval_s later
         self.dirpath = os.path.realpath(os.path.expanduser(str(dirpath)))  # as ModelCheckpoint resolves it
         self.every_n_steps = every_n_steps or 0
         self.weights_only = weights_only
@@ -206,13 +206,13 @@ class LastCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
             return
         if self.min_interval_s > 0 and not final:
-            due = time.monotonic() - self._saved_at >= self.min_interval_s
+            due = time.monotonic() - self.saved_at >= self.min_interval_s
             if not trainer.strategy.broadcast(due, src=0):  # one decision for every process: the save is collective
                 return
         self.last_model_path = os.path.join(self.dirpath, self.FILENAME)  # before the save: it is part of the state
         trainer.save_checkpoint(self.last_model_path, weights_only=self.weights_only)
         self.step_saved = trainer.global_step
-        self._saved_at = time.monotonic()
+        self.saved_at = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -374,7 +374,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
 
     on_cuda = uses_cuda(targs)
     accel, accel_notes = accel_settings(cfg.accel, on_cuda, len(cfg.data.shape))
-    module.set_accel(channels_last=accel["channels_last"], compile=accel["compile"])
+    dm.memory_format = module.set_accel(channels_last=accel["channels_last"], compile=accel["compile"])
     if accel["matmul_precision"]:
         torch.set_float32_matmul_precision(accel["matmul_precision"])
     if accel_notes and rank_zero_only.rank == 0:

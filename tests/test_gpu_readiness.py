@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -322,8 +323,7 @@ def test_compiled_network_trains_and_keeps_its_checkpoint_keys(tmp_path):
 def test_loader_workers_and_compact_labels(monkeypatch):
     from lightning_distill.config import load_config
     from lightning_distill.data.sampling import compact_label_collate
-    from lightning_distill.modules import SegmentationModule
-    from lightning_distill.networks import build_network
+    from lightning_distill.data.datamodules import SegmentationDataModule
     from lightning_distill.train import loader_workers
 
     cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), ["trainer.devices=2"])
@@ -342,8 +342,7 @@ def test_loader_workers_and_compact_labels(monkeypatch):
     samples = [{"image": torch.zeros(1, 4, 4), "label": torch.tensor([[[0, 3], [255, 1]]])} for _ in range(2)]
     batch = compact_label_collate(samples)
     assert batch["label"].dtype == torch.uint8
-    module = SegmentationModule(build_network("Unet", 2, 1, 4, encoder="resnet18"), ["bg", "a", "b", "c"])
-    back = module.on_after_batch_transfer(batch, 0)["label"]
+    back = SegmentationDataModule.on_after_batch_transfer(SimpleNamespace(memory_format=None), batch, 0)["label"]
     assert back.dtype == torch.int64 and torch.equal(back, torch.stack([s["label"] for s in samples]))
     wide = compact_label_collate([{"label": torch.tensor([300])}])
     assert wide["label"].dtype == torch.int64

@@ -31,7 +31,8 @@ def class_mean_image(image: Tensor, label: Tensor, num_classes: int, eps: float 
         ``(B, C, *spatial)``, same dtype as ``image``.
 
     Raises:
-        ValueError: shapes that do not match, or labels outside ``[0, num_classes)``.
+        ValueError: shapes that do not match, or labels outside ``[0, num_classes)`` (checked on the CPU; on an
+            accelerator the check would make the host wait every step, and every label was checked when read).
     """
     if label.ndim != image.ndim or label.shape[1] != 1 or label.shape[0] != image.shape[0] or label.shape[2:] != image.shape[2:]:
         raise ValueError(f"class_mean_image needs image (B, C, *spatial) and label (B, 1, *spatial), got "
@@ -39,7 +40,7 @@ def class_mean_image(image: Tensor, label: Tensor, num_classes: int, eps: float 
     lab = label[:, 0].long()
     ignore = lab == ignore_index
     lab = lab.masked_fill(ignore, 0)
-    if lab.numel() and (lab.min() < 0 or lab.max() >= num_classes):
+    if lab.device.type == "cpu" and lab.numel() and (lab.min() < 0 or lab.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}) (or {ignore_index}), got values in "
                          f"[{int(lab.min())}, {int(lab.max())}]")
     onehot = F.one_hot(lab, num_classes).movedim(-1, 1).to(image.dtype) * (~ignore).unsqueeze(1).to(image.dtype)  # B K *sp

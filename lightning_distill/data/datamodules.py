@@ -209,6 +209,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.spatial_augment = spatial_augment
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.augment, self.patch_size = num_workers, augment, patch_size
+        self.memory_format: Optional[torch.memory_format] = None  # inputs' layout on the device (accel.channels_last)
         # splits are made over subjects; a sample id "<subject>@<z>" (one slice of a volume) follows its subject
         by_subject: Dict[str, List[str]] = {}
         for i in source.ids:
@@ -258,6 +259,19 @@ class SegmentationDataModule(L.LightningDataModule):
         """Whether the attached trainer trains on a CUDA device (loaders then pin memory and send uint8 labels)."""
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Labels sent as uint8 (GPU loaders, :func:`~lightning_distill.data.sampling.compact_label_collate`) back to
+        int64, now on the device; images in :attr:`memory_format` when one is set (channels-last, ``accel``)."""
+        if isinstance(batch, dict):
+            if torch.is_tensor(batch.get("label")) and batch["label"].dtype == torch.uint8:
+                batch["label"] = batch["label"].long()
+            fmt = getattr(self, "memory_format", None)
+            for key in ("image", "image_b") if fmt is not None else ():
+                x = batch.get(key)
+                if torch.is_tensor(x) and x.ndim in (4, 5):
+                    batch[key] = x.contiguous(memory_format=fmt)
+        return batch
 
     def _gpu_loading(self) -> dict:
         from lightning_distill.data.sampling import compact_label_collate

@@ -231,7 +231,7 @@ class CMEDLModule(SegmentationModule):
         if sched is not None:
             sched.step()
         bs = batch["image"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/loss", out["loss"], prog_bar=self.device.type == "cpu", batch_size=bs)
         for k, v in out["terms"].items():
             self.log(f"train/{k}", v, batch_size=bs)
         return {"loss": out["loss"].detach(), "logits": out["logits"].detach()}
