@@ -280,6 +280,14 @@ def loader_workers(cfg: DictConfig) -> int:
     return n
 
 
+def _process_count(targs: Dict[str, Any]) -> int:
+    """Training processes on this node for trainer arguments ``targs`` (1 unless ``devices`` asks for more)."""
+    devices = targs.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        return max(1, len(devices))
+    return int(devices) if str(devices).isdigit() and int(devices) > 0 else 1
+
+
 def _trainer_args(cfg: DictConfig, say: bool = True) -> Dict[str, Any]:
     """The run's ``trainer.*`` settings over the defaults chosen for this machine
     (:mod:`lightning_distill.devices`); the choices are printed once (rank 0) when ``say``."""
@@ -379,6 +387,11 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         torch.set_float32_matmul_precision(accel["matmul_precision"])
     if accel_notes and rank_zero_only.rank == 0:
         print("throughput: " + "; ".join(accel_notes))
+    copies = _process_count(targs) * max(1, dm.num_workers)
+    if (cfg.data.source == "nifti" and cfg.data.nifti.open == "eager" and copies > 1 and rank_zero_only.rank == 0):
+        print(f"data.nifti.open=eager holds every preprocessed case in memory in each of the {_process_count(targs)} "
+              f"process(es), and loader workers copy pages of it as they touch them: for a large dataset use "
+              "data.nifti.open=lazy data.nifti.cache_dir=<folder> (bounded memory, each case read from the cache; docs/data.md)")
     fast = bool(targs.get("fast_dev_run"))
     every = cfg.checkpoint.every_n_steps
     if every is not None and every < 1:
