@@ -292,14 +292,19 @@ def test_accel_settings_resolve_for_the_device_and_reject_bad_values():
         devices.accel_settings(acc, on_cuda=False, spatial_dims=2)
 
 
-def test_channels_last_student_trains_and_keeps_its_checkpoint_keys(tmp_path):
+def _baseline_pair(tmp_path, option):
+    """State dicts of two 2-step baseline runs: as configured (``a``) and with ``option`` (``b``)."""
     from lightning_distill.cli import main
 
     run = ["fit", os.path.join(REPO, "experiments/baseline.yaml"), *TINY_STUDENT, "trainer.max_steps=2", "pictures=0"]
     assert main([*run, f"output_dir={tmp_path / 'a'}"]) == 0
-    assert main([*run, f"output_dir={tmp_path / 'b'}", "accel.channels_last=true"]) == 0
-    a, b = (torch.load(tmp_path / d / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-            for d in ("a", "b"))
+    assert main([*run, f"output_dir={tmp_path / 'b'}", option]) == 0
+    return [torch.load(tmp_path / d / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+            for d in ("a", "b")]
+
+
+def test_channels_last_student_trains_and_keeps_its_checkpoint_keys(tmp_path):
+    a, b = _baseline_pair(tmp_path, "accel.channels_last=true")
     assert list(a) == list(b)
     conv = next(k for k, v in b.items() if v.ndim == 4 and v.shape[1] > 1 and v.shape[2] > 1)
     assert b[conv].is_contiguous(memory_format=torch.channels_last) and not b[conv].is_contiguous()
@@ -308,13 +313,7 @@ def test_channels_last_student_trains_and_keeps_its_checkpoint_keys(tmp_path):
 @pytest.mark.slow
 def test_compiled_network_trains_and_keeps_its_checkpoint_keys(tmp_path):
     """accel.compile=true: nn.Module.compile() in place (torch.compile with inductor; needs a C compiler on CPU)."""
-    from lightning_distill.cli import main
-
-    run = ["fit", os.path.join(REPO, "experiments/baseline.yaml"), *TINY_STUDENT, "trainer.max_steps=2", "pictures=0"]
-    assert main([*run, f"output_dir={tmp_path / 'a'}"]) == 0
-    assert main([*run, f"output_dir={tmp_path / 'b'}", "accel.compile=true"]) == 0
-    a, b = (torch.load(tmp_path / d / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-            for d in ("a", "b"))
+    a, b = _baseline_pair(tmp_path, "accel.compile=true")
     assert list(a) == list(b)
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["test"]["dice_mean"] for d in ("a", "b"))
     assert abs(ra - rb) < 0.05  # the same 2 steps, compiled kernels round differently
