@@ -52,7 +52,7 @@ from lightning_distill.methods.prototype import StudentModule  # noqa: E402
 from lightning_distill.modules import SegmentationModule  # noqa: E402
 from lightning_distill.prototypes import Bank  # noqa: E402
 from lightning_distill.factory import build_net  # noqa: E402
-from lightning_distill.train import build_datamodule, build_source, class_names  # noqa: E402
+from lightning_distill.train import build_datamodule, build_source, class_names, loader_workers  # noqa: E402
 
 TARGETS = {"prototype-dist": 1.05, "prototype-logprob": 1.05, "prototype-offdiag": 1.05, "sikd": 1.6}  # step-time ratios to the baseline asked for by the issues
 LOADER_TARGET = 5.0  # loader throughput / training consumption
@@ -366,7 +366,8 @@ def render(args, scfg, tcfg, rows, loaders, augment, t_step, wall, device: torch
           "|---|---|---|---|---|---|---|---|"]
     for name, cfg, rates, need in loaders:
         ratio = rates[-1] / need
-        L.append(f"| {name} | {cfg.data.num_workers} | {rates[0]:.0f} | {rates[-1]:.0f} | {need:.1f} | {rates[0] / need:.1f}× | {ratio:.1f}× | "
+        workers = cfg.data.num_workers if isinstance(cfg.data.num_workers, int) else f"{cfg.data.num_workers} ({loader_workers(cfg)})"
+        L.append(f"| {name} | {workers} | {rates[0]:.0f} | {rates[-1]:.0f} | {need:.1f} | {rates[0] / need:.1f}× | {ratio:.1f}× | "
                  f"{'meets' if ratio >= LOADER_TARGET else 'MISSES'} ≥ {LOADER_TARGET:.0f}× |")
     L += ["", "The cold pass happens once per run (subjects are cached in memory after their first use).", "",
           "Training augmentation per sample (median ms over 60 samples; the MONAI `Compose` of `SubjectDataset.augmentation`, "
