@@ -11,7 +11,7 @@ Each network also has a *head* module name: the module whose input is the penult
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -83,10 +83,14 @@ def build_network(
 
     Raises:
         KeyError: unknown name; the message lists the valid names.
-        ValueError: an smp architecture asked for in 3D.
+        ValueError: an smp architecture asked for in 3D; ``kwargs`` the network does not take (naming them
+            and the constructor's arguments).
     """
     kw = dict(kwargs or {})
     if name in MONAI_NETWORKS:
+        import monai.networks.nets as monai_nets
+
+        _check_kwargs(name, getattr(monai_nets, name), kw, extra=("depth",) if name == "DynUNet" else ())
         return MONAI_NETWORKS[name](spatial_dims, in_channels, out_channels, **kw)
     archs = smp_architectures()
     if name in archs:
@@ -95,6 +99,7 @@ def build_network(
         import segmentation_models_pytorch as smp
 
         kw.setdefault("encoder_weights", None)
+        _check_kwargs(name, archs[name], kw)
         net = smp.create_model(name, encoder_name=encoder, in_channels=in_channels, classes=out_channels, **kw)
         if not skip_connections:
             drop_skip_connections(net)
@@ -105,6 +110,25 @@ def build_network(
         f"unknown network {name!r}; valid names: MONAI (2D/3D) {sorted(MONAI_NETWORKS)}, "
         f"segmentation-models-pytorch (2D) {sorted(archs)}"
     )
+
+
+def _check_kwargs(name: str, network_class: type, kw: Mapping[str, Any], extra: Sequence[str] = ()) -> None:
+    """``ValueError`` naming the ``model.kwargs`` entries ``network_class`` does not take (``extra``: the
+    package's own keys, e.g. DynUNet's ``depth``). Classes that take ``**kwargs`` are not checked."""
+    import inspect
+
+    try:
+        params = inspect.signature(network_class).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(k for k in kw if k not in params and k not in extra)
+    if unknown:
+        valid = [p for p in params if p not in ("self", "spatial_dims", "in_channels", "out_channels", "classes",
+                                                   "encoder_name")]
+        raise ValueError(f"model.kwargs {unknown} are not arguments of the network {name!r}; it takes {valid} "
+                         f"(remove an entry with ~model.kwargs.<name>)")
 
 
 def drop_skip_connections(net: nn.Module) -> nn.Module:

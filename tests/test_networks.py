@@ -48,3 +48,18 @@ def test_smp_default_never_downloads_weights(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     net = build_network("Unet", 2, 1, 3, encoder="resnet18")  # encoder_weights=None by default
     assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_model_kwargs_a_monai_network_does_not_take_are_named(tmp_path):
+    """A wrong model.kwargs entry (e.g. smp's decoder_channels for MONAI's UNet) is a ValueError naming it and the
+    valid arguments, and the CLI exits 2 with that message instead of a TypeError traceback."""
+    with pytest.raises(ValueError, match=r"model.kwargs \['decoder_channels'\] are not arguments of the network 'UNet'.*'channels'"):
+        build_network("UNet", 2, 1, 3, kwargs={"decoder_channels": [8, 8]})
+    assert build_network("DynUNet", 3, 1, 3, kwargs={"depth": 3}) is not None  # the package's own key is accepted
+    import os
+
+    from conftest import REPO, TINY_STUDENT
+    from lightning_distill.cli import main
+
+    assert main(["fit", os.path.join(REPO, "experiments/student.yaml"), f"output_dir={tmp_path}", *TINY_STUDENT,
+                 "model.name=UNet"]) == 2
