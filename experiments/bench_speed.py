@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from lightning.fabric.utilities import move_data_to_device
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -123,10 +124,6 @@ def build_variants(cfg, names, only: Optional[str] = None) -> Dict[str, Segmenta
     return variants
 
 
-def _to(batch: Dict, device: torch.device) -> Dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,7 +133,7 @@ def time_steps(variants: Dict[str, SegmentationModule], batches: List[Dict], rou
                device: torch.device = torch.device("cpu")):
     """Round-robin over variants on ``device`` (the batches moved there first; CUDA synchronised around
     each step); returns ``{name: [step seconds]}``."""
-    batches = [_to(b, device) for b in batches]
+    batches = [move_data_to_device(b, device) for b in batches]
     for m in variants.values():
         m.to(device)
     steps = {n: _stepper(m) for n, m in variants.items()}

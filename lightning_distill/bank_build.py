@@ -59,7 +59,7 @@ from lightning_distill.data.nifti import IGNORE_INDEX, Case, DataError, LabelMap
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.io import atomic_write
 from lightning_distill.losses.prototype import class_means, masked_class_sums
-from lightning_distill.prototypes import Bank, file_sha256, axial_masked_labels, check_axial_range, save_bank, warn_empty_classes
+from lightning_distill.prototypes import Bank, axial_masked_labels, check_axial_range, file_sha256, save_bank, warn_empty_classes
 
 STATE_FORMAT = 1
 

@@ -30,6 +30,13 @@ import torch
 _QUERY = "import torch; c = torch.cuda.get_device_capability(0); print(c[0], c[1], torch.cuda.get_device_name(0))"
 
 
+def process_group_size() -> int:
+    """Processes of the default ``torch.distributed`` group (1 without an initialised one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def cuda_available() -> bool:
     """``torch.cuda.is_available()`` (it counts devices without creating a CUDA context)."""
     return bool(torch.cuda.is_available())
@@ -76,15 +83,15 @@ def default_precision(capability: Optional[Tuple[int, int, str]]) -> Tuple[str, 
     return "16-mixed", f"{name}, compute capability {major}.{minor}: bf16 would be emulated, fp16 with a gradient scaler"
 
 
-def trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
-    """The trainer arguments the user left unset, chosen for this machine, and a line per choice.
+def apply_trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """The run's trainer arguments: the user's over the defaults chosen for this machine, and a line per choice.
 
     Args:
-        user: the run's ``trainer`` settings (``trainer.*`` keys); they win over every default.
+        user: the run's ``trainer`` settings (``trainer.*`` keys); they win over every default, except
+            ``deterministic=true`` on CUDA, which becomes ``"warn"``.
 
     Returns:
-        ``(defaults, notes)``: arguments to pass to ``lightning.Trainer`` under the user's, and what was
-        chosen and why (``fit`` prints them).
+        ``(args, notes)``: arguments for ``lightning.Trainer``, and what was chosen and why (``fit`` prints them).
     """
     on_cuda = uses_cuda(user)
     defaults: Dict[str, Any] = {"accelerator": "auto", "devices": 1, "log_every_n_steps": 10, "num_sanity_val_steps": 0}
@@ -103,11 +110,12 @@ def trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     if on_cuda and "benchmark" not in user and not user.get("deterministic"):
         defaults["benchmark"] = True
         notes.append("trainer.benchmark=true (cuDNN picks the fastest convolution algorithms for the fixed input sizes)")
+    args = {**defaults, **user}
     if on_cuda and user.get("deterministic") is True:
-        defaults["deterministic"] = "warn"
+        args["deterministic"] = "warn"
         notes.append("trainer.deterministic=warn instead of true on CUDA (2D cross-entropy's and reflection padding's "
                      "backward have no deterministic CUDA kernel; true would raise)")
-    return defaults, notes
+    return args, notes
 
 
 def minutes_setting(value: Any, key: str, on_cuda: bool, gpu_default: float) -> float:
@@ -153,15 +161,6 @@ def accel_settings(accel: Any, on_cuda: bool, spatial_dims: int) -> Tuple[Dict[s
     if accel.compile:
         notes.append("accel.compile=true (the network is compiled in place at its first step)")
     return {"channels_last": bool(cl), "compile": bool(accel.compile), "matmul_precision": mp}, notes
-
-
-def apply_trainer_defaults(user: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
-    """``{**defaults, **user}`` with the CUDA override of ``deterministic`` applied, and the notes."""
-    defaults, notes = trainer_defaults(user)
-    args = {**defaults, **user}
-    if defaults.get("deterministic") == "warn":
-        args["deterministic"] = "warn"
-    return args, notes
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

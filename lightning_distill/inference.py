@@ -129,6 +129,7 @@ def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affin
     if batch_size < 1 or (sw_batch_size is not None and sw_batch_size < 1):
         raise ValueError(f"batch_size and sw_batch_size must be >= 1, got {batch_size} and {sw_batch_size}")
     device = device or next(net.parameters()).device
+    autocast = autocast_for(device)
     two_d_file = data.ndim == 2
     vol = (data[..., None] if two_d_file else data)[None].astype(np.float32)
     if vol.ndim != 4:
@@ -158,7 +159,7 @@ def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affin
             while j < len(inputs) and j - i < batch_size and inputs[j][0].shape == shape:
                 j += 1
             x = torch.stack([img.as_tensor()[..., 0] for img, _ in inputs[i:j]]).to(device)
-            with autocast_for(device):
+            with autocast:
                 logits = net(x)
             probs.extend(torch.softmax(logits.float(), 1).cpu()[..., None].unbind(0))  # (K, X, Y, 1) each
             i = j
@@ -167,7 +168,7 @@ def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affin
     else:
         roi = list(cfg.data.patch_size or cfg.data.shape)
         img, chain = prepare(vol, affine)
-        with autocast_for(device):
+        with autocast:
             logits = sliding_window_inference(img.as_tensor()[None].to(device), roi_size=roi, overlap=0.25,
                                               sw_batch_size=sw_batch_size or cfg.sw_batch_size, predictor=net)
         pred = finish(torch.softmax(logits.float(), 1)[0].cpu(), img, chain)

@@ -199,21 +199,22 @@ class CaseMeans:
         """``(M,)`` means over the unique cases of every process (NaN for a column without a value)."""
         from torchmetrics import MeanMetric
 
+        from lightning_distill.devices import process_group_size
+
         chunks = self._chunks
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            gathered: List = [None] * torch.distributed.get_world_size()
+        world = process_group_size()
+        if world > 1:
+            gathered: List = [None] * world
             torch.distributed.all_gather_object(gathered, chunks)
             chunks = [c for part in gathered for c in part]
         seen: set = set()
         means = [MeanMetric(nan_strategy="ignore", sync_on_compute=False) for _ in range(self.columns)]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
-            for ids, values in chunks:
-                keep = [i for i, cid in enumerate(ids) if not (cid in seen or seen.add(cid))]
-                if keep:
-                    for j, m in enumerate(means):
-                        m.update(values[keep, j])
-            return torch.stack([m.compute() if m.update_called else torch.tensor(float("nan")) for m in means])
+        for ids, values in chunks:
+            keep = [i for i, cid in enumerate(ids) if not (cid in seen or seen.add(cid))]
+            if keep:
+                for j, m in enumerate(means):
+                    m.update(values[keep, j])
+        return torch.stack([m.compute() if m.update_called else torch.tensor(float("nan")) for m in means])
 
     @property
     def num_cases(self) -> int:

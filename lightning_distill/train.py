@@ -271,10 +271,8 @@ def loader_workers(cfg: DictConfig) -> int:
         user = OmegaConf.to_container(cfg.trainer)
         if not uses_cuda(user):
             return 0
-        devices = user.get("devices", 1)
-        per = len(devices) if isinstance(devices, (list, tuple)) else (int(devices) if str(devices).isdigit() else 1)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(0, min(8, cores // max(1, per) - 1))
+        return max(0, min(8, cores // _process_count(user) - 1))
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"data.num_workers must be auto or an integer >= 0, got {n!r}")
     return n
@@ -387,9 +385,10 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         torch.set_float32_matmul_precision(accel["matmul_precision"])
     if accel_notes and rank_zero_only.rank == 0:
         print("throughput: " + "; ".join(accel_notes))
-    copies = _process_count(targs) * max(1, dm.num_workers)
-    if (cfg.data.source == "nifti" and cfg.data.nifti.open == "eager" and copies > 1 and rank_zero_only.rank == 0):
-        print(f"data.nifti.open=eager holds every preprocessed case in memory in each of the {_process_count(targs)} "
+    processes = _process_count(targs)
+    if (cfg.data.source == "nifti" and cfg.data.nifti.open == "eager" and processes * max(1, dm.num_workers) > 1
+            and rank_zero_only.rank == 0):
+        print(f"data.nifti.open=eager holds every preprocessed case in memory in each of the {processes} "
               f"process(es), and loader workers copy pages of it as they touch them: for a large dataset use "
               "data.nifti.open=lazy data.nifti.cache_dir=<folder> (bounded memory, each case read from the cache; docs/data.md)")
     fast = bool(targs.get("fast_dev_run"))
@@ -759,9 +758,11 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     are unlike the training data's (:mod:`lightning_distill.fingerprint`). ``device``: ``auto`` (the
     trainer defaults: one CUDA device when available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
+    from lightning_distill.devices import resolve_device
     from lightning_distill.inference import load_checkpoint, load_network
     from lightning_distill.modules import check_checkpoint
 
+    dev = None if device == "auto" else resolve_device(device)  # an impossible device is refused before any work
     t0 = time.time()
     ckpt, cfg = load_checkpoint(checkpoint, overrides)
     source = build_source(cfg)
@@ -777,10 +778,7 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
                                 surface_tolerance=cfg.surface_tolerance_mm, sw_batch_size=cfg.sw_batch_size)
     targs = {k: v for k, v in _trainer_args(cfg, say=False).items()
              if k in ("accelerator", "devices", "precision", "enable_progress_bar")}
-    if device != "auto":  # one device, named: cpu, cuda or cuda:N
-        from lightning_distill.devices import resolve_device
-
-        dev = resolve_device(device)
+    if dev is not None:  # one device, named: cpu, cuda or cuda:N
         targs.update(accelerator="cpu" if dev.type == "cpu" else "gpu", devices=1 if dev.index is None else [dev.index])
         if dev.type == "cpu" and "precision" not in cfg.trainer:
             targs["precision"] = "32-true"

@@ -266,7 +266,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if isinstance(batch, dict):
             if torch.is_tensor(batch.get("label")) and batch["label"].dtype == torch.uint8:
                 batch["label"] = batch["label"].long()
-            fmt = getattr(self, "memory_format", None)
+            fmt = self.memory_format
             for key in ("image", "image_b") if fmt is not None else ():
                 x = batch.get(key)
                 if torch.is_tensor(x) and x.ndim in (4, 5):

@@ -129,7 +129,8 @@ def train_loader(dataset, sampler: EpochSampler, batch_size: int, num_workers: i
 
 def compact_label_collate(samples):
     """The default collate, with ``label`` as uint8 when every value fits (0..255, the ignore index 255
-    included): an 8x smaller host-to-GPU copy; the module casts it back to int64 on the device."""
+    included): an 8x smaller host-to-GPU copy; the DataModule's ``on_after_batch_transfer`` casts it back to
+    int64 on the device."""
     from torch.utils.data import default_collate
 
     batch = default_collate(samples)

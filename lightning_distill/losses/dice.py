@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_distill.devices import process_group_size
+
 SMOOTH = 1e-5
 
 
@@ -46,7 +48,7 @@ def batch_dice_loss(logits: Tensor, label: Tensor, mask: Optional[Tensor] = None
         probs, onehot = probs * mask, onehot * mask
     dims = [0, *range(2, logits.ndim)]
     stats = torch.stack([(probs * onehot).sum(dims), probs.sum(dims), onehot.sum(dims)])
-    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if sync and process_group_size() > 1:
         from torch.distributed.nn.functional import all_reduce
 
         stats = all_reduce(stats, op=dist.ReduceOp.SUM)

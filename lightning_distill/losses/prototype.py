@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_distill.devices import process_group_size
 from lightning_distill.losses.dist import EPS
 
 
@@ -93,10 +94,9 @@ def all_reduce_class_sums(sums: Tensor, counts: Tensor) -> Tuple[Tensor, Tensor]
     upstream gradients and DDP's averaging divides by N again (as :func:`~lightning_distill.losses.dice.batch_dice_loss`).
     Without an initialised process group of more than one process, the inputs are returned as they are.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if process_group_size() == 1:
         return sums, counts
+    import torch.distributed as dist
     from torch.distributed.nn.functional import all_reduce
 
     both = all_reduce(torch.cat([sums, counts.to(sums.dtype)[:, None]], dim=1), op=dist.ReduceOp.SUM)
