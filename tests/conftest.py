@@ -7,7 +7,10 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads unless OMP_NUM_THREADS says otherwise (make test-portable runs the suite with 1 and 2:
+# the thread count changes how BLAS splits a sum, and so the last bits of float32 results)
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,3 +59,40 @@ def teacher_bank(tmp_path_factory):
     rc = main(["fit", os.path.join(REPO, "experiments/teacher.yaml"), f"output_dir={out}", *TINY_TEACHER])
     assert rc == 0
     return out
+
+
+# ------------------------------------------------------------------------------------------ comparing floats
+# Which comparisons are exact (docs/development.md, "Comparing floats"): bitwise only where both sides run
+# the very same computation on the same machine (a resumed run vs the uninterrupted one, a cache hit vs the
+# computation it cached, MONAI's metadata tracking on vs off, a checkpoint's numbers vs the file they came
+# from). Two *different* computations of one quantity (another summation order, batch split, process count,
+# kernel, fused vs unfused) agree to the precision of their inputs, not bit for bit: the order in which a
+# CPU accumulates float32 products depends on its instruction set, its BLAS kernel and the thread count
+# (issue 30: AMD EPYC with MKL's default kernels summed the bank's einsum in another order than the
+# machine the tests were written on; `make test-portable` runs such tests under other kernels here).
+#
+# The bound: ``rel`` of the magnitude of what is compared (its largest absolute value), elementwise also
+# ``rel`` of each element. For float32 inputs rel = 1e-6, about 8 eps (2^-23 = 1.2e-7): the rounding of a
+# blocked or pairwise sum of n float32 terms grows like eps * log(n) (at worst eps * n) of the sum of their
+# magnitudes; on the sizes tested here the two computations differ by 1-2 eps (measured 1e-7 relative).
+REL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def assert_close_to_precision(actual, expected, inputs=torch.float32, rel=None, msg=None):
+    """Assert that two computations of one float quantity agree to the precision of their inputs.
+
+    Args:
+        actual, expected: tensors, arrays or numbers of the same shape.
+        inputs: the dtype whose rounding the two computations differ by (float32 for sums of float32
+            products even when they are accumulated in float64).
+        rel: the bound relative to the magnitude (default ``REL[inputs]``); give a larger one, with the
+            reason beside it, where a computation amplifies rounding (a Pearson correlation, a gradient).
+        msg: added to the failure message.
+    """
+    import numpy as np
+
+    a, e = (torch.as_tensor(x.detach() if torch.is_tensor(x) else np.asarray(x)).double() for x in (actual, expected))
+    rel = REL[inputs] if rel is None else rel
+    scale = float(e.abs().max()) if e.numel() else 0.0
+    torch.testing.assert_close(a, e, rtol=rel, atol=rel * scale, equal_nan=True,
+                               msg=(lambda m: f"{m}\n{msg}") if msg else None)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO, TINY_STUDENT, TINY_TEACHER
+from conftest import REPO, TINY_STUDENT, TINY_TEACHER, assert_close_to_precision
 from lightning_distill import devices
 from lightning_distill.losses.prototype import (all_reduce_class_sums, class_means, masked_class_sums,
                                                prototype_dist_terms)
@@ -142,12 +142,15 @@ def test_two_process_prototype_terms_and_validation_means_equal_one_process(tmp_
     logits.requires_grad_(True)
     sums, counts, (inter, intra) = _terms(logits, label, _bank())
     (inter + intra).backward()
-    for x in r:  # every process computes the terms of the concatenated batch
-        assert torch.allclose(x["sums"], sums, rtol=1e-6) and torch.equal(x["counts"], counts)
-        assert abs(float(x["inter"]) - float(inter)) < 1e-6 and abs(float(x["intra"]) - float(intra)) < 1e-6
+    # every process computes the terms of the concatenated batch: sums of halves added vs sums of the whole
+    # (another order of float32 additions), so equal to float32 precision; counts are whole numbers: exact
+    for x in r:
+        assert_close_to_precision(x["sums"], sums)
+        assert torch.equal(x["counts"], counts)
+        assert_close_to_precision(torch.stack([x["inter"], x["intra"]]), torch.stack([inter, intra]).detach())
     # DDP averages the processes' gradients: each process's share, / 2, is the single process's gradient there
     ddp_grad = torch.cat([r[0]["grad"], r[1]["grad"]]) / 2
-    assert torch.allclose(ddp_grad, logits.grad, rtol=1e-4, atol=1e-9)
+    assert_close_to_precision(ddp_grad, logits.grad)
     # validation: 6 rows were added (one repeat), 5 cases counted; a NaN is left out of its column
     assert r[0]["val_rows"] + r[1]["val_rows"] == 6
     expected = torch.tensor([sum(range(5)) / 5, sum(10.0 * i for i in range(1, 5)) / 4])
@@ -165,8 +168,8 @@ def test_case_means_in_one_process_equal_torchmetrics_mean():
     for n, c in enumerate(chunks):
         means.update([f"{n}-{i}" for i in range(3)], c)
         for j, m in enumerate(ref):
-            m.update(c[:, j])
-    assert torch.equal(means.compute(), torch.stack([m.compute() for m in ref]))
+            m.update(c[:, j].clone())  # a contiguous column, as CaseMeans passes it: the very same computation
+    assert torch.equal(means.compute(), torch.stack([m.compute() for m in ref]))  # the same MeanMetric updates
     with pytest.raises(ValueError, match=r"\(2, 4\)"):
         means.update(["a", "b"], torch.zeros(2, 3))
 
@@ -239,7 +242,12 @@ def test_ddp_student_follows_the_single_process_student(tmp_path, teacher_bank):
     assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     rel = _weights_rel_l2(single / "checkpoints/last.ckpt", ddp / "checkpoints/last.ckpt")
     print(f"student weights relative L2, DDP vs single: {rel:.1e}; dist_inter per step {a} vs {b}")
-    assert rel < 1.3e-3
+    # two computations (batch split over processes): the same objective step by step (dist_inter within 1e-4; with
+    # per-rank prototypes it differed by 0.048), weights apart only by rounding, which Adam's per-weight
+    # normalisation turns into steps for near-zero gradients: 1.1e-3 relative after 6 steps on the machine this was
+    # written on, 1.3e-3 for the teacher. The bound leaves room for another CPU's rounding; that both optimise the
+    # same objective is what the dist_inter check above tests.
+    assert rel < 1e-2
 
 
 def test_time_based_checkpoint_and_picture_cadence(tmp_path, monkeypatch):
