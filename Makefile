@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow train-teacher train-student bank-example train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
+.PHONY: help install test test-all test-slow test-portable train-teacher train-student bank-example train-baseline train-sikd train-cmedl train-chaos benchmark bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,6 +37,18 @@ test-all: $(STAMP) ## run every test, slow ones included
 
 test-slow: $(STAMP) ## run only the slow tests (CI runs them after `make test`)
 	$(BIN)/python -m pytest -m slow -q
+
+# The tests that compare floats of two computations, again under other accumulation orders on this machine
+# (docs/development.md, "Comparing floats"): MKL's AVX2 code path on one thread (MKL's reproducibility mode
+# fixes that path whatever the CPU) and its SSE2-level path; each would catch a bitwise comparison that holds
+# only on the CPU a test was written on. MKL_CBWR is ignored where torch has no MKL (e.g. aarch64).
+PORTABLE_TESTS ?= tests/test_bank_metric.py tests/test_bank.py tests/test_bank_build.py tests/test_bank_quality.py \
+	tests/test_losses.py tests/test_preprocess.py tests/test_controls.py tests/test_geometry.py tests/test_gpu_readiness.py \
+	tests/test_cmedl.py tests/test_nifti.py tests/test_spatial_augment.py tests/test_sikd.py
+PORTABLE_ENVS ?= "MKL_CBWR=AVX2 OMP_NUM_THREADS=1" "MKL_CBWR=COMPATIBLE"
+
+test-portable: $(STAMP) ## the float-comparing tests under other BLAS kernels and thread counts (what another CPU would do)
+	@for e in $(PORTABLE_ENVS); do echo "== $$e"; env $$e $(BIN)/python -m pytest -m "not slow" -q $(PORTABLE_TESTS) || exit 1; done
 
 train-teacher: $(STAMP) ## pretrain the 3D teacher on phantom volumes and export its prototype bank
 	$(BIN)/lightning-distill fit experiments/teacher.yaml $(ARGS)

@@ -242,6 +242,13 @@ def _phantom_nifti_teacher(tmp_path, tiny_teacher, n):
     return vols
 
 
+def _same_mask_up_to_ties(a: np.ndarray, b: np.ndarray) -> None:
+    """Masks of one network computed in other batches (another rounding of the logits): a voxel whose two best
+    classes tie within float32 rounding may take either label. Only the masks are at hand here, so at most
+    1 in 1,000 voxels may differ: such ties, never a systematic difference."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert (a != b).mean() <= 1e-3, f"{int((a != b).sum())} of {a.size} voxels differ"
+
 def test_phantom_nifti_teacher_slices_student_predict_round_trip(tmp_path, tiny_teacher, tiny_student):
     """The "use your own data" path on exported phantom NIfTI: teacher -> slices -> student -> predict."""
     student_cfg = os.path.join(REPO, "experiments/student.yaml")
@@ -266,17 +273,19 @@ def test_phantom_nifti_teacher_slices_student_predict_round_trip(tmp_path, tiny_
     assert main(["predict", str(ckpt), str(tmp_path / "in"), str(tmp_path / "out")]) == 0
     pred = nib.load(str(tmp_path / "out" / "ras.nii.gz"))
     assert pred.shape == vol.shape and np.allclose(pred.affine, flipped_aff) and pred.get_data_dtype() == np.uint8
-    # slices one per forward on a named device give the same mask as the default batches of 16
+    # slices one per forward on a named device give the same mask as the default batches of 16 (another batch
+    # split: logits equal to float32 precision, so a voxel whose two best classes tie within it may take either)
     assert main(["predict", str(ckpt), str(tmp_path / "in"), str(tmp_path / "out1"), "--device", "cpu",
                  "--batch-size", "1"]) == 0
-    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "out1" / "ras.nii.gz")).dataobj), np.asarray(pred.dataobj))
+    _same_mask_up_to_ties(np.asarray(nib.load(str(tmp_path / "out1" / "ras.nii.gz")).dataobj), np.asarray(pred.dataobj))
     # the 3D teacher: one window per forward = the config's sw_batch_size
     teacher_ckpt = tmp_path / "t" / "checkpoints" / "last.ckpt"
     for sw, dst in ((None, "t_out"), ("1", "t_out1")):
         assert main(["predict", str(teacher_ckpt), str(tmp_path / "in"), str(tmp_path / dst),
                      *(["--sw-batch-size", sw] if sw else [])]) == 0
     masks = [np.asarray(nib.load(str(tmp_path / d / "ras.nii.gz")).dataobj) for d in ("t_out", "t_out1")]
-    assert masks[0].shape == vol.shape and np.array_equal(*masks)
+    assert masks[0].shape == vol.shape
+    _same_mask_up_to_ties(*masks)
     if not torch.cuda.is_available():  # a device this machine lacks is refused before anything is written
         assert main(["predict", str(ckpt), str(tmp_path / "in"), str(tmp_path / "out_cuda"), "--device", "cuda"]) == 2
         assert not (tmp_path / "out_cuda").exists()
