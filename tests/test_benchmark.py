@@ -463,3 +463,59 @@ def test_parallel_benchmark_jobs_get_one_gpu_each(monkeypatch):
     assert visible_gpus() == ["2", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus() == []
+
+
+# ------------------------------------------------------------------------------------------ headroom (issue 31)
+HEADROOM = os.path.join(REPO, "experiments/benchmarks/headroom.yaml")
+
+
+def test_headroom_grid_trains_10_to_1000_subjects_with_steps_growing_and_fixed_test_subjects():
+    from lightning_distill.data.datamodules import split_ids, train_subset
+
+    cfg, base = load_benchmark(HEADROOM)
+    runs = grid(cfg)
+    assert len(runs) == 5 * 3 and {r.method for r in runs} == {"baseline"}
+    b = Benchmark(cfg, base)
+    ids = [str(i) for i in range(1060)]
+    steps, subjects, tests = {}, {}, set()
+    for r in runs:
+        c = b.run_config(r)
+        assert c.distill.weight == 0 and c.data.num_subjects == 1060
+        split = split_ids(ids, c.data.val_subjects, c.data.test_subjects, c.data.split_seed)
+        tests.add(tuple(split["test"]))
+        steps[r.fraction] = c.trainer.max_steps
+        subjects[r.fraction] = len(train_subset(split["train"], c.data.train_fraction))
+    assert len(tests) == 1  # the same 40 test subjects at every size and seed
+    assert [subjects[f] for f in sorted(subjects)] == [10, 30, 100, 300, 1000]
+    assert [steps[f] for f in sorted(steps)] == [600, 600, 600, 900, 1500]
+    assert cfg.teachers.ct3d.score_on_students and not any("{teachers." in o for m in cfg.methods.values() for o in m)
+
+
+def test_fraction_overrides_must_name_a_fraction(tmp_path):
+    with pytest.raises(ConfigError, match=r"fraction_overrides has \[0.3\]"):
+        load_benchmark(_bench_yaml(tmp_path, BASE + "fractions: [0.5, 1.0]\nfraction_overrides: {0.3: [trainer.max_steps=9]}\n"))
+    cfg, base = load_benchmark(_bench_yaml(tmp_path, BASE + "fractions: [0.5, 1.0]\nfraction_overrides: {1.0: [trainer.max_steps=9]}\n"))
+    b = Benchmark(cfg, base)
+    assert {r.fraction: b.run_config(r).trainer.max_steps for r in grid(cfg) if r.method == "baseline"}[1.0] == 9
+    assert load_benchmark(_bench_yaml(tmp_path, BASE + "fraction_overrides: {1.0: [x=1]}\n"), quick=True)[0].fraction_overrides == {}
+
+
+def test_quick_headroom_benchmark_trains_the_reference_teacher_and_reports_the_headroom(tmp_path):
+    """No method distils from the teacher, yet it is trained and scored on the students' slices; the report's
+    headroom is the paired difference of the baseline's per-case scores at the two sizes, computed here again."""
+    from lightning_distill.cli import main
+
+    out = tmp_path / "hr"
+    assert main(["benchmark", HEADROOM, "--quick", f"output_dir={out}"]) == 0
+    records = read_records(Path(f"{out}-quick") / "results.jsonl")
+    teacher = [r for r in records if r["kind"] == "teacher"]
+    assert len(teacher) == 1 and teacher[0]["student_slices"]["test_cases"]
+    report = (Path(f"{out}-quick") / "report.md").read_text()
+    assert "## Learning curve and headroom" in report and "Unreachable = teacher − ceiling" in report
+    assert "headroom_headroom.png" in report and (Path(f"{out}-quick") / "img" / "headroom_headroom.png").stat().st_size > 1000
+    students = [r for r in records if r["kind"] == "student"]
+    by = {(r["fraction"], r["seed"]): case_scores(r["test_cases"]) for r in students}
+    seeds = sorted({r["seed"] for r in students})
+    diffs = [by[(1.0, s)][c] - by[(0.25, s)][c] for s in seeds for c in by[(1.0, s)]]
+    row = next(ln for ln in report.split("headroom(n) = ceiling")[1].splitlines() if ln.startswith("| 0.25"))
+    assert row.split("|")[2].strip().startswith(f"{float(np.mean(diffs)):+.3f}")

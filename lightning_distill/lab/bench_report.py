@@ -173,6 +173,10 @@ def write_report(cfg: DictConfig, records: Sequence[Dict[str, Any]], command: st
         plot_organs(tab, p2)
         plots = [("Mean test Dice against the training fraction (± std over seeds)", p1),
                  ("Per-organ test Dice at the smallest and the largest training fraction (mean over seeds)", p2)]
+        p5 = img / f"{cfg.name}_headroom.png"
+        if plot_headroom(tab, p5):
+            plots.append((f"The {cfg.baseline} against the number of training subjects (log scale; dots: seeds, line: "
+                          "mean) and the teachers on the same test slices (dashed), mean Dice and per organ", p5))
         p4 = img / f"{cfg.name}_learning_curves.png"
         if plot_learning_curves(tab, p4):
             plots.append(("Learning curves: validation Dice against the training step (mean over seeds)", p4))
@@ -256,6 +260,7 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
         L += ["## Notes", "", f"*Written by hand from the generated numbers (`{_rel(cfg.notes)}`); every other section "
               "is generated.*", "", Path(cfg.notes).read_text().strip(), ""]
     L += _teachers_on_slices(tab)
+    L += _headroom(tab)
     L += _banks(tab)
     L += _convergence(tab)
     L += _contrasts(tab)
@@ -435,6 +440,65 @@ def _teachers_on_slices(tab: Table) -> List[str]:
     return L
 
 
+def _headroom(tab: Table) -> List[str]:
+    """The baseline's learning curve read as headroom (``headroom: true``): what more labelled subjects of the
+    students' own population give a 2D model, and how much of the teachers' margin lies beyond that."""
+    if not tab.cfg.headroom or len(tab.fractions) < 2:
+        return []
+    base, top, prev = tab.cfg.baseline, tab.fractions[-1], tab.fractions[-2]
+    organs = [None, *tab.organs]
+    n = int(tab.cfg.bootstrap)
+    head = "| fraction (subjects) | " + " | ".join("mean" if o is None else o for o in organs) + " |"
+    rule = "|---|" + "---|" * len(organs)
+    L = ["## Learning curve and headroom", "",
+         f"The {base} (a 2D model of the students' population, no teacher) at every training size. **Ceiling**: the "
+         f"{base} at the largest size, {tab.frac_label(top)} subjects — a measured value, not an extrapolation; the "
+         f"plateau check says whether the curve had flattened there. **headroom(n)** = ceiling − {base}(n): what more "
+         f"labelled slices of this population give a 2D model, the part of a teacher's margin a 2D student can "
+         f"reach. **Unreachable** = teacher − ceiling on the same slices: what a teacher knows beyond any 2D model "
+         f"trained on this population (negative: the ceiling passes the teacher). Paired over seeds and test "
+         f"cases, [bootstrap 95% CI]; a teacher's one run is paired with every seed of the ceiling.", ""]
+    for ts in tab.test_sets:
+        if len(tab.test_sets) > 1:
+            L += [f"### {_title(ts)}", ""]
+        for a in tab.archs:
+            rise = _baseline_gain(tab, ts, a, top, prev, None, n)
+            flat = rise is not None and rise["lo"] <= 0
+            L += [f"**{a}.** Plateau check: {base}({tab.frac_label(top)}) − {base}({tab.frac_label(prev)}) = "
+                  f"{fmt_ci(rise)}: " + ("n/a." if rise is None else "flat within the CI, the ceiling is the plateau."
+                                          if flat else "**still rising**: the ceiling is a lower bound of the plateau."), "",
+                  f"{base}, mean over seeds:", "", head, rule]
+            for f in tab.fractions:
+                runs = tab.runs(ts, a, f, base)
+                L.append(f"| {tab.frac_label(f)} | " + " | ".join(_num(_mean(
+                    [t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o) for t in runs.values()])) for o in organs) + " |")
+            L += ["", f"headroom(n) = ceiling − {base}(n) [95% CI]:", "", head, rule]
+            for f in tab.fractions[:-1]:
+                L.append(f"| {tab.frac_label(f)} | " + " | ".join(fmt_ci(_baseline_gain(tab, ts, a, top, f, o, n)) for o in organs) + " |")
+            recs = [(r, r["student_slices"] if ts == OWN_TEST else (r.get("student_slices_sets") or {}).get(ts))
+                    for r in sorted(tab.teachers, key=lambda r: r.get("instance", "")) if r.get("student_slices")]
+            recs = [(r, t) for r, t in recs if t]
+            if recs:
+                ceiling = tab.runs(ts, a, top, base)
+                L += ["", "Unreachable = teacher − ceiling [95% CI] (the teacher scored on the same test slices):", "",
+                      "| teacher | " + " | ".join("mean" if o is None else o for o in organs) + " |", rule]
+                for r, t in recs:
+                    cells = []
+                    for o in organs:
+                        t_scores = case_scores(t["test_cases"]) if o is None else organ_scores(t["test_cases"], o)
+                        cells.append(fmt_ci(paired_bootstrap({sd: t_scores for sd in ceiling},
+                                                             tab.scores(ts, a, top, base, o), n=n)))
+                    L.append(f"| {r.get('instance')} | " + " | ".join(cells) + " |")
+            L.append("")
+    return L
+
+
+def _baseline_gain(tab: Table, ts: str, arch: str, f_a: float, f_b: float, organ: Optional[str], n: int) -> Optional[Dict[str, float]]:
+    """Paired difference of the baseline at two training fractions (same seeds, same test cases)."""
+    base = tab.cfg.baseline
+    return paired_bootstrap(tab.scores(ts, arch, f_a, base, organ), tab.scores(ts, arch, f_b, base, organ), n=n)
+
+
 def _convergence(tab: Table) -> List[str]:
     """Convergence check from the learning curves (and the plot's caption)."""
     if not any(r.get("val_curve") for r in tab.students):
@@ -610,6 +674,51 @@ def plot_dice_vs_fraction(tab: Table, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def plot_headroom(tab: Table, path: Path) -> bool:
+    """The baseline's test Dice against the training subjects (own test split, first architecture), mean Dice
+    and one panel per organ, with every teacher scored on the students' slices as a dashed line."""
+    if not tab.cfg.headroom or len(tab.fractions) < 2:
+        return False
+    a, base = tab.archs[0], tab.cfg.baseline
+    organs = [None, *tab.organs]
+    teachers = [r for r in sorted(tab.teachers, key=lambda r: r.get("instance", "")) if r.get("student_slices")]
+    cols = min(len(organs), 5)
+    rows = math.ceil(len(organs) / cols)
+    fig, axes = new_figure(rows, cols, figsize=(3.1 * cols, 2.7 * rows), squeeze=False)
+    import matplotlib
+
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, o in zip(axes.flat, organs):
+        xs, means = [], []
+        for f in tab.fractions:
+            vals = [t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o) for t in tab.runs(OWN_TEST, a, f, base).values()]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                x = tab.subjects.get(f, f)
+                ax.scatter([x] * len(vals), vals, s=10, color=colors[0], alpha=0.5)
+                xs.append(x)
+                means.append(statistics.mean(vals))
+        ax.plot(xs, means, marker="o", color=colors[0], label=base)
+        for i, r in enumerate(teachers):
+            t = r["student_slices"]["test"]
+            v = t["dice_mean"] if o is None else t["dice"].get(o)
+            if v is not None:
+                ax.axhline(v, ls="--", color=colors[(i + 1) % len(colors)], label=f"{r.get('instance')} (teacher)")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs], minor=False)
+        ax.minorticks_off()
+        ax.set_title("mean Dice" if o is None else o, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(organs):]:
+        ax.axis("off")
+    axes[0][0].set_xlabel("training subjects", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
 
 
 def plot_organs(tab: Table, path: Path) -> None:

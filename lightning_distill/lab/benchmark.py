@@ -101,6 +101,12 @@ class BenchmarkConfig:
     fractions: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     # method -> the fractions it runs at (default: every fraction): fewer cells where a method is not needed
     fractions_of: Dict[str, List[float]] = field(default_factory=dict)
+    # fraction -> student overrides at that fraction, after the method's (e.g. more steps for more subjects, so
+    # that every point of a learning curve converges); keys are among the fractions
+    fraction_overrides: Dict[float, List[str]] = field(default_factory=dict)
+    # the report's learning curve of the baseline: headroom(n) = ceiling - baseline(n), the ceiling being the
+    # baseline at the largest fraction, and teacher - ceiling (what no 2D model of this data reaches)
+    headroom: bool = False
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     test_sets: Dict[str, TestSetSpec] = field(default_factory=dict)  # extra evaluations (the run's own test split is "test")
     keep_checkpoints: bool = False  # False: delete each student's checkpoints once it is evaluated
@@ -148,6 +154,7 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
                     raise ConfigError(f"{path}: quick.{key} names {unknown}, not in {key} ({list(cfg[key])})")
                 cfg[key] = {n: cfg[key][n] for n in q[key]}
         cfg.fractions_of = {}  # the quick grid runs every method at its fractions
+        cfg.fraction_overrides = {}  # ... with the stages' quick overrides (tiny data, a few steps)
         cfg.contrasts = [list(p) for p in cfg.contrasts if all(m in cfg.methods for m in p)]
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
@@ -196,6 +203,9 @@ def _check(cfg: DictConfig, path: Path) -> None:
         bad = [f for f in fr if not among(f, cfg.fractions)]
         if bad:
             raise ConfigError(f"{where}: fractions_of.{m} has {bad}, not among the fractions {list(cfg.fractions)}")
+    bad = [f for f in cfg.fraction_overrides if not among(f, cfg.fractions)]
+    if bad:
+        raise ConfigError(f"{where}: fraction_overrides has {bad}, not among the fractions {list(cfg.fractions)}")
     for pair in cfg.contrasts:
         if len(pair) != 2 or any(m not in cfg.methods for m in pair):
             raise ConfigError(f"{where}: contrasts must be [method, control] pairs of methods {list(cfg.methods)}, got {list(pair)}")
@@ -302,8 +312,9 @@ class Benchmark:
 
     def run_overrides(self, run: GridRun) -> List[str]:
         c = self.cfg
-        return [*c.archs[run.arch], *(self._resolve(o, run) for o in c.methods[run.method]), f"seed={run.seed}",
-                f"data.train_fraction={run.fraction}", f"output_dir={self.out / 'runs' / run.dirname}"]
+        at_fraction = next((list(v) for f, v in c.fraction_overrides.items() if among(run.fraction, [f])), [])
+        return [*c.archs[run.arch], *(self._resolve(o, run) for o in c.methods[run.method]), *at_fraction,
+                f"seed={run.seed}", f"data.train_fraction={run.fraction}", f"output_dir={self.out / 'runs' / run.dirname}"]
 
     def run_config(self, run: GridRun) -> DictConfig:
         return self._stage_config(self.cfg.student, self.run_overrides(run))
@@ -378,6 +389,12 @@ class Benchmark:
                     self._check_same_config(f"teacher|{inst}", done[f"teacher|{inst}"], self.teacher_config(name, r))
                 else:
                     teachers.setdefault(inst, (name, r))
+        for name, spec in self.cfg.teachers.items():  # a reference no method distils from: scored on the slices only
+            if spec.score_on_students and not spec.per and name not in teachers:
+                if f"teacher|{name}" in done:
+                    self._check_same_config(f"teacher|{name}", done[f"teacher|{name}"], self.teacher_config(name))
+                else:
+                    teachers[name] = (name, None)
 
         finished = len(runs) - len(todo)
 
