@@ -343,14 +343,18 @@ def _setup(tab: Table, quick: bool) -> List[str]:
     if tab.students:
         r = tab.students[0]
         c = r["config"]
-        L.append(f"  {c['data']['shape']} inputs, batch {c['data']['batch_size']}, {r['steps']} steps, "
-                 f"{r['test']['num_cases']} test cases; median run {statistics.median(x['wall_time_s'] for x in tab.students):.0f} s.")
+        steps = sorted({x["steps"] for x in tab.students})
+        L.append(f"  {c['data']['shape']} inputs, batch {c['data']['batch_size']}, "
+                 f"{'/'.join(str(v) for v in steps)} steps, {r['test']['num_cases']} test cases; median run "
+                 f"{statistics.median(x['wall_time_s'] for x in tab.students):.0f} s.")
     for m, o in cfg.methods.items():
         L.append(f"- Method `{m}`: {ovr(o, [])}")
     for a, o in cfg.archs.items():
         L.append(f"- Architecture `{a}`: {ovr(o, [])}")
     L.append(f"- Fractions (training subjects): {', '.join(tab.frac_label(f) for f in tab.fractions)}; seeds "
              f"{list(cfg.seeds)}.")
+    for f, o in cfg.fraction_overrides.items():
+        L.append(f"- At fraction {float(f):g}: {ovr(o, [])}")
     for name, t in cfg.test_sets.items():
         L.append(f"- Extra test set `{name}`: {ovr(t.overrides, [])}" + (" (every subject)" if t.all_subjects else "")
                  + (f": {t.description.strip()}" if t.description else ""))
@@ -362,6 +366,8 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
     """Per method and test set, how many settings are better / worse / not clearly different from the
     baseline; then the low-data claim of every method run at more than one fraction."""
     base = tab.cfg.baseline
+    if not others:  # the baseline alone (a learning curve): nothing to compare
+        return []
     titles = [_title(ts) for ts in tab.test_sets]
     L = ["## Summary", "",
          f"Verdicts against the {base} over the settings each method runs in (*better* / *worse*: the paired 95% CI "
@@ -463,10 +469,15 @@ def _headroom(tab: Table) -> List[str]:
             L += [f"### {_title(ts)}", ""]
         for a in tab.archs:
             rise = _baseline_gain(tab, ts, a, top, prev, None, n)
-            flat = rise is not None and rise["lo"] <= 0
+            if rise is None:
+                said = "n/a."
+            elif rise["lo"] > 0:
+                said = "**still rising**: the ceiling is a lower bound of the plateau."
+            else:
+                said = ("no clear rise (the CI includes 0): the curve may have flattened, but a larger size could still add "
+                        "up to the CI's upper bound; the ceiling is the measured value at this size.")
             L += [f"**{a}.** Plateau check: {base}({tab.frac_label(top)}) − {base}({tab.frac_label(prev)}) = "
-                  f"{fmt_ci(rise)}: " + ("n/a." if rise is None else "flat within the CI, the ceiling is the plateau."
-                                          if flat else "**still rising**: the ceiling is a lower bound of the plateau."), "",
+                  f"{fmt_ci(rise)}: {said}", "",
                   f"{base}, mean over seeds:", "", head, rule]
             for f in tab.fractions:
                 runs = tab.runs(ts, a, f, base)
