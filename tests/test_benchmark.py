@@ -519,3 +519,21 @@ def test_quick_headroom_benchmark_trains_the_reference_teacher_and_reports_the_h
     diffs = [by[(1.0, s)][c] - by[(0.25, s)][c] for s in seeds for c in by[(1.0, s)]]
     row = next(ln for ln in report.split("headroom(n) = ceiling")[1].splitlines() if ln.startswith("| 0.25"))
     assert row.split("|")[2].strip().startswith(f"{float(np.mean(diffs)):+.3f}")
+
+
+def test_chaos_headroom_grid_trains_2_4_and_8_patients_and_keeps_the_test_patients():
+    from lightning_distill.data.datamodules import train_subset
+
+    cfg, base = load_benchmark(os.path.join(REPO, "experiments/benchmarks/chaos_headroom.yaml"))
+    runs = grid(cfg)
+    assert len(runs) == 3 * 3 and cfg.headroom and cfg.teachers.mr3d.score_on_students
+    b = Benchmark(cfg, base)
+    chaos = load_benchmark(os.path.join(REPO, "experiments/benchmarks/chaos.yaml"))[0]
+    chaos_test = Benchmark(chaos, base).run_config(grid(chaos)[0]).data.splits.test
+    sizes = set()
+    for r in runs:
+        c = b.run_config(r)
+        assert c.distill.weight == 0 and list(c.data.splits.test) == list(chaos_test)  # bench-chaos's 6 test patients
+        assert not set(c.data.splits.train) & set(c.data.splits.test) and not set(c.data.splits.train) & set(c.data.splits.val)
+        sizes.add(len(train_subset(list(c.data.splits.train), c.data.train_fraction)))
+    assert sizes == {2, 4, 8}

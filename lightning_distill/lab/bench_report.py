@@ -473,6 +473,9 @@ def _headroom(tab: Table) -> List[str]:
                 said = "n/a."
             elif rise["lo"] > 0:
                 said = "**still rising**: the ceiling is a lower bound of the plateau."
+            elif rise["hi"] < 0:
+                said = (f"**falling**: the largest size is worse than the one before it, so the ceiling is no plateau "
+                        f"(more subjects of this data made the {base} worse; a negative headroom says so).")
             else:
                 said = ("no clear rise (the CI includes 0): the curve may have flattened, but a larger size could still add "
                         "up to the CI's upper bound; the ceiling is the measured value at this size.")
