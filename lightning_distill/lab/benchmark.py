@@ -389,8 +389,9 @@ class Benchmark:
                     self._check_same_config(f"teacher|{inst}", done[f"teacher|{inst}"], self.teacher_config(name, r))
                 else:
                     teachers.setdefault(inst, (name, r))
+        distilled = {n for ovr in self.cfg.methods.values() for o in ovr for n in _teacher_refs(o)}
         for name, spec in self.cfg.teachers.items():  # a reference no method distils from: scored on the slices only
-            if spec.score_on_students and not spec.per and name not in teachers:
+            if spec.score_on_students and not spec.per and name not in distilled:
                 if f"teacher|{name}" in done:
                     self._check_same_config(f"teacher|{name}", done[f"teacher|{name}"], self.teacher_config(name))
                 else:
