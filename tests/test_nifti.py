@@ -249,6 +249,7 @@ def _same_mask_up_to_ties(a: np.ndarray, b: np.ndarray) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype
     assert (a != b).mean() <= 1e-3, f"{int((a != b).sum())} of {a.size} voxels differ"
 
+
 def test_phantom_nifti_teacher_slices_student_predict_round_trip(tmp_path, tiny_teacher, tiny_student):
     """The "use your own data" path on exported phantom NIfTI: teacher -> slices -> student -> predict."""
     student_cfg = os.path.join(REPO, "experiments/student.yaml")
