@@ -99,15 +99,18 @@ train-chaos: $(STAMP) ## the real-MRI experiment on CHAOS T2 (needs CHAOS_DIR or
 benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom, ~45 min on 2 cores) -> docs/benchmarks/<name>.md
 	$(BIN)/lightning-distill benchmark $(BENCH) $(ARGS)
 
+# the CHAOS targets stop with a clear message when the data is not there
+CHAOS_DATA_CHECK = test -f "$${CHAOS_DIR:-../shared/data/chaos_t2_mr}/dataset.json" || { echo "CHAOS data not found at $${CHAOS_DIR:-../shared/data/chaos_t2_mr} (relative to this folder): set CHAOS_DIR to the dataset folder" >&2; exit 2; }
+
 bench-headroom: $(STAMP) ## the plain 2D model on 10..1,000 subjects and the 3D teacher on the same slices: headroom and ceiling (~30 min) -> docs/benchmarks/headroom.md
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/headroom.yaml $(ARGS)
 
 bench-chaos-headroom: $(STAMP) ## the plain 2D model on 2, 4 and 8 CHAOS patients' slices and the 3D teacher on the same slices (needs the data, see train-chaos) -> docs/benchmarks/chaos-headroom.md
-	@test -f "$${CHAOS_DIR:-../shared/data/chaos_t2_mr}/dataset.json" || { echo "CHAOS data not found at $${CHAOS_DIR:-../shared/data/chaos_t2_mr} (relative to this folder): set CHAOS_DIR to the dataset folder" >&2; exit 2; }
+	@$(CHAOS_DATA_CHECK)
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos_headroom.yaml $(ARGS)
 
 bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~30 min) -> docs/benchmarks/chaos.md
-	@test -f "$${CHAOS_DIR:-../shared/data/chaos_t2_mr}/dataset.json" || { echo "CHAOS data not found at $${CHAOS_DIR:-../shared/data/chaos_t2_mr} (relative to this folder): set CHAOS_DIR to the dataset folder" >&2; exit 2; }
+	@$(CHAOS_DATA_CHECK)
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos.yaml $(ARGS)
 
 SWEEP ?= experiments/sweeps/student.yaml

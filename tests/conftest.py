@@ -4,6 +4,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -90,8 +91,6 @@ def assert_close_to_precision(actual, expected, inputs=torch.float32, rel=None, 
             reason beside it, where a computation amplifies rounding (a Pearson correlation, a gradient).
         msg: added to the failure message.
     """
-    import numpy as np
-
     a, e = (torch.as_tensor(x.detach() if torch.is_tensor(x) else np.asarray(x)).double() for x in (actual, expected))
     rel = REL[inputs] if rel is None else rel
     scale = float(e.abs().max()) if e.numel() else 0.0

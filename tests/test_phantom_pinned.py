@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import assert_close_to_precision
 from lightning_distill.data.phantom import PhantomSpec, render_slice, render_volume
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,8 +51,6 @@ def pinned():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_todays_phantom_renders_as_pinned(name, pinned):
-    from conftest import assert_close_to_precision
-
     for s in SUBJECTS:
         got, want = _fingerprint(name, s), pinned[f"{name}/{s}"]
         assert got["label_sha256"] == want["label_sha256"] and got["label_shape"] == want["label_shape"], (name, s)
@@ -73,4 +72,5 @@ def test_rendering_twice_is_bitwise_the_same():
 if __name__ == "__main__" and "--write" in sys.argv:
     with open(PINNED, "w") as f:
         json.dump(_all(), f, indent=1)
+        f.write("\n")
     print(f"wrote {PINNED}")

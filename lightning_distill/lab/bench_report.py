@@ -48,6 +48,16 @@ def _mean(vals) -> Optional[float]:
     return mean_sd(vals)[0]
 
 
+def _dice(test: Dict[str, Any], organ: Optional[str] = None) -> Optional[float]:
+    """A test summary's mean Dice, or one organ's (``None`` where the organ has none)."""
+    return test["dice_mean"] if organ is None else test["dice"].get(organ)
+
+
+def _scores(cases: Sequence[Dict[str, Any]], organ: Optional[str] = None) -> Dict[str, float]:
+    """``{case: score}``: each case's mean Dice over the organs present, or one organ's Dice."""
+    return case_scores(cases) if organ is None else organ_scores(cases, organ)
+
+
 def _test_of(rec: Dict[str, Any], test_set: str) -> Optional[Dict[str, Any]]:
     """``{"test": summary, "test_cases": [...]}`` of a record for one test set."""
     if test_set == OWN_TEST:
@@ -77,6 +87,7 @@ class Table:
                 if t is not None:
                     self.data.setdefault((ts, r["arch"], float(r["fraction"]), r["method"]), {})[r["seed"]] = t
         self.organs = list(self.students[0]["test"]["dice"]) if self.students else []
+        self._teacher_diffs: Dict[Tuple, Optional[Dict[str, float]]] = {}
 
     def runs(self, ts, arch, frac, method) -> Dict[int, Dict]:
         return self.data.get((ts, arch, frac, method), {})
@@ -98,14 +109,36 @@ class Table:
 
     def scores(self, ts, arch, frac, method, organ: Optional[str] = None) -> Dict[int, Dict[str, float]]:
         """``{seed: {case: score}}``: a case's mean Dice over the organs present, or one organ's Dice."""
-        if organ is None:
-            return {s: case_scores(t["test_cases"]) for s, t in self.runs(ts, arch, frac, method).items()}
-        return {s: organ_scores(t["test_cases"], organ) for s, t in self.runs(ts, arch, frac, method).items()}
+        return {s: _scores(t["test_cases"], organ) for s, t in self.runs(ts, arch, frac, method).items()}
 
     def diff(self, ts, arch, frac, method, other: Optional[str] = None, organ: Optional[str] = None) -> Optional[Dict[str, float]]:
         """Paired difference ``method − other`` (default: the baseline), optionally of one organ's Dice."""
         return paired_bootstrap(self.scores(ts, arch, frac, method, organ),
                                 self.scores(ts, arch, frac, other or self.cfg.baseline, organ), n=int(self.cfg.bootstrap))
+
+    def fraction_diff(self, ts, arch, frac, other_frac, organ: Optional[str] = None) -> Optional[Dict[str, float]]:
+        """Paired difference of the baseline at ``frac`` − at ``other_frac`` (same seeds, same test cases)."""
+        base = self.cfg.baseline
+        return paired_bootstrap(self.scores(ts, arch, frac, base, organ), self.scores(ts, arch, other_frac, base, organ),
+                                n=int(self.cfg.bootstrap))
+
+    def scored_teachers(self, ts) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+        """``(record, {"test", "test_cases"})`` of every teacher scored on the students' slices of test set ``ts``."""
+        recs = sorted((r for r in self.teachers if r.get("student_slices")), key=lambda r: r.get("instance", ""))
+        pairs = [(r, r["student_slices"] if ts == OWN_TEST else (r.get("student_slices_sets") or {}).get(ts)) for r in recs]
+        return [(r, t) for r, t in pairs if t]
+
+    def teacher_diff(self, ts, arch, rec, slices, organ: Optional[str] = None) -> Optional[Dict[str, float]]:
+        """Paired difference teacher − baseline at the largest fraction on the students' slices of test set ``ts``
+        (``rec``'s ``slices`` from :meth:`scored_teachers`; its one run paired with every baseline seed), computed
+        once per teacher, test set, architecture and organ (the teachers' and the headroom sections both show it)."""
+        key = (ts, arch, rec.get("instance"), organ)
+        if key not in self._teacher_diffs:
+            base, f = self.cfg.baseline, self.fractions[-1]
+            teacher = _scores(slices["test_cases"], organ)
+            self._teacher_diffs[key] = paired_bootstrap({sd: teacher for sd in self.runs(ts, arch, f, base)},
+                                                        self.scores(ts, arch, f, base, organ), n=int(self.cfg.bootstrap))
+        return self._teacher_diffs[key]
 
     def _records(self, arch, frac, method) -> List[Dict[str, Any]]:
         return [r for r in self.students if r["arch"] == arch and float(r["fraction"]) == frac and r["method"] == method]
@@ -421,9 +454,7 @@ def _teachers_on_slices(tab: Table) -> List[str]:
          "teacher can only pass on what it knows better than the student.", ""]
     organs = [None, *tab.organs]
     for ts in tab.test_sets:
-        scored = [(r, r["student_slices"] if ts == OWN_TEST else (r.get("student_slices_sets") or {}).get(ts))
-                  for r in sorted(recs, key=lambda r: r.get("instance", ""))]
-        scored = [(r, t) for r, t in scored if t]
+        scored = tab.scored_teachers(ts)
         if not scored:
             continue
         if len(tab.test_sets) > 1:
@@ -432,16 +463,11 @@ def _teachers_on_slices(tab: Table) -> List[str]:
             L += ["| teacher | " + " | ".join("mean" if o is None else o for o in organs) + " |", "|---|" + "---|" * len(organs)]
             bruns = tab.runs(ts, a, f, base)
             L.append(f"| {base} ({a}, {len(bruns)} seeds) | " + " | ".join(_num(_mean(
-                [t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o) for t in bruns.values()])) for o in organs) + " |")
+                [_dice(t["test"], o) for t in bruns.values()])) for o in organs) + " |")
             for r, t in scored:
-                L.append(f"| {r.get('instance')} | " + " | ".join(_num(t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o))
-                                                                 for o in organs) + " |")
-                cells = []
-                for o in organs:
-                    ts_ = case_scores(t["test_cases"]) if o is None else organ_scores(t["test_cases"], o)
-                    cells.append(fmt_ci(paired_bootstrap({sd: ts_ for sd in bruns}, tab.scores(ts, a, f, base, o),
-                                                      n=int(tab.cfg.bootstrap))))
-                L.append(f"| Δ {r.get('instance')} − {base} | " + " | ".join(cells) + " |")
+                L.append(f"| {r.get('instance')} | " + " | ".join(_num(_dice(t["test"], o)) for o in organs) + " |")
+                L.append(f"| Δ {r.get('instance')} − {base} | " + " | ".join(fmt_ci(tab.teacher_diff(ts, a, r, t, o))
+                                                                           for o in organs) + " |")
             L.append("")
     return L
 
@@ -453,7 +479,6 @@ def _headroom(tab: Table) -> List[str]:
         return []
     base, top, prev = tab.cfg.baseline, tab.fractions[-1], tab.fractions[-2]
     organs = [None, *tab.organs]
-    n = int(tab.cfg.bootstrap)
     head = "| fraction (subjects) | " + " | ".join("mean" if o is None else o for o in organs) + " |"
     rule = "|---|" + "---|" * len(organs)
     L = ["## Learning curve and headroom", "",
@@ -468,7 +493,7 @@ def _headroom(tab: Table) -> List[str]:
         if len(tab.test_sets) > 1:
             L += [f"### {_title(ts)}", ""]
         for a in tab.archs:
-            rise = _baseline_gain(tab, ts, a, top, prev, None, n)
+            rise = tab.fraction_diff(ts, a, top, prev)
             if rise is None:
                 said = "n/a."
             elif rise["lo"] > 0:
@@ -484,33 +509,19 @@ def _headroom(tab: Table) -> List[str]:
                   f"{base}, mean over seeds:", "", head, rule]
             for f in tab.fractions:
                 runs = tab.runs(ts, a, f, base)
-                L.append(f"| {tab.frac_label(f)} | " + " | ".join(_num(_mean(
-                    [t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o) for t in runs.values()])) for o in organs) + " |")
+                L.append(f"| {tab.frac_label(f)} | " + " | ".join(_num(_mean([_dice(t["test"], o) for t in runs.values()]))
+                                                                  for o in organs) + " |")
             L += ["", f"headroom(n) = ceiling − {base}(n) [95% CI]:", "", head, rule]
             for f in tab.fractions[:-1]:
-                L.append(f"| {tab.frac_label(f)} | " + " | ".join(fmt_ci(_baseline_gain(tab, ts, a, top, f, o, n)) for o in organs) + " |")
-            recs = [(r, r["student_slices"] if ts == OWN_TEST else (r.get("student_slices_sets") or {}).get(ts))
-                    for r in sorted(tab.teachers, key=lambda r: r.get("instance", "")) if r.get("student_slices")]
-            recs = [(r, t) for r, t in recs if t]
-            if recs:
-                ceiling = tab.runs(ts, a, top, base)
+                L.append(f"| {tab.frac_label(f)} | " + " | ".join(fmt_ci(tab.fraction_diff(ts, a, top, f, o)) for o in organs) + " |")
+            scored = tab.scored_teachers(ts)
+            if scored:
                 L += ["", "Unreachable = teacher − ceiling [95% CI] (the teacher scored on the same test slices):", "",
                       "| teacher | " + " | ".join("mean" if o is None else o for o in organs) + " |", rule]
-                for r, t in recs:
-                    cells = []
-                    for o in organs:
-                        t_scores = case_scores(t["test_cases"]) if o is None else organ_scores(t["test_cases"], o)
-                        cells.append(fmt_ci(paired_bootstrap({sd: t_scores for sd in ceiling},
-                                                             tab.scores(ts, a, top, base, o), n=n)))
-                    L.append(f"| {r.get('instance')} | " + " | ".join(cells) + " |")
+                for r, t in scored:
+                    L.append(f"| {r.get('instance')} | " + " | ".join(fmt_ci(tab.teacher_diff(ts, a, r, t, o)) for o in organs) + " |")
             L.append("")
     return L
-
-
-def _baseline_gain(tab: Table, ts: str, arch: str, f_a: float, f_b: float, organ: Optional[str], n: int) -> Optional[Dict[str, float]]:
-    """Paired difference of the baseline at two training fractions (same seeds, same test cases)."""
-    base = tab.cfg.baseline
-    return paired_bootstrap(tab.scores(ts, arch, f_a, base, organ), tab.scores(ts, arch, f_b, base, organ), n=n)
 
 
 def _convergence(tab: Table) -> List[str]:
@@ -697,7 +708,7 @@ def plot_headroom(tab: Table, path: Path) -> bool:
         return False
     a, base = tab.archs[0], tab.cfg.baseline
     organs = [None, *tab.organs]
-    teachers = [r for r in sorted(tab.teachers, key=lambda r: r.get("instance", "")) if r.get("student_slices")]
+    teachers = tab.scored_teachers(OWN_TEST)
     cols = min(len(organs), 5)
     rows = math.ceil(len(organs) / cols)
     fig, axes = new_figure(rows, cols, figsize=(3.1 * cols, 2.7 * rows), squeeze=False)
@@ -707,17 +718,15 @@ def plot_headroom(tab: Table, path: Path) -> bool:
     for ax, o in zip(axes.flat, organs):
         xs, means = [], []
         for f in tab.fractions:
-            vals = [t["test"]["dice_mean"] if o is None else t["test"]["dice"].get(o) for t in tab.runs(OWN_TEST, a, f, base).values()]
-            vals = [v for v in vals if v is not None]
+            vals = [v for v in (_dice(t["test"], o) for t in tab.runs(OWN_TEST, a, f, base).values()) if v is not None]
             if vals:
                 x = tab.subjects.get(f, f)
                 ax.scatter([x] * len(vals), vals, s=10, color=colors[0], alpha=0.5)
                 xs.append(x)
                 means.append(statistics.mean(vals))
         ax.plot(xs, means, marker="o", color=colors[0], label=base)
-        for i, r in enumerate(teachers):
-            t = r["student_slices"]["test"]
-            v = t["dice_mean"] if o is None else t["dice"].get(o)
+        for i, (r, t) in enumerate(teachers):
+            v = _dice(t["test"], o)
             if v is not None:
                 ax.axhline(v, ls="--", color=colors[(i + 1) % len(colors)], label=f"{r.get('instance')} (teacher)")
         ax.set_xscale("log")
