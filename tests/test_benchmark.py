@@ -518,7 +518,9 @@ def test_quick_headroom_benchmark_trains_the_reference_teacher_and_reports_the_h
     seeds = sorted({r["seed"] for r in students})
     diffs = [by[(1.0, s)][c] - by[(0.25, s)][c] for s in seeds for c in by[(1.0, s)]]
     row = next(ln for ln in report.split("headroom(n) = ceiling")[1].splitlines() if ln.startswith("| 0.25"))
-    assert row.split("|")[2].strip().startswith(f"{float(np.mean(diffs)):+.3f}")
+    # the report prints 3 decimals of the bootstrap's mean (another summation order than np.mean here): within
+    # half a printed unit, plus float64 rounding, so a mean at a rounding boundary cannot flip the test
+    assert abs(float(row.split("|")[2].split()[0]) - float(np.mean(diffs))) <= 0.0005 + 1e-12
 
 
 def test_chaos_headroom_grid_trains_2_4_and_8_patients_and_keeps_the_test_patients():
