@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow test-portable train-teacher train-student bank-example train-baseline train-sikd train-cmedl train-chaos benchmark bench-headroom bench-chaos-headroom bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
+.PHONY: help install test test-all test-slow test-portable train-teacher train-student bank-example train-baseline train-sikd train-cmedl train-chaos benchmark bench-headroom bench-headroom-0.5 bench-chaos-headroom bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -104,6 +104,9 @@ CHAOS_DATA_CHECK = test -f "$${CHAOS_DIR:-../shared/data/chaos_t2_mr}/dataset.js
 
 bench-headroom: $(STAMP) ## the plain 2D model on 10..1,000 subjects and the 3D teacher on the same slices: headroom and ceiling (~30 min) -> docs/benchmarks/headroom.md
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/headroom.yaml $(ARGS)
+
+bench-headroom-0.5: $(STAMP) ## the same learning curve on phantom version 0.5 (learnable single-slice cues), its own 3D teacher (~30 min) -> docs/benchmarks/headroom-0.5.md
+	$(BIN)/lightning-distill benchmark experiments/benchmarks/headroom_0.5.yaml $(ARGS)
 
 bench-chaos-headroom: $(STAMP) ## the plain 2D model on 2, 4 and 8 CHAOS patients' slices and the 3D teacher on the same slices (needs the data, see train-chaos) -> docs/benchmarks/chaos-headroom.md
 	@$(CHAOS_DATA_CHECK)

@@ -51,6 +51,7 @@ class PhantomConfig:
     blur: float = 0.6
     slice_z: List[float] = field(default_factory=lambda: [-0.6, 0.0])
     modality: str = "CT"  # CT | MR (MRI-like rendering of the same anatomy)
+    version: str = "0.3"  # the generator: 0.3 (since 0.3.0, pinned) | 0.5 (learnable single-slice cues); see phantom.py
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
 
@@ -261,7 +262,7 @@ _CHOICES = {"stage": ("teacher", "student"), "accel.matmul_precision": ("auto", 
             "data.nifti.layout": ("auto", "nnunet", "msd", "folder"), "data.nifti.unmapped": ("background", "ignore", "error"),
             "data.nifti.on_missing": ("error", "warn"),
             "data.nifti.slice_mode": ("file", "all"), "data.nifti.modality": ("CT", "MR", "none"),
-            "data.phantom.modality": ("CT", "MR"),
+            "data.phantom.modality": ("CT", "MR"), "data.phantom.version": ("0.3", "0.5"),
             "data.nifti.mr_norm": ("percentile", "zscore"), "data.nifti.open": ("eager", "lazy"), "data.nifti.resize": ("resize", "pad_crop"),
             "bank.space": ("prob", "feature"), "bank.source": ("running", "final"), "bank.final_split": ("train", "val", "both"),
             "distill.geometry": ("prob", "logprob", "offdiag"), "distill.bank_control": ("none", "identity", "flat", "shuffled"), "distill.row_weight": ("none", "reliability"),

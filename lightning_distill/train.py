@@ -47,7 +47,7 @@ def build_source(cfg: DictConfig, root: Optional[str] = None, slice_mode: Option
     if d.source == "phantom":
         p = d.phantom
         spec = PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur, slice_z=tuple(p.slice_z),
-                           modality=p.modality)
+                           modality=p.modality, version=p.version)
         return PhantomSource(spec, d.num_subjects, tuple(d.shape), window=tuple(d.window), shift=DomainShift(**p.shift))
     if d.source == "nifti":
         n = d.nifti

@@ -467,12 +467,14 @@ def test_parallel_benchmark_jobs_get_one_gpu_each(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ headroom (issue 31)
 HEADROOM = os.path.join(REPO, "experiments/benchmarks/headroom.yaml")
+HEADROOM_05 = os.path.join(REPO, "experiments/benchmarks/headroom_0.5.yaml")
 
 
-def test_headroom_grid_trains_10_to_1000_subjects_with_steps_growing_and_fixed_test_subjects():
+@pytest.mark.parametrize("path,version,ceiling_steps", [(HEADROOM, "0.3", 1500), (HEADROOM_05, "0.5", 3000)])
+def test_headroom_grid_trains_10_to_1000_subjects_with_steps_growing_and_fixed_test_subjects(path, version, ceiling_steps):
     from lightning_distill.data.datamodules import split_ids, train_subset
 
-    cfg, base = load_benchmark(HEADROOM)
+    cfg, base = load_benchmark(path)
     runs = grid(cfg)
     assert len(runs) == 5 * 3 and {r.method for r in runs} == {"baseline"}
     b = Benchmark(cfg, base)
@@ -480,15 +482,16 @@ def test_headroom_grid_trains_10_to_1000_subjects_with_steps_growing_and_fixed_t
     steps, subjects, tests = {}, {}, set()
     for r in runs:
         c = b.run_config(r)
-        assert c.distill.weight == 0 and c.data.num_subjects == 1060
+        assert c.distill.weight == 0 and c.data.num_subjects == 1060 and c.data.phantom.version == version
         split = split_ids(ids, c.data.val_subjects, c.data.test_subjects, c.data.split_seed)
         tests.add(tuple(split["test"]))
         steps[r.fraction] = c.trainer.max_steps
         subjects[r.fraction] = len(train_subset(split["train"], c.data.train_fraction))
     assert len(tests) == 1  # the same 40 test subjects at every size and seed
     assert [subjects[f] for f in sorted(subjects)] == [10, 30, 100, 300, 1000]
-    assert [steps[f] for f in sorted(steps)] == [600, 600, 600, 900, 1500]
+    assert [steps[f] for f in sorted(steps)] == [600, 600, 600, 900, ceiling_steps]
     assert cfg.teachers.ct3d.score_on_students and not any("{teachers." in o for m in cfg.methods.values() for o in m)
+    assert b.teacher_config("ct3d").data.phantom.version == version  # the teacher on the students' phantom version
 
 
 def test_fraction_overrides_must_name_a_fraction(tmp_path):

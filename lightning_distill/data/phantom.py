@@ -41,6 +41,38 @@ The mimics (:data:`POLE_MIMICS`) are background, present with probability
 is the organ's in every phase and modality. The 2D optimum for a small organ-intensity blob at an
 organ's position is a guess from priors, whereas a 3D model can follow the blob along z.
 
+Versions (``PhantomSpec.version``, ``data.phantom.version``): ``"0.3"`` is the generator described
+above, rendering exactly as it has since lightning_distill 0.3.0 (tests/test_phantom_pinned.py).
+``"0.5"`` renders the same subjects (the same draws of anatomy, phase, noise and pole mimics: the
+same random streams) and adds cues that one axial slice *contains* but that a 2D network learns only
+from many examples (issue 31: they make the part of a 3D teacher's knowledge that a 2D model can
+reach large enough to measure). Each comes from a random stream of its own, so 0.3 is unchanged:
+
+5. **Parenchymal grain** (stream 8). Liver and kidney parenchyma carry a band-limited grain: a sum of
+   :data:`GRAIN_WAVES` plane waves of wavelength :data:`GRAIN_WAVELENGTH` (3.8 pixels of a 64-pixel
+   slice) and random direction and phase per subject, SD :data:`GRAIN_SD` before the blur; the
+   spleen's parenchyma is smooth. In a slice: the grain is a function of the warped anatomical
+   coordinates, so every plane through the organ shows it. Why it takes many examples: per pixel it
+   is below the students' noise (20-35 HU), and the organs' mean intensities are equal within noise;
+   only over tens of pixels does it show, as a spectral signature against white noise that a network
+   has to learn to filter for. The pole mimics carry their organ's grain, so the 3D-only confusions
+   above stay 3D-only.
+6. **Neighbours** (stream 9). In each slot of :data:`NEIGHBOUR_SLOTS` (two beside the liver, one
+   beside the spleen and each kidney), with probability :data:`NEIGHBOUR_PROBABILITY`, a background
+   tube along z (bowel-like, centre at the students' slice levels :data:`NEIGHBOUR_Z`) touches the
+   organ in the axial plane, on a side where bowel lies next to it, with the organ's level minus
+   :data:`NEIGHBOUR_OFFSET` and the *other* texture: smooth next to the liver and the kidneys,
+   grained next to the spleen. In a slice it is a blob that continues the organ's outline with
+   nearly its intensity; what tells them apart in the plane is the offset (about half the noise SD
+   per pixel, clear over the blob's area) and the texture, both in one slice but learnt only from
+   many: a 2D model of few subjects merges the blob into the organ or cuts the organ's edge. A 3D
+   model sees the same cues (and that the blob is a tube).
+7. **Organ displacement** (stream 10). Each solid organ (liver, spleen, kidneys) is moved in the plane
+   by N(0, :data:`DISPLACEMENT_SD`) per axis (about 2 pixels of a 64-pixel slice), before the mimics
+   and neighbours are placed beside it. In a slice: where an organ lies is what the slice shows. Why
+   it takes many examples: a model of few subjects leans on where each organ usually is; the wider the
+   spread, the more often that prior fails and the appearance cues (5, 6) have to decide.
+
 Intensities are HU-like; :func:`hu_window` maps them to [0, 1] with an abdominal window.
 Everything is deterministic given ``(population seed, subject id)``.
 
@@ -99,6 +131,7 @@ _HU: Dict[str, Dict[str, float]] = {
 }
 
 MODALITIES: Tuple[str, ...] = ("CT", "MR")
+VERSIONS: Tuple[str, ...] = ("0.3", "0.5")
 
 # T2-weighted-like MR signal per structure (arbitrary units, no contrast phases), with the relative
 # (log-normal) per-subject jitter of each. The ordering differs from CT on purpose: fluid >> kidney
@@ -141,6 +174,9 @@ class PhantomSpec:
             kidney level, like the L1-level single-slice cohorts the method targets.
         modality: ``CT`` (HU) or ``MR`` (MRI-like, T2-weighted-like, arbitrary units; see the
             module docstring). The anatomy and labels of a subject do not depend on it.
+        version: the generator (:data:`VERSIONS`): ``"0.3"`` renders exactly as it did since
+            lightning_distill 0.3.0 (pinned by tests/test_phantom_pinned.py); ``"0.5"`` adds the
+            learnable single-slice cues of the module docstring.
     """
 
     seed: int = 0
@@ -149,10 +185,13 @@ class PhantomSpec:
     blur: float = 0.6
     slice_z: Tuple[float, float] = (-0.6, 0.0)
     modality: str = "CT"
+    version: str = "0.3"
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
             raise ValueError(f"phantom modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}")
+        if self.version not in VERSIONS:
+            raise ValueError(f"phantom version must be one of {', '.join(VERSIONS)}, got {self.version!r}")
 
 
 @dataclass
@@ -190,6 +229,9 @@ class Subject:
     texture: np.ndarray  # (T, 5): direction(3), frequency, phase
     intensity_jitter: Dict[str, float]
     mimics: List[Tuple[str, _Ellipsoid]] = field(default_factory=list)  # (organ whose intensity it has, shape)
+    # version 0.5 only (None / empty in 0.3): the parenchymal grain field and the organs' neighbours
+    grain: Optional[np.ndarray] = None  # (GRAIN_WAVES, 4): direction(3), phase
+    neighbours: List[Tuple[str, _Ellipsoid, float]] = field(default_factory=list)  # (organ, shape, level offset)
 
 
 def _rng(spec: PhantomSpec, subject_id: int, stream: int = 0) -> np.random.Generator:
@@ -245,6 +287,8 @@ def sample_subject(spec: PhantomSpec, subject_id: int) -> Subject:
     tdirs = r.normal(size=(3, 3))
     tdirs /= np.linalg.norm(tdirs, axis=1, keepdims=True)
     texture = np.concatenate([tdirs, u(4, 9, (3, 1)), u(0, 2 * np.pi, (3, 1))], axis=1)
+    if spec.version != "0.3":
+        _displace(spec, subject_id, organs)
     lo, hi = spec.slice_z
     return Subject(
         subject_id=int(subject_id),
@@ -261,6 +305,8 @@ def sample_subject(spec: PhantomSpec, subject_id: int) -> Subject:
         texture=texture,
         intensity_jitter={k: float(r.normal(0, 8)) for k in _HU},
         mimics=_pole_mimics(spec, subject_id, organs),
+        grain=_grain(spec, subject_id) if spec.version != "0.3" else None,
+        neighbours=_neighbours(spec, subject_id, organs) if spec.version != "0.3" else [],
     )
 
 
@@ -294,6 +340,76 @@ def _pole_mimics(spec: PhantomSpec, subject_id: int, organs: Dict[str, "_Ellipso
         shape = _Ellipsoid(np.array([cx, cy, pole + end * (gap + half)]),
                            np.array([o.axes[0] * width[0], o.axes[1] * width[1], half]), o.angle + float(angle))
         out.append((organ, shape))
+    return out
+
+
+# Version 0.5's learnable single-slice cues (see the module docstring), each from its own random stream
+# (8: grain, 9: neighbours), so the anatomy, noise and mimics of a subject are those of version 0.3.
+GRAIN_WAVELENGTH = 0.12  # normalised units: 3.8 pixels of a 64-pixel slice, 2.8 slices of a 48-slice volume
+GRAIN_WAVES = 16  # plane waves of random direction and phase summed into the grain field
+GRAIN_SD = 40.0  # standard deviation of the grain field before blur (HU; MR: a.u., whose noise is 1 a.u./HU)
+GRAINED = ("liver", "kidney")  # parenchyma with grain; the spleen's is smooth
+NEIGHBOUR_PROBABILITY = 0.8  # per organ and subject
+NEIGHBOUR_OFFSET = (12.0, 20.0)  # a neighbour's level is its organ's minus this (HU; MR: a.u.)
+NEIGHBOUR_Z = (-0.5, -0.1)  # centre (normalised z) of the neighbour's tube: the students' slice levels
+NEIGHBOUR_HALF_LENGTH = (0.25, 0.5)
+# Neighbour slots: (organ, in-plane direction range in radians from +x (patient left; +y anterior) in which
+# the neighbour touches the organ, its in-plane semi-axes relative to the organ's (the liver's: absolute,
+# normalised units)). The liver has two: medial and anterior.
+NEIGHBOUR_SLOTS: Tuple[Tuple[str, Tuple[float, float], Tuple[float, float]], ...] = (
+    ("liver", (0.0, 0.9), (0.08, 0.14)), ("liver", (1.3, 2.1), (0.08, 0.14)), ("spleen", (1.6, 3.2), (0.6, 1.0)),
+    ("right_kidney", (1.0, 2.6), (0.55, 0.9)), ("left_kidney", (0.5, 2.1), (0.55, 0.9)),
+)
+
+
+DISPLACEMENT_SD = 0.06  # extra in-plane displacement of each solid organ per subject (normalised units)
+DISPLACED = ("liver", "spleen", "right_kidney", "left_kidney")
+
+
+def _displace(spec: PhantomSpec, subject_id: int, organs: Dict[str, "_Ellipsoid"]) -> None:
+    """Version 0.5: move each solid organ in the plane by N(0, DISPLACEMENT_SD) per axis (stream 10), before the
+    mimics and neighbours are placed beside it."""
+    r = _rng(spec, subject_id, 10)
+    for name in DISPLACED:
+        organs[name].center = organs[name].center + np.array([*r.normal(0, DISPLACEMENT_SD, 2), 0.0])
+
+
+def _grain(spec: PhantomSpec, subject_id: int) -> np.ndarray:
+    """The subject's grain field: GRAIN_WAVES plane waves of wavelength GRAIN_WAVELENGTH (stream 8)."""
+    r = _rng(spec, subject_id, 8)
+    d = r.normal(size=(GRAIN_WAVES, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return np.concatenate([d, r.uniform(0, 2 * np.pi, (GRAIN_WAVES, 1))], axis=1)
+
+
+def _in_plane_radius(o: "_Ellipsoid", theta: float) -> float:
+    """Distance from the organ's axis to its widest in-plane contour in direction ``theta``."""
+    t = theta - o.angle
+    return float(1.0 / np.sqrt((np.cos(t) / o.axes[0]) ** 2 + (np.sin(t) / o.axes[1]) ** 2))
+
+
+def _neighbours(spec: PhantomSpec, subject_id: int, organs: Dict[str, "_Ellipsoid"]) -> List[Tuple[str, "_Ellipsoid", float]]:
+    """Draw the organs' neighbours (stream 9): background tubes along z that touch an organ in the plane and
+    carry its level minus a small offset and the other texture (grain where the organ is smooth and vice
+    versa)."""
+    r = _rng(spec, subject_id, 9)
+    out = []
+    for organ, arc, sizes in NEIGHBOUR_SLOTS:
+        present = r.uniform() < NEIGHBOUR_PROBABILITY
+        theta, zc, half = r.uniform(*arc), r.uniform(*NEIGHBOUR_Z), r.uniform(*NEIGHBOUR_HALF_LENGTH)
+        size, offset, angle = r.uniform(*sizes, 2), r.uniform(*NEIGHBOUR_OFFSET), r.uniform(0, np.pi)
+        if not present:
+            continue
+        o = organs[organ]
+        axes = size if organ == "liver" else o.axes[:2] * size
+        cx = o.center[0] + o.tilt[0] * (zc - o.center[2])
+        cy = o.center[1] + o.tilt[1] * (zc - o.center[2])
+        shape = _Ellipsoid(np.zeros(3), np.array([axes[0], axes[1], half]), float(angle))
+        # overlapping the organ's widest outline by 30 % of both radii, so that it still touches the organ's
+        # smaller cross-sections away from its middle (the organ, drawn later, covers the overlap)
+        d = 0.7 * (_in_plane_radius(o, theta) + _in_plane_radius(shape, theta + np.pi))
+        shape.center = np.array([cx + d * np.cos(theta), cy + d * np.sin(theta), zc])
+        out.append((organ, shape, float(offset)))
     return out
 
 
@@ -331,9 +447,12 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
     inner_fat = rb <= (1.0 - s.fat) ** 2
     inner_muscle = rb <= (1.0 - s.fat - s.muscle) ** 2
 
-    def put(mask, name_or_hu, cls):
+    grained = np.zeros(x.shape, bool)  # version 0.5: where the grain field is added
+
+    def put(mask, name_or_hu, cls, grain=False):
         hu[mask] = hu_of[name_or_hu] if isinstance(name_or_hu, str) else name_or_hu
         label[mask] = cls
+        grained[mask] = grain
 
     c = {n: i for i, n in enumerate(CLASS_NAMES)}
     put(body, "fat", c["body_wall"])
@@ -344,8 +463,10 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
         put(b.inside(x, y, z) & inner_muscle, hu_of.get(f"bowel_{i}", hu_of["bowel"]), 0)
     for side in ("colon_r", "colon_l"):
         put(o[side].inside(x, y, z) & inner_muscle, "colon", 0)
-    for organ, m in s.mimics:  # background with the organ's intensity, beyond the organ's pole
-        put(m.inside(x, y, z) & inner_muscle, _MIMIC_LEVEL[organ], 0)
+    for organ, m in s.mimics:  # background with the organ's intensity (0.5: and texture), beyond the organ's pole
+        put(m.inside(x, y, z) & inner_muscle, _MIMIC_LEVEL[organ], 0, _grained(s, organ))
+    for organ, m, offset in s.neighbours:  # 0.5: background touching the organ, its level - offset, other texture
+        put(m.inside(x, y, z) & inner_muscle, hu_of[_MIMIC_LEVEL[organ]] - offset, 0, not _grained(s, organ))
     st = o["stomach"]
     put(st.inside(x, y, z) & inner_muscle, "stomach", 0)
     put(st.inside(x, y, z) & ~st.inside(x, y, z, 0.85) & inner_muscle, "muscle", 0)
@@ -353,12 +474,12 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
         put(g.inside(x, y, z) & inner_muscle, "gas", 0)
     for side in ("psoas_r", "psoas_l"):
         put(o[side].inside(x, y, z) & inner_muscle, "muscle", c["muscle"])
-    put(o["liver"].inside(x, y, z) & inner_muscle, "liver", c["liver"])
-    put(o["spleen"].inside(x, y, z) & inner_muscle, "spleen", c["spleen"])
+    put(o["liver"].inside(x, y, z) & inner_muscle, "liver", c["liver"], _grained(s, "liver"))
+    put(o["spleen"].inside(x, y, z) & inner_muscle, "spleen", c["spleen"], _grained(s, "spleen"))
     for side in ("right_kidney", "left_kidney"):
         k = o[side]
-        put(k.inside(x, y, z) & inner_muscle, "kidney_cortex", c[side])
-        put(k.inside(x, y, z, 0.6) & inner_muscle, "kidney_medulla", c[side])
+        put(k.inside(x, y, z) & inner_muscle, "kidney_cortex", c[side], _grained(s, side))
+        put(k.inside(x, y, z, 0.6) & inner_muscle, "kidney_medulla", c[side], _grained(s, side))
     put(o["aorta"].inside(x, y, z) & inner_muscle, "aorta", c["aorta"])
     v = o["vertebra"]
     put(v.inside(x, y, z) & body, "cortical", c["vertebra"])
@@ -370,7 +491,17 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
     p = np.stack([x, y, z], axis=-1)
     tex = sum(np.sin(t[3] * (p @ t[:3]) + t[4]) for t in s.texture) * texture
     hu = np.where(body, hu + tex, hu).astype(np.float32)
+    if s.grain is not None:  # version 0.5: the parenchymal grain (0.3 has none and is unchanged)
+        k = 2 * np.pi / GRAIN_WAVELENGTH
+        amp = GRAIN_SD * np.sqrt(2.0 / len(s.grain))
+        g = sum(np.cos(k * (p @ w[:3]) + w[3]) for w in s.grain) * amp
+        hu = np.where(grained, hu + g, hu).astype(np.float32)
     return hu, label
+
+
+def _grained(s: Subject, organ: str) -> bool:
+    """Whether an organ's parenchyma carries the grain (version 0.5; never in 0.3)."""
+    return s.grain is not None and any(organ.endswith(t) or organ.startswith(t) for t in GRAINED)
 
 
 def _finish(s: Subject, spec: PhantomSpec, hu: np.ndarray, stream: int, blur_axes: Sequence[float]) -> np.ndarray:
