@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from lightning_distill.data.phantom import (_HU, _MIMIC_LEVEL, PhantomSpec, render, render_slice, render_volume, sample_subject,
+from lightning_distill.data.phantom import (_HU, _ORGAN_LEVEL, PhantomSpec, render, render_slice, render_volume, sample_subject,
                                             volume_z)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_pole_mimics_look_like_the_pole_in_a_slice_but_are_separate_in_3d():
             hu, lab = _at(s, cx, cy, cz)  # the mimic's centre: background with the organ's intensity
             if lab != 0:
                 continue  # another structure drawn over it (e.g. the other organ): nothing to check here
-            assert hu == pytest.approx(levels[_MIMIC_LEVEL[organ]])
+            assert hu == pytest.approx(levels[_ORGAN_LEVEL[organ]])
             # between the pole and the mimic (half the gap): neither the organ nor its intensity
             gap = abs(cz - pole) - m.axes[2]
             _, lab_gap = _at(s, cx, cy, pole + end * gap / 2)
@@ -62,7 +62,7 @@ def test_pole_mimics_look_like_the_pole_in_a_slice_but_are_separate_in_3d():
             _, lab_o = _at(s, ox, oy, pole - end * 0.02)
             if lab_o == CLASS_NAMES.index(organ):
                 checked.add(organ)
-    assert checked == set(_MIMIC_LEVEL), checked  # every kind of mimic was seen and checked
+    assert checked == set(_ORGAN_LEVEL), checked  # every kind of mimic was seen and checked
 
 
 def test_mimics_appear_on_student_slices():
@@ -74,7 +74,7 @@ def test_mimics_appear_on_student_slices():
         cut = [organ for organ, m in s.mimics if abs(s.slice_z - m.center[2]) < m.axes[2]]
         hit += bool(cut)
         organs |= set(cut)
-    assert hit >= 20 and organs == set(_MIMIC_LEVEL)
+    assert hit >= 20 and organs == set(_ORGAN_LEVEL)
 
 
 def test_teacher_scored_on_the_student_slices(teacher_bank, tiny_student, tmp_path):

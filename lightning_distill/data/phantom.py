@@ -320,7 +320,8 @@ MIMIC_PROBABILITY = 0.6
 MIMIC_GAP = (0.06, 0.12)  # normalised z between the organ's pole and the mimic (1.4-2.8 slices of 48)
 MIMIC_HALF_LENGTH = (0.06, 0.12)  # the mimic's semi-axis along z
 MIMIC_WIDTH = (0.35, 0.65)  # the mimic's in-plane semi-axes relative to the organ's
-_MIMIC_LEVEL = {"liver": "liver", "spleen": "spleen", "right_kidney": "kidney_cortex", "left_kidney": "kidney_cortex"}
+# the intensity key of each organ (its pole mimics and, in 0.5, its neighbours take that level)
+_ORGAN_LEVEL = {"liver": "liver", "spleen": "spleen", "right_kidney": "kidney_cortex", "left_kidney": "kidney_cortex"}
 
 
 def _pole_mimics(spec: PhantomSpec, subject_id: int, organs: Dict[str, "_Ellipsoid"]) -> List[Tuple[str, "_Ellipsoid"]]:
@@ -348,7 +349,7 @@ def _pole_mimics(spec: PhantomSpec, subject_id: int, organs: Dict[str, "_Ellipso
 GRAIN_WAVELENGTH = 0.12  # normalised units: 3.8 pixels of a 64-pixel slice, 2.8 slices of a 48-slice volume
 GRAIN_WAVES = 16  # plane waves of random direction and phase summed into the grain field
 GRAIN_SD = 40.0  # standard deviation of the grain field before blur (HU; MR: a.u., whose noise is 1 a.u./HU)
-GRAINED = ("liver", "kidney")  # parenchyma with grain; the spleen's is smooth
+GRAINED = ("liver", "right_kidney", "left_kidney")  # organs whose parenchyma has the grain; the spleen's is smooth
 NEIGHBOUR_PROBABILITY = 0.8  # per organ and subject
 NEIGHBOUR_OFFSET = (12.0, 20.0)  # a neighbour's level is its organ's minus this (HU; MR: a.u.)
 NEIGHBOUR_Z = (-0.5, -0.1)  # centre (normalised z) of the neighbour's tube: the students' slice levels
@@ -464,9 +465,9 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
     for side in ("colon_r", "colon_l"):
         put(o[side].inside(x, y, z) & inner_muscle, "colon", 0)
     for organ, m in s.mimics:  # background with the organ's intensity (0.5: and texture), beyond the organ's pole
-        put(m.inside(x, y, z) & inner_muscle, _MIMIC_LEVEL[organ], 0, _grained(s, organ))
+        put(m.inside(x, y, z) & inner_muscle, _ORGAN_LEVEL[organ], 0, _grained(s, organ))
     for organ, m, offset in s.neighbours:  # 0.5: background touching the organ, its level - offset, other texture
-        put(m.inside(x, y, z) & inner_muscle, hu_of[_MIMIC_LEVEL[organ]] - offset, 0, not _grained(s, organ))
+        put(m.inside(x, y, z) & inner_muscle, hu_of[_ORGAN_LEVEL[organ]] - offset, 0, not _grained(s, organ))
     st = o["stomach"]
     put(st.inside(x, y, z) & inner_muscle, "stomach", 0)
     put(st.inside(x, y, z) & ~st.inside(x, y, z, 0.85) & inner_muscle, "muscle", 0)
@@ -501,7 +502,7 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
 
 def _grained(s: Subject, organ: str) -> bool:
     """Whether an organ's parenchyma carries the grain (version 0.5; never in 0.3)."""
-    return s.grain is not None and any(organ.endswith(t) or organ.startswith(t) for t in GRAINED)
+    return s.grain is not None and organ in GRAINED
 
 
 def _finish(s: Subject, spec: PhantomSpec, hu: np.ndarray, stream: int, blur_axes: Sequence[float]) -> np.ndarray:
