@@ -1,5 +1,5 @@
 """Phantom version 0.5's learnable single-slice cues (issue 31, item 2; lightning_distill/data/phantom.py, cues
-5 and 6): each is *in* the students' single slices, with the sign and size the docstring gives, measured on
+5-7): each is *in* the students' single slices, with the sign and size the docstring gives, measured on
 generated subjects; 0.5 draws the same subjects as 0.3; rendering is deterministic per (seed, subject id).
 
 The statistics are means over subjects of the students' population (experiments/student.yaml: non-contrast,
