@@ -135,6 +135,7 @@ def test_export_mr_writes_float32_and_matches_preprocessing(tmp_path):
     assert export_phantom(src, tmp_path / "mr") == 2
     meta = json.loads((tmp_path / "mr" / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "MR"} and "MRI-like" in meta["description"]
+    assert meta["description"].endswith("phantom, version 0.3")  # which generator made the files
     f = nib.load(str(tmp_path / "mr" / "imagesTr" / f"{src.ids[0]}_0000.nii.gz"))
     assert f.get_data_dtype() == np.float32
     # the MR preprocessing of a NIfTI file (what a phantom-MR model predicts with) gives the source's image

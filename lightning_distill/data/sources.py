@@ -383,7 +383,7 @@ def _write_phantom(source: PhantomSource, dst, layout: str) -> None:
     if layout == "folder":
         return
     desc = "MRI-like (T2-weighted-like)" if mr else "CT"
-    meta = {"name": f"phantom_seed{source.spec.seed}", "description": f"lightning_distill synthetic abdominal {desc} phantom",
+    meta = {"name": f"phantom_seed{source.spec.seed}", "description": f"lightning_distill synthetic abdominal {desc} phantom, version {source.spec.version}",
             "channel_names": {"0": "MR" if mr else "CT"}, "labels": {n: i for i, n in enumerate(CLASS_NAMES)},
             "numTraining": len(source.ids), "file_ending": ".nii.gz"}
     write_json(dst / "dataset.json", meta)
