@@ -157,7 +157,7 @@ def test_neighbours_touch_their_organ_a_little_darker_in_single_slices(organ):
             if a.any() and b.any():
                 diffs.append(float(img[a].mean() - img[b].mean()))
     diffs = np.array(diffs)
-    assert touching / cut >= 0.3, (touching, cut)  # measured: liver 0.56, spleen 0.36 of 200 subjects
+    assert touching / cut >= 0.3, (touching, cut)  # measured: liver 89 of 159 cut slices, spleen (z = 0) 104 of 199
     expected = float(np.mean(ph.NEIGHBOUR_OFFSET))
     assert len(diffs) >= 20 and diffs.mean() > 0 and _z(diffs, expected) < 3, (diffs.mean(), expected, len(diffs))
 
