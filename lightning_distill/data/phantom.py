@@ -201,9 +201,12 @@ class _Ellipsoid:
     angle: float  # in-plane rotation (radians)
     tilt: np.ndarray = field(default_factory=lambda: np.zeros(2))  # centre drift dx/dz, dy/dz
 
+    def axis_at(self, z):
+        """``(cx, cy)``: the in-plane centre at height ``z`` (the centre drifts with ``tilt``)."""
+        return self.center[0] + self.tilt[0] * (z - self.center[2]), self.center[1] + self.tilt[1] * (z - self.center[2])
+
     def inside(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, scale: float = 1.0) -> np.ndarray:
-        cx = self.center[0] + self.tilt[0] * (z - self.center[2])
-        cy = self.center[1] + self.tilt[1] * (z - self.center[2])
+        cx, cy = self.axis_at(z)
         dx, dy, dz = x - cx, y - cy, z - self.center[2]
         c, s = np.cos(self.angle), np.sin(self.angle)
         u, v = c * dx + s * dy, -s * dx + c * dy
@@ -336,8 +339,7 @@ def _pole_mimics(spec: PhantomSpec, subject_id: int, organs: Dict[str, "_Ellipso
             continue
         o = organs[organ]
         pole = o.center[2] + end * o.axes[2]
-        cx = o.center[0] + o.tilt[0] * (pole - o.center[2]) + jitter[0]
-        cy = o.center[1] + o.tilt[1] * (pole - o.center[2]) + jitter[1]
+        cx, cy = np.add(o.axis_at(pole), jitter)
         shape = _Ellipsoid(np.array([cx, cy, pole + end * (gap + half)]),
                            np.array([o.axes[0] * width[0], o.axes[1] * width[1], half]), o.angle + float(angle))
         out.append((organ, shape))
@@ -403,8 +405,7 @@ def _neighbours(spec: PhantomSpec, subject_id: int, organs: Dict[str, "_Ellipsoi
             continue
         o = organs[organ]
         axes = size if organ == "liver" else o.axes[:2] * size
-        cx = o.center[0] + o.tilt[0] * (zc - o.center[2])
-        cy = o.center[1] + o.tilt[1] * (zc - o.center[2])
+        cx, cy = o.axis_at(zc)
         shape = _Ellipsoid(np.zeros(3), np.array([axes[0], axes[1], half]), float(angle))
         # overlapping the organ's widest outline by 30 % of both radii, so that it still touches the organ's
         # smaller cross-sections away from its middle (the organ, drawn later, covers the overlap)
