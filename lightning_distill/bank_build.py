@@ -45,281 +45,35 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from lightning_distill.data.case_cache import CaseCache, case_key
-from lightning_distill.data.nifti import IGNORE_INDEX, Case, DataError, LabelMapping, discover, read_case
-from lightning_distill.data.preprocess import Preprocess
+from lightning_distill.data.nifti import Case, DataError, LabelMapping, read_case
 from lightning_distill.io import atomic_write
 from lightning_distill.losses.prototype import class_means, masked_class_sums
-from lightning_distill.prototypes import Bank, axial_masked_labels, check_axial_range, file_sha256, save_bank, warn_empty_classes
+from lightning_distill.prototypes import Bank, axial_masked_labels, check_axial_range, save_bank, warn_empty_classes
+# ClassMap, load_model and pseudo_labels are also imported from here (they lived here until 0.4.0)
+from lightning_distill.teacher_model import (ClassMap, inference_device, list_cases, load_model, model_logits,
+                                             model_preprocess, pseudo_labels)
 
 STATE_FORMAT = 1
-
-
-# ---------------------------------------------------------------------------------------- models
-@dataclass
-class LoadedModel:
-    """A network ready for inference, with what is known about it."""
-
-    net: nn.Module
-    labels: List[str]  # names of its output channels
-    source: Dict[str, Any]  # format, path, sha256 (and name/kwargs): recorded in the bank
-    preprocess: Optional[Preprocess] = None  # a checkpoint's own
-    roi_size: Optional[List[int]] = None  # a checkpoint's patch size
-    in_channels: Optional[int] = None
-
-
-def _need_file(path: Optional[str], what: str) -> Path:
-    if not path:
-        raise ValueError(f"model.path is not set: give the {what}")
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model.path {str(p)!r} does not exist (expected the {what})")
-    return p
-
-
-def _labels(spec: DictConfig, out_channels: Optional[int]) -> List[str]:
-    if spec.labels:
-        return [str(n) for n in spec.labels]
-    if out_channels is None:
-        raise ValueError("model.labels is not set and the number of the model's output channels is unknown: "
-                         "list the names of its output channels in order (model.labels=[background,liver,...])")
-    return [str(i) for i in range(out_channels)]
-
-
-def _state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling error means a bad file
-        raise ValueError(f"{path}: could not be read as a state_dict ({type(e).__name__}: {e})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path}: is not a state_dict (a mapping of parameter names to tensors)")
-    return obj
-
-
-def _load_into(net: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> nn.Module:
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not fit the network ({str(e).splitlines()[0]} ...): "
-                         "check model.name and model.kwargs") from None
-    return net
-
-
-def load_model(spec: DictConfig) -> LoadedModel:
-    """The network of ``spec`` (a :class:`~lightning_distill.config.BankModelSpec`), in eval mode.
-
-    Raises:
-        ValueError: unknown MONAI network name (the message lists valid ones), missing or unreadable
-            weights, weights that do not fit the network; the message names the file.
-        FileNotFoundError: ``model.path`` does not exist.
-    """
-    fmt = spec.format
-    if fmt == "checkpoint":
-        from lightning_distill.factory import make_preprocess
-        from lightning_distill.inference import load_checkpoint, load_network
-
-        path = _need_file(spec.path, "checkpoint of `lightning-distill fit`")
-        ckpt, cfg = load_checkpoint(path)
-        if len(cfg.data.shape) != 3:
-            raise ValueError(f"{path}: a {len(cfg.data.shape)}D model; a bank is computed from a 3D model")
-        pre = make_preprocess(cfg)
-        pre.shape = list(cfg.data.shape) if cfg.data.patch_size is None else None  # its input grid, or sliding patches
-        roi = list(cfg.data.patch_size) if cfg.data.patch_size else None
-        names = [str(n) for n in ckpt["hyper_parameters"]["class_names"]]
-        return LoadedModel(load_network(ckpt, cfg), names, {"format": fmt, "path": str(path), "sha256": file_sha256(path)},
-                           pre, roi, in_channels=1)
-    if fmt == "monai":
-        import monai.networks.nets as nets
-
-        path = _need_file(spec.path, "state_dict file of the MONAI network")
-        valid = sorted(n for n in dir(nets) if isinstance(getattr(nets, n), type) and issubclass(getattr(nets, n), nn.Module))
-        if not spec.name or spec.name not in valid:
-            raise ValueError(f"model.name={spec.name!r} is not a network of monai.networks.nets; valid: {valid}")
-        kwargs = OmegaConf.to_container(spec.kwargs)
-        try:
-            net = getattr(nets, spec.name)(**kwargs)
-        except TypeError as e:
-            raise ValueError(f"model.kwargs do not fit monai.networks.nets.{spec.name}: {e}") from None
-        net = _load_into(net, _state_dict(path), path)
-        out = kwargs.get("out_channels")
-        return LoadedModel(net.eval(), _labels(spec, out), {"format": fmt, "path": str(path), "sha256": file_sha256(path),
-                                                           "name": spec.name, "kwargs": kwargs},
-                           in_channels=kwargs.get("in_channels"))
-    if fmt == "bundle":
-        return _load_bundle(spec)
-    if fmt == "torchscript":
-        path = _need_file(spec.path, "TorchScript file")
-        try:
-            net = torch.jit.load(str(path), map_location="cpu")
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{path}: could not be read as TorchScript ({type(e).__name__}: {e})") from None
-        return LoadedModel(net.eval(), _labels(spec, None), {"format": fmt, "path": str(path), "sha256": file_sha256(path)})
-    raise ValueError(f"unknown model.format {fmt!r}; valid: checkpoint, monai, bundle, torchscript")
-
-
-def _load_bundle(spec: DictConfig) -> LoadedModel:
-    """A MONAI bundle directory: ``configs/inference.{json,yaml,yml}`` (its ``network_def``) and
-    ``models/model.pt`` (a state_dict), or ``models/model.ts`` (TorchScript)."""
-    from monai.bundle import ConfigParser
-
-    if not spec.path or not Path(spec.path).is_dir():
-        raise FileNotFoundError(f"model.path {spec.path!r} is not a MONAI bundle directory")
-    root = Path(spec.path)
-    weights, ts = root / "models" / "model.pt", root / "models" / "model.ts"
-    configs = [root / "configs" / f"inference.{e}" for e in ("json", "yaml", "yml")]
-    config = next((c for c in configs if c.is_file()), None)
-    if config is not None and weights.is_file():
-        parser = ConfigParser()
-        parser.read_config(str(config))
-        if "network_def" not in parser.config:
-            raise ValueError(f"{config}: has no network_def")
-        try:
-            net = parser.get_parsed_content("network_def")
-        except Exception as e:  # noqa: BLE001 - MONAI raises several kinds for a bad definition
-            raise ValueError(f"{config}: network_def could not be built ({type(e).__name__}: {e})") from None
-        net = _load_into(net, _state_dict(weights), weights)
-        out = getattr(net, "out_channels", None)
-        return LoadedModel(net.eval(), _labels(spec, out), {"format": "bundle", "path": str(root), "weights": str(weights),
-                                                           "sha256": file_sha256(weights), "config": str(config)})
-    if ts.is_file():
-        net = torch.jit.load(str(ts), map_location="cpu")
-        return LoadedModel(net.eval(), _labels(spec, None), {"format": "bundle", "path": str(root), "weights": str(ts),
-                                                           "sha256": file_sha256(ts)})
-    raise FileNotFoundError(f"{root}: not a MONAI bundle with weights: expected configs/inference.json (or .yaml) with "
-                            "models/model.pt, or models/model.ts")
-
-
-# ---------------------------------------------------------------------------------------- classes
-@dataclass
-class ClassMap:
-    """Model output channels -> bank classes (see the module docstring).
-
-    Attributes:
-        matrix: ``(M, K)`` 0/1: channel m adds to bank class k; a row of zeros is an ignored channel.
-        how: per model label, where it goes (``liver``, ``background (unmapped)``, ``ignore``).
-    """
-
-    model_labels: List[str]
-    classes: List[str]
-    class_map: Dict[Any, str] = field(default_factory=dict)
-    unmapped: str = "error"
-
-    def __post_init__(self):
-        m, names = list(self.model_labels), list(self.classes)
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"classes must be distinct names, background first; got {names}")
-        if len(set(m)) != len(m):
-            raise ValueError(f"model.labels must be distinct; got {m}")
-        target: Dict[int, str] = {i: n for i, n in enumerate(m) if n in names}
-        for key, dst in dict(self.class_map).items():
-            i = self._channel(key)
-            if dst != "ignore" and dst not in names:
-                raise ValueError(f"class_map sends model label {key!r} to {dst!r}, which is not a bank class "
-                                 f"(classes: {names}, or 'ignore')")
-            target[i] = dst
-        left = [m[i] for i in range(len(m)) if i not in target]
-        if left and self.unmapped == "error":
-            raise ValueError(f"model labels {left} map to no bank class: add them to class_map (or set "
-                             f"unmapped=background or unmapped=ignore); bank classes: {names}")
-        for i in range(len(m)):
-            target.setdefault(i, names[0] if self.unmapped == "background" else "ignore")
-        missing = [n for n in names if n not in target.values()]
-        if missing:
-            raise ValueError(f"bank classes {missing} receive no model label: map one to each in class_map "
-                             f"(model labels: {m})")
-        self.matrix = torch.zeros(len(m), len(names))
-        for i, dst in target.items():
-            if dst != "ignore":
-                self.matrix[i, names.index(dst)] = 1.0
-        self.how = {m[i]: dst + (" (unmapped)" if m[i] in left else "") for i, dst in sorted(target.items())}
-
-    def _channel(self, key) -> int:
-        m = list(self.model_labels)
-        if isinstance(key, str) and key in m:
-            return m.index(key)
-        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
-            i = int(key)
-            if 0 <= i < len(m):
-                return i
-            raise ValueError(f"class_map names model channel {i}, but the model has {len(m)} output channels")
-        raise ValueError(f"class_map names model label {key!r}, which the model does not have (its labels: {m})")
-
-    def probabilities(self, logits: torch.Tensor, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(mapped, renormalised)`` ``(B, K, *spatial)`` probabilities of ``(B, M, *spatial)`` logits at ``tau``."""
-        if logits.shape[1] != self.matrix.shape[0]:
-            raise ValueError(f"the model predicts {logits.shape[1]} channels, model.labels names {self.matrix.shape[0]}: "
-                             f"{list(self.model_labels)}")
-        p = torch.softmax(logits.float() / tau, dim=1)
-        mapped = torch.einsum("bm...,mk->bk...", p, self.matrix.to(p))
-        return mapped, mapped / mapped.sum(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def pseudo_labels(mapped: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``(B, 1, *spatial)`` bank classes of the highest mapped probability, ``IGNORE_INDEX`` where it is
-    below ``threshold`` (``mapped``: before renormalising, so ignored labels' mass counts against it)."""
-    conf, cls = mapped.max(dim=1, keepdim=True)
-    return torch.where(conf >= threshold, cls, torch.full_like(cls, IGNORE_INDEX))
-
-
-# ---------------------------------------------------------------------------------------- the run
-def _preprocess(cfg: DictConfig, model: LoadedModel) -> Preprocess:
-    p = cfg.data.preprocess
-    if model.preprocess is not None and p.from_checkpoint:
-        return model.preprocess
-    return Preprocess(orientation=p.orientation, spacing=list(p.spacing) if p.spacing else None, modality=p.modality,
-                      ct_window=tuple(p.ct_window), mr_norm=p.mr_norm, percentiles=tuple(p.percentiles),
-                      crop_foreground=p.crop_foreground, crop_threshold=p.crop_threshold, crop_margin=p.crop_margin)
-
-
-def _cases(cfg: DictConfig) -> Tuple[List[Case], Dict[int, str]]:
-    d = cfg.data
-    if not d.root:
-        raise ValueError("data.root is not set: give the folder of volumes")
-    index = discover(d.root, d.layout, d.image_pattern, d.label_pattern if d.labels != "ignore" else None,
-                     require_labels=d.labels == "use")
-    cases = sorted(index.cases, key=lambda c: c.case_id)
-    if d.cases is not None:
-        known = {c.case_id for c in cases}
-        unknown = [c for c in d.cases if c not in known]
-        if unknown:
-            raise ValueError(f"data.cases lists cases that are not in {d.root}: {unknown[:10]}")
-        keep = set(d.cases)
-        cases = [c for c in cases if c.case_id in keep]
-    if not cases:
-        raise ValueError(f"{d.root}: no volumes found")
-    if d.labels == "ignore":
-        cases = [Case(c.case_id, c.images) for c in cases]
-    return cases, index.labels
-
-
-def _device(name: str, rank_local: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{rank_local}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
 
 
 class _Run:
     """One process's part of a bank build."""
 
     def __init__(self, cfg: DictConfig, rank: int, world: int):
-        from monai.inferers import sliding_window_inference
-
         self.cfg, self.rank, self.world = cfg, rank, world
         self.model = load_model(cfg.model)
         self.classes = list(cfg.classes) if cfg.classes else list(self.model.labels)
         self.map = ClassMap(self.model.labels, self.classes, dict(cfg.class_map), cfg.unmapped)
-        self.pre = _preprocess(cfg, self.model)
+        self.pre = model_preprocess(cfg, self.model)
         self.roi = list(cfg.inference.roi_size) if cfg.inference.roi_size else self.model.roi_size
         self.axial = check_axial_range(cfg.bank.axial_range)
         self.tau = float(cfg.bank.tau)
@@ -328,13 +82,12 @@ class _Run:
         self.taus = [self.tau] + sorted({float(t) for t in cfg.bank.taus} - {self.tau})
         if not 0.0 < float(cfg.threshold) <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {cfg.threshold}")
-        self.cases, dataset_labels = _cases(cfg)
+        self.cases, dataset_labels = list_cases(cfg)
         self.mapping = LabelMapping(self.classes, dataset_labels, dict(cfg.data.label_map), cfg.data.unmapped,
                                     source=str(cfg.data.root))
-        self.device = _device(cfg.inference.device, int(os.environ.get("LOCAL_RANK", rank)))
+        self.device = inference_device(cfg.inference.device, int(os.environ.get("LOCAL_RANK", rank)))
         self.net = self.model.net.to(self.device)
         self.disk = CaseCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
-        self.sliding = sliding_window_inference
         self.key = config_key(cfg)
 
     # --------------------------------------------------------------- state
@@ -396,19 +149,7 @@ class _Run:
         """``(sums (K, K * T) float64, counts (K,) float64, labelled)`` of one case."""
         x, lbl = self.preprocessed(case)
         x = x[None].to(self.device)
-        with torch.no_grad():
-            if self.roi is not None and any(s > r for s, r in zip(x.shape[2:], self.roi)):
-                logits = self.sliding(x, roi_size=self.roi, sw_batch_size=int(self.cfg.inference.sw_batch_size),
-                                      predictor=self.net, overlap=float(self.cfg.inference.overlap),
-                                      mode=self.cfg.inference.mode)
-            else:
-                logits = self.net(x)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        logits = torch.as_tensor(logits).float()
-        if logits.shape[2:] != x.shape[2:]:
-            raise ValueError(f"{self.model.source['path']}: the model's output {tuple(logits.shape[2:])} does not match "
-                             f"its input {tuple(x.shape[2:])} ({case.images[0]}); is it a segmentation network?")
+        logits = model_logits(self.net, x, self.roi, self.cfg.inference, f"{self.model.source['path']}, {case.images[0]}")
         values = [self.map.probabilities(logits, t)[1] for t in self.taus]  # the bank's vectors at every temperature
         labelled = lbl is not None
         cls = (lbl[None].to(self.device) if labelled
