@@ -116,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
                          "near 0 means a loss in that geometry is almost blind to what the bank knows beyond the labels.")
     bi.add_argument("bank", help="a prototypes.pt (or a checkpoint of `lightning-distill fit`, which carries its run's bank)")
     bi.add_argument("--png", help="where to write the figure (default: <bank>_inspect.png beside the bank)")
+    te = sub.add_parser("teach", help="2D training slices of volumes labelled by a trained 3D (or 2D) model, for a student's "
+                        "transfer.slices (or ground-truth slices only: model.format=none, the union route)",
+                        description="Run a trained model (our checkpoint, a MONAI network state_dict, a MONAI bundle or "
+                        "TorchScript; a 2D checkpoint as the control of the third dimension) over a folder of volumes "
+                        "(or phantom volumes rendered on the fly) and write axial slices at chosen levels, each "
+                        "preprocessed as the student's, with the model's probabilities and confidence (docs/methods.md). "
+                        "Resumable, multi-process, written whole or not at all. Config keys: "
+                        "lightning_distill.config.TeachConfig (experiments/teach.yaml lists them); overrides key=value.")
+    te.add_argument("config", nargs="?", help="teach YAML, e.g. experiments/teach.yaml (or only key=value overrides)")
+    te.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.num_subjects=50 processes=2")
     cp = sub.add_parser("compare", help="a student beside its 3D teacher (and the baseline) on the same test slices",
                         description="Score the 3D teacher on the student's own test slices (each subject rendered as a "
                         "volume with a plane through the slice; phantom only) and print per-organ Dice of the student, "
@@ -254,6 +264,21 @@ def _bank_build(args) -> int:
     return 0
 
 
+def _teach(args) -> int:
+    from lightning_distill.config import load_teach_config
+    from lightning_distill.teach import describe, run_teach
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # only overrides
+        config, overrides = None, [config, *overrides]
+    cfg = load_teach_config(config, overrides)
+    meta = run_teach(cfg)
+    if meta:  # under torchrun: rank 0 reports
+        print(describe(meta))
+        print(f"wrote {cfg.output}")
+    return 0
+
+
 def _benchmark(args) -> int:
     from lightning_distill.lab.benchmark import Benchmark, load_benchmark
 
@@ -320,7 +345,7 @@ def _sweep(args) -> int:
 
 _COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
              "report": _report, "bank": _bank, "compare": _compare, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep,
-             "check-data": _check_data}
+             "check-data": _check_data, "teach": _teach}
 
 
 if __name__ == "__main__":

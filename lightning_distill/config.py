@@ -210,6 +210,26 @@ class CMEDLConfig:
 
 
 @dataclass
+class TransferConfig:
+    """Transfer through data (docs/methods.md): slices written by ``lightning-distill teach`` beside the
+    student's labelled single slices. ``slices``: the teacher's probabilities per pixel as a target
+    (``weight * transfer`` loss; ``mode`` soft: ``tau^2 * KL(teacher || student)``, hard: CE on the
+    teacher's argmax where its confidence >= ``threshold``); ``union``: those slices' ground truth joins
+    the labelled set (Dice + CE). Both may be set, also with prototype DIST."""
+
+    slices: Optional[str] = None  # a `teach` folder: its teacher-labelled slices (null: no transfer term)
+    mode: str = "soft"  # soft | hard
+    target: str = "teacher"  # teacher | truth (control: the slices' ground truth through the same channel)
+    weight: float = 1.0  # of the transfer term
+    ratio: int = 1  # teacher slices per labelled slice in a training batch
+    tau: Optional[float] = None  # soft: temperature of student and teacher (null: the folder's; another: re-tempered)
+    threshold: float = 0.9  # hard: pixels whose teacher confidence is below it get no loss
+    union: Optional[str] = None  # a `teach` folder (model.format=none is enough): its ground-truth slices join the labelled set
+    union_ratio: int = 1  # union slices per labelled slice in a training batch
+    select: Dict[str, List[str]] = field(default_factory=dict)  # keep slices of volumes with these attributes, e.g. {phase: [noncontrast]}
+
+
+@dataclass
 class CheckpointConfig:
     """What ``checkpoints/`` keeps: ``best.ckpt`` (by ``val/dice``) and, with ``save_last``, ``last.ckpt``
     (after every validation and, with ``every_n_steps``, every that many training steps, so a
@@ -253,6 +273,7 @@ class RunConfig:
     bank: BankConfig = field(default_factory=BankConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     cmedl: CMEDLConfig = field(default_factory=CMEDLConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     accel: AccelConfig = field(default_factory=AccelConfig)
     trainer: Dict[str, Any] = field(default_factory=dict)
@@ -268,10 +289,11 @@ _CHOICES = {"stage": ("teacher", "student"), "accel.matmul_precision": ("auto", 
             "distill.geometry": ("prob", "logprob", "offdiag"), "distill.bank_control": ("none", "identity", "flat", "shuffled"), "distill.row_weight": ("none", "reliability"),
             "cmedl.translator": ("resnet", "unet", "none"),
             "input_transform": ("none", "class_mean"), "optim.scheduler": ("cosine", "none"),
-            "loss.class_balance": ("none", "inverse_frequency")}
+            "loss.class_balance": ("none", "inverse_frequency"), "transfer.mode": ("soft", "hard"),
+            "transfer.target": ("teacher", "truth")}
 
 
-_FREE_FORM = ("trainer", "data.splits", "data.nifti.label_map", "cmedl.target.splits", "cmedl.target.nifti.label_map",
+_FREE_FORM = ("trainer", "data.splits", "transfer.select", "data.nifti.label_map", "cmedl.target.splits", "cmedl.target.nifti.label_map",
               "class_map", "data.label_map")  # the last two: BankBuildConfig
 
 
@@ -531,17 +553,84 @@ def load_bank_build_config(path: Optional[str | Path] = None, overrides: Sequenc
         ConfigError: unknown key (with the valid ones), wrong type, or a value outside its choices.
         FileNotFoundError: the YAML file does not exist.
     """
-    cfg = OmegaConf.structured(BankBuildConfig)
-    where = str(path) if path else "bank config"
+    return _load_schema(BankBuildConfig, _BANK_CHOICES, path, overrides, "bank config")
+
+
+def _load_schema(schema: type, choices: Dict[str, Sequence[str]], path: Optional[str | Path], overrides: Sequence[str],
+                 what: str) -> DictConfig:
+    """``path`` (YAML, ``extends`` followed) over ``schema``'s defaults, then ``key=value`` overrides, then
+    every key of ``choices`` checked."""
+    cfg = OmegaConf.structured(schema)
+    where = str(path) if path else what
     if path is not None:
         for source, layer in _file_layers(Path(path)):
             try:
                 cfg = OmegaConf.merge(cfg, layer)
             except OmegaConfBaseException as e:
-                raise _explain(e, str(source), BankBuildConfig) from None
-    cfg = apply_overrides(cfg, overrides, BankBuildConfig)
-    for key, choices in _BANK_CHOICES.items():
+                raise _explain(e, str(source), schema) from None
+    cfg = apply_overrides(cfg, overrides, schema)
+    for key, allowed in choices.items():
         v = OmegaConf.select(cfg, key)
-        if v not in choices:
-            raise ConfigError(f"{where}: {key}={v!r} is not one of {list(choices)}")
+        if v not in allowed:
+            raise ConfigError(f"{where}: {key}={v!r} is not one of {list(allowed)}")
     return cfg
+
+
+# ------------------------------------------------------------------------------ lightning-distill teach
+@dataclass
+class TeachLevels:
+    """Which axial planes of each volume become slices. Levels are fractions of the volume's axial
+    (last) axis in the student's orientation: 0 its first plane (inferior for RAS/LAS), 1 its last."""
+
+    mode: str = "range"  # range: planes in [lo, hi] | match: the levels of the student's own single slices (see match)
+    range: List[float] = field(default_factory=lambda: [0.0, 1.0])  # mode=range: [lo, hi], 0 <= lo <= hi <= 1
+    # mode=match: a folder of single slices written by `lightning-distill slices` (its slice of each volume), or, when
+    # null, the student's config: its phantom slice_z range (phantom students only)
+    match: Optional[str] = None
+    per_volume: int = 5  # planes per volume, drawn without replacement (every plane in range when fewer)
+    seed: int = 0  # the draw of the planes (per volume: this seed and the volume's id)
+
+
+@dataclass
+class TeachDataSpec(BankDataSpec):
+    """The volumes: a NIfTI folder (the keys of ``bank build``'s ``data``) or the phantom, rendered on the fly."""
+
+    source: str = "nifti"  # nifti | phantom
+    attributes: Optional[str] = None  # nifti: a CSV with a `case` column and per-volume attributes (e.g. phase), recorded per slice
+    num_subjects: int = 400  # phantom: volumes phantom<seed>_0000 ... (the teacher population of experiments/teacher.yaml)
+    shape: List[int] = field(default_factory=lambda: [64, 64, 48])  # phantom: the volume grid (X, Y, Z)
+    phantom: PhantomConfig = field(default_factory=lambda: PhantomConfig(seed=1, noise_hu=[10.0, 35.0]))
+
+
+@dataclass
+class TeachConfig:
+    """``lightning-distill teach``: 2D training slices of volumes, labelled by a trained model (see
+    :mod:`lightning_distill.teach`)."""
+
+    model: BankModelSpec = field(default_factory=BankModelSpec)  # format none: no model (ground-truth slices only: the union route)
+    student: Optional[str] = None  # the student's run config (YAML): its preprocessing, data.shape and classes
+    classes: Optional[List[str]] = None  # default: the student's classes
+    class_map: Dict[Any, str] = field(default_factory=dict)  # model label (name or channel index) -> class | ignore
+    unmapped: str = "error"  # model labels nothing maps: background | ignore | error
+    tau: float = 1.0  # temperature of the stored probabilities
+    data: TeachDataSpec = field(default_factory=TeachDataSpec)
+    inference: BankInferenceConfig = field(default_factory=BankInferenceConfig)
+    levels: TeachLevels = field(default_factory=TeachLevels)
+    output: str = "runs/teach"  # a folder (written whole at the end; <output>.partial holds a run in progress)
+    processes: int = 1  # local worker processes (volumes sharded); under torchrun: its world
+    overwrite: bool = False
+
+
+_TEACH_CHOICES = {**_BANK_CHOICES, "model.format": ("checkpoint", "monai", "bundle", "torchscript", "none"),
+                  "data.source": ("nifti", "phantom"), "levels.mode": ("range", "match"),
+                  "data.phantom.modality": ("CT", "MR"), "data.phantom.version": ("0.3", "0.5")}
+
+
+def load_teach_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The ``teach`` config: ``path`` (YAML) over :class:`TeachConfig`, then ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key (with the valid ones), wrong type, or a value outside its choices.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    return _load_schema(TeachConfig, _TEACH_CHOICES, path, overrides, "teach config")

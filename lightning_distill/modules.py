@@ -43,7 +43,8 @@ class SegmentationModule(L.LightningModule):
             classes weigh alike, a class-balanced loss).
         sw_batch_size: windows per forward of the sliding-window inference (with ``roi_size``).
 
-    Per-class CE weights (a class-balanced baseline) are set with :meth:`set_ce_class_weights`.
+    Per-class CE weights (a class-balanced baseline) are set with :meth:`set_ce_class_weights`; the
+    transfer term of teacher-labelled slices with :meth:`set_transfer`.
     """
 
     def __init__(self, net: nn.Module, class_names: Sequence[str], lr: float = 1e-3, weight_decay: float = 1e-4,
@@ -74,6 +75,8 @@ class SegmentationModule(L.LightningModule):
         self.training_data: Dict[str, Any] = {}
         # the learning curve: one [step, val Dice mean, {organ: Dice}] per validation (kept in checkpoints)
         self.val_curve: List[List[Any]] = []
+        # the transfer term (set_transfer; None: none)
+        self.transfer: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -161,6 +164,45 @@ class SegmentationModule(L.LightningModule):
         self.ce_class_weights = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float32,
                                                                               device=self.device)
 
+    def set_transfer(self, mode: str = "soft", weight: float = 1.0, tau: float = 1.0, threshold: float = 0.9,
+                     target: str = "teacher", stored_tau: Optional[float] = None) -> None:
+        """Learn from the extra training samples ``transfer_*`` of a batch (teacher-labelled slices,
+        :mod:`lightning_distill.data.transfer`): ``weight * transfer`` beside the segmentation loss.
+
+        Args:
+            mode: ``soft`` (``tau^2 * KL(teacher || student)`` at ``tau``) or ``hard`` (CE on the teacher's
+                argmax where its confidence >= ``threshold``); :mod:`lightning_distill.losses.transfer`.
+            target: ``teacher`` (its stored probabilities) or ``truth`` (the slices' ground truth through
+                the same channel: a control).
+            stored_tau: the temperature of the stored probabilities (default ``tau``); another is re-tempered.
+
+        Raises:
+            ValueError: an unknown mode or target, ``tau <= 0``, a threshold outside [0, 1].
+        """
+        if mode not in ("soft", "hard") or target not in ("teacher", "truth"):
+            raise ValueError(f"transfer mode must be soft or hard and target teacher or truth, got {mode!r}, {target!r}")
+        if tau <= 0 or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"transfer needs tau > 0 and a threshold in [0, 1], got {tau}, {threshold}")
+        self.transfer = {"mode": mode, "weight": float(weight), "tau": float(tau), "threshold": float(threshold),
+                         "target": target, "stored_tau": float(tau if stored_tau is None else stored_tau)}
+
+    def transfer_term(self, logits: Tensor, batch: Dict) -> Tensor:
+        """The transfer loss of the ``transfer_*`` samples' ``logits`` ``(N, K, *spatial)`` (see :meth:`set_transfer`)."""
+        from lightning_distill.losses.transfer import hard_transfer_loss, one_hot_target, retemper, soft_transfer_loss
+
+        t = self.transfer
+        if t["target"] == "truth":
+            label = batch["transfer_label"].flatten(0, 1)
+            target = one_hot_target(label, self.num_classes)
+            if t["mode"] == "soft":
+                return soft_transfer_loss(logits, target, t["tau"], mask=(label != IGNORE_INDEX))
+            return F.cross_entropy(logits.float(), label[:, 0], ignore_index=IGNORE_INDEX)
+        soft = batch["transfer_soft"].flatten(0, 1)
+        prob, conf = soft[:, :self.num_classes], soft[:, self.num_classes]
+        if t["mode"] == "soft":
+            return soft_transfer_loss(logits, retemper(prob, t["stored_tau"], t["tau"]), t["tau"])
+        return hard_transfer_loss(logits, prob, conf, t["threshold"])
+
     @staticmethod
     def _eval_pair(logits: Tensor, label: Tensor):
         """Predicted and true label maps with ignored pixels set to background in both."""
@@ -173,19 +215,39 @@ class SegmentationModule(L.LightningModule):
         return {}
 
     def term_weights(self) -> Dict[str, float]:
-        return {"seg_dice": self.hparams.dice_weight, "seg_ce": self.hparams.ce_weight}
+        w = {"seg_dice": self.hparams.dice_weight, "seg_ce": self.hparams.ce_weight}
+        if self.transfer is not None:
+            w["transfer"] = self.transfer["weight"]
+        return w
 
     def model_step(self, batch: Dict, train: bool = True) -> Dict[str, Any]:
-        """Shared by train/val/test: logits, every loss term, and their weighted sum."""
+        """Shared by train/val/test: logits, every loss term, and their weighted sum.
+
+        In training, a batch's extra samples (:class:`~lightning_distill.data.datamodules.ExtraDraws`) go
+        through the network in the same forward: ``union_*`` (labelled slices) join the labelled samples
+        for every term, ``transfer_*`` (teacher-labelled slices) give the ``transfer`` term only.
+        """
         image, label = batch["image"], batch["label"]
         if self.hparams.input_transform == "class_mean":
             from lightning_distill.data.class_mean import class_mean_image
 
             image = class_mean_image(image, label, self.num_classes)
-        logits = self.net(image) if train else self.predict_logits(image)
+        if not train:
+            logits = self.predict_logits(image)
+            terms = self.seg_terms(logits, label)
+            return {"loss": weighted_sum(terms, self.term_weights()), "logits": logits, "terms": terms}
+        if "union_image" in batch:
+            image = torch.cat([image, batch["union_image"].flatten(0, 1)])
+            label = torch.cat([label, batch["union_label"].flatten(0, 1).to(label.dtype)])
+            batch = {**batch, "image": image, "label": label}
+        taught = batch.get("transfer_image") if self.transfer is not None else None
+        n = image.shape[0]
+        every = self.net(image if taught is None else torch.cat([image, taught.flatten(0, 1)]))
+        logits = every[:n]
         terms = self.seg_terms(logits, label)
-        if train:
-            terms.update(self.extra_terms(batch, logits))
+        terms.update(self.extra_terms(batch, logits))
+        if taught is not None:
+            terms["transfer"] = self.transfer_term(every[n:], batch)
         loss = weighted_sum(terms, self.term_weights())
         return {"loss": loss, "logits": logits, "terms": terms}
 
@@ -198,7 +260,8 @@ class SegmentationModule(L.LightningModule):
         for k, v in out["terms"].items():
             self.log(f"train/{k}", v, batch_size=bs)
         self.log_contribution(out)
-        return {"loss": out["loss"], "logits": out["logits"].detach()}
+        # the logits of the batch's own samples (callbacks pair them with batch["label"]; not a union's)
+        return {"loss": out["loss"], "logits": out["logits"][:bs].detach()}
 
     def log_contribution(self, out: Dict[str, Any]) -> None:
         """Log how much the distillation terms move the network (none for plain segmentation)."""

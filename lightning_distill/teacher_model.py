@@ -103,7 +103,8 @@ def load_model(spec: DictConfig, dims: Sequence[int] = (3,)) -> LoadedModel:
         if len(cfg.data.shape) not in dims:
             raise ValueError(f"{path}: a {len(cfg.data.shape)}D model; {' or '.join(f'{d}D' for d in dims)} expected here")
         pre = make_preprocess(cfg)
-        pre.shape = list(cfg.data.shape) if cfg.data.patch_size is None else None  # its input grid, or sliding patches
+        # its input grid (2D: one plane, Z = 1), or sliding patches
+        pre.shape = (list(cfg.data.shape) + [1] * (3 - len(cfg.data.shape))) if cfg.data.patch_size is None else None
         roi = list(cfg.data.patch_size) if cfg.data.patch_size else None
         names = [str(n) for n in ckpt["hyper_parameters"]["class_names"]]
         return LoadedModel(load_network(ckpt, cfg), names, {"format": fmt, "path": str(path), "sha256": file_sha256(path)},

@@ -109,7 +109,44 @@ def build_datamodule(cfg: DictConfig, source: Optional[SubjectSource] = None,
                                   target_fraction=t.train_fraction, target_split_seed=t.split_seed,
                                   target_splits=OmegaConf.to_container(t.splits) if t.splits else None, **common)
     cls = VolumeDataModule if source.spatial_dims == 3 else SliceDataModule
-    return cls(source, val_source=val_source(cfg, source) if training else None, **common)
+    extras = transfer_sources(cfg, source) if training else {}
+    return cls(source, val_source=val_source(cfg, source) if training else None, extras=extras, **common)
+
+
+def transfer_sources(cfg: DictConfig, source: SubjectSource) -> Dict[str, Tuple[SubjectSource, int]]:
+    """The extra training samples of ``transfer.slices`` and ``transfer.union`` (``teach`` folders) as
+    :class:`~lightning_distill.data.datamodules.SegmentationDataModule` ``extras``: ``{"transfer": (slices,
+    ratio), "union": (slices, union_ratio)}``, each when set.
+
+    Raises:
+        ValueError: a teacher run, 3D data, another method than ``prototype`` (naming the key), a ratio < 1.
+    """
+    t = cfg.transfer
+    if not t.slices and not t.union:
+        return {}
+    if cfg.stage != "student" or source.spatial_dims != 2:
+        raise ValueError("transfer.slices / transfer.union are for 2D students (stage=student, data.shape [X, Y])")
+    if cfg.distill.method != "prototype":
+        raise ValueError(f"transfer.slices / transfer.union go with distill.method=prototype (the baseline at "
+                         f"distill.weight=0, or prototype DIST), not {cfg.distill.method}")
+    from lightning_distill.data.transfer import TeacherSlices
+
+    names = list(cfg.classes) if cfg.classes else list(source.class_names)
+    select = OmegaConf.to_container(t.select)
+    extras: Dict[str, Tuple[SubjectSource, int]] = {}
+    for key, path, ratio, need in (("transfer", t.slices, t.ratio, "truth" if t.target == "truth" else "teacher"),
+                                   ("union", t.union, t.union_ratio, "truth")):
+        if not path:
+            continue
+        if int(ratio) < 1:
+            raise ValueError(f"transfer.{'ratio' if key == 'transfer' else 'union_ratio'} must be at least 1, got {ratio}")
+        extras[key] = (TeacherSlices(path, names, select=select, need=need), int(ratio))
+        if rank_zero_only.rank == 0:
+            src = extras[key][0]
+            print(f"transfer.{'slices' if key == 'transfer' else 'union'}: {len(src.ids)} slices of {len(src._arrays)} "
+                  f"volumes from {path} ({ratio} per labelled slice" + (f"; select {select}" if select else "")
+                  + (f"; left out {src.left_out}" if any(src.left_out.values()) else "") + ")", flush=True)
+    return extras
 
 
 def val_source(cfg: DictConfig, source: SubjectSource) -> Optional[SubjectSource]:
@@ -357,6 +394,8 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     dm = build_datamodule(cfg, source)
     module = build_module(cfg, names)
     module.training_data = _training_record(cfg, dm)
+    if getattr(dm, "extras", None):
+        _set_transfer(cfg, module, dm)
     if cfg.loss.class_balance == "inverse_frequency":
         weights = balanced_class_weights(training_class_voxels(dm, len(names)))
         module.set_ce_class_weights(weights)
@@ -451,6 +490,17 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
     _finish_logger(logger, {"prototype-bank": own_bank, "teacher-prototype-bank": None if teacher else cfg.distill.prototypes,
                             "model": best, "results": str(out / "results.json")}, trainer.is_global_zero)
     return results
+
+
+def _set_transfer(cfg: DictConfig, module: SegmentationModule, dm: SegmentationDataModule) -> None:
+    """Switch on the transfer term of ``transfer.slices`` (its temperature: ``transfer.tau``, default the
+    folder's) and record the extra slices in the run's checkpoints."""
+    t = cfg.transfer
+    module.training_data["transfer"] = {name: src.record() for name, (src, _) in dm.extras.items()}
+    if "transfer" in dm.extras:
+        stored = dm.extras["transfer"][0].meta.get("tau")
+        module.set_transfer(mode=t.mode, weight=t.weight, tau=float(t.tau if t.tau is not None else (stored or 1.0)),
+                            threshold=t.threshold, target=t.target, stored_tau=stored)
 
 
 def check_bank_config(cfg: DictConfig, dm: SegmentationDataModule) -> Optional[Tuple[float, float]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import numpy as np
@@ -99,6 +99,8 @@ class SubjectDataset(Dataset):
             if s.get("label") is None:
                 raise ValueError(f"subject {sid!r} has no label map (labelled data are needed here)")
             item["label"] = torch.as_tensor(s["label"], dtype=torch.int64)[None]
+        if s.get("soft") is not None:  # a teacher's per-pixel values (lightning_distill.data.transfer)
+            item["soft"] = torch.as_tensor(s["soft"], dtype=torch.float32)
         if self.cache is not None:
             self.cache[sid] = item
         return item
@@ -110,6 +112,7 @@ class SubjectDataset(Dataset):
         item = dict(self._load(self.ids[i]))
         image = item["image"]
         label = item.get("label", torch.zeros((1,) + tuple(image.shape[1:]), dtype=torch.int64))
+        soft = item.get("soft")
         if self.patch_size is not None:
             spatial = image.shape[1:]
             if any(p > s for p, s in zip(self.patch_size, spatial)):
@@ -117,17 +120,21 @@ class SubjectDataset(Dataset):
             starts = [int(torch.randint(0, s - p + 1, (), generator=gen)) for s, p in zip(spatial, self.patch_size)]
             sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch_size))
             image, label = image[(slice(None),) + sl], label[(slice(None),) + sl]
+            soft = None if soft is None else soft[(slice(None),) + sl]
         if self.augment or self.spatial_augment != "none":
-            image, label = self.augmented(image, label, int(torch.randint(0, 2 ** 31 - 1, (), generator=gen)))
+            image, label, soft = self.augmented(image, label, int(torch.randint(0, 2 ** 31 - 1, (), generator=gen)), soft)
         item["image"] = image.contiguous()
+        if soft is not None:
+            item["soft"] = soft.contiguous()
         if self.labels:
             item["label"] = label.contiguous()
         return item
 
-    def augmentation(self, shape: Sequence[int]):
-        """The MONAI ``Compose`` of this dataset's augmentation for images of ``shape`` ``(C, *spatial)``."""
+    def augmentation(self, shape: Sequence[int], soft: bool = False):
+        """The MONAI ``Compose`` of this dataset's augmentation for images of ``shape`` ``(C, *spatial)``
+        (``soft``: samples also carry ``soft`` values, moved with the image, linearly)."""
         shape = tuple(shape)
-        if shape not in self._transforms:
+        if (shape, soft) not in self._transforms:
             from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd,
                                           RandShiftIntensityd)
 
@@ -136,18 +143,20 @@ class SubjectDataset(Dataset):
                 nd = len(shape) - 1
                 rotate = (math.pi / 12,) if nd == 2 else (0.0, 0.0, math.pi / 12)  # about the axial (last) axis
                 shift = [0.05 * s for s in shape[1:3]] + ([0.0] if nd == 3 else [])
-                steps.append(RandAffined(keys=["image", "label"], prob=1.0, rotate_range=rotate,
+                keys, modes = ["image", "label"] + (["soft"] if soft else []), ("bilinear", "nearest") + (("bilinear",) if soft else ())
+                steps.append(RandAffined(keys=keys, prob=1.0, rotate_range=rotate,
                                          scale_range=(0.1,) * 2 + ((0.0,) if nd == 3 else ()), translate_range=shift,
-                                         mode=("bilinear", "nearest"), padding_mode="zeros"))
+                                         mode=modes, padding_mode="zeros"))
             if self.augment:
                 steps += [RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
                           RandShiftIntensityd(keys="image", offsets=0.05, prob=1.0),
                           RandGaussianNoised(keys="image", prob=1.0, mean=0.0, std=0.02, sample_std=False)]
-            self._transforms[shape] = Compose(steps)
-        return self._transforms[shape]
+            self._transforms[(shape, soft)] = Compose(steps)
+        return self._transforms[(shape, soft)]
 
-    def augmented(self, image: torch.Tensor, label: torch.Tensor, seed: int):
-        """Image and label through :meth:`augmentation`, its random state set from ``seed``.
+    def augmented(self, image: torch.Tensor, label: torch.Tensor, seed: int, soft: Optional[torch.Tensor] = None):
+        """Image, label and ``soft`` values (or ``None``) through :meth:`augmentation`, its random state set
+        from ``seed`` (the image and label get the same draws with or without ``soft``).
 
         MONAI's metadata tracking is off while the transforms run: the same values (tested), plain tensors
         out (a MetaTensor would spread into the prototype sums and the checkpoint, which then needs
@@ -156,14 +165,16 @@ class SubjectDataset(Dataset):
         """
         from monai.data import get_track_meta, set_track_meta
 
-        transform = self.augmentation(image.shape).set_random_state(seed=seed)
+        transform = self.augmentation(image.shape, soft is not None).set_random_state(seed=seed)
         tracking = get_track_meta()
         set_track_meta(False)  # a module-level switch of MONAI: restored below, also on error
+        data = {"image": image, "label": label.float(), **({"soft": soft} if soft is not None else {})}
         try:
-            out = transform({"image": image, "label": label.float()})
+            out = transform(data)
         finally:
             set_track_meta(tracking)
-        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(label.dtype)
+        moved = None if soft is None else torch.as_tensor(out["soft"]).float()
+        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(label.dtype), moved
 
 
 SPATIAL_AUGMENTS = ("none", "affine")
@@ -191,14 +202,23 @@ class SegmentationDataModule(L.LightningDataModule):
         val_source: where the validation subjects' samples come from instead of ``source`` (e.g. every
             axial slice of the validation patients' volumes while training on one slice per patient,
             so that model selection sees every organ). Needs explicit ``splits``.
+        extras: ``{name: (source, count)}``: every training sample comes with ``count`` samples of each
+            source, drawn per sample (:class:`ExtraDraws`; e.g. ``transfer`` and ``union`` slices of
+            :mod:`lightning_distill.data.transfer`), augmented like the training samples.
     """
 
     def __init__(self, source: SubjectSource, batch_size: int = 8, val_subjects: int = 10, test_subjects: int = 20,
                  train_fraction: float = 1.0, train_subjects: Optional[int] = None, split_seed: int = 0,
                  num_workers: int = 0, augment: bool = True, patch_size: Optional[Sequence[int]] = None,
                  eval_batch_size: Optional[int] = None, splits: Optional[Dict[str, Sequence[str]]] = None,
-                 seed: int = 0, spatial_augment: str = "none", val_source: Optional[SubjectSource] = None):
+                 seed: int = 0, spatial_augment: str = "none", val_source: Optional[SubjectSource] = None,
+                 extras: Optional[Dict[str, Tuple[SubjectSource, int]]] = None):
         super().__init__()
+        self.extras = dict(extras or {})
+        for name, (src, count) in self.extras.items():
+            if src.spatial_dims != source.spatial_dims or int(count) < 1:
+                raise ValueError(f"extra samples {name!r}: need a {source.spatial_dims}D source and a count >= 1, got "
+                                 f"{src.spatial_dims}D and {count}")
         if val_source is not None and not (splits and splits.get("val")):
             raise ValueError("a separate validation source needs explicit splits with val subjects (data.splits.val)")
         if val_source is not None and (val_source.spatial_dims != source.spatial_dims
@@ -292,7 +312,11 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._train_loader(self.datasets["train"])
+        train = self.datasets["train"]
+        if self.extras:
+            train = ExtraDraws(train, {name: (SubjectDataset(src, src.ids, augment=self.augment, spatial_augment=self.spatial_augment),
+                                              int(count)) for name, (src, count) in self.extras.items()})
+        return self._train_loader(train)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, self.eval_batch_size)
@@ -317,6 +341,48 @@ class SliceDataModule(SegmentationDataModule):
         if source.spatial_dims != 2:
             raise ValueError(f"SliceDataModule needs a 2D source, got {source.spatial_dims}D")
         super().__init__(source, **kwargs)
+
+
+class ExtraDraws(Dataset):
+    """Every sample of ``first`` with ``count`` random samples of each extra dataset, stacked under
+    ``<name>_image`` ``(count, C, *spatial)``, ``<name>_label`` ``(count, 1, *spatial)``, ``<name>_soft``
+    ``(count, V, *spatial)`` (when the samples carry ``soft``) and ``<name>_id`` (the ids, comma-joined).
+
+    Given a key ``(index, draw_seed)`` the partners and every augmentation are drawn from that seed (so
+    resume and DDP see what one uninterrupted process sees, :mod:`.sampling`); given a plain index, from
+    torch's global RNG.
+    """
+
+    def __init__(self, first: Dataset, extras: Dict[str, Tuple[Dataset, int]]):
+        for name, (ds, count) in extras.items():
+            if len(ds) == 0:
+                raise ValueError(f"the extra dataset {name!r} is empty")
+        self.first, self.extras = first, extras
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, key) -> Dict:
+        i, gen = sample_generator(key)
+        total = sum(c for _, c in self.extras.values())
+        if gen is None:
+            item = dict(self.first[i])
+            picks = iter([(int(torch.randint(len(ds), ())), None) for ds, c in self.extras.values() for _ in range(c)])
+        else:
+            seeds = [int(v) for v in torch.randint(0, 2 ** 62, (1 + 2 * total,), generator=gen)]
+            item = dict(self.first[(i, seeds[0])])
+            picks = iter([(seeds[1 + 2 * k], seeds[2 + 2 * k]) for k in range(total)])
+        for name, (ds, count) in self.extras.items():
+            samples = []
+            for _ in range(count):
+                j, seed = next(picks)
+                samples.append(ds[j % len(ds)] if seed is None else ds[(j % len(ds), seed)])
+            item[f"{name}_image"] = torch.stack([s["image"] for s in samples])
+            item[f"{name}_label"] = torch.stack([s["label"] for s in samples])
+            if all("soft" in s for s in samples):
+                item[f"{name}_soft"] = torch.stack([s["soft"] for s in samples])
+            item[f"{name}_id"] = ",".join(s["id"] for s in samples)
+        return item
 
 
 class UnpairedDataset(Dataset):

@@ -120,18 +120,26 @@ class Preprocess:
         return cropper, start, end
 
     def __call__(self, image: np.ndarray, affine: np.ndarray, label: Optional[np.ndarray] = None):
-        """Preprocess one case.
+        """Preprocess one case (see :meth:`with_values` for the arguments and the first three results)."""
+        return self.with_values(image, affine, label)[:3]
+
+    def with_values(self, image: np.ndarray, affine: np.ndarray, label: Optional[np.ndarray] = None,
+                    values: Optional[np.ndarray] = None):
+        """Preprocess one case, and carry ``values`` along.
 
         Args:
             image: ``(C, X, Y, Z)`` float array.
             affine: ``(4, 4)`` voxel-to-world matrix.
             label: ``(X, Y, Z)`` int array or ``None``.
+            values: ``(V, X, Y, Z)`` float array (e.g. a teacher's probabilities on the input grid) or
+                ``None``: through the image's spatial steps (linear interpolation, the image's crop
+                box), not the intensity step.
 
         Returns:
-            ``(image, label, chain)``: the image MetaTensor ``(C, *shape)`` (it carries MONAI's record
-            of the applied spatial operations), the label MetaTensor ``(1, *shape)`` int64 or
-            ``None``, and the list of spatial transforms applied to the image, which
-            :meth:`invert` undoes.
+            ``(image, label, chain, values)``: the image MetaTensor ``(C, *shape)`` (it carries MONAI's
+            record of the applied spatial operations), the label MetaTensor ``(1, *shape)`` int64 or
+            ``None``, the list of spatial transforms applied to the image, which :meth:`invert`
+            undoes, and the values tensor ``(V, *shape)`` float32 or ``None``.
         """
         from monai.data import MetaTensor
 
@@ -145,6 +153,10 @@ class Preprocess:
         if label is not None:
             pre_l, size_l = self.spatial("nearest")
             lbl = pre_l(MetaTensor(torch.as_tensor(label[None], dtype=torch.float32), affine=aff.clone()))
+        val = None
+        if values is not None:
+            pre_v, size_v = self.spatial("bilinear")
+            val = pre_v(MetaTensor(torch.as_tensor(values, dtype=torch.float32), affine=aff.clone()))
         if self.crop_foreground:
             found = self._foreground_crop(img)
             if found is not None:
@@ -153,14 +165,18 @@ class Preprocess:
                 chain.append(crop)
                 if lbl is not None:
                     lbl = crop.crop_pad(lbl, start, end)
+                if val is not None:
+                    val = crop.crop_pad(val, start, end)
         if size is not None:
             img = size(img)
             chain.append(size)
             if lbl is not None:
                 lbl = size_l(lbl)
+            if val is not None:
+                val = size_v(val)
         if lbl is not None:
             lbl = MetaTensor(lbl.as_tensor().round().long(), affine=lbl.affine)
-        return img, lbl, chain
+        return img, lbl, chain, (None if val is None else val.as_tensor().float())
 
     @staticmethod
     def invert(probs: torch.Tensor, reference, chain) -> torch.Tensor:

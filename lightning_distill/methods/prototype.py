@@ -142,7 +142,7 @@ class StudentModule(SegmentationModule):
             self._distill_input = logits
             values = torch.softmax(logits.float() / self.tau, dim=1)
         else:
-            self._distill_input = self._hook.pop()
+            self._distill_input = self._hook.pop()[: logits.shape[0]]  # the labelled samples (not a batch's transfer_*)
             values = self.projector(self._distill_input).float()
         sums, counts = masked_class_sums(values, batch["label"], self.num_classes)
         if self.training:  # DDP: the prototypes of the global batch (a no-op in one process)
