@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow test-portable train-teacher train-student bank-example train-baseline train-sikd train-cmedl train-chaos benchmark bench-headroom bench-headroom-0.5 bench-chaos-headroom bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
+.PHONY: help install test test-all test-slow test-portable train-teacher train-student bank-example train-transfer compare-run train-baseline train-sikd train-cmedl train-chaos benchmark bench-headroom bench-headroom-0.5 bench-chaos-headroom bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -74,6 +74,17 @@ bank-example: $(STAMP) $(TEACHER_BANK) ## a bank from the trained 3D teacher ove
 	[ -d $(BANK_VOLUMES) ] || $(BIN)/lightning-distill phantom experiments/teacher.yaml $(BANK_VOLUMES) data.phantom.seed=5 data.num_subjects=100
 	$(BIN)/lightning-distill bank build experiments/bank.yaml data.root=$(BANK_VOLUMES) overwrite=true $(ARGS)
 	$(MAKE) train-student TEACHER_BANK=runs/bank/prototypes.pt STUDENT_DIR=runs/student-bank ARGS="output_dir=runs/student-bank"
+
+TEACH_DIR ?= runs/teach
+TRANSFER_DIR ?= runs/transfer
+train-transfer: $(STAMP) $(TEACHER_BANK) ## the 3D teacher labels slices of its volumes (teach), a 2D student learns from them beside its own; prints it beside the baseline and the teacher (docs/methods.md)
+	[ -f $(TEACH_DIR)/dataset.json ] || $(BIN)/lightning-distill teach experiments/teach.yaml output=$(TEACH_DIR)
+	$(BIN)/lightning-distill fit experiments/transfer.yaml transfer.slices=$(TEACH_DIR) output_dir=$(TRANSFER_DIR) $(ARGS)
+	[ -f $(BASELINE_DIR)/results.json ] || $(BIN)/lightning-distill fit experiments/baseline.yaml output_dir=$(BASELINE_DIR)
+	@$(MAKE) --no-print-directory compare-run STUDENT_DIR=$(TRANSFER_DIR)
+
+compare-run: $(STAMP) ## print STUDENT_DIR beside the 3D teacher and BASELINE_DIR on the student's test slices
+	@$(COMPARE)
 
 train-baseline: $(STAMP) ## train the plain 2D model (the student with lambda = 0); with a student, print all three
 	$(BIN)/lightning-distill fit experiments/baseline.yaml $(ARGS)

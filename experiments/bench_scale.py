@@ -12,7 +12,11 @@
    volumes, unlabelled (pseudo-labels), with a fresh persistent cache (cold: read + preprocess +
    inference) and again (warm: inference on cached arrays), in 1 process and in 2 gloo processes.
 
-Writes its section of ``--out`` (docs/performance.md) between markers, leaving the rest as it is.
+4. Teach throughput: ``lightning-distill teach`` (the same checkpoint, ``experiments/teach.yaml``: 5 slices per
+   volume at the student's levels) over the same ``--bank-volumes`` NIfTI volumes in 1 and 2 processes, and
+   over as many phantom volumes rendered on the fly (1 process); ``--teach-only`` runs this part alone.
+
+Writes its sections of ``--out`` (docs/performance.md) between markers, leaving the rest as it is.
 Public tools only (``time``, ``subprocess``, ``/proc``). Usage::
 
     python experiments/bench_scale.py [--volumes 1000] [--small 100] [--bank-volumes 200] [--out docs/performance.md]
@@ -29,9 +33,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"
+TEACH_BEGIN, TEACH_END = "<!-- bench-teach:begin -->", "<!-- bench-teach:end -->"
 NAMES = "classes=[background,body_wall,muscle,liver,spleen,right_kidney,left_kidney,aorta,vertebra]"
 CHILD = r"""
 import json, sys, time
@@ -102,6 +108,31 @@ def bank(work: Path, vols: Path, ckpt: Path, ids, processes: int, cache: Path) -
     return len(ids) / wall, len(ids) / loop
 
 
+def teach(work: Path, vols: Optional[Path], ckpt: Path, ids, processes: int) -> dict:
+    """One teach run over ``ids`` (NIfTI volumes of ``vols``; ``vols=None``: phantom volumes rendered on the fly):
+    volumes/s and slices/s over the whole command and over teach's own run (its ``seconds``: the model loaded,
+    every volume read, inferred and written, dataset.json written)."""
+    out = work / f"teach-{'nifti' if vols else 'phantom'}-{processes}"
+    data = ([f"data.root={vols}", "data.source=nifti", "data.labels=ignore", "data.cases=[" + ",".join(ids) + "]"] if vols
+            else [f"data.num_subjects={len(ids)}"])
+    t = time.time()
+    run(cli("teach", "experiments/teach.yaml", f"model.path={ckpt}", *data, f"output={out}", f"processes={processes}",
+            "overwrite=true", "data.preprocess.orientation=LAS"))
+    wall = time.time() - t
+    meta = json.loads((out / "dataset.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    n, k = meta["num_volumes"], meta["num_slices"]
+    return {"volumes": n, "slices": k, "wall": wall, "seconds": meta["seconds"]}
+
+
+def bench_teacher(work: Path) -> Path:
+    teacher = work / "teacher"
+    if not (teacher / "checkpoints" / "last.ckpt").is_file():
+        run(cli("fit", "experiments/teacher.yaml", f"output_dir={teacher}", "trainer.max_steps=20", "data.num_subjects=24",
+                "data.val_subjects=2", "data.test_subjects=2", "trainer.enable_progress_bar=false", "pictures=0"))
+    return teacher / "checkpoints" / "last.ckpt"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--volumes", type=int, default=1000)
@@ -109,21 +140,24 @@ def main(argv=None) -> int:
     ap.add_argument("--bank-volumes", type=int, default=200)
     ap.add_argument("--work", default="runs/bench-scale", help="where the dataset and runs go (reused)")
     ap.add_argument("--out", help="write the section into this markdown file (e.g. docs/performance.md)")
+    ap.add_argument("--teach-only", action="store_true", help="only the teach throughput section")
     args = ap.parse_args(argv)
     t0 = time.time()
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     vols = export(work, args.volumes)
     ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (vols / "imagesTr").glob("*_0000.nii.gz"))
+    ckpt = bench_teacher(work)
+    sub = ids[: args.bank_volumes]
+    teach_rates = {"nifti-1": teach(work, vols, ckpt, sub, 1), "nifti-2": teach(work, vols, ckpt, sub, 2),
+                   "phantom-1": teach(work, None, ckpt, sub, 1)}
+    print(f"teach: {teach_rates}", flush=True)
+    _write_section(args, render_teach(args, teach_rates, time.time() - t0), TEACH_BEGIN, TEACH_END)
+    if args.teach_only:
+        return 0
 
     starts = {(mode, n): start(work, vols, n, mode, ids) for mode in ("lazy", "eager") for n in (args.small, args.volumes)}
 
-    teacher = work / "teacher"
-    if not (teacher / "checkpoints" / "last.ckpt").is_file():
-        run(cli("fit", "experiments/teacher.yaml", f"output_dir={teacher}", "trainer.max_steps=20", "data.num_subjects=24",
-                "data.val_subjects=2", "data.test_subjects=2", "trainer.enable_progress_bar=false", "pictures=0"))
-    ckpt = teacher / "checkpoints" / "last.ckpt"
-    sub = ids[: args.bank_volumes]
     rates = {}
     for p in (1, 2):
         cache = work / f"cache-{p}"
@@ -132,20 +166,48 @@ def main(argv=None) -> int:
         rates[(p, "warm")] = bank(work, vols, ckpt, sub, p, cache)
         print(f"bank {p} process(es): cold {rates[(p, 'cold')]}, warm {rates[(p, 'warm')]} volumes/s (command, loop)", flush=True)
 
-    text = render(args, starts, rates, time.time() - t0)
+    _write_section(args, render(args, starts, rates, time.time() - t0), BEGIN, END)
+    return 0
+
+
+def _write_section(args, text: str, begin: str, end: str) -> None:
     print(text)
     if args.out:
         from lightning_distill.io import write_text
 
         path = REPO / args.out
         old = path.read_text() if path.is_file() else ""
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+        if begin in old and end in old:
+            new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
         else:
             new = old.rstrip() + "\n\n" + text + "\n"
         write_text(path, new)
         print(f"wrote its section of {args.out}")
-    return 0
+
+
+def render_teach(args, r, wall) -> str:
+    import torch
+
+    from lightning_distill import __version__
+
+    cmd = ("make bench-scale" if args.out == "docs/performance.md" and args.bank_volumes == 200 and not args.teach_only
+           else "python experiments/bench_scale.py " + " ".join(sys.argv[1:]))
+    L = [TEACH_BEGIN, "## Teach throughput", "",
+         f"Generated by `{cmd}` (`experiments/bench_scale.py`; {wall:.0f} s with the dataset export and the 20-step "
+         f"teacher). lightning_distill {__version__}, torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
+         "CPU only. Do not edit by hand.", "",
+         f"`lightning-distill teach` (`experiments/teach.yaml`: the teacher's UNet on whole 64×64×48 volumes, 5 slices per "
+         f"volume at the student's levels, each preprocessed as the student's, probabilities float16, compressed) over "
+         f"{args.bank_volumes} volumes: NIfTI files of the export above, or phantom volumes rendered on the fly.", "",
+         "| volumes | processes | teach run: volumes/s | teach run: slices/s | whole command: volumes/s | whole command (s) |",
+         "|---|---|---|---|---|---|"]
+    for key, label in (("nifti-1", "NIfTI"), ("nifti-2", "NIfTI"), ("phantom-1", "phantom, rendered")):
+        x = r[key]
+        L.append(f"| {label} | {key[-1]}{' (spawned)' if key.endswith('2') else ''} | {x['volumes'] / x['seconds']:.2f} | "
+                 f"{x['slices'] / x['seconds']:.2f} | {x['volumes'] / x['wall']:.2f} | {x['wall']:.0f} |")
+    L += ["", "Teach run: from loading the model to `dataset.json` (for 2 processes: from the parent's start, spawning "
+          "included); whole command: including starting Python.", TEACH_END]
+    return "\n".join(L)
 
 
 def render(args, starts, rates, wall) -> str:

@@ -62,6 +62,21 @@ def teacher_bank(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def teach_folder(teacher_bank, tmp_path_factory):
+    """Teacher-labelled slices (`lightning-distill teach`) of six phantom volumes of the tiny teacher's population,
+    five per volume at the student's levels, preprocessed as experiments/student.yaml's (64 x 64)."""
+    from lightning_distill.cli import main
+
+    out = tmp_path_factory.mktemp("teach") / "slices"
+    ckpt = teacher_bank / "checkpoints" / "best.ckpt"
+    rc = main(["teach", os.path.join(REPO, "experiments/teach.yaml"), f"model.path={ckpt}",
+               f"student={os.path.join(REPO, 'experiments/student.yaml')}", "data.num_subjects=6",
+               "data.shape=[32,32,16]", f"output={out}"])
+    assert rc == 0
+    return out
+
+
 # ------------------------------------------------------------------------------------------ comparing floats
 # Which comparisons are exact (docs/development.md, "Comparing floats"): bitwise only where both sides run
 # the very same computation on the same machine (a resumed run vs the uninterrupted one, a cache hit vs the

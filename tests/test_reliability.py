@@ -243,8 +243,8 @@ def test_augmentation_is_a_function_of_the_draw_seed():
 
 # ------------------------------------------------------------------------------------------ resume
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["teacher", "student"])
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, stage, teacher_bank):
+@pytest.mark.parametrize("stage", ["teacher", "student", "transfer"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, stage, teacher_bank, request):
     """A run SIGKILLed in training step 7 (mid-epoch; last.ckpt from step 6) and re-run with resume=auto
     ends with the same weights, bank, test metrics and CSV log as a run that was never interrupted."""
     if stage == "teacher":
@@ -252,6 +252,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, stage, tea
     else:
         yaml, bank_file = STUDENT_YAML, "student_prototypes.pt"
         over = [*RESUME_STUDENT, f"distill.prototypes={teacher_bank / 'prototypes.pt'}"]
+    if stage == "transfer":  # teacher-labelled slices and union slices drawn per sample, beside prototype DIST
+        folder = request.getfixturevalue("teach_folder")
+        over += [f"transfer.slices={folder}", f"transfer.union={folder}", "transfer.ratio=2"]
     full, part = tmp_path / "full", tmp_path / "part"
     r = _cli(["fit", yaml, f"output_dir={full}", *over])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -461,11 +464,15 @@ def test_ddp_teacher_bank_equals_single_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["prototype", "sikd"])
-def test_ddp_student_trains(tmp_path, teacher_bank, method):
+@pytest.mark.parametrize("method", ["prototype", "sikd", "transfer"])
+def test_ddp_student_trains(tmp_path, teacher_bank, method, request):
     out = tmp_path / "student"
     if method == "prototype":
         yaml, extra, term = STUDENT_YAML, [f"distill.prototypes={teacher_bank / 'prototypes.pt'}"], "train/dist_inter"
+    elif method == "transfer":  # teacher-labelled slices and union slices: each process draws its samples' own
+        folder = request.getfixturevalue("teach_folder")
+        yaml, term = STUDENT_YAML, "train/transfer"
+        extra = ["distill.weight=0", "distill.prototypes=null", f"transfer.slices={folder}", f"transfer.union={folder}"]
     else:  # SIKD: a frozen 2D teacher network, its features found by a forward hook
         assert main(["fit", os.path.join(REPO, "experiments/sikd_teacher.yaml"), f"output_dir={tmp_path / 'sikd_teacher'}",
                      "pictures=0", *TINY_STUDENT]) == 0
