@@ -276,7 +276,8 @@ class _Teach:
     def start(self) -> None:
         """Create (or check) the partial folder: a run of another config is refused."""
         key_file = self.partial / "key.json"
-        if key_file.is_file():
+        written = any((self.partial / "volumes").glob("*.npz"))
+        if key_file.is_file() and written:  # (a run that failed before its first volume holds nothing to keep)
             if json.loads(key_file.read_text()).get("key") != self.key:
                 raise ValueError(f"{self.partial}: was written by a teach run with another config (model, data, levels, "
                                  "tau or student differ); delete it to start over, or set output to another path")

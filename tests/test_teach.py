@@ -355,9 +355,6 @@ def test_an_empty_level_range_is_refused_naming_the_key(setup, tmp_path):
     assert not (tmp_path / "lv2").exists() and not (tmp_path / "lv2.partial").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="teach.py _Teach.run: start() writes <output>.partial/key.json before the first "
-                   "volume; a config error found in that volume (empty level range, model.labels of the wrong length) "
-                   "leaves a .partial with no volume, and the corrected config is then refused as 'another config'")
 @pytest.mark.parametrize("wrong, right, message", [
     (["levels.range=[0.5,0.5]"], ["levels.range=[0.4,0.6]"], r"holds no plane .*levels.range"),
     ([f"model.labels=[{','.join(SEG_LABELS[:-1])}]"], [], "predicts 11 channels, model.labels names 10"),

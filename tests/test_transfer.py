@@ -84,12 +84,13 @@ def test_one_hot_target_leaves_ignored_pixels_out():
 
 
 # ------------------------------------------------------------------------------------------------ the module
-def _student(**transfer):
+def _student(arch="Unet", **transfer):
     from lightning_distill.methods.prototype import StudentModule
     from lightning_distill.networks import build_network
 
     torch.manual_seed(0)
-    net = build_network("Unet", 2, 1, 4, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
+    kwargs = {"decoder_channels": [16, 16, 8, 8, 8]} if arch == "Unet" else {}
+    net = build_network(arch, 2, 1, 4, encoder="resnet18", kwargs=kwargs)
     m = StudentModule(net, ["background", "a", "b", "c"], bank=None, distill_weight=0.0)
     if transfer:
         m.set_transfer(**transfer)
@@ -123,6 +124,17 @@ def test_the_transfer_term_is_weighted_logged_and_reads_the_teacher_samples_only
     b2 = dict(b, image=torch.rand(2, 1, 32, 32))
     c = m.model_step({k: v for k, v in b2.items() if not k.startswith("union")})["terms"]["transfer"]
     assert_close_to_precision(a, c)
+
+
+@pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus", "Linknet", "UnetPlusPlus"])
+def test_every_smp_architecture_learns_from_teacher_and_union_slices(arch):
+    m = _student(arch, mode="soft")
+    b = _batch(r=2)
+    out = m.model_step(b)
+    assert out["logits"].shape == (2 + 4, 4, 32, 32) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for p in m.net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_union_slices_join_the_labelled_samples_and_no_transfer_term_without_set_transfer():
