@@ -143,7 +143,7 @@ sweep-local: $(STAMP) ## run COUNT trials of SWEEP here without a W&B server -> 
 bench-cmedl: $(STAMP) ## CMEDL vs the plain CT model on the two-modality phantom (~25 min) -> docs/benchmarks/cmedl.md
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/cmedl.yaml $(ARGS)
 
-bench-scale: $(STAMP) ## 1,000 phantom volumes opened lazily vs eagerly (first batch, peak memory) and bank throughput cold/warm, 1 and 2 processes (~25 min) -> docs/performance.md
+bench-scale: $(STAMP) ## 1,000 phantom volumes opened lazily vs eagerly (first batch, peak memory), bank throughput cold/warm, 1 and 2 processes, teach throughput (~30 min) -> docs/performance.md
 	$(BIN)/python experiments/bench_scale.py --out docs/performance.md $(ARGS)
 
 bench-speed: $(STAMP) ## step-time ratios of the distillation methods, loader throughput, peak memory (~3 min) -> docs/performance.md

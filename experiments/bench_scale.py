@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    vols = export(work, args.volumes)
+    vols = export(work, args.bank_volumes if args.teach_only else args.volumes)  # teach needs only the first ones
     ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (vols / "imagesTr").glob("*_0000.nii.gz"))
     ckpt = bench_teacher(work)
     sub = ids[: args.bank_volumes]

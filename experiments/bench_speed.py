@@ -319,9 +319,10 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         old = Path(args.out).read_text() if Path(args.out).is_file() else ""
-        begin, end = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"  # experiments/bench_scale.py's section stays
-        if begin in old and end in old:
-            text = text.rstrip() + "\n\n" + old[old.index(begin): old.index(end) + len(end)] + "\n"
+        for part in ("scale", "teach"):  # experiments/bench_scale.py's sections stay
+            begin, end = f"<!-- bench-{part}:begin -->", f"<!-- bench-{part}:end -->"
+            if begin in old and end in old:
+                text = text.rstrip() + "\n\n" + old[old.index(begin): old.index(end) + len(end)] + "\n"
         atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
         print(f"wrote {args.out}")
     return 0
