@@ -299,3 +299,4 @@ def test_a_student_taught_only_by_slices_reproduces_the_teacher_on_held_out_slic
     print(f"student vs teacher on {len(held.ids)} held-out slices: pixel agreement {agree / total:.3f}, "
           f"on the teacher's organ pixels {fg_agree / fg:.3f}")
     assert agree / total >= 0.9
+    assert fg_agree / fg >= 0.6  # not by background alone (0.737 measured on a 2-core AMD EPYC)
