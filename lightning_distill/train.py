@@ -143,7 +143,7 @@ def transfer_sources(cfg: DictConfig, source: SubjectSource) -> Dict[str, Tuple[
         extras[key] = (TeacherSlices(path, names, select=select, need=need), int(ratio))
         if rank_zero_only.rank == 0:
             src = extras[key][0]
-            print(f"transfer.{'slices' if key == 'transfer' else 'union'}: {len(src.ids)} slices of {len(src._arrays)} "
+            print(f"transfer.{'slices' if key == 'transfer' else 'union'}: {len(src.ids)} slices of {src.record()['volumes']} "
                   f"volumes from {path} ({ratio} per labelled slice" + (f"; select {select}" if select else "")
                   + (f"; left out {src.left_out}" if any(src.left_out.values()) else "") + ")", flush=True)
     return extras

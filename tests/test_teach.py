@@ -523,3 +523,31 @@ def test_choose_planes_is_seeded_by_volume_and_bounded_by_per_volume():
     assert choose_planes("v1", 48, lv(per_volume=100), None) == list(range(48))  # every plane when fewer
     assert choose_planes("v1", 16, lv(range=[0.2, 0.5], per_volume=100), None) == [3, 4, 5, 6, 7]
     assert choose_planes("v1", 16, lv(range=[0.4, 0.4]), None) == [6]  # 6 / 15 = 0.4: the end points count
+
+
+def test_nifti_volumes_match_a_slices_folder_and_carry_attributes_from_a_csv(setup, tmp_path):
+    """levels.mode=match with a folder of `lightning-distill slices` draws the planes its files came from; the
+    attributes of a CSV are recorded per volume and select the slices a student reads."""
+    _, _, student = setup
+    vols = tmp_path / "ct"
+    assert main(["phantom", os.path.join(REPO, "experiments/teacher.yaml"), str(vols), "data.num_subjects=3",
+                 "data.shape=[32,32,16]"]) == 0
+    assert main(["slices", str(vols), str(tmp_path / "one"), "--fraction", "0.4"]) == 0
+    chosen = json.loads((tmp_path / "one" / "dataset.json").read_text())["slices"]
+    ids = sorted(chosen)
+    (tmp_path / "attrs.csv").write_text("case,phase\n" + "".join(f"{c},{'venous' if i else 'noncontrast'}\n"
+                                                                 for i, c in enumerate(ids)))
+    out = tmp_path / "taught"
+    meta = teach(load_teach_config(None, ["model.format=none", f"student={student}", "data.source=nifti",
+                                          f"data.root={vols}", f"data.attributes={tmp_path / 'attrs.csv'}",
+                                          "levels.mode=match", f"levels.match={tmp_path / 'one'}", f"output={out}"]))
+    for cid in ids:
+        v = meta["volumes"][cid]
+        assert v["planes"] == [chosen[cid]]  # every level drawn is that one plane (the student's orientation is LAS)
+        assert v["attributes"] == {"phase": "venous" if cid != ids[0] else "noncontrast"}
+    nc = TeacherSlices(out, NAMES, select={"phase": ["noncontrast"]}, need="truth")
+    assert [i.split("@")[0] for i in nc.ids] == [ids[0]] and nc.left_out["select"] == 2
+    (tmp_path / "short.csv").write_text(f"case,phase\n{ids[0]},venous\n")
+    with pytest.raises(DataError, match=r"short.csv: no row for volumes"):
+        teach(load_teach_config(None, ["model.format=none", f"student={student}", "data.source=nifti", f"data.root={vols}",
+                                       f"data.attributes={tmp_path / 'short.csv'}", f"output={tmp_path / 'x'}"]))
