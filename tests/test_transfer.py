@@ -300,3 +300,20 @@ def test_a_student_taught_only_by_slices_reproduces_the_teacher_on_held_out_slic
           f"on the teacher's organ pixels {fg_agree / fg:.3f}")
     assert agree / total >= 0.9
     assert fg_agree / fg >= 0.6  # not by background alone (0.737 measured on a 2-core AMD EPYC)
+
+
+def test_a_feature_space_bank_reads_the_labelled_rows_and_its_figure_sees_both_losses():
+    from lightning_distill.methods.prototype import StudentModule
+    from lightning_distill.networks import build_network
+    from lightning_distill.prototypes import Bank
+
+    torch.manual_seed(0)
+    net = build_network("Unet", 2, 1, 4, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
+    bank = Bank(torch.randn(4, 6), torch.ones(4), ["background", "a", "b", "c"], 1.0, "feature")
+    m = StudentModule(net, ["background", "a", "b", "c"], bank=bank, distill_weight=1.0, min_pixels=1)
+    m.set_transfer(mode="soft")
+    b = {k: v for k, v in _batch().items() if not k.startswith("union")}
+    out = m.model_step(b)
+    assert m.student_batch_prototypes.shape == (4, 6) and torch.isfinite(out["loss"])
+    figures = m.contribution_figures(out, m._distill_input)
+    assert figures["train/seg_grad_norm"] > 0 and figures["train/dist_grad_norm"] > 0

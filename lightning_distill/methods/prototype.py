@@ -142,8 +142,10 @@ class StudentModule(SegmentationModule):
             self._distill_input = logits
             values = torch.softmax(logits.float() / self.tau, dim=1)
         else:
-            self._distill_input = self._hook.pop()[: logits.shape[0]]  # the labelled samples (not a batch's transfer_*)
-            values = self.projector(self._distill_input).float()
+            # the head's input for the whole forward (a batch's transfer_* samples too): the figure differentiates
+            # it (the segmentation loss reaches the labelled rows through it, not through a slice of it)
+            self._distill_input = self._hook.pop()
+            values = self.projector(self._distill_input[: logits.shape[0]]).float()
         sums, counts = masked_class_sums(values, batch["label"], self.num_classes)
         if self.training:  # DDP: the prototypes of the global batch (a no-op in one process)
             sums, counts = all_reduce_class_sums(sums, counts)
