@@ -165,7 +165,8 @@ class SubjectDataset(Dataset):
         """
         from monai.data import get_track_meta, set_track_meta
 
-        transform = self.augmentation(image.shape, soft is not None).set_random_state(seed=seed)
+        compose = self.augmentation(image.shape) if soft is None else self.augmentation(image.shape, soft=True)
+        transform = compose.set_random_state(seed=seed)
         tracking = get_track_meta()
         set_track_meta(False)  # a module-level switch of MONAI: restored below, also on error
         data = {"image": image, "label": label.float(), **({"soft": soft} if soft is not None else {})}
