@@ -44,7 +44,7 @@ test-slow: $(STAMP) ## run only the slow tests (CI runs them after `make test`)
 # only on the CPU a test was written on. MKL_CBWR is ignored where torch has no MKL (e.g. aarch64).
 PORTABLE_TESTS ?= tests/test_bank_metric.py tests/test_bank.py tests/test_bank_build.py tests/test_bank_quality.py \
 	tests/test_losses.py tests/test_preprocess.py tests/test_controls.py tests/test_geometry.py tests/test_gpu_readiness.py \
-	tests/test_cmedl.py tests/test_nifti.py tests/test_spatial_augment.py tests/test_sikd.py
+	tests/test_cmedl.py tests/test_nifti.py tests/test_spatial_augment.py tests/test_sikd.py tests/test_teach.py tests/test_transfer.py
 PORTABLE_ENVS ?= "MKL_CBWR=AVX2 OMP_NUM_THREADS=1" "MKL_CBWR=COMPATIBLE"
 
 test-portable: $(STAMP) ## the float-comparing tests under other BLAS kernels and thread counts (what another CPU would do)
