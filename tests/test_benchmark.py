@@ -15,7 +15,7 @@ from conftest import REPO
 from lightning_distill.lab import bench_report
 from lightning_distill.lab.bench_report import case_scores, paired_bootstrap, verdict
 from lightning_distill.lab.benchmark import Benchmark, append_record, grid, load_benchmark, read_records
-from lightning_distill.config import ConfigError, to_dict
+from lightning_distill.config import ConfigError, load_config, to_dict
 
 PHANTOM = os.path.join(REPO, "experiments/benchmarks/phantom.yaml")
 
@@ -542,3 +542,71 @@ def test_chaos_headroom_grid_trains_2_4_and_8_patients_and_keeps_the_test_patien
         assert not set(c.data.splits.train) & set(c.data.splits.test) and not set(c.data.splits.train) & set(c.data.splits.val)
         sizes.add(len(train_subset(list(c.data.splits.train), c.data.train_fraction)))
     assert sizes == {2, 4, 8}
+
+
+# ------------------------------------------------------------------------------------------- teacher-labelled slices
+SLICES = f"""
+name: s
+output_dir: OUT
+report: OUT/report.md
+student:
+  config: {REPO}/experiments/student.yaml
+  overrides: [data.num_subjects=16, "data.shape=[32,32]", data.val_subjects=4, data.test_subjects=4, data.batch_size=4,
+              trainer.max_steps=4, trainer.val_check_interval=2, trainer.check_val_every_n_epoch=null, pictures=0,
+              trainer.enable_progress_bar=false, trainer.enable_model_summary=false, checkpoint.weights_only=true]
+teachers:
+  ct3d:
+    config: {REPO}/experiments/teacher.yaml
+    overrides: [data.num_subjects=8, "data.shape=[32,32,16]", data.val_subjects=2, data.test_subjects=2,
+                "model.kwargs.channels=[8,16,32]", "model.kwargs.strides=[2,2]", trainer.max_steps=4,
+                trainer.check_val_every_n_epoch=1, trainer.enable_progress_bar=false, pictures=0]
+slices:
+  s3d: {{config: {REPO}/experiments/teach.yaml, teacher: ct3d, overrides: [data.num_subjects=4, "data.shape=[32,32,16]"]}}
+  gt: {{config: {REPO}/experiments/teach.yaml, teacher: null, overrides: [data.num_subjects=4, "data.shape=[32,32,16]"]}}
+methods:
+  baseline: [distill.weight=0, distill.prototypes=null]
+  soft: [distill.weight=0, distill.prototypes=null, "transfer.slices={{slices.s3d}}"]
+  union: [distill.weight=0, distill.prototypes=null, "transfer.union={{slices.gt}}"]
+archs: {{Unet: ["model.kwargs.decoder_channels=[32,16,16,8,8]"]}}
+fractions: [1.0]
+seeds: [0]
+"""
+
+
+def test_slices_are_written_once_after_their_teacher_and_students_wait_for_them(tmp_path):
+    text = SLICES.replace("OUT", str(tmp_path / "b"))
+    cfg, base = load_benchmark(_bench_yaml(tmp_path, text))
+    b = Benchmark(cfg, base)
+    runs = {r.method: r for r in grid(cfg)}
+    tasks = [("teacher", "ct3d", None), ("slices", "s3d"), ("slices", "gt")] + [("student", r) for r in runs.values()]
+    needs = b._needs(tasks)
+    assert needs[:3] == [set(), {0}, set()]  # the teacher's slices wait for it; ground truth for nothing
+    assert dict(zip(runs, needs[3:])) == {"baseline": set(), "soft": {1}, "union": {2}}
+    assert any(o == f"transfer.slices={tmp_path / 'b' / 'slices' / 's3d'}" for o in b.run_overrides(runs["soft"]))
+    teach = b.slices_config("s3d")  # the teacher's best checkpoint, the students' own config (resolved) as `student`
+    assert teach.model.path == str(tmp_path / "b" / "teachers" / "ct3d" / "checkpoints" / "best.ckpt")
+    assert list(load_config(teach.student).data.shape) == [32, 32]
+    assert b.slices_config("gt").model.format == "none"
+    with pytest.raises(ConfigError, match=r"\{slices.nope\}"):
+        load_benchmark(_bench_yaml(tmp_path, text.replace("{slices.gt}", "{slices.nope}")))
+    with pytest.raises(ConfigError, match="slices.gt.teacher must be one of the teachers"):
+        load_benchmark(_bench_yaml(tmp_path, text.replace("teacher: null", "teacher: t9")))
+
+
+@pytest.mark.slow
+def test_a_benchmark_with_slices_runs_resumes_and_refuses_changed_slices(tmp_path):
+    text = SLICES.replace("OUT", str(tmp_path / "b"))
+    cfg, base = load_benchmark(_bench_yaml(tmp_path, text))
+    b = Benchmark(cfg, base)
+    records = b.run(log=lambda *_: None, jobs=1)
+    kinds = [(r["kind"], r["key"]) for r in records]
+    assert kinds.index(("teacher", "teacher|ct3d")) < kinds.index(("slices", "slices|s3d")) < kinds.index(("student", "soft|Unet|f1|s0"))
+    s3d = next(r for r in records if r["key"] == "slices|s3d")
+    assert s3d["labelled_by"] == "3D model" and s3d["num_volumes"] == 4 and s3d["num_slices"] > 4
+    assert next(r for r in records if r["key"] == "slices|gt")["labelled_by"] == "none"
+    assert b.run(log=lambda *_: None, jobs=1) == records  # resumed: nothing left to do
+    changed = text.replace('teacher: null, overrides: [data.num_subjects=4', 'teacher: null, overrides: [data.num_subjects=3')
+    cfg2, _ = load_benchmark(_bench_yaml(tmp_path, changed))
+    with pytest.raises(ConfigError, match="slices 'gt' were written with another config"):
+        Benchmark(cfg2, base).run(log=lambda *_: None, jobs=1)
+    b.write_report(records)  # the report reads past the slices records

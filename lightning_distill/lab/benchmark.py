@@ -4,7 +4,10 @@
 
 1. runs the ``prepare`` commands whose outputs are missing (e.g. extracting single slices);
 2. trains each teacher the methods refer to, once (``{teachers.NAME}`` in a method's overrides is
-   replaced by that teacher's output folder, e.g. ``distill.prototypes={teachers.ct3d}/prototypes.pt``);
+   replaced by that teacher's output folder, e.g. ``distill.prototypes={teachers.ct3d}/prototypes.pt``),
+   and writes each set of teacher-labelled slices they refer to (``{slices.NAME}``: a ``lightning-distill
+   teach`` run with that teacher's best checkpoint, or none, in the students' preprocessing) once its
+   teacher is trained;
 3. trains every student of the grid, in order seed -> fraction -> architecture -> method, so that an
    interrupted benchmark has complete method pairs, and evaluates it on the extra ``test_sets``;
 4. appends one JSON line per finished run to ``<output_dir>/results.jsonl`` (written atomically);
@@ -59,6 +62,22 @@ class StageSpec:
 
 
 @dataclass
+class SlicesSpec:
+    """Teacher-labelled slices (``lightning-distill teach``) that methods refer to as ``{slices.NAME}``.
+
+    The teach config is ``config`` (relative to the benchmark file) with ``overrides``; ``model.path`` is the
+    best checkpoint of ``teacher`` (one of ``teachers``, trained once, not per grid axis), or, with
+    ``teacher: null``, ``model.format=none`` (ground truth only); ``student`` is the benchmark's student
+    config as its first grid run resolves it (its preprocessing and grid make the slices).
+    """
+
+    config: str = MISSING
+    teacher: Optional[str] = None
+    overrides: List[str] = field(default_factory=list)
+    quick_overrides: List[str] = field(default_factory=list)  # added with --quick
+
+
+@dataclass
 class TestSetSpec:
     """An extra evaluation of every student: its best (or last) checkpoint tested with these overrides."""
 
@@ -94,6 +113,7 @@ class BenchmarkConfig:
     report: str = "docs/benchmarks/${name}.md"  # plots go to <report folder>/img/<name>_*.png
     prepare: List[PrepareSpec] = field(default_factory=list)
     teachers: Dict[str, StageSpec] = field(default_factory=dict)
+    slices: Dict[str, SlicesSpec] = field(default_factory=dict)  # teach runs the methods refer to as {slices.NAME}
     student: StageSpec = field(default_factory=StageSpec)
     baseline: str = "baseline"  # the method the others are compared with
     methods: Dict[str, List[str]] = field(default_factory=dict)  # name -> overrides
@@ -197,6 +217,15 @@ def _check(cfg: DictConfig, path: Path) -> None:
                 if name not in cfg.teachers:
                     raise ConfigError(f"{where}: method {m!r} refers to {{teachers.{name}}}, but the teachers are "
                                       f"{list(cfg.teachers)}")
+            for name in _slices_refs(o):
+                if name not in cfg.slices:
+                    raise ConfigError(f"{where}: method {m!r} refers to {{slices.{name}}}, but the slices are "
+                                      f"{list(cfg.slices)}")
+    for name, spec in cfg.slices.items():
+        if spec.teacher is not None and (spec.teacher not in cfg.teachers or cfg.teachers[spec.teacher].per):
+            raise ConfigError(f"{where}: slices.{name}.teacher must be one of the teachers trained once "
+                              f"{[t for t, v in cfg.teachers.items() if not v.per]}, or null (ground truth only); "
+                              f"got {spec.teacher!r}")
     for m, fr in cfg.fractions_of.items():
         if m not in cfg.methods:
             raise ConfigError(f"{where}: fractions_of names {m!r}, not one of the methods {list(cfg.methods)}")
@@ -218,9 +247,11 @@ def _check(cfg: DictConfig, path: Path) -> None:
 
 
 def _teacher_refs(override: str) -> List[str]:
-    import re
-
     return re.findall(r"\{teachers\.([A-Za-z0-9_\-]+)\}", override)
+
+
+def _slices_refs(override: str) -> List[str]:
+    return re.findall(r"\{slices\.([A-Za-z0-9_\-]+)\}", override)
 
 
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -308,7 +339,36 @@ class Benchmark:
     def _resolve(self, override: str, run: GridRun) -> str:
         for name in _teacher_refs(override):
             override = override.replace(f"{{teachers.{name}}}", str(self.teacher_dir(self.teacher_instance(name, run)[0])))
+        for name in _slices_refs(override):
+            override = override.replace(f"{{slices.{name}}}", str(self.slices_dir(name)))
         return override
+
+    # -- teacher-labelled slices
+    def slices_dir(self, name: str) -> Path:
+        return self.out / "slices" / name
+
+    def slices_of(self, run: GridRun) -> List[str]:
+        return sorted({n for o in self.cfg.methods[run.method] for n in _slices_refs(o)})
+
+    def slices_config(self, name: str) -> DictConfig:
+        """The teach config of slices ``name`` (``student`` set to a YAML this writes beside the folder: the
+        first grid run's resolved student config)."""
+        from lightning_distill.config import load_teach_config
+
+        spec = self.cfg.slices[name]
+        first = grid(self.cfg)[0]
+        student_yaml = self.out / "slices" / f"{name}.student.yaml"
+        student = to_dict(self.run_config(first))
+        if not student_yaml.is_file() or OmegaConf.to_container(OmegaConf.load(student_yaml)) != student:
+            from lightning_distill.io import atomic_write
+
+            student_yaml.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(student_yaml, lambda tmp: OmegaConf.save(OmegaConf.create(student), tmp))
+        model = (["model.format=none"] if spec.teacher is None else
+                 [f"model.path={self.teacher_dir(spec.teacher) / 'checkpoints' / 'best.ckpt'}"])
+        ovr = [*spec.overrides, *(spec.quick_overrides if self.quick else []), *model, f"student={student_yaml}",
+               f"output={self.slices_dir(name)}", "overwrite=true"]
+        return load_teach_config(self.base / spec.config, ovr)
 
     def run_overrides(self, run: GridRun) -> List[str]:
         c = self.cfg
@@ -321,6 +381,16 @@ class Benchmark:
 
     def teachers_of(self, run: GridRun) -> List[str]:
         return sorted({n for o in self.cfg.methods[run.method] for n in _teacher_refs(o)})
+
+    def needs_of(self, task: Tuple) -> List[str]:
+        """The keys of the teacher and slices tasks ``task`` waits for."""
+        if task[0] == "slices":
+            t = self.cfg.slices[task[1]].teacher
+            return [] if t is None else [f"teacher|{t}"]
+        if task[0] == "student":
+            return ([f"teacher|{self.teacher_instance(n, task[1])[0]}" for n in self.teachers_of(task[1])]
+                    + [f"slices|{n}" for n in self.slices_of(task[1])])
+        return []
 
     def _source(self, cfg: DictConfig):
         """One data source per distinct data config, shared by the runs (NIfTI sources read once)."""
@@ -397,12 +467,28 @@ class Benchmark:
                 else:
                     teachers[name] = (name, None)
 
+        for name in sorted({n for r in runs for n in self.slices_of(r)}):  # finished runs' slices too: same config
+            if f"slices|{name}" in done:
+                self._check_same_slices(name, done[f"slices|{name}"])
+        slices: List[str] = []  # every set of teacher-labelled slices a pending run needs, each written once
+        for r in selected:
+            for name in self.slices_of(r):
+                if f"slices|{name}" not in done and name not in slices:
+                    slices.append(name)
+                    t = self.cfg.slices[name].teacher
+                    if t is not None and f"teacher|{t}" not in done:
+                        teachers.setdefault(t, (t, None))
+
         finished = len(runs) - len(todo)
 
         def report(task: Tuple, rec: Dict[str, Any]) -> None:
             nonlocal finished
             if rec.get("skipped"):
                 log(f"{rec['key']}: skipped, {rec['skipped']}")
+                return
+            if task[0] == "slices":
+                log(f"slices {rec['name']}: {rec['num_slices']} slices of {rec['num_volumes']} volumes, labelled by "
+                    f"{rec['labelled_by']} ({rec['wall_time_s']:.0f} s)")
                 return
             dice, secs = _fmt(rec["test"].get("dice_mean")), rec["wall_time_s"]
             if task[0] == "teacher":
@@ -413,7 +499,10 @@ class Benchmark:
             log(f"[{finished}/{len(runs)}] {r.method:>16} {r.arch:>14} fraction {r.fraction:<5g} "
                 f"seed {r.seed}: test Dice {dice} ({secs:.0f} s)")
 
-        tasks = [("teacher", name, r) for name, r in teachers.values()] + [("student", r) for r in selected]
+        tasks = ([("teacher", name, r) for name, r in teachers.values()] + [("slices", name) for name in slices]
+                 + [("student", r) for r in selected])
+        if slices:
+            log(f"writing {len(slices)} set(s) of teacher-labelled slices once their teachers are trained: {', '.join(slices)}")
         if teachers:
             log(f"training {len(teachers)} teacher(s): {', '.join(teachers)}"
                 + (" (students that need no teacher run beside them)" if jobs > 1 else ""))
@@ -426,6 +515,8 @@ class Benchmark:
         return read_records(self.results_path)
 
     def _task_key(self, task: Tuple) -> str:
+        if task[0] == "slices":
+            return f"slices|{task[1]}"
         return f"teacher|{self.teacher_instance(task[1], task[2])[0]}" if task[0] == "teacher" else task[1].key
 
     def claim_path(self, key: str) -> Path:
@@ -450,24 +541,20 @@ class Benchmark:
         try:
             if key in self.finished():  # finished by another process between our listing and our claim
                 return {"key": key, "skipped": "finished by another process"}
-            if task[0] == "student":
-                done = self.finished()
-                missing = [f"teacher|{self.teacher_instance(n, task[1])[0]}" for n in self.teachers_of(task[1])]
-                missing = [m for m in missing if m not in done]
-                if missing:
-                    return {"key": key, "skipped": f"its teacher {', '.join(missing)} is not finished (trained elsewhere?)"}
+            done = self.finished()
+            missing = [m for m in self.needs_of(task) if m not in done]
+            if missing:
+                return {"key": key, "skipped": f"{', '.join(missing)} is not finished (trained elsewhere?)"}
+            if task[0] == "slices":
+                return self._slices(task[1])
             return self._teacher(task[1], task[2]) if task[0] == "teacher" else self._student(task[1])
         finally:
             release(path)
 
     def _needs(self, tasks: Sequence[Tuple]) -> List[set]:
-        """For each task, the indices of the teacher tasks in ``tasks`` it has to wait for."""
-        index = {f"teacher|{self.teacher_instance(t[1], t[2])[0]}": i for i, t in enumerate(tasks) if t[0] == "teacher"}
-        needs = []
-        for t in tasks:
-            keys = {f"teacher|{self.teacher_instance(n, t[1])[0]}" for n in self.teachers_of(t[1])} if t[0] == "student" else set()
-            needs.append({index[k] for k in keys if k in index})
-        return needs
+        """For each task, the indices of the teacher and slices tasks in ``tasks`` it has to wait for."""
+        index = {self._task_key(t): i for i, t in enumerate(tasks) if t[0] != "student"}
+        return [{index[k] for k in self.needs_of(t) if k in index} for t in tasks]
 
     def _run_parallel(self, tasks: Sequence[Tuple], jobs: int, report, needs: Sequence[set]) -> None:
         """Run tasks in ``jobs`` worker processes (``cores // jobs`` torch threads each); report in finishing order.
@@ -495,7 +582,7 @@ class Benchmark:
                             break
                         waiting.remove(ready)
                         running[pool.submit(_worker_run, tasks[ready])] = ready
-                    if not running:  # cannot happen: a teacher never waits for anything
+                    if not running:  # cannot happen: teachers wait for nothing, slices for a teacher
                         raise RuntimeError("benchmark schedule: tasks wait for teachers that are not scheduled")
                     finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                     for f in finished:
@@ -548,6 +635,36 @@ class Benchmark:
                 on = score_teacher_on_student_slices(res["checkpoint"], apply_overrides(scfg.copy(), list(ts.overrides)),
                                                      out=str(Path(cfg.output_dir) / f"results_student_slices_{ts_name}.json"))
                 rec.setdefault("student_slices_sets", {})[ts_name] = {"test": on["test"], "test_cases": on["test_cases"]}
+        append_record(self.results_path, rec)
+        return rec
+
+    def _slices_record_config(self, cfg: DictConfig) -> Dict[str, Any]:
+        """What a slices record compares on resume: the teach config without where it writes, and the student
+        config it was made for (its content, not the path of the YAML)."""
+        c = OmegaConf.to_container(cfg)
+        for k in ("output", "overwrite", "processes", "student"):
+            c.pop(k, None)
+        return {"teach": c, "student": OmegaConf.to_container(OmegaConf.load(cfg.student))}
+
+    def _check_same_slices(self, name: str, record: Dict[str, Any]) -> None:
+        now = self._slices_record_config(self.slices_config(name))
+        if record.get("config") != now:
+            changed = sorted(k for k in set(_flat(now)) | set(_flat(record.get("config") or {}))
+                             if _flat(now).get(k, _MISSING) != _flat(record.get("config") or {}).get(k, _MISSING))
+            raise ConfigError(f"{self.results_path}: slices {name!r} were written with another config than {self.cfg.name!r} "
+                              f"now asks for ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); use another "
+                              "output_dir (output_dir=...) or delete the old results to start over")
+
+    def _slices(self, name: str) -> Dict[str, Any]:
+        from lightning_distill.teach import run_teach
+
+        cfg = self.slices_config(name)
+        t0 = time.time()
+        meta = run_teach(cfg)
+        rec = {"key": f"slices|{name}", "kind": "slices", "name": name, "config": self._slices_record_config(cfg),
+               "num_slices": meta["num_slices"], "num_volumes": meta["num_volumes"], "labelled_by": meta["labelled_by"],
+               "model": meta["model"], "seconds": meta["seconds"], "wall_time_s": round(time.time() - t0, 1),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         append_record(self.results_path, rec)
         return rec
 
