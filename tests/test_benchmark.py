@@ -605,6 +605,8 @@ def test_a_benchmark_with_slices_runs_resumes_and_refuses_changed_slices(tmp_pat
     assert s3d["labelled_by"] == "3D model" and s3d["num_volumes"] == 4 and s3d["num_slices"] > 4
     assert next(r for r in records if r["key"] == "slices|gt")["labelled_by"] == "none"
     assert b.run(log=lambda *_: None, jobs=1) == records  # resumed: nothing left to do
+    other_seeds, _ = load_benchmark(_bench_yaml(tmp_path, text), ["seeds=[1]"])  # the grid's first run changes, the slices not
+    assert Benchmark(other_seeds, base)._check_same_slices("s3d", next(r for r in records if r["key"] == "slices|s3d")) is None
     changed = text.replace('teacher: null, overrides: [data.num_subjects=4', 'teacher: null, overrides: [data.num_subjects=3')
     cfg2, _ = load_benchmark(_bench_yaml(tmp_path, changed))
     with pytest.raises(ConfigError, match="slices 'gt' were written with another config"):

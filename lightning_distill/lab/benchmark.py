@@ -639,12 +639,20 @@ class Benchmark:
         return rec
 
     def _slices_record_config(self, cfg: DictConfig) -> Dict[str, Any]:
-        """What a slices record compares on resume: the teach config without where it writes, and the student
-        config it was made for (its content, not the path of the YAML)."""
+        """What a slices record compares on resume: the teach config without where it writes, and what teach
+        reads of the student's config (preprocessing, grid, classes, levels), not the first run's seed or method."""
+        from lightning_distill.factory import make_preprocess
+
         c = OmegaConf.to_container(cfg)
         for k in ("output", "overwrite", "processes", "student"):
             c.pop(k, None)
-        return {"teach": c, "student": OmegaConf.to_container(OmegaConf.load(cfg.student))}
+        st = load_config(cfg.student)
+        pre = make_preprocess(st)
+        student = {"shape": list(st.data.shape), "classes": None if st.classes is None else list(st.classes),
+                   "source": st.data.source, "slice_z": list(st.data.phantom.slice_z),
+                   "preprocess": {"orientation": pre.orientation, "spacing": None if pre.spacing is None else list(pre.spacing),
+                                  "resize": pre.resize, "crop_foreground": pre.crop_foreground, **pre.intensity_settings()}}
+        return {"teach": c, "student": student}
 
     def _check_same_slices(self, name: str, record: Dict[str, Any]) -> None:
         now = self._slices_record_config(self.slices_config(name))
