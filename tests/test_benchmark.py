@@ -295,6 +295,28 @@ def test_report_shows_hand_notes_and_the_teachers_bank(tmp_path, monkeypatch):
         load_benchmark(_bench_yaml(tmp_path, text.replace("notes.md", "missing.md")))
 
 
+def test_the_share_of_the_headroom_reads_a_headroom_benchmarks_runs(tmp_path, monkeypatch):
+    """`headroom_from`: Δ / (ceiling − plain model at the same number of subjects) of another benchmark's runs CSV,
+    with a bootstrap CI; n/a where that benchmark has no run at this size or its headroom's CI reaches 0."""
+    _fake_training(monkeypatch, [])
+    rows = ["benchmark,test_set,method,arch,fraction,train_subjects,seed,dice_mean"]
+    for n, vals in ((5, (0.60, 0.62)), (10, (0.70, 0.70)), (40, (0.68, 0.70))):
+        rows += [f"h,test,baseline,Unet,0,{n},{i},{v}" for i, v in enumerate(vals)]
+    (tmp_path / "h_runs.csv").write_text("\n".join(rows) + "\n")
+    text = GRID.replace(f"student: {{config: {REPO}/experiments/student.yaml}}\n", "") + "headroom_from: h_runs.csv\n"
+    cfg, base = load_benchmark(_bench_yaml(tmp_path, text), [f"output_dir={tmp_path}/b", f"report={tmp_path}/r.md",
+                                                             "archs={Unet: []}"])
+    b = Benchmark(cfg, base)
+    report = b.write_report(b.run(log=lambda *_: None)).read_text()
+    assert "share of headroom(n) [95% CI]" in report
+    row = next(ln for ln in report.splitlines() if ln.startswith("| Unet | 0.5 (5) | kd |"))
+    assert row.endswith("+25% [+20%, +33%] |"), row  # Δ = +0.02 exactly; headroom 0.69 − 0.61 = 0.08, each mean resampled over its 2 seeds
+    assert next(ln for ln in report.splitlines() if ln.startswith("| Unet | 0.1 (1) | kd |")).endswith(" n/a |")
+    assert "reaches 0)" in next(ln for ln in report.splitlines() if ln.startswith("| Unet | 1 (10) | kd |"))
+    with pytest.raises(ConfigError, match="headroom_from file"):
+        load_benchmark(_bench_yaml(tmp_path, text.replace("h_runs.csv", "none.csv")))
+
+
 # ------------------------------------------------------------------------------------------- end to end
 def _student_lines(path):
     return [r for r in read_records(path) if r["kind"] == "student"] if path.exists() else []

@@ -33,7 +33,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from lightning_distill.lab.bench_grid import cpu_count, grid, runs_at
-from lightning_distill.lab.stats import case_scores, fmt_ci, late_rise, organ_scores, paired_bootstrap, verdict  # noqa: F401  (re-exported)
+from lightning_distill.lab.stats import (case_scores, fmt_ci, fmt_share, late_rise, organ_scores, paired_bootstrap,  # noqa: F401  (re-exported)
+                                         share_of_headroom, verdict)
 from lightning_distill.lab.report import fmt_mean_sd, mean_sd
 from lightning_distill.visuals import new_figure
 
@@ -157,6 +158,30 @@ class Table:
         ``convergence_tolerance`` (``None`` without learning curves)."""
         rises = self.late_rises(arch, frac, self.cfg.baseline)
         return None if not rises else statistics.mean(rises) < float(self.cfg.convergence_tolerance)
+
+    def headroom_runs(self, arch: str) -> Dict[int, List[float]]:
+        """``{train subjects: [per-seed mean Dice]}`` of the plain model in ``cfg.headroom_from`` (own test split)."""
+        import csv
+
+        out: Dict[int, List[float]] = {}
+        with open(self.cfg.headroom_from, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["test_set"] == OWN_TEST and r["method"] == self.cfg.baseline]
+        if any(r["arch"] == arch for r in rows):
+            rows = [r for r in rows if r["arch"] == arch]
+        for r in rows:
+            out.setdefault(int(r["train_subjects"]), []).append(float(r["dice_mean"]))
+        return out
+
+    def share(self, arch, frac, method) -> Optional[Dict[str, float]]:
+        """Share of the headroom at this setting's number of subjects that ``method`` closes (``headroom_from``)."""
+        if not self.cfg.headroom_from:
+            return None
+        runs, n = self.headroom_runs(arch), self.subjects.get(frac)
+        if n is None or n not in runs or not runs:
+            return None
+        top = max(runs)
+        return share_of_headroom(self.scores(OWN_TEST, arch, frac, method), self.scores(OWN_TEST, arch, frac, self.cfg.baseline),
+                                 runs[top], runs[n], n=int(self.cfg.bootstrap))
 
     def frac_label(self, f: float) -> str:
         n = self.subjects.get(f)
@@ -304,10 +329,15 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
         L += [f"## Test Dice: {title}", ""]
         if desc:
             L += [desc.strip(), ""]
+        share = ts == OWN_TEST and bool(cfg.headroom_from)
         L += [f"Mean ± std over seeds; surface Dice (tolerance {tab.surface_tolerance()}) and HD95 (mm) are each "
-              f"run's mean over organs (n/a: not recorded); Δ is the paired difference to the {base} [95% CI].", "",
+              f"run's mean over organs (n/a: not recorded); Δ is the paired difference to the {base} [95% CI]."
+              + (f" Share of headroom(n): Δ / headroom(n), headroom(n) = ceiling − plain model at the same number of "
+                 f"subjects in `{_rel(cfg.headroom_from)}` (its own runs and test slices; each resampled over its seeds) "
+                 "[bootstrap 95% CI]." if share else ""), "",
               "| arch | fraction (subjects) | method | Dice | surface Dice | HD95 (mm) "
-              f"| Δ Dice − {base} [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|"]
+              f"| Δ Dice − {base} [95% CI] | verdict |" + (" share of headroom(n) [95% CI] |" if share else ""),
+              "|---|---|---|---|---|---|---|---|" + ("---|" if share else "")]
         for a in tab.archs:
             for f in tab.fractions:
                 for m in tab.methods:
@@ -317,7 +347,8 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
                     L.append(f"| {a} | {tab.frac_label(f)} | {m} | {fmt_mean_sd(tab.dice(ts, a, f, m))} | "
                              f"{fmt_mean_sd(tab.metric(ts, a, f, m, 'surface_dice_mean'))} | "
                              f"{fmt_mean_sd(tab.metric(ts, a, f, m, 'hd95_mean'), nd=1)} | "
-                             + (f"{fmt_ci(ci)} | {verdict(ci)} |" if m != base else "— | — |"))
+                             + (f"{fmt_ci(ci)} | {verdict(ci)} |" if m != base else "— | — |")
+                             + ((f" {fmt_share(tab.share(a, f, m))} |" if m != base else " — |") if share else ""))
         L += ["", f"### Low-data check ({title})", "",
               f"Smallest training fraction at which a method's mean Dice reaches the {base}'s mean at the largest "
               f"fraction ({tab.fractions[-1]:g}).", "",

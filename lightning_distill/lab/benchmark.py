@@ -127,6 +127,9 @@ class BenchmarkConfig:
     # the report's learning curve of the baseline: headroom(n) = ceiling - baseline(n), the ceiling being the
     # baseline at the largest fraction, and teacher - ceiling (what no 2D model of this data reaches)
     headroom: bool = False
+    # the headroom each Delta is read against: a runs CSV of a headroom benchmark (docs/benchmarks/data/<name>_runs.csv,
+    # relative to this YAML): share of headroom(n) = Delta / (ceiling - its plain model at the same number of subjects)
+    headroom_from: Optional[str] = None
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     test_sets: Dict[str, TestSetSpec] = field(default_factory=dict)  # extra evaluations (the run's own test split is "test")
     keep_checkpoints: bool = False  # False: delete each student's checkpoints once it is evaluated
@@ -186,6 +189,11 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
         if not notes.is_file():
             raise ConfigError(f"{path}: notes file {str(notes)!r} does not exist")
         cfg.notes = str(notes)
+    if cfg.headroom_from:
+        ref = Path(cfg.headroom_from) if Path(cfg.headroom_from).is_absolute() else path.parent / cfg.headroom_from
+        if not ref.is_file():
+            raise ConfigError(f"{path}: headroom_from file {str(ref)!r} does not exist (a headroom benchmark's runs CSV)")
+        cfg.headroom_from = str(ref)
     if quick:
         cfg.output_dir = cfg.output_dir.rstrip("/") + "-quick"
         cfg.report = str(Path(cfg.output_dir) / "report.md")

@@ -77,3 +77,51 @@ def verdict(ci: Optional[Dict[str, float]]) -> str:
 def fmt_ci(ci: Optional[Dict[str, float]]) -> str:
     """``"+0.012 [-0.003, +0.027]"`` of a :func:`paired_bootstrap` result (``"n/a"`` for ``None``)."""
     return "n/a" if ci is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
+
+
+def share_of_headroom(a: Dict[int, Dict[str, float]], b: Dict[int, Dict[str, float]], ceiling: Sequence[float],
+                      below: Sequence[float], n: int = 2000, seed: int = 0) -> Optional[Dict[str, float]]:
+    """The share of the headroom a method closes: ``Δ(a − b) / (mean(ceiling) − mean(below))``, with a bootstrap
+    95% CI.
+
+    Args:
+        a, b: ``{seed: {case id: score}}`` of the method and the baseline (Δ as :func:`paired_bootstrap`).
+        ceiling, below: per-seed mean Dice of the plain model at the ceiling size and at this size, from a
+            headroom benchmark (an independent set of runs): each resampled over its seeds.
+        n, seed: bootstrap resamples and RNG seed.
+
+    Returns:
+        ``{"mean", "lo", "hi", "headroom", "headroom_lo", "headroom_hi"}``, or ``None`` without data; ``mean``,
+        ``lo`` and ``hi`` are ``None`` when the headroom's own CI reaches 0 (no measurable headroom to share).
+    """
+    seeds = sorted(set(a) & set(b))
+    if not seeds or not len(ceiling) or not len(below):
+        return None
+    cases = sorted(set.intersection(*[set(a[s]) & set(b[s]) for s in seeds]))
+    if not cases:
+        return None
+    d = np.array([[a[s][c] - b[s][c] for c in cases] for s in seeds])
+    top, low = np.asarray(ceiling, float), np.asarray(below, float)
+    rng = np.random.default_rng(seed)
+    deltas, rooms = np.empty(n), np.empty(n)
+    for k in range(n):
+        si = rng.integers(0, len(seeds), len(seeds))
+        ci = rng.integers(0, len(cases), len(cases))
+        deltas[k] = d[si][:, ci].mean()
+        rooms[k] = top[rng.integers(0, len(top), len(top))].mean() - low[rng.integers(0, len(low), len(low))].mean()
+    room = float(top.mean() - low.mean())
+    r_lo, r_hi = np.percentile(rooms, [2.5, 97.5])
+    out = {"headroom": room, "headroom_lo": float(r_lo), "headroom_hi": float(r_hi), "mean": None, "lo": None, "hi": None}
+    if r_lo > 0:
+        lo, hi = np.percentile(deltas / rooms, [2.5, 97.5])
+        out.update(mean=float(d.mean()) / room, lo=float(lo), hi=float(hi))
+    return out
+
+
+def fmt_share(s: Optional[Dict[str, Any]]) -> str:
+    """``"+35% [-10%, +80%]"`` of a :func:`share_of_headroom` result."""
+    if s is None:
+        return "n/a"
+    if s["mean"] is None:
+        return f"n/a (headroom {s['headroom']:+.3f} [{s['headroom_lo']:+.3f}, {s['headroom_hi']:+.3f}] reaches 0)"
+    return f"{100 * s['mean']:+.0f}% [{100 * s['lo']:+.0f}%, {100 * s['hi']:+.0f}%]"
