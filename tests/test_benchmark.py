@@ -313,6 +313,8 @@ def test_the_share_of_the_headroom_reads_a_headroom_benchmarks_runs(tmp_path, mo
     assert row.endswith("+25% [+20%, +33%] |"), row  # Δ = +0.02 exactly; headroom 0.69 − 0.61 = 0.08, each mean resampled over its 2 seeds
     assert next(ln for ln in report.splitlines() if ln.startswith("| Unet | 0.1 (1) | kd |")).endswith(" n/a |")
     assert "reaches 0)" in next(ln for ln in report.splitlines() if ln.startswith("| Unet | 1 (10) | kd |"))
+    assert (tmp_path / "img" / "t_route_gains.png").read_bytes()[:4] == b"\x89PNG"  # every route's gain, headroom lines
+    assert "t_route_gains.png" in report
     with pytest.raises(ConfigError, match="headroom_from file"):
         load_benchmark(_bench_yaml(tmp_path, text.replace("h_runs.csv", "none.csv")))
 

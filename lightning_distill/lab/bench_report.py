@@ -231,6 +231,11 @@ def write_report(cfg: DictConfig, records: Sequence[Dict[str, Any]], command: st
         plot_organs(tab, p2)
         plots = [("Mean test Dice against the training fraction (± std over seeds)", p1),
                  ("Per-organ test Dice at the smallest and the largest training fraction (mean over seeds)", p2)]
+        p6 = img / f"{cfg.name}_route_gains.png"
+        if plot_route_gains(tab, p6):
+            plots.insert(0, (f"Dice gain of each method over the {cfg.baseline} at each training size (mean paired difference, "
+                             "bars: 95% CI); dashed: what the ceiling adds at that size (headroom(n)), dotted: the teachers "
+                             "on the same slices", p6))
         p5 = img / f"{cfg.name}_headroom.png"
         if plot_headroom(tab, p5):
             plots.append((f"The {cfg.baseline} against the number of training subjects (log scale; dots: seeds, line: "
@@ -730,6 +735,67 @@ def plot_dice_vs_fraction(tab: Table, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def plot_route_gains(tab: Table, path: Path) -> bool:
+    """One panel per architecture (own test split): every method's Δ against the baseline at every fraction with its
+    CI, and as reference lines at each size the headroom (``headroom_from``, else the grid's own ceiling with
+    ``headroom: true``) and each teacher scored on the students' slices minus the baseline there."""
+    base = tab.cfg.baseline
+    methods = [m for m in tab.methods if m != base]
+    if not methods:
+        return False
+    fig, axes = new_figure(1, len(tab.archs), figsize=(max(5.0, 0.9 * len(methods) + 2.5) * len(tab.archs), 3.8),
+                           squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
+    width = 0.8 / max(1, len(tab.fractions))
+    for ax, a in zip(axes[0], tab.archs):
+        for i, f in enumerate(tab.fractions):
+            c = colors[i % len(colors)]
+            xs, ys, lo, hi = [], [], [], []
+            for j, m in enumerate(methods):
+                d = tab.diff(OWN_TEST, a, f, m) if runs_at(tab.cfg, m, f) else None
+                if d is not None:
+                    xs.append(j + (i - (len(tab.fractions) - 1) / 2) * width)
+                    ys.append(d["mean"])
+                    lo.append(d["mean"] - d["lo"])
+                    hi.append(d["hi"] - d["mean"])
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=c, capsize=3, label=f"{tab.frac_label(f)} subjects")
+            room = _headroom_at(tab, a, f)
+            if room is not None:
+                ax.axhline(room, color=c, ls="--", lw=1, label=f"ceiling − {base} at {tab.frac_label(f)}")
+            base_cases = tab.scores(OWN_TEST, a, f, base)
+            for r, t in tab.scored_teachers(OWN_TEST):
+                teacher = _scores(t["test_cases"])
+                gaps = [teacher[cid] - v for sc in base_cases.values() for cid, v in sc.items() if cid in teacher]
+                if gaps:
+                    ax.axhline(statistics.mean(gaps), color=c, ls=":", lw=1.2,
+                               label=f"{r.get('instance')} − {base} at {tab.frac_label(f)}")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"Dice gain over the {base}")
+        ax.set_title(a, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def _headroom_at(tab: Table, arch: str, frac: float) -> Optional[float]:
+    """headroom(n) at a fraction's number of subjects: from ``headroom_from``, else the grid's own ceiling
+    (``headroom: true``); ``None`` without either."""
+    if tab.cfg.headroom_from:
+        runs, n = tab.headroom_runs(arch), tab.subjects.get(frac)
+        if runs and n in runs:
+            return statistics.mean(runs[max(runs)]) - statistics.mean(runs[n])
+        return None
+    if tab.cfg.headroom and frac != tab.fractions[-1]:
+        d = tab.fraction_diff(OWN_TEST, arch, tab.fractions[-1], frac)
+        return None if d is None else d["mean"]
+    return None
 
 
 def plot_headroom(tab: Table, path: Path) -> bool:
