@@ -276,7 +276,7 @@ class _Teach:
     def start(self) -> None:
         """Create (or check) the partial folder: a run of another config is refused."""
         key_file = self.partial / "key.json"
-        written = any((self.partial / "volumes").glob("*.npz"))
+        written = any(not p.name.startswith(".") for p in (self.partial / "volumes").glob("*.npz"))
         if key_file.is_file() and written:  # (a run that failed before its first volume holds nothing to keep)
             if json.loads(key_file.read_text()).get("key") != self.key:
                 raise ValueError(f"{self.partial}: was written by a teach run with another config (model, data, levels, "
@@ -370,6 +370,8 @@ class _Teach:
     def finish(self, seconds: float) -> Dict[str, Any]:
         """Rank 0, every process done: ``dataset.json``, then the folder moved into place."""
         meta = self.metadata(seconds)
+        for tmp in (self.partial / "volumes").glob(".*"):  # a killed run's unfinished write (every process is done now)
+            tmp.unlink(missing_ok=True)
         write_json(self.partial / "dataset.json", meta)
         out = Path(self.cfg.output)
         (self.partial / "key.json").unlink(missing_ok=True)

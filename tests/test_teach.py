@@ -215,10 +215,13 @@ def test_stopped_and_resumed_equals_uninterrupted_and_refuses_another_config(set
     with pytest.raises(ValueError, match="another config"):
         teach(_cfg(setup, out, "tau=2.0"))
     assert sorted(p.stem for p in (partial / "volumes").glob("*.npz")) == IDS[:2]  # the refused run touched nothing
+    stale = partial / "volumes" / f".{IDS[2]}.npz.k1ll3d.npz"  # what a write killed before its rename leaves
+    stale.write_bytes(b"half a file")
     capsys.readouterr()
     meta = teach(_cfg(setup, out))
     assert "resuming: 2 of 4 volumes done" in capsys.readouterr().out
     assert meta["num_volumes"] == 4 and not partial.exists()
+    assert not [p.name for p in (out / "volumes").iterdir() if p.name.startswith(".")]  # not carried into the output
     # the same computation on the same machine in the same process (same thread count): bit for bit
     _assert_same_files(reference[0], out)
 
@@ -258,14 +261,14 @@ def test_a_killed_command_resumes_where_it_stopped(setup, tmp_path):
     proc = subprocess.Popen(args + [f"output={out}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
-        if vols.is_dir() and len(list(vols.glob("*.npz"))) >= 2:
+        if vols.is_dir() and len(_written(vols)) >= 2:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.kill()
     proc.wait()
     assert not out.exists(), "the command finished before it was killed"
-    done = len(list(vols.glob("*.npz")))
+    done = len(_written(vols))
     assert 2 <= done < 10
     r = subprocess.run(args + [f"output={out}"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
@@ -274,6 +277,12 @@ def test_a_killed_command_resumes_where_it_stopped(setup, tmp_path):
     teach(load_teach_config(None, ["model.format=checkpoint", "data.source=phantom", "data.shape=[32,32,16]", *extra,
                                    f"output={ref}"]))
     _assert_same_files(ref, out)
+    assert not [p.name for p in (out / "volumes").iterdir() if p.name.startswith(".")]  # the killed write's temp file is gone
+
+
+def _written(vols):
+    """The volumes written whole (an atomic write's temporary file is hidden: ``.<name>.npz.XXXX.npz``)."""
+    return [p for p in vols.glob("*.npz") if not p.name.startswith(".")]
 
 
 @pytest.mark.slow
