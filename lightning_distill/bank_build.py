@@ -38,8 +38,6 @@ a model, in eval mode under ``no_grad``, over whole volumes read from disk:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import socket
@@ -53,6 +51,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_distill.config import config_key
 from lightning_distill.data.case_cache import CaseCache, case_key
 from lightning_distill.data.nifti import Case, DataError, LabelMapping, read_case
 from lightning_distill.io import atomic_write
@@ -88,7 +87,7 @@ class _Run:
         self.device = inference_device(cfg.inference.device, int(os.environ.get("LOCAL_RANK", rank)))
         self.net = self.model.net.to(self.device)
         self.disk = CaseCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
-        self.key = config_key(cfg)
+        self.key = config_key(cfg, ignore=("processes", "save_every", "overwrite"))  # what determines the bank
 
     # --------------------------------------------------------------- state
     @property
@@ -212,14 +211,6 @@ class _Run:
         }
         return Bank(means[0], counts.float(), self.classes, self.tau, "prob", meta, dict(zip(self.taus[1:], means[1:])))
 
-
-def config_key(cfg: DictConfig) -> str:
-    """A hash of what determines the bank (not ``processes``, ``save_every``, ``overwrite``): a resumed
-    run must have the same."""
-    c = OmegaConf.to_container(cfg)
-    for k in ("processes", "save_every", "overwrite"):
-        c.pop(k, None)
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build_bank(cfg: DictConfig, rank: int = 0, world: int = 1, stop_after: Optional[int] = None) -> Optional[Bank]:

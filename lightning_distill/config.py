@@ -463,6 +463,18 @@ def to_dict(cfg: DictConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def config_key(cfg: DictConfig, ignore: Sequence[str] = ()) -> str:
+    """A short hash of ``cfg`` without its top-level keys ``ignore`` (settings of how a command runs, not of what
+    it computes): a resumed ``bank build`` or ``teach`` must have the same."""
+    import hashlib
+    import json
+
+    c = OmegaConf.to_container(cfg)
+    for k in ignore:
+        c.pop(k, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------ lightning-distill bank build
 @dataclass
 class BankModelSpec:
@@ -623,7 +635,7 @@ class TeachConfig:
 
 _TEACH_CHOICES = {**_BANK_CHOICES, "model.format": ("checkpoint", "monai", "bundle", "torchscript", "none"),
                   "data.source": ("nifti", "phantom"), "levels.mode": ("range", "match"),
-                  "data.phantom.modality": ("CT", "MR"), "data.phantom.version": ("0.3", "0.5")}
+                  **{k: v for k, v in _CHOICES.items() if k.startswith("data.phantom.")}}
 
 
 def load_teach_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:

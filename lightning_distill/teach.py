@@ -43,7 +43,6 @@ started again with the same config skips the volumes written; another config is 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -58,8 +57,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill import __version__
+from lightning_distill.config import config_key
 from lightning_distill.data.nifti import IGNORE_INDEX, DataError, LabelMapping, read_case, reorient, slice_affine
 from lightning_distill.data.preprocess import Preprocess
+from lightning_distill.data.sources import affine_spacing
 from lightning_distill.data.transfer import FORMAT, FORMAT_VERSION
 from lightning_distill.io import atomic_write, write_json
 
@@ -108,18 +109,18 @@ class _PhantomVolumes:
     spacing of ``lightning-distill phantom``'s export; attribute ``phase``."""
 
     def __init__(self, cfg: DictConfig, classes: Sequence[str]):
-        from lightning_distill.data.phantom import CLASS_NAMES, PhantomSpec
+        from lightning_distill.data.phantom import CLASS_NAMES
+        from lightning_distill.data.sources import DomainShift, phantom_spec
 
         d, p = cfg.data, cfg.data.phantom
         if list(classes) != list(CLASS_NAMES):
             raise ValueError(f"classes {list(classes)} are not the phantom's {list(CLASS_NAMES)}")
-        if any(v != dv for v, dv in zip(OmegaConf.to_container(p.shift).values(), (1.0, 1.0, 1.0, 0.0, 0.0))):
+        if not DomainShift(**p.shift).identity:
             raise ValueError("data.phantom.shift is a 2D domain shift of windowed images; teach renders raw volumes "
                              "(leave it at its identity default)")
         if len(d.shape) != 3:
             raise ValueError(f"data.shape must be a volume grid [X, Y, Z], got {list(d.shape)}")
-        self.spec = PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur,
-                                slice_z=tuple(p.slice_z), modality=p.modality, version=p.version)
+        self.spec = phantom_spec(p)
         self.shape = tuple(int(n) for n in d.shape)
         self.ids = [f"phantom{p.seed}_{i:04d}" for i in range(int(d.num_subjects))]
         if d.cases is not None:
@@ -133,11 +134,10 @@ class _PhantomVolumes:
 
     def read(self, vid: str):
         from lightning_distill.data.phantom import render_volume
-        from lightning_distill.data.sources import PHANTOM_EXTENT_MM
+        from lightning_distill.data.sources import phantom_affine
 
         s = render_volume(self.spec, int(vid.rsplit("_", 1)[1]), self.shape)
-        spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM, self.shape)]
-        affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])  # LAS, as the export writes it
+        affine = phantom_affine(self.shape)  # LAS, as the export writes it
         label = s["label"].astype(np.int64) if self.labels else None
         return s["image"][None].astype(np.float32), label, affine, {"phase": s["phase"]}
 
@@ -152,7 +152,7 @@ def check_level_range(rng: Sequence[float]) -> Tuple[float, float]:
 
 
 def match_levels(cfg: DictConfig, student_cfg: DictConfig) -> Dict[str, Any]:
-    """What ``levels.mode=match`` matches: ``{"range": (lo, hi)}`` (a phantom student's ``slice_z``) or
+    """What ``levels.mode=match`` matches: ``{"range": [lo, hi]}`` (a phantom student's ``slice_z``) or
     ``{"fractions": [...]}`` (the levels of a ``lightning-distill slices`` folder's slices)."""
     m = cfg.levels.match
     if m is None:
@@ -160,7 +160,7 @@ def match_levels(cfg: DictConfig, student_cfg: DictConfig) -> Dict[str, Any]:
             raise ValueError("levels.mode=match without levels.match matches a phantom student's slice_z; this student "
                              "reads NIfTI: set levels.match to its single-slice folder (written by `lightning-distill slices`)")
         z0, z1 = (float(v) for v in student_cfg.data.phantom.slice_z)
-        return {"range": ((z0 + 1) / 2, (z1 + 1) / 2), "from": "the student's data.phantom.slice_z"}
+        return {"range": [(z0 + 1) / 2, (z1 + 1) / 2], "from": "the student's data.phantom.slice_z"}
     meta_path = Path(m) / "dataset.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"levels.match {m!r}: no dataset.json (a single-slice folder written by `lightning-distill slices`)")
@@ -207,14 +207,6 @@ def choose_planes(vid: str, depth: int, levels: DictConfig, matched: Optional[Di
 
 
 # ---------------------------------------------------------------------------------------- the run
-def config_key(cfg: DictConfig) -> str:
-    """A hash of what determines the slices (not ``processes``, ``overwrite``): a resumed run must have the same."""
-    c = OmegaConf.to_container(cfg)
-    for k in ("processes", "overwrite"):
-        c.pop(k, None)
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _student_config(cfg: DictConfig) -> DictConfig:
     from lightning_distill.config import load_config
 
@@ -263,7 +255,7 @@ class _Teach:
                                  f"labels the student's slices, whose data.shape is {list(self.student.data.shape)}")
         self.volumes = (_PhantomVolumes(cfg, self.classes) if cfg.data.source == "phantom"
                         else _NiftiVolumes(cfg, self.classes))
-        self.key = config_key(cfg)
+        self.key = config_key(cfg, ignore=("processes", "overwrite"))  # what determines the slices
 
     # --------------------------------------------------------------- files
     @property
@@ -297,9 +289,10 @@ class _Teach:
         return Preprocess.invert(values, img, chain)
 
     def _values(self, logits: torch.Tensor) -> torch.Tensor:
-        renorm = self.map.probabilities(logits, self.tau)[1]
-        conf = self.map.probabilities(logits, 1.0)[0].max(dim=1, keepdim=True).values
-        return torch.cat([renorm, conf], dim=1)
+        mapped, renorm = self.map.probabilities(logits, 1.0)
+        if self.tau != 1.0:
+            renorm = self.map.probabilities(logits, self.tau)[1]
+        return torch.cat([renorm, mapped.max(dim=1, keepdim=True).values], dim=1)
 
     def _values_2d(self, plane: np.ndarray, affine: np.ndarray, where: str) -> torch.Tensor:
         """A 2D model's values ``(K + 1, X, Y, 1)`` of one plane ``(C, X, Y, 1)``, on the plane's grid."""
@@ -333,7 +326,7 @@ class _Teach:
                 val_z = self._values_2d(plane, aff_z, f"{where} plane {z}").numpy()
             img, lbl, _, val = self.spre.with_values(plane, aff_z, None if s_lbl is None else s_lbl[..., z:z + 1], val_z)
             out["image"].append(img.as_tensor()[..., 0].numpy().astype(np.float32))
-            out["spacing"].append(np.sqrt((img.affine.numpy()[:3, :3] ** 2).sum(0))[:2].astype(np.float32))
+            out["spacing"].append(affine_spacing(img.affine)[:2])
             if lbl is not None:
                 out["label"].append(lbl.as_tensor()[0, ..., 0].numpy().astype(np.uint8))
             if val is not None:
@@ -356,10 +349,10 @@ class _Teach:
         """Write this process's volumes; ``False`` when stopped after ``stop_after`` volumes (tests: what a
         kill after the last write leaves)."""
         self.start()
-        todo = [v for v in self.mine() if not self.volume_path(v).is_file()]
-        done = len(self.mine()) - len(todo)
-        if done:
-            print(f"[teach] rank {self.rank}: resuming: {done} of {len(self.mine())} volumes done", flush=True)
+        mine = self.mine()
+        todo = [v for v in mine if not self.volume_path(v).is_file()]
+        if len(todo) < len(mine):
+            print(f"[teach] rank {self.rank}: resuming: {len(mine) - len(todo)} of {len(mine)} volumes done", flush=True)
         for n, vid in enumerate(todo):
             if stop_after is not None and n >= stop_after:
                 return False
@@ -409,10 +402,10 @@ class _Teach:
             "classes": list(self.classes), "labelled_by": labelled_by, "tau": self.tau if m is not None else None,
             "model": None if m is None else m.source, "model_labels": None if m is None else list(m.labels),
             "class_map": None if m is None else self.map.how,
-            "model_preprocess": None if m is None else _pre_record(self.mpre),
+            "model_preprocess": None if m is None else preprocess_record(self.mpre),
             "student": {"config": str(self.cfg.student), "data.shape": list(self.student.data.shape),
-                        "preprocess": _pre_record(self.spre)},
-            "levels": {**OmegaConf.to_container(self.cfg.levels), **({"matched": _jsonable(self.matched)} if self.matched else {})},
+                        "preprocess": preprocess_record(self.spre)},
+            "levels": {**OmegaConf.to_container(self.cfg.levels), **({"matched": self.matched} if self.matched else {})},
             "data": self.volumes.describe, "num_volumes": len(vols), "num_slices": slices,
             "truth_pixels": dict(zip(self.classes, truth.tolist())) if truth.any() else None,
             "teacher_argmax_pixels": dict(zip(self.classes, taught.tolist())) if m is not None else None,
@@ -421,17 +414,11 @@ class _Teach:
         }
 
 
-def _pre_record(pre: Preprocess) -> Dict[str, Any]:
+def preprocess_record(pre: Preprocess) -> Dict[str, Any]:
+    """A preprocessing's settings as plain values (``dataset.json``; a benchmark's slices record)."""
     return {"orientation": pre.orientation, "spacing": None if pre.spacing is None else list(pre.spacing),
-            "shape": None if pre.shape is None else list(pre.shape), **pre.intensity_settings()}
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
+            "shape": None if pre.shape is None else list(pre.shape), "resize": pre.resize,
+            "crop_foreground": pre.crop_foreground, **pre.intensity_settings()}
 
 
 def _savez(path: str, arrays: Dict[str, np.ndarray]) -> None:

@@ -26,8 +26,7 @@ from lightning_distill import __version__
 from lightning_distill.config import to_dict
 from lightning_distill.data.datamodules import (SegmentationDataModule, SliceDataModule, UnpairedDataModule, VolumeDataModule,
                                                 subject_of)
-from lightning_distill.data.phantom import PhantomSpec
-from lightning_distill.data.sources import DomainShift, NiftiSource, PhantomSource, SubjectSource
+from lightning_distill.data.sources import DomainShift, NiftiSource, PhantomSource, SubjectSource, phantom_spec
 from lightning_distill.factory import build_net, make_preprocess
 from lightning_distill.fingerprint import check_samples, data_identity, fingerprint_summary, training_record
 from lightning_distill.io import atomic_write, write_json
@@ -46,9 +45,7 @@ def build_source(cfg: DictConfig, root: Optional[str] = None, slice_mode: Option
     d = cfg.data
     if d.source == "phantom":
         p = d.phantom
-        spec = PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur, slice_z=tuple(p.slice_z),
-                           modality=p.modality, version=p.version)
-        return PhantomSource(spec, d.num_subjects, tuple(d.shape), window=tuple(d.window), shift=DomainShift(**p.shift))
+        return PhantomSource(phantom_spec(p), d.num_subjects, tuple(d.shape), window=tuple(d.window), shift=DomainShift(**p.shift))
     if d.source == "nifti":
         n = d.nifti
         root = root or n.root

@@ -133,7 +133,21 @@ class PhantomSource(SubjectSource):
                 "phase": s["phase"]}
 
 
-def _spacing(affine) -> np.ndarray:
+def phantom_spec(p) -> PhantomSpec:
+    """The :class:`PhantomSpec` of a ``data.phantom`` config node (:class:`~lightning_distill.config.PhantomConfig`)."""
+    return PhantomSpec(seed=p.seed, phases=tuple(p.phases), noise_hu=tuple(p.noise_hu), blur=p.blur, slice_z=tuple(p.slice_z),
+                       modality=p.modality, version=p.version)
+
+
+def phantom_affine(shape: Sequence[int]) -> np.ndarray:
+    """The LAS voxel-to-world matrix of a phantom grid ``(X, Y, Z)`` (a single slice ``(X, Y)``: 1/48 of the axial
+    extent thick), as ``lightning-distill phantom`` exports it."""
+    spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM, shape)] + ([PHANTOM_EXTENT_MM[2] / 48] if len(shape) == 2 else [])
+    return np.diag([-spacing[0], spacing[1], spacing[2], 1.0])
+
+
+def affine_spacing(affine) -> np.ndarray:
+    """The voxel spacing (mm per axis) of a voxel-to-world matrix (numpy array or tensor)."""
     a = affine.numpy() if hasattr(affine, "numpy") else np.asarray(affine)
     return np.sqrt((a[:3, :3] ** 2).sum(0)).astype(np.float32)
 
@@ -309,7 +323,7 @@ class NiftiSource(SubjectSource):
         else:
             img, lbl, _ = self.preprocess(image, affine, label)
             item = {"image": img.as_tensor().numpy(), "label": lbl.as_tensor()[0].numpy() if lbl is not None else None,
-                    "spacing": _spacing(img.affine)}
+                    "spacing": affine_spacing(img.affine)}
         return item
 
     def _per_slice(self, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> Dict:
@@ -324,7 +338,7 @@ class NiftiSource(SubjectSource):
                                           None if label is None else label[..., z:z + 1])
             imgs.append(img.as_tensor().numpy())
             lbls.append(lbl.as_tensor()[0].numpy())
-            spacings.append(_spacing(img.affine))
+            spacings.append(affine_spacing(img.affine))
         return {"image": np.concatenate(imgs, -1), "label": np.concatenate(lbls, -1), "spacing": np.stack(spacings)}
 
     def load(self, subject_id: str) -> Dict:
@@ -367,8 +381,7 @@ def _write_phantom(source: PhantomSource, dst, layout: str) -> None:
     from lightning_distill.io import save_nifti, write_json
 
     shape = tuple(source.shape)
-    spacing = [e / n for e, n in zip(PHANTOM_EXTENT_MM, shape)] + ([PHANTOM_EXTENT_MM[2] / 48] if len(shape) == 2 else [])
-    affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])  # LAS
+    affine = phantom_affine(shape)
     mr = source.spec.modality == "MR"
     for sid in source.ids:
         idx = int(sid.rsplit("_", 1)[1])

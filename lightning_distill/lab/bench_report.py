@@ -78,6 +78,7 @@ class Table:
         keys = {r.key for r in grid(cfg)}
         self.students = [r for r in records if r.get("kind") == "student" and r["key"] in keys]
         self.teachers = [r for r in records if r.get("kind") == "teacher"]
+        self._headroom_runs: Dict[str, Dict[int, List[float]]] = {}  # headroom_from's runs by architecture
         self.expected = len(keys)
         self.data: Dict[Tuple, Dict[int, Dict]] = {}
         self.subjects: Dict[float, int] = {}
@@ -160,10 +161,13 @@ class Table:
         return None if not rises else statistics.mean(rises) < float(self.cfg.convergence_tolerance)
 
     def headroom_runs(self, arch: str) -> Dict[int, List[float]]:
-        """``{train subjects: [per-seed mean Dice]}`` of the plain model in ``cfg.headroom_from`` (own test split)."""
+        """``{train subjects: [per-seed mean Dice]}`` of the plain model in ``cfg.headroom_from`` (own test split),
+        read once per architecture (every table row and plot panel asks)."""
         import csv
 
-        out: Dict[int, List[float]] = {}
+        if arch in self._headroom_runs:
+            return self._headroom_runs[arch]
+        out: Dict[int, List[float]] = self._headroom_runs.setdefault(arch, {})
         with open(self.cfg.headroom_from, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r["test_set"] == OWN_TEST and r["method"] == self.cfg.baseline]
         if any(r["arch"] == arch for r in rows):
@@ -177,7 +181,7 @@ class Table:
         if not self.cfg.headroom_from:
             return None
         runs, n = self.headroom_runs(arch), self.subjects.get(frac)
-        if n is None or n not in runs or not runs:
+        if n not in runs:
             return None
         top = max(runs)
         return share_of_headroom(self.scores(OWN_TEST, arch, frac, method), self.scores(OWN_TEST, arch, frac, self.cfg.baseline),

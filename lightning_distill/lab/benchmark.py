@@ -184,16 +184,12 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
                           f"{', '.join(schema.keys())})") from None
-    if cfg.notes:
-        notes = Path(cfg.notes) if Path(cfg.notes).is_absolute() else path.parent / cfg.notes
-        if not notes.is_file():
-            raise ConfigError(f"{path}: notes file {str(notes)!r} does not exist")
-        cfg.notes = str(notes)
-    if cfg.headroom_from:
-        ref = Path(cfg.headroom_from) if Path(cfg.headroom_from).is_absolute() else path.parent / cfg.headroom_from
-        if not ref.is_file():
-            raise ConfigError(f"{path}: headroom_from file {str(ref)!r} does not exist (a headroom benchmark's runs CSV)")
-        cfg.headroom_from = str(ref)
+    for key, what in (("notes", ""), ("headroom_from", " (a headroom benchmark's runs CSV)")):  # files beside the YAML
+        if cfg[key]:
+            file = Path(cfg[key]) if Path(cfg[key]).is_absolute() else path.parent / cfg[key]
+            if not file.is_file():
+                raise ConfigError(f"{path}: {key} file {str(file)!r} does not exist{what}")
+            cfg[key] = str(file)
     if quick:
         cfg.output_dir = cfg.output_dir.rstrip("/") + "-quick"
         cfg.report = str(Path(cfg.output_dir) / "report.md")
@@ -650,16 +646,15 @@ class Benchmark:
         """What a slices record compares on resume: the teach config without where it writes, and what teach
         reads of the student's config (preprocessing, grid, classes, levels), not the first run's seed or method."""
         from lightning_distill.factory import make_preprocess
+        from lightning_distill.teach import preprocess_record
 
         c = OmegaConf.to_container(cfg)
         for k in ("output", "overwrite", "processes", "student"):
             c.pop(k, None)
         st = load_config(cfg.student)
-        pre = make_preprocess(st)
         student = {"shape": list(st.data.shape), "classes": None if st.classes is None else list(st.classes),
                    "source": st.data.source, "slice_z": list(st.data.phantom.slice_z),
-                   "preprocess": {"orientation": pre.orientation, "spacing": None if pre.spacing is None else list(pre.spacing),
-                                  "resize": pre.resize, "crop_foreground": pre.crop_foreground, **pre.intensity_settings()}}
+                   "preprocess": preprocess_record(make_preprocess(st))}
         return {"teach": c, "student": student}
 
     def _check_same_slices(self, name: str, record: Dict[str, Any]) -> None:
