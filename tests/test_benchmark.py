@@ -18,6 +18,7 @@ from lightning_distill.lab.benchmark import Benchmark, append_record, grid, load
 from lightning_distill.config import ConfigError, load_config, to_dict
 
 PHANTOM = os.path.join(REPO, "experiments/benchmarks/phantom.yaml")
+ROUTES = os.path.join(REPO, "experiments/benchmarks/phantom_routes.yaml")
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -109,47 +110,86 @@ def test_benchmark_unknown_teacher_reference(tmp_path):
 
 
 def test_default_grid_is_the_issue_grid_and_every_run_config_is_valid():
-    """Issue 17's grid: >= 5 seeds, the baseline, a class-balanced baseline, two geometries, three
-    controls of the teacher's content (identity, shuffled, a 2D teacher's bank), a low-data fraction."""
+    """Issue 33's main grid: >= 5 seeds at 30 and 100 subjects, 200 test subjects, the baseline, the paper's
+    prototype route, the 3D teacher's slices and their control (the same volumes' slices from a 2D teacher)."""
     cfg, base = load_benchmark(PHANTOM)
     runs = grid(cfg)
-    assert len(cfg.seeds) >= 5 and len(runs) == 5 * (7 + 2) and len({r.key for r in runs}) == len(runs)
-    assert [r.seed for r in runs[:9]] == [0] * 9  # seed-major: complete method sets come first
-    assert {r.method for r in runs if r.fraction == 0.3} == {"baseline", "prob"}
+    assert len(cfg.seeds) >= 5 and len(runs) == 5 * 4 * 2 and len({r.key for r in runs}) == len(runs)
+    assert [r.seed for r in runs[:8]] == [0] * 8  # seed-major: complete method sets come first
     b = Benchmark(cfg, base)
     configs = {}
     for r in runs:
         c = b.run_config(r)  # raises on any invalid override
         assert c.seed == r.seed and c.data.train_fraction == r.fraction and c.model.name == r.arch
-        assert (c.distill.weight == 0) == (r.method in ("baseline", "balanced"))
-        assert c.data.spatial_augment == "affine"  # students are trained as users train them
+        assert c.data.spatial_augment == "affine" and c.trainer.max_steps == 600  # students are trained as users train them
+        assert c.data.test_subjects == 200 and c.data.num_subjects - 200 - c.data.val_subjects == 100
         configs[r.method] = c
-    assert configs["balanced"].loss.class_balance == "inverse_frequency"
-    assert configs["logprob-identity"].distill.bank_control == "identity"
-    assert configs["logprob-shuffled"].distill.bank_control == "shuffled"
-    assert configs["logprob-2d-teacher"].distill.prototypes == str(Path(cfg.output_dir) / "teachers/t2d/prototypes.pt")
+    assert configs["baseline"].distill.weight == 0 and configs["baseline"].transfer.slices is None
     assert configs["prob"].distill.prototypes == str(Path(cfg.output_dir) / "teachers/ct3d/prototypes.pt")
+    assert configs["soft"].transfer.slices == str(Path(cfg.output_dir) / "slices/s3d") and configs["soft"].distill.weight == 0
+    assert configs["soft-2d"].transfer.slices == str(Path(cfg.output_dir) / "slices/s2d")
+    assert b.slices_config("s2d").model.path == str(Path(cfg.output_dir) / "teachers/t2d/checkpoints/best.ckpt")
     # both teachers can be scored on the students' slices: the students' in-plane grid
     for name in ("ct3d", "t2d"):
         t = b.teacher_config(name)
         assert cfg.teachers[name].score_on_students and list(t.data.shape)[:2] == list(configs["prob"].data.shape)
         assert t.data.phantom.seed != configs["prob"].data.phantom.seed  # unpaired: other subjects
     assert all(m in cfg.methods for pair in cfg.contrasts for m in pair)
+    assert Path(cfg.headroom_from).is_file()
+
+
+def test_the_companion_grid_extends_the_main_one_and_reuses_its_runs():
+    """phantom_routes.yaml (``extends: phantom.yaml``): every route of issue 33, the main grid's runs with the same
+    keys and configs in the same output folder (so they are not trained again), SIKD's teacher per size."""
+    main_cfg, base = load_benchmark(PHANTOM)
+    cfg, _ = load_benchmark(ROUTES)
+    assert cfg.name == "phantom-routes" and cfg.output_dir == main_cfg.output_dir and cfg.report != main_cfg.report
+    assert set(cfg.methods) == {"baseline", "balanced", "prob", "logprob", "logprob-identity", "soft", "hard", "soft-2d",
+                                "truth", "union", "soft+prob", "sikd"}
+    assert list(cfg.seeds) == list(main_cfg.seeds) and list(cfg.fractions) == list(main_cfg.fractions)
+    main_b, b = Benchmark(main_cfg, base), Benchmark(cfg, base)
+    runs = {r.key: r for r in grid(cfg)}
+    for r in grid(main_cfg):
+        assert to_dict(b.run_config(runs[r.key])) == to_dict(main_b.run_config(r))
+    for name in main_cfg.slices:
+        assert to_dict(b.slices_config(name)) == to_dict(main_b.slices_config(name))
+    c = {r.method: b.run_config(r) for r in runs.values() if r.fraction == 0.3 and r.seed == 0}
+    assert c["truth"].transfer.target == "truth" and c["hard"].transfer.mode == "hard"
+    assert c["union"].transfer.union == str(Path(cfg.output_dir) / "slices/s3d") and c["union"].transfer.slices is None
+    assert c["soft+prob"].distill.weight == 1 and c["soft+prob"].transfer.slices is not None
+    assert c["logprob-identity"].distill.bank_control == "identity"
+    assert c["balanced"].loss.class_balance == "inverse_frequency"
+    sikd = next(r for r in runs.values() if r.method == "sikd" and r.fraction == 0.3)
+    assert c["sikd"].distill.method == "sikd" and b.teachers_of(sikd) == ["sikd2d"]
+    t = b.teacher_config("sikd2d", sikd)  # the SIKD teacher sees its student's training subjects only
+    assert t.data.train_fraction == 0.3 and t.data.num_subjects == c["sikd"].data.num_subjects
+    assert t.data.test_subjects == c["sikd"].data.test_subjects and t.input_transform == "class_mean"
+
+
+def test_a_benchmark_file_extends_another(tmp_path):
+    base = _bench_yaml(tmp_path, BASE)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {base.name}\nname: child\nseeds: [3]\nmethods: {{other: [distill.weight=0]}}\n")
+    cfg, _ = load_benchmark(child)
+    assert cfg.name == "child" and list(cfg.seeds) == [3] and set(cfg.methods) == {"baseline", "kd", "other"}
+    child.write_text(f"extends: {base.name}\nseedz: [3]\n")
+    with pytest.raises(ConfigError, match=r"child.yaml.*seedz"):
+        load_benchmark(child)
 
 
 def test_students_wait_only_for_the_teachers_they_need():
-    """The schedule: baselines need no teacher (they train beside the 3D teacher), every distilled
-    student waits for exactly the teacher whose bank it reads."""
+    """The schedule: baselines need no teacher (they train beside the 3D teacher), the prototype route waits for
+    the 3D teacher, the slices for their teacher, and the slices' students for their slices."""
     cfg, base = load_benchmark(PHANTOM)
     b = Benchmark(cfg, base)
     runs = grid(cfg)
-    tasks = [("teacher", "ct3d", runs[0]), ("teacher", "t2d", runs[0])] + [("student", r) for r in runs]
+    tasks = ([("teacher", "ct3d", runs[0]), ("teacher", "t2d", runs[0]), ("slices", "s3d"), ("slices", "s2d")]
+             + [("student", r) for r in runs])
     needs = b._needs(tasks)
-    assert needs[0] == needs[1] == set()
-    for task, need in zip(tasks[2:], needs[2:]):
-        method = task[1].method
-        expected = set() if method in ("baseline", "balanced") else {1} if method == "logprob-2d-teacher" else {0}
-        assert need == expected, method
+    assert needs[:4] == [set(), set(), {0}, {1}]
+    expected = {"baseline": set(), "prob": {0}, "soft": {2}, "soft-2d": {3}}
+    for task, need in zip(tasks[4:], needs[4:]):
+        assert need == expected[task[1].method], task[1].method
     # a teacher already trained (not among the tasks) is not waited for
     assert all(n == set() for n in b._needs([("student", r) for r in runs]))
 

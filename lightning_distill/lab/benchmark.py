@@ -37,7 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_distill.lab.bench_grid import GridRun, among, append_record, cpu_count, grid, read_records
-from lightning_distill.config import ConfigError, load_config, to_dict
+from lightning_distill.config import ConfigError, _file_layers, load_config, to_dict
 from lightning_distill.io import claim, read_claim, release
 
 RESULTS_FILE = "results.jsonl"
@@ -155,16 +155,13 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
-    schema = OmegaConf.structured(BenchmarkConfig)
-    try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    try:
-        cfg = OmegaConf.merge(schema, node)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
-                          f"{', '.join(schema.keys())})") from None
+    schema = cfg = OmegaConf.structured(BenchmarkConfig)
+    for source, layer in _file_layers(path):  # ``extends: other.yaml`` (relative to the file) first, as in run configs
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
+                              f"{', '.join(schema.keys())})") from None
     if quick:  # the quick grid first, so that command-line overrides (e.g. seeds=[0]) still win
         q = cfg.quick
         for key in ("fractions", "seeds"):
