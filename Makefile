@@ -10,7 +10,7 @@ BENCH ?= experiments/benchmarks/phantom.yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all test-slow test-portable train-teacher train-student bank-example train-transfer compare-run train-baseline train-sikd train-cmedl train-chaos benchmark bench-headroom bench-headroom-0.5 bench-chaos-headroom bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
+.PHONY: help install test test-all test-slow test-portable train-teacher train-student bank-example train-transfer compare-run train-baseline train-sikd train-cmedl train-chaos benchmark bench-routes bench-headroom bench-headroom-0.5 bench-chaos-headroom bench-chaos bench-cmedl bench-speed bench-scale method-figures reliability-figure sweep agent sweep-local test-notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -107,8 +107,11 @@ clean: ## remove run outputs (keeps .venv)
 train-chaos: $(STAMP) ## the real-MRI experiment on CHAOS T2 (needs CHAOS_DIR or ../shared/data/chaos_t2_mr; ~30 min)
 	experiments/chaos/run.sh
 
-benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom, ~45 min on 2 cores) -> docs/benchmarks/<name>.md
+benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom: the main routes, ~45 min on 2 cores) -> docs/benchmarks/<name>.md
 	$(BIN)/lightning-distill benchmark $(BENCH) $(ARGS)
+
+bench-routes: $(STAMP) ## every route and control on the phantom (extends make benchmark's grid and reuses its runs; ~70 min more) -> docs/benchmarks/phantom-routes.md
+	$(BIN)/lightning-distill benchmark experiments/benchmarks/phantom_routes.yaml $(ARGS)
 
 # the CHAOS targets stop with a clear message when the data is not there
 CHAOS_DATA_CHECK = test -f "$${CHAOS_DIR:-../shared/data/chaos_t2_mr}/dataset.json" || { echo "CHAOS data not found at $${CHAOS_DIR:-../shared/data/chaos_t2_mr} (relative to this folder): set CHAOS_DIR to the dataset folder" >&2; exit 2; }

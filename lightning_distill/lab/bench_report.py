@@ -323,6 +323,7 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
     if not tab.students:
         return "\n".join(L + ["No student run has finished yet.", ""])
     L += _summary(tab, others)
+    L += _precision(tab, others)
     if cfg.notes and not quick:
         L += ["## Notes", "", f"*Written by hand from the generated numbers (`{_rel(cfg.notes)}`); every other section "
               "is generated.*", "", Path(cfg.notes).read_text().strip(), ""]
@@ -476,6 +477,30 @@ def _summary(tab: Table, others: Sequence[str]) -> List[str]:
                     L.append(f"- Low-data claim, {a}, {title}: {claim}")
     L.append("")
     return L
+
+
+def _precision(tab: Table, others: Sequence[str]) -> List[str]:
+    """The achieved precision: half-width of every method's paired 95% CI against the baseline, per setting."""
+    base, target = tab.cfg.baseline, float(tab.cfg.precision_target)
+    rows = []
+    for ts in tab.test_sets:
+        for a in tab.archs:
+            for f in tab.fractions:
+                half = {m: (ci["hi"] - ci["lo"]) / 2 for m in others if runs_at(tab.cfg, m, f)
+                        for ci in [tab.diff(ts, a, f, m)] if ci is not None}
+                if half:
+                    worst = max(half, key=half.get)
+                    seeds = sorted({len(tab.runs(ts, a, f, m)) for m in half})
+                    rows.append(f"| {_title(ts)} | {a} | {tab.frac_label(f)} | {'/'.join(map(str, seeds))} | "
+                                f"{max((len(c) for c in tab.scores(ts, a, f, base).values()), default=0)} | {float(np.median(list(half.values()))):.4f} | "
+                                f"{half[worst]:.4f} ({worst}) | {'yes' if half[worst] <= target else '**no**'} |")
+    if not rows:
+        return []
+    return ["## Precision", "",
+            f"Half-width of the paired 95% CI of each method's Δ against the {base} (half the CI's length), median and "
+            f"largest over the methods at each setting; target: ≤ {target:g} mean Dice for every method.", "",
+            "| test set | arch | fraction (subjects) | seeds | test cases | median half-width | largest (method) | "
+            "target met |", "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _teachers_on_slices(tab: Table) -> List[str]:
@@ -749,7 +774,7 @@ def plot_route_gains(tab: Table, path: Path) -> bool:
     methods = [m for m in tab.methods if m != base]
     if not methods:
         return False
-    fig, axes = new_figure(1, len(tab.archs), figsize=(max(5.0, 0.9 * len(methods) + 2.5) * len(tab.archs), 3.8),
+    fig, axes = new_figure(1, len(tab.archs), figsize=(max(5.0, 0.7 * len(methods) + 2.5) * len(tab.archs) + 2.5, 4.0),
                            squeeze=False)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
     width = 0.8 / max(1, len(tab.fractions))
@@ -770,11 +795,11 @@ def plot_route_gains(tab: Table, path: Path) -> bool:
             if room is not None:
                 ax.axhline(room, color=c, ls="--", lw=1, label=f"ceiling − {base} at {tab.frac_label(f)}")
             base_cases = tab.scores(OWN_TEST, a, f, base)
-            for r, t in tab.scored_teachers(OWN_TEST):
+            for k, (r, t) in enumerate(tab.scored_teachers(OWN_TEST)):  # one line style per teacher
                 teacher = _scores(t["test_cases"])
                 gaps = [teacher[cid] - v for sc in base_cases.values() for cid, v in sc.items() if cid in teacher]
                 if gaps:
-                    ax.axhline(statistics.mean(gaps), color=c, ls=":", lw=1.2,
+                    ax.axhline(statistics.mean(gaps), color=c, ls=[":", "-.", (0, (1, 3))][k % 3], lw=1.2,
                                label=f"{r.get('instance')} − {base} at {tab.frac_label(f)}")
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks(range(len(methods)))
@@ -782,7 +807,7 @@ def plot_route_gains(tab: Table, path: Path) -> bool:
         ax.set_ylabel(f"Dice gain over the {base}")
         ax.set_title(a, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the panel: many reference lines
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return True

@@ -141,6 +141,7 @@ class BenchmarkConfig:
     # values the YAML interpolates (${vars.NAME}) and the command line can change (vars.NAME=...), e.g. the students' steps
     vars: Dict[str, Any] = field(default_factory=dict)
     notes: Optional[str] = None  # a hand-written markdown file (path relative to the YAML) shown in the report as "Notes"
+    precision_target: float = 0.01  # the report's Precision section: is every Δ's 95% CI half-width at most this?
     convergence_tolerance: float = 0.01  # a run whose best val Dice still rose by this much in the last quarter of training is not converged
     quick: QuickSpec = field(default_factory=QuickSpec)
 
