@@ -357,6 +357,10 @@ def test_the_share_of_the_headroom_reads_a_headroom_benchmarks_runs(tmp_path, mo
     assert "t_route_gains.png" in report
     # the achieved precision: kd's Δ is +0.02 on every case, so its CI has no width; 2 seeds of 5 test cases
     assert "| own test split | Unet | 0.5 (5) | 2 | 5 | 0.0000 | 0.0000 (kd) | yes |" in report
+    # the low-data check pairs each method at the smallest size with the baseline at the largest: kd at 0.1 scores
+    # 0.5 + 0.01 + 0.02 per seed, the baseline at 1.0 0.5 + 0.1, the same case offsets: -0.07 on every case
+    low = next(ln for ln in report.split("### Low-data check (own test split)")[1].splitlines() if ln.startswith("| Unet | 0.605 | kd |"))
+    assert low.endswith("| -0.070 [-0.070, -0.070] | worse |"), low
     with pytest.raises(ConfigError, match="headroom_from file"):
         load_benchmark(_bench_yaml(tmp_path, text.replace("h_runs.csv", "none.csv")))
 

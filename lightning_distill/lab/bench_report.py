@@ -113,16 +113,13 @@ class Table:
         """``{seed: {case: score}}``: a case's mean Dice over the organs present, or one organ's Dice."""
         return {s: _scores(t["test_cases"], organ) for s, t in self.runs(ts, arch, frac, method).items()}
 
-    def diff(self, ts, arch, frac, method, other: Optional[str] = None, organ: Optional[str] = None) -> Optional[Dict[str, float]]:
-        """Paired difference ``method − other`` (default: the baseline), optionally of one organ's Dice."""
+    def diff(self, ts, arch, frac, method, other: Optional[str] = None, organ: Optional[str] = None,
+             other_frac: Optional[float] = None) -> Optional[Dict[str, float]]:
+        """Paired difference ``method − other`` (default: the baseline; at ``other_frac``, default the same
+        fraction), optionally of one organ's Dice; pairs are the same seed and test case."""
         return paired_bootstrap(self.scores(ts, arch, frac, method, organ),
-                                self.scores(ts, arch, frac, other or self.cfg.baseline, organ), n=int(self.cfg.bootstrap))
-
-    def fraction_diff(self, ts, arch, frac, other_frac, organ: Optional[str] = None) -> Optional[Dict[str, float]]:
-        """Paired difference of the baseline at ``frac`` − at ``other_frac`` (same seeds, same test cases)."""
-        base = self.cfg.baseline
-        return paired_bootstrap(self.scores(ts, arch, frac, base, organ), self.scores(ts, arch, other_frac, base, organ),
-                                n=int(self.cfg.bootstrap))
+                                self.scores(ts, arch, frac if other_frac is None else other_frac,
+                                            other or self.cfg.baseline, organ), n=int(self.cfg.bootstrap))
 
     def scored_teachers(self, ts) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
         """``(record, {"test", "test_cases"})`` of every teacher scored on the students' slices of test set ``ts``."""
@@ -359,15 +356,20 @@ def render(tab: Table, command: str, plots: Sequence[Tuple[str, Path]] = (), qui
                              f"{fmt_mean_sd(tab.metric(ts, a, f, m, 'hd95_mean'), nd=1)} | "
                              + (f"{fmt_ci(ci)} | {verdict(ci)} |" if m != base else "— | — |")
                              + ((f" {fmt_share(tab.share(a, f, m))} |" if m != base else " — |") if share else ""))
+        low, full = tab.fractions[0], tab.fractions[-1]
         L += ["", f"### Low-data check ({title})", "",
               f"Smallest training fraction at which a method's mean Dice reaches the {base}'s mean at the largest "
-              f"fraction ({tab.fractions[-1]:g}).", "",
-              f"| arch | {base} at {tab.fractions[-1]:g} | method | smallest fraction reaching it | its mean Dice there |",
-              "|---|---|---|---|---|"]
+              f"fraction ({full:g}); and the paired difference of the method at the smallest fraction ({low:g}) − the "
+              f"{base} at the largest (same seeds and test cases; above 0: fewer labelled subjects beat them all).", "",
+              f"| arch | {base} at {full:g} | method | smallest fraction reaching it | its mean Dice there "
+              f"| at {tab.frac_label(low)} − {base} at {tab.frac_label(full)} [95% CI] | verdict |",
+              "|---|---|---|---|---|---|---|"]
         for a in tab.archs:
             for m in tab.methods:
                 ref, f, mean = tab.low_data(ts, a, m)
-                L.append(f"| {a} | {_num(ref)} | {m} | {'none' if f is None else tab.frac_label(f)} | {_num(mean)} |")
+                ci = tab.diff(ts, a, low, m, other_frac=full) if runs_at(cfg, m, low) and low != full else None
+                L.append(f"| {a} | {_num(ref)} | {m} | {'none' if f is None else tab.frac_label(f)} | {_num(mean)} | "
+                         f"{fmt_ci(ci)} | {verdict(ci) if ci is not None else '—'} |")
         L.append("")
     L += _organs(tab), ""
     for title, p in plots:
@@ -558,7 +560,7 @@ def _headroom(tab: Table) -> List[str]:
         if len(tab.test_sets) > 1:
             L += [f"### {_title(ts)}", ""]
         for a in tab.archs:
-            rise = tab.fraction_diff(ts, a, top, prev)
+            rise = tab.diff(ts, a, top, tab.cfg.baseline, other_frac=prev)
             if rise is None:
                 said = "n/a."
             elif rise["lo"] > 0:
@@ -578,7 +580,7 @@ def _headroom(tab: Table) -> List[str]:
                                                                   for o in organs) + " |")
             L += ["", f"headroom(n) = ceiling − {base}(n) [95% CI]:", "", head, rule]
             for f in tab.fractions[:-1]:
-                L.append(f"| {tab.frac_label(f)} | " + " | ".join(fmt_ci(tab.fraction_diff(ts, a, top, f, o)) for o in organs) + " |")
+                L.append(f"| {tab.frac_label(f)} | " + " | ".join(fmt_ci(tab.diff(ts, a, top, tab.cfg.baseline, organ=o, other_frac=f)) for o in organs) + " |")
             scored = tab.scored_teachers(ts)
             if scored:
                 L += ["", "Unreachable = teacher − ceiling [95% CI] (the teacher scored on the same test slices):", "",
@@ -822,7 +824,7 @@ def _headroom_at(tab: Table, arch: str, frac: float) -> Optional[float]:
             return statistics.mean(runs[max(runs)]) - statistics.mean(runs[n])
         return None
     if tab.cfg.headroom and frac != tab.fractions[-1]:
-        d = tab.fraction_diff(OWN_TEST, arch, tab.fractions[-1], frac)
+        d = tab.diff(OWN_TEST, arch, tab.fractions[-1], tab.cfg.baseline, other_frac=frac)
         return None if d is None else d["mean"]
     return None
 
