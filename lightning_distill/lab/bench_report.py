@@ -77,7 +77,8 @@ class Table:
         self.test_sets = [OWN_TEST, *cfg.test_sets]
         keys = {r.key for r in grid(cfg)}
         self.students = [r for r in records if r.get("kind") == "student" and r["key"] in keys]
-        self.teachers = [r for r in records if r.get("kind") == "teacher"]
+        # this benchmark's teachers only (a benchmark that extends another may share its output folder)
+        self.teachers = [r for r in records if r.get("kind") == "teacher" and r.get("teacher") in cfg.teachers]
         self._headroom_runs: Dict[str, Dict[int, List[float]]] = {}  # headroom_from's runs by architecture
         self.expected = len(keys)
         self.data: Dict[Tuple, Dict[int, Dict]] = {}
