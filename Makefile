@@ -126,7 +126,7 @@ bench-chaos-headroom: $(STAMP) ## the plain 2D model on 2, 4 and 8 CHAOS patient
 	@$(CHAOS_DATA_CHECK)
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos_headroom.yaml $(ARGS)
 
-bench-chaos: $(STAMP) ## the benchmark grid on CHAOS T2 MRI (needs the data, see train-chaos; ~30 min) -> docs/benchmarks/chaos.md
+bench-chaos: $(STAMP) ## the routes of make benchmark on CHAOS T2 MRI, 3 seeds (needs the data, see train-chaos) -> docs/benchmarks/chaos.md
 	@$(CHAOS_DATA_CHECK)
 	$(BIN)/lightning-distill benchmark experiments/benchmarks/chaos.yaml $(ARGS)
 

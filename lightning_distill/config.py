@@ -344,7 +344,7 @@ def _check_trainer(trainer: Dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: 'trainer.{k}' is set by lightning_distill itself (use output_dir / logger)")
 
 
-def _file_layers(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
+def file_layers(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
     """``(path, config)`` of the YAML file and, first, of the files it ``extends`` (relative path)."""
     path = path.resolve()
     if path in seen:
@@ -358,7 +358,7 @@ def _file_layers(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     base = node.pop("extends", None)
-    layers = _file_layers(path.parent / str(base), [*seen, path]) if base else []
+    layers = file_layers(path.parent / str(base), [*seen, path]) if base else []
     return [*layers, (path, node)]
 
 
@@ -375,7 +375,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             p = Path(path)
             if not p.is_file():
                 raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-            for source, layer in _file_layers(p):
+            for source, layer in file_layers(p):
                 try:
                     cfg = OmegaConf.merge(cfg, layer)
                 except OmegaConfBaseException as e:
@@ -575,7 +575,7 @@ def _load_schema(schema: type, choices: Dict[str, Sequence[str]], path: Optional
     cfg = OmegaConf.structured(schema)
     where = str(path) if path else what
     if path is not None:
-        for source, layer in _file_layers(Path(path)):
+        for source, layer in file_layers(Path(path)):
             try:
                 cfg = OmegaConf.merge(cfg, layer)
             except OmegaConfBaseException as e:

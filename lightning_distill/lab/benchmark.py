@@ -37,7 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_distill.lab.bench_grid import GridRun, among, append_record, cpu_count, grid, read_records
-from lightning_distill.config import ConfigError, _file_layers, load_config, to_dict
+from lightning_distill.config import ConfigError, file_layers, load_config, to_dict
 from lightning_distill.io import claim, read_claim, release
 
 RESULTS_FILE = "results.jsonl"
@@ -157,7 +157,7 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
     schema = cfg = OmegaConf.structured(BenchmarkConfig)
-    for source, layer in _file_layers(path):  # ``extends: other.yaml`` (relative to the file) first, as in run configs
+    for source, layer in file_layers(path):  # ``extends: other.yaml`` (relative to the file) first, as in run configs
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
