@@ -149,6 +149,9 @@ class BenchmarkConfig:
 def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool = False) -> Tuple[DictConfig, Path]:
     """Load and check a benchmark YAML; returns the config and the folder run configs are relative to.
 
+    The file may ``extends: other.yaml`` (relative to it, followed as in run configs): maps merge, lists are
+    replaced, and paths stay relative to ``path``'s folder (so a companion grid beside its base shares its files).
+
     Raises:
         ConfigError: unknown keys, wrong types, unknown method/architecture names, a baseline that is
             not among the methods, fractions outside (0, 1], or an unknown ``{teachers.NAME}``.
