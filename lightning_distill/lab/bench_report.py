@@ -236,8 +236,8 @@ def write_report(cfg: DictConfig, records: Sequence[Dict[str, Any]], command: st
         p6 = img / f"{cfg.name}_route_gains.png"
         if plot_route_gains(tab, p6):
             plots.insert(0, (f"Dice gain of each method over the {cfg.baseline} at each training size (mean paired difference, "
-                             "bars: 95% CI); dashed: what the ceiling adds at that size (headroom(n)), dotted: the teachers "
-                             "on the same slices", p6))
+                             "bars: 95% CI); dashed: what the ceiling adds at that size (headroom(n)), dotted and dash-dotted: the teachers "
+                             "on the same slices (one line style per teacher)", p6))
         p5 = img / f"{cfg.name}_headroom.png"
         if plot_headroom(tab, p5):
             plots.append((f"The {cfg.baseline} against the number of training subjects (log scale; dots: seeds, line: "
