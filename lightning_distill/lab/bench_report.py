@@ -80,6 +80,7 @@ class Table:
         # this benchmark's teachers only (a benchmark that extends another may share its output folder)
         self.teachers = [r for r in records if r.get("kind") == "teacher" and r.get("teacher") in cfg.teachers]
         self._headroom_runs: Dict[str, Dict[int, List[float]]] = {}  # headroom_from's runs by architecture
+        self._diffs: Dict[Tuple, Optional[Dict[str, float]]] = {}  # diff()'s bootstraps: summary, tables and plots ask again
         self.expected = len(keys)
         self.data: Dict[Tuple, Dict[int, Dict]] = {}
         self.subjects: Dict[float, int] = {}
@@ -117,10 +118,13 @@ class Table:
     def diff(self, ts, arch, frac, method, other: Optional[str] = None, organ: Optional[str] = None,
              other_frac: Optional[float] = None) -> Optional[Dict[str, float]]:
         """Paired difference ``method − other`` (default: the baseline; at ``other_frac``, default the same
-        fraction), optionally of one organ's Dice; pairs are the same seed and test case."""
-        return paired_bootstrap(self.scores(ts, arch, frac, method, organ),
-                                self.scores(ts, arch, frac if other_frac is None else other_frac,
-                                            other or self.cfg.baseline, organ), n=int(self.cfg.bootstrap))
+        fraction), optionally of one organ's Dice; pairs are the same seed and test case. Computed once per
+        argument set (the bootstrap's RNG seed is fixed, so a second call would give the same result)."""
+        key = (ts, arch, frac, method, other or self.cfg.baseline, organ, frac if other_frac is None else other_frac)
+        if key not in self._diffs:
+            self._diffs[key] = paired_bootstrap(self.scores(ts, arch, frac, method, organ),
+                                                self.scores(ts, arch, key[-1], key[4], organ), n=int(self.cfg.bootstrap))
+        return self._diffs[key]
 
     def scored_teachers(self, ts) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
         """``(record, {"test", "test_cases"})`` of every teacher scored on the students' slices of test set ``ts``."""

@@ -49,19 +49,28 @@ def paired_bootstrap(a: Dict[int, Dict[str, float]], b: Dict[int, Dict[str, floa
     Returns:
         ``{"mean", "lo", "hi", "seeds", "cases"}``, or ``None`` without a common seed and case.
     """
+    d = paired_differences(a, b)
+    if d is None:
+        return None
+    n_seeds, n_cases = d.shape
+    rng = np.random.default_rng(seed)
+    si = rng.integers(0, n_seeds, size=(n, n_seeds))
+    ci = rng.integers(0, n_cases, size=(n, n_cases))
+    stats = np.array([d[si[k]][:, ci[k]].mean() for k in range(n)])
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "seeds": n_seeds, "cases": n_cases}
+
+
+def paired_differences(a: Dict[int, Dict[str, float]], b: Dict[int, Dict[str, float]]) -> Optional[np.ndarray]:
+    """``a − b`` over the seeds both have and the cases every one of those seeds has, as a ``(seeds, cases)``
+    array (sorted seeds and case ids), or ``None`` without a common seed and case."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
     cases = sorted(set.intersection(*[set(a[s]) & set(b[s]) for s in seeds]))
     if not cases:
         return None
-    d = np.array([[a[s][c] - b[s][c] for c in cases] for s in seeds])  # seeds x cases
-    rng = np.random.default_rng(seed)
-    si = rng.integers(0, len(seeds), size=(n, len(seeds)))
-    ci = rng.integers(0, len(cases), size=(n, len(cases)))
-    stats = np.array([d[si[k]][:, ci[k]].mean() for k in range(n)])
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "seeds": len(seeds), "cases": len(cases)}
+    return np.array([[a[s][c] - b[s][c] for c in cases] for s in seeds])
 
 
 def verdict(ci: Optional[Dict[str, float]]) -> str:
@@ -94,19 +103,16 @@ def share_of_headroom(a: Dict[int, Dict[str, float]], b: Dict[int, Dict[str, flo
         ``{"mean", "lo", "hi", "headroom", "headroom_lo", "headroom_hi"}``, or ``None`` without data; ``mean``,
         ``lo`` and ``hi`` are ``None`` when the headroom's own CI reaches 0 (no measurable headroom to share).
     """
-    seeds = sorted(set(a) & set(b))
-    if not seeds or not len(ceiling) or not len(below):
+    d = paired_differences(a, b)
+    if d is None or not len(ceiling) or not len(below):
         return None
-    cases = sorted(set.intersection(*[set(a[s]) & set(b[s]) for s in seeds]))
-    if not cases:
-        return None
-    d = np.array([[a[s][c] - b[s][c] for c in cases] for s in seeds])
+    n_seeds, n_cases = d.shape
     top, low = np.asarray(ceiling, float), np.asarray(below, float)
     rng = np.random.default_rng(seed)
     deltas, rooms = np.empty(n), np.empty(n)
     for k in range(n):
-        si = rng.integers(0, len(seeds), len(seeds))
-        ci = rng.integers(0, len(cases), len(cases))
+        si = rng.integers(0, n_seeds, n_seeds)
+        ci = rng.integers(0, n_cases, n_cases)
         deltas[k] = d[si][:, ci].mean()
         rooms[k] = top[rng.integers(0, len(top), len(top))].mean() - low[rng.integers(0, len(low), len(low))].mean()
     room = float(top.mean() - low.mean())
