@@ -52,9 +52,10 @@ from lightning_distill.networks import head_module_name  # noqa: E402
 from lightning_distill.methods.cmedl import build as build_cmedl  # noqa: E402
 from lightning_distill.methods.prototype import StudentModule  # noqa: E402
 from lightning_distill.modules import SegmentationModule  # noqa: E402
-from lightning_distill.prototypes import Bank  # noqa: E402
-from lightning_distill.factory import build_net  # noqa: E402
-from lightning_distill.train import build_datamodule, build_source, class_names, loader_workers  # noqa: E402
+from lightning_distill.bank import Bank# noqa: E402
+from lightning_distill.networks import build_net  # noqa: E402
+from lightning_distill.data.build import build_datamodule, build_source, class_names, loader_workers  # noqa: E402
+from lightning_distill.methods import target_config  # noqa: E402
 
 TARGETS = {"prototype-dist": 1.05, "prototype-logprob": 1.05, "prototype-offdiag": 1.05, "sikd": 1.6,
            "transfer-soft": 1.6}  # step-time ratios to the baseline asked for by the issues
@@ -198,7 +199,8 @@ def memory_of(name: str, student: str, overrides, steps: int = 3, device: str = 
     cfg = load_config(student, overrides)
     src = build_source(cfg)
     names = class_names(cfg, src)
-    dm = build_datamodule(cmedl_config(cfg) if name == "cmedl" else cfg, src)
+    run_cfg = cmedl_config(cfg) if name == "cmedl" else cfg
+    dm = build_datamodule(run_cfg, src, target=target_config(run_cfg))
     dm.setup()
     batch = with_teacher_slices(next(iter(dm.train_dataloader())), len(names))
     module = build_variants(cfg, names, only=name)[name]
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
     scfg = load_config(args.student, args.overrides)
     ssrc = build_source(scfg)
     names = class_names(scfg, ssrc)
-    sdm = build_datamodule(cmedl_config(scfg), ssrc)  # batches with unpaired image_b for CMEDL
+    sdm = build_datamodule(cmedl_config(scfg), ssrc, target=target_config(cmedl_config(scfg)))  # batches with unpaired image_b
     sdm.setup()
     batches = [with_teacher_slices(b, len(names)) for _, b in zip(range(4), sdm.train_dataloader())]
     variants = build_variants(scfg, names)

@@ -38,17 +38,17 @@ DDP = [*TINY, "data.num_subjects=12", "trainer.max_steps=6"]
 # loader position on resume, LD_IGNORE_LOADER_STATE=1).
 WRAPPER = """
 import os, signal, sys
-from lightning_distill import prototypes
+from lightning_distill.bank.callback import PrototypeBank
 from lightning_distill.data import sampling
 if os.environ.get("LD_IGNORE_LOADER_STATE"):
     sampling.TrainLoader.load_state_dict = lambda self, state: None
 kill = int(os.environ.get("LD_KILL_AT_STEP", "0"))
-orig = prototypes.PrototypeBank.on_train_batch_end
+orig = PrototypeBank.on_train_batch_end
 def hook(self, trainer, *args):
     orig(self, trainer, *args)
     if trainer.global_step == kill:
         os.kill(os.getpid(), signal.SIGKILL)
-prototypes.PrototypeBank.on_train_batch_end = hook
+PrototypeBank.on_train_batch_end = hook
 from lightning_distill.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -72,7 +72,7 @@ def losses(out: Path):
 
 
 def bank_diff(a: Path, b: Path) -> float:
-    from lightning_distill.prototypes import load_bank
+    from lightning_distill.bank import load_bank
 
     return float((load_bank(a / "prototypes.pt").prototypes - load_bank(b / "prototypes.pt").prototypes).abs().max())
 

@@ -250,9 +250,9 @@ def _bank(args) -> int:
 
 
 def _bank_build(args) -> int:
-    from lightning_distill.bank_build import describe, run_bank_build
+    from lightning_distill.bank.build import describe, run_bank_build
     from lightning_distill.config import load_bank_build_config
-    from lightning_distill.prototypes import load_bank
+    from lightning_distill.bank.format import load_bank
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides
@@ -311,7 +311,7 @@ def _check_data(args) -> int:
 
 def _phantom(args) -> int:
     from lightning_distill.data.sources import PhantomSource, export_phantom
-    from lightning_distill.train import build_source
+    from lightning_distill.data.build import build_source
 
     src = build_source(_load(args))
     if not isinstance(src, PhantomSource):

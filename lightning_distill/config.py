@@ -152,7 +152,7 @@ class BankConfig:
     taus: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # also accumulated (prob space): distill.tau picks one
     source: str = "running"  # running: mean of the train-mode outputs over training batches (the paper) | final: after training, the best checkpoint in eval mode over whole volumes
     final_split: str = "both"  # source=final: the whole volumes it runs over: train (not augmented) | val | both
-    axial_range: Optional[List[float]] = None  # [lo, hi], 0 <= lo < hi <= 1: fractions of each volume's axial (last) axis, 0 = first (inferior) slice, whose voxels contribute; phantom z -> (z + 1) / 2: slice_z [-0.6, 0.0] is [0.2, 0.5] (see prototypes.py)
+    axial_range: Optional[List[float]] = None  # [lo, hi], 0 <= lo < hi <= 1: fractions of each volume's axial (last) axis, 0 = first (inferior) slice, whose voxels contribute; phantom z -> (z + 1) / 2: slice_z [-0.6, 0.0] is [0.2, 0.5] (see lightning_distill/bank/axial.py)
     momentum: Optional[float] = None  # None: running mean; (0, 1): EMA
     start: float = 0.5  # fraction of training steps before accumulation starts
     feature_layer: Optional[str] = None  # default: the network's head module
@@ -179,7 +179,7 @@ class DistillConfig:
     row_weight: str = "none"  # none | reliability: inter rows weighted by the teacher's held-out Dice of the class (bank metadata)
     min_reliability: float = 0.0  # rows of classes whose teacher held-out Dice is below this are left out
     mask_classes: List[str] = field(default_factory=list)  # class names left out of both DIST terms, as if the bank lacked them (e.g. [spleen]: a diagnosis run)
-    bank_control: str = "none"  # none | identity | flat | shuffled: the teacher's bank with its content taken out (controls; prototypes.control_bank)
+    bank_control: str = "none"  # none | identity | flat | shuffled: the teacher's bank with its content taken out (controls; bank.controls.control_bank)
     grad_every: int = 25  # every N steps log train/dist_grad_ratio (|grad of lambda*DIST| / |grad of seg loss| on the logits); 0: never
     feature_layer: Optional[str] = None  # feature-space banks / sikd: the student's head module (input = penultimate features)
 
@@ -478,7 +478,7 @@ def config_key(cfg: DictConfig, ignore: Sequence[str] = ()) -> str:
 # ------------------------------------------------------------------------------ lightning-distill bank build
 @dataclass
 class BankModelSpec:
-    """The trained 3D model a bank is computed from (see :mod:`lightning_distill.bank_build`)."""
+    """The trained 3D model a bank is computed from (see :mod:`lightning_distill.bank.build`)."""
 
     format: str = "checkpoint"  # checkpoint (of `lightning-distill fit`) | monai (state_dict file) | bundle (MONAI bundle dir) | torchscript
     path: Optional[str] = None  # the .ckpt, the state_dict file, the bundle directory, or the TorchScript file
@@ -530,7 +530,7 @@ class BankInferenceConfig:
 class BankOptions:
     tau: float = 1.0
     taus: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
-    axial_range: Optional[List[float]] = None  # [lo, hi] fractions of each volume's axial axis (see prototypes.py)
+    axial_range: Optional[List[float]] = None  # [lo, hi] fractions of each volume's axial axis (see lightning_distill/bank/axial.py)
 
 
 @dataclass

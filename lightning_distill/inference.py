@@ -22,7 +22,8 @@ from lightning_distill.devices import resolve_device
 from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, check_nifti_file, load_nifti, reorient, slice_affine
 from lightning_distill.fingerprint import IntensityCheck
 from lightning_distill.io import save_nifti, staged_dir
-from lightning_distill.factory import build_net, make_preprocess
+from lightning_distill.data.build import make_preprocess
+from lightning_distill.networks import build_net
 
 
 def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[dict, DictConfig]:

@@ -82,10 +82,11 @@ class SegmentationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Every checkpoint (weights-only ones too) carries ``checkpoint["lightning_distill"]``: the
         package version, the class names, the resolved run config, the run's prototype bank so far
-        (the :class:`~lightning_distill.prototypes.PrototypeBank` callback's, when it has accumulated)
+        (the :class:`~lightning_distill.bank.callback.PrototypeBank` callback's, when it has accumulated)
         and :attr:`training_data` (``intensity`` fingerprint, ``train_subjects``, ``data`` identity;
         see :func:`lightning_distill.fingerprint.training_record`)."""
-        from lightning_distill.prototypes import PrototypeBank, bank_record
+        from lightning_distill.bank.callback import PrototypeBank
+        from lightning_distill.bank.format import bank_record
 
         meta: Dict[str, Any] = {"version": __version__, "class_names": list(self.class_names),
                                 "config": self.hparams.get("config"), **self.training_data}

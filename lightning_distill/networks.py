@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 
@@ -184,3 +185,9 @@ class InputHook:
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+def build_net(cfg: Any, num_classes: int) -> nn.Module:
+    """The network of a run config (2D or 3D by ``len(cfg.data.shape)``, one input channel, ``num_classes`` outputs)."""
+    return build_network(cfg.model.name, len(cfg.data.shape), 1, num_classes, encoder=cfg.model.encoder,
+                         kwargs=OmegaConf.to_container(cfg.model.kwargs), skip_connections=cfg.model.skip_connections)

@@ -224,7 +224,7 @@ class _Teach:
 
     def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1):
         from lightning_distill.data.phantom import CLASS_NAMES
-        from lightning_distill.factory import make_preprocess
+        from lightning_distill.data.build import make_preprocess
         from lightning_distill.teacher_model import ClassMap, inference_device, load_model, model_preprocess
 
         self.cfg, self.rank, self.world = cfg, rank, world

@@ -1,6 +1,6 @@
 """A trained segmentation model from any of four formats, its class map, preprocessing and inference.
 
-Shared by ``lightning-distill bank build`` (:mod:`lightning_distill.bank_build`: a prototype bank) and
+Shared by ``lightning-distill bank build`` (:mod:`lightning_distill.bank.build`: a prototype bank) and
 ``lightning-distill teach`` (:mod:`lightning_distill.teach`: teacher-labelled 2D slices), so that both
 read a model, map its output channels and run it the same way:
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from lightning_distill.data.nifti import IGNORE_INDEX, Case, discover
 from lightning_distill.data.preprocess import Preprocess
-from lightning_distill.prototypes import file_sha256
+from lightning_distill.io import file_sha256
 
 # ---------------------------------------------------------------------------------------- models
 @dataclass
@@ -95,7 +95,7 @@ def load_model(spec: DictConfig, dims: Sequence[int] = (3,)) -> LoadedModel:
     """
     fmt = spec.format
     if fmt == "checkpoint":
-        from lightning_distill.factory import make_preprocess
+        from lightning_distill.data.build import make_preprocess
         from lightning_distill.inference import load_checkpoint, load_network
 
         path = _need_file(spec.path, "checkpoint of `lightning-distill fit`")

@@ -1,28 +1,15 @@
-"""Pictures of a run: prediction overlays of fixed validation samples and prototype heatmaps.
+"""Pictures: prediction overlays, prototype heatmaps and W&B artifacts, drawn without pyplot.
 
-:class:`RunPictures` (a Lightning callback, on in every ``fit``) writes after each validation, on
-rank 0, whatever the logger:
-
-* ``<output_dir>/images/overlays.png``: image, ground truth and prediction of the first
-  ``num_samples`` validation samples (for 3D volumes: the axial slice with the most foreground);
-* ``<output_dir>/images/prototypes.png``: heatmaps of the teacher's prototype bank and of the
-  student's prototypes on its last training batch (a teacher run: its bank accumulated so far);
-
-and, with ``logger: wandb``, logs the same as ``val/overlays`` (``wandb.Image`` with ground-truth
-and prediction masks, class names as mask labels) and ``prototypes/heatmaps``. A copy of each PNG
-per validation step is kept in ``images/steps/``.
+The callback that draws them during a run is :class:`lightning_distill.callbacks.RunPictures`.
 """
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_distill.io import atomic_write
 
@@ -117,130 +104,6 @@ def save_prototype_heatmaps(path: str | Path, matrices: Dict[str, torch.Tensor],
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     return Path(path)
-
-
-class RunPictures(Callback):
-    """Overlays of fixed validation samples and prototype heatmaps after every validation.
-
-    Args:
-        out_dir: the run's output folder (pictures go to ``out_dir/images``).
-        class_names: the K class names.
-        num_samples: validation samples shown (the first ones of the validation set: fixed across
-            validations and runs with the same split).
-        min_interval_s: draw after a validation only when this many seconds have passed since the last
-            drawing (0: after every validation); a validation skipped so is drawn when training ends.
-    """
-
-    def __init__(self, out_dir: str | Path, class_names: Sequence[str], num_samples: int = 4, min_interval_s: float = 0.0):
-        if min_interval_s < 0:
-            raise ValueError(f"min_interval_s must be >= 0, got {min_interval_s}")
-        self.dir = Path(out_dir) / "images"
-        self.class_names = list(class_names)
-        self.num_samples = num_samples
-        self.min_interval_s = float(min_interval_s)
-        self.written: List[Path] = []
-        self._drawn_at: Optional[float] = None
-        self._skipped = False
-
-    # ------------------------------------------------------------------ pieces
-    def _samples(self, trainer: Trainer):
-        dm = trainer.datamodule
-        ds = getattr(dm, "datasets", {}).get("val") if dm is not None else None
-        if ds is None or len(ds) == 0:
-            return []
-        return [ds[i] for i in range(min(self.num_samples, len(ds)))]
-
-    @staticmethod
-    def _bank_matrices(trainer: Trainer, pl_module: LightningModule) -> Dict[str, torch.Tensor]:
-        from lightning_distill.prototypes import PrototypeBank
-
-        out: Dict[str, torch.Tensor] = {}
-        teacher = getattr(pl_module, "teacher_prototypes", None)
-        if teacher is not None:
-            out["teacher bank"] = teacher
-        bank_cb = next((c for c in trainer.callbacks if isinstance(c, PrototypeBank)), None)
-        stage = (pl_module.hparams.get("config") or {}).get("stage")
-        if bank_cb is not None and bank_cb.prototypes is not None and stage == "teacher":
-            out[f"bank so far ({bank_cb.space})"] = bank_cb.prototypes
-        student = getattr(pl_module, "student_batch_prototypes", None)
-        if student is not None:
-            out["student, last training batch"] = student
-        return out
-
-    @torch.no_grad()
-    def draw(self, trainer: Trainer, pl_module: LightningModule) -> List[Path]:
-        """Write the pictures (and log them to W&B); returns the PNG paths."""
-        step = trainer.global_step
-        paths: List[Path] = []
-        samples = self._samples(trainer)
-        if samples:
-            x = torch.stack([s["image"] for s in samples]).to(pl_module.device)
-            y = torch.stack([s["label"] for s in samples])
-            if pl_module.hparams.get("input_transform", "none") == "class_mean":
-                from lightning_distill.data.class_mean import class_mean_image
-
-                x = class_mean_image(x, y.to(x.device), len(self.class_names))
-            was = pl_module.training
-            pl_module.eval()
-            pred = pl_module.predict_logits(x).argmax(1).cpu()
-            pl_module.train(was)
-            triples = [to_2d(x[i], y[i], pred[i]) for i in range(len(samples))]
-            ids = [s["id"] for s in samples]
-            p = save_overlays(self.dir / "overlays.png", *zip(*triples), ids=ids, class_names=self.class_names,
-                              title=f"validation samples at step {step}")
-            paths.append(p)
-            self._log_overlays(trainer, triples, ids, step)
-        mats = self._bank_matrices(trainer, pl_module)
-        if mats:
-            p = save_prototype_heatmaps(self.dir / "prototypes.png", mats, self.class_names, title=f"prototypes at step {step}")
-            paths.append(p)
-            self._log_images(trainer, "prototypes/heatmaps", [str(p)], step)
-        steps = self.dir / "steps"
-        if paths:
-            steps.mkdir(parents=True, exist_ok=True)
-        for p in paths:
-            shutil.copyfile(p, steps / f"{p.stem}_step{step:06d}.png")
-        self.written = paths
-        return paths
-
-    def _wandb(self, trainer: Trainer):
-        from lightning.pytorch.loggers import WandbLogger
-
-        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-
-    def _log_overlays(self, trainer: Trainer, triples, ids, step: int) -> None:
-        logger = self._wandb(trainer)
-        if logger is None:
-            return
-        labels = {i: n for i, n in enumerate(self.class_names)}
-        images, masks = [], []
-        for img, y, p in triples:
-            lo, hi = np.percentile(img, [0.5, 99.5])
-            images.append((np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8).T[::-1])
-            masks.append({"ground_truth": {"mask_data": y.astype(np.uint8).T[::-1], "class_labels": labels},
-                          "predictions": {"mask_data": p.astype(np.uint8).T[::-1], "class_labels": labels}})
-        logger.log_image(key="val/overlays", images=images, step=step, masks=masks, caption=list(ids))
-
-    def _log_images(self, trainer: Trainer, key: str, paths: Sequence[str], step: int) -> None:
-        logger = self._wandb(trainer)
-        if logger is not None:
-            logger.log_image(key=key, images=list(paths), step=step)
-
-    # ------------------------------------------------------------------ hooks
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.fast_dev_run:
-            return
-        now = time.monotonic()
-        if self._drawn_at is not None and now - self._drawn_at < self.min_interval_s:
-            self._skipped = True
-            return
-        self.draw(trainer, pl_module)
-        self._drawn_at, self._skipped = now, False
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._skipped and trainer.is_global_zero:  # the last validation's pictures, skipped by the interval
-            self.draw(trainer, pl_module)
-            self._skipped = False
 
 
 def log_artifacts(logger, files: Dict[str, Optional[str]], run_name: str) -> List[str]:

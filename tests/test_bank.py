@@ -8,7 +8,7 @@ from lightning_distill.data.phantom import CLASS_NAMES
 from lightning_distill.losses import masked_class_mean
 from lightning_distill.networks import build_network
 from lightning_distill.methods.prototype import StudentModule
-from lightning_distill.prototypes import Bank, PrototypeBank, load_bank, save_bank
+from lightning_distill.bank import Bank, PrototypeBank, load_bank, save_bank
 
 
 
@@ -79,7 +79,7 @@ def test_bank_in_teacher_checkpoint_and_exported_file(teacher_bank):
         assert key in bank.meta or hasattr(bank, key)
     ckpt_path = bank.meta["checkpoint"]
     assert os.path.isfile(ckpt_path)
-    from lightning_distill.prototypes import file_sha256
+    from lightning_distill.io import file_sha256
 
     assert bank.meta["checkpoint_sha256"] == file_sha256(ckpt_path)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)

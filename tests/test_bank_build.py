@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from lightning_distill.bank_build import ClassMap, build_bank, pseudo_labels, run_bank_build
+from lightning_distill.bank.build import ClassMap, build_bank, pseudo_labels, run_bank_build
 from lightning_distill.cli import main
 from lightning_distill.config import load_bank_build_config
-from lightning_distill.prototypes import load_bank
+from lightning_distill.bank import load_bank
 
 from conftest import REPO, assert_close_to_precision
 
@@ -246,7 +246,7 @@ def test_the_cache_of_preprocessed_volumes_gives_the_same_bank_without_reading_a
     ref = build_bank(_cfg(root, tmp_path / "ref.pt"))
     cold = build_bank(_cfg(root, tmp_path / "cold.pt", f"data.cache_dir={tmp_path / 'cache'}"))
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 6
-    import lightning_distill.bank_build as bb
+    import lightning_distill.bank.build as bb
 
     monkeypatch.setattr(bb, "read_case", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read again")))
     warm = build_bank(_cfg(root, tmp_path / "warm.pt", f"data.cache_dir={tmp_path / 'cache'}"))

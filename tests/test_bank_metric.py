@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from conftest import FakeTrainer, assert_close_to_precision
 from lightning_distill.losses.prototype import class_means, masked_class_sums
-from lightning_distill.prototypes import ClassSums, PrototypeBank, load_bank
+from lightning_distill.bank import ClassSums, PrototypeBank, load_bank
 
 K = 4
 NAMES = [f"c{i}" for i in range(K)]
@@ -230,7 +230,7 @@ def _scan_reference(vols, taus=(0.5,)):
 
 
 def _scan_results(vols):
-    from lightning_distill.prototypes import class_reliability, final_bank
+    from lightning_distill.bank import class_reliability, final_bank
     identity = torch.nn.Identity()
     bank = final_bank(identity, vols, NAMES, tau=1.0, taus=[0.5])
     rel = class_reliability(identity, vols, NAMES, include_background=True)

@@ -16,8 +16,8 @@ from lightning_distill.config import load_config
 from lightning_distill.losses import masked_class_mean
 from lightning_distill.modules import SegmentationModule
 from lightning_distill.networks import InputHook, build_network
-from lightning_distill.prototypes import (PrototypeBank, check_axial_range, class_reliability, file_sha256, final_bank,
-                                          load_bank, phantom_axial_range, save_bank)
+from lightning_distill.bank import PrototypeBank, check_axial_range, class_reliability, final_bank, load_bank, phantom_axial_range, save_bank
+from lightning_distill.io import file_sha256
 
 TEACHER_YAML = os.path.join(REPO, "experiments/teacher.yaml")
 NAMES = ["background", "a", "b"]
@@ -195,7 +195,7 @@ def test_axial_range_errors_point_to_the_phantom_conversion_and_need_3d():
 
 
 def test_fit_refuses_bad_bank_settings_before_training():
-    from lightning_distill.train import check_bank_config
+    from lightning_distill.bank.teacher import check_bank_config
 
     def check(*overrides, stage="teacher", val=("x",)):
         cfg = load_config(TEACHER_YAML, [f"stage={stage}", *overrides])
@@ -219,17 +219,18 @@ def test_fit_refuses_bad_bank_settings_before_training():
 
 
 def test_final_split_volumes_are_whole_and_not_augmented(capsys):
-    from lightning_distill.train import _final_volumes, build_datamodule
+    from lightning_distill.bank.teacher import final_volumes
+    from lightning_distill.data.build import build_datamodule
 
     cfg = load_config(TEACHER_YAML, [*TINY_TEACHER, "data.patch_size=[16,16,8]"])
     dm = build_datamodule(cfg)
-    (train,), split = _final_volumes(dm, "train")
+    (train,), split = final_volumes(dm, "train")
     assert split == "train" and train.ids == dm.train_ids and not train.augment and train.patch_size is None
     assert train.cache is dm.datasets["train"].cache
-    both, split = _final_volumes(dm, "both")
+    both, split = final_volumes(dm, "both")
     assert split == "both" and [d.ids for d in both] == [dm.train_ids, dm.splits["val"]]
     dm = build_datamodule(load_config(TEACHER_YAML, [*TINY_TEACHER, "data.val_subjects=0"]))
-    volumes, split = _final_volumes(dm, "both")
+    volumes, split = final_volumes(dm, "both")
     assert split == "train" and len(volumes) == 1 and "no validation split" in capsys.readouterr().out
 
 

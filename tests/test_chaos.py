@@ -72,7 +72,7 @@ def test_chaos_student_validates_on_a_volume_with_every_organ():
     from types import SimpleNamespace
 
     from lightning_distill.config import load_config
-    from lightning_distill.train import val_source
+    from lightning_distill.data.build import val_source
 
     cfg = load_config(os.path.join(REPO, "experiments/chaos/student.yaml"), [f"data.nifti.val_root={CHAOS}"])
     src = val_source(cfg, SimpleNamespace(spatial_dims=2))

@@ -31,6 +31,14 @@ def test_translator_output_shape_and_range(name, kw, dims):
     assert s.shape[:2] == (2, 1) and all(n < 32 for n in s.shape[2:])
 
 
+def _datamodule(cfg):
+    """The run's data module with CMEDL's second modality, as ``fit`` builds it."""
+    from lightning_distill.data.build import build_datamodule
+    from lightning_distill.methods import target_config
+
+    return build_datamodule(cfg, target=target_config(cfg))
+
+
 def test_translator_factory_lists_valid_names_and_lsgan_targets():
     with pytest.raises(KeyError, match=r"\['resnet', 'unet'\]"):
         build_generator("pix2pixHD")
@@ -145,12 +153,12 @@ def test_every_optimiser_steps_and_max_steps_counts_batches(tmp_path):
     import lightning as L
 
     from lightning_distill.config import load_config
-    from lightning_distill.train import build_datamodule, build_module
+    from lightning_distill.train import build_module
 
     cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), CMEDL[:-1] + ["trainer.max_steps=3"])
     L.seed_everything(0)
     module = build_module(cfg, NAMES_PHANTOM())
-    dm = build_datamodule(cfg)
+    dm = _datamodule(cfg)
     before = {k: [p.detach().clone() for p in getattr(module, k).parameters()] for k in ("net", "teacher", "g_ab", "g_ba", "d_a", "d_b")}
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
@@ -171,17 +179,16 @@ def NAMES_PHANTOM():
 
 def test_unpaired_batches_and_shape_mismatch(tmp_path):
     from lightning_distill.config import load_config
-    from lightning_distill.train import build_datamodule
 
     cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), CMEDL)
-    dm = build_datamodule(cfg)
+    dm = _datamodule(cfg)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image_b"].shape == batch["image"].shape and "label" in batch
     assert all(i.startswith("phantom1_") for i in batch["id_b"])  # the target population (other subjects)
     assert not set(dm.target_ids) & set(dm.train_ids)
     bad = load_config(os.path.join(REPO, "experiments/student.yaml"), CMEDL + ["cmedl.target.shape=[32,32]"])
     with pytest.raises(ValueError, match="differ in shape"):
-        build_datamodule(bad).train_dataloader()
+        _datamodule(bad).train_dataloader()
 
 
 def test_config_errors():
@@ -229,12 +236,11 @@ def test_fit_through_the_cli_checkpoint_round_trip_and_resume(tmp_path):
     # resume from the last checkpoint (optimizer states of all three optimisers) to 6 steps
     import lightning as L
 
-    from lightning_distill.train import build_datamodule
 
     module = build_module(cfg, NAMES_PHANTOM())
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=build_datamodule(cfg), ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+    trainer.fit(module, datamodule=_datamodule(cfg), ckpt_path=str(out / "checkpoints" / "last.ckpt"))
     assert trainer.global_step == 6
     assert not torch.equal(module.g_ab.body[1].weight, fresh.g_ab.body[1].weight)  # the generator trained on
 
@@ -244,13 +250,12 @@ def test_target_modality_from_nifti_files(tmp_path):
     from lightning_distill.config import load_config
     from lightning_distill.data.phantom import PhantomSpec
     from lightning_distill.data.sources import PhantomSource, export_phantom
-    from lightning_distill.train import build_datamodule
 
     export_phantom(PhantomSource(PhantomSpec(seed=5, modality="MR"), 6, (48, 48)), tmp_path / "mr")
     cfg = load_config(os.path.join(REPO, "experiments/student.yaml"),
                       CMEDL + ["cmedl.target.source=nifti", f"cmedl.target.nifti.root={tmp_path / 'mr'}",
                                "cmedl.target.nifti.modality=MR", "cmedl.target.nifti.label_pattern=null"])
-    dm = build_datamodule(cfg)
+    dm = _datamodule(cfg)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image_b"].shape == batch["image"].shape  # resized to data.shape by the MR preprocessing
     b = batch["image_b"]
@@ -290,11 +295,11 @@ def test_fp16_gradient_scaler_updates_once_per_batch(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 
     from lightning_distill.config import load_config
-    from lightning_distill.train import build_datamodule, build_module
+    from lightning_distill.train import build_module
 
     cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), CMEDL[:-1] + ["trainer.max_steps=3"])
     L.seed_everything(0)
-    module, dm = build_module(cfg, NAMES_PHANTOM()), build_datamodule(cfg)
+    module, dm = build_module(cfg, NAMES_PHANTOM()), _datamodule(cfg)
     scaler = torch.amp.GradScaler("cpu")
     updates, steps = [], []
     real_update, real_step = scaler.update, scaler.step

@@ -120,7 +120,7 @@ def test_extends_merges_base_file_and_reports_errors_in_the_right_file(tmp_path)
 def test_feature_space_bank_end_to_end(tmp_path, tiny_teacher, tiny_student):
     t_out = tmp_path / "teacher"
     assert main(["fit", TEACHER, f"output_dir={t_out}", *tiny_teacher, "bank.space=feature", "bank.momentum=0.9"]) == 0
-    from lightning_distill.prototypes import load_bank
+    from lightning_distill.bank import load_bank
 
     bank = load_bank(t_out / "prototypes.pt")
     assert bank.space == "feature" and bank.meta["mode"] == "ema" and bank.prototypes.shape[0] == 9

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_distill.losses.prototype import GEOMETRIES, identity_distances, prototype_dist_loss
-from lightning_distill.prototypes import Bank, control_bank
+from lightning_distill.bank import Bank, control_bank
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -74,7 +74,7 @@ def test_control_errors(bank):
 
 def test_student_run_reads_the_control_bank(tmp_path, teacher_bank, tiny_student):
     from lightning_distill.config import load_config
-    from lightning_distill.prototypes import load_bank
+    from lightning_distill.bank import load_bank
     from lightning_distill.train import build_module
 
     path = teacher_bank / "prototypes.pt"
@@ -92,7 +92,7 @@ def test_student_run_reads_the_control_bank(tmp_path, teacher_bank, tiny_student
 def test_balanced_weights_and_weighted_ce_and_per_image_dice():
     from lightning_distill.modules import SegmentationModule
     from lightning_distill.networks import build_network
-    from lightning_distill.train import balanced_class_weights
+    from lightning_distill.data.build import balanced_class_weights
 
     assert balanced_class_weights([90, 9, 1, 0]) == pytest.approx([100 / (4 * 90), 100 / (4 * 9), 100 / 4, 1.0])
     names = ["background", "a", "b"]

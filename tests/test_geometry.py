@@ -192,7 +192,7 @@ def test_bank_accumulates_every_temperature_and_the_student_reads_its_own(tmp_pa
     from lightning_distill.losses import masked_class_mean
     from lightning_distill.methods.prototype import StudentModule
     from lightning_distill.networks import build_network
-    from lightning_distill.prototypes import PrototypeBank, load_bank, save_bank
+    from lightning_distill.bank import PrototypeBank, load_bank, save_bank
 
     names = ["background", "a", "b", "c"]
     cb = PrototypeBank(names, tau=1.0, taus=[0.5, 1.0, 4.0], start=0.0)
@@ -228,7 +228,7 @@ def test_min_pixels_decides_which_classes_are_present():
     from lightning_distill.losses.prototype import class_means, masked_class_sums
     from lightning_distill.methods.prototype import StudentModule
     from lightning_distill.networks import build_network
-    from lightning_distill.prototypes import Bank
+    from lightning_distill.bank import Bank
 
     names = ["background", "a", "b", "c", "d"]
     bank = Bank(torch.softmax(torch.randn(5, 5) + 3 * torch.eye(5), 1), torch.ones(5), names, 1.0, "prob")
@@ -253,7 +253,7 @@ def test_min_pixels_decides_which_classes_are_present():
 def test_reliability_weights_come_from_the_bank():
     from lightning_distill.methods.prototype import StudentModule, row_weights
     from lightning_distill.networks import build_network
-    from lightning_distill.prototypes import Bank
+    from lightning_distill.bank import Bank
 
     names = ["background", "a", "b", "c"]
     bank = Bank(torch.softmax(torch.randn(4, 4) + 3 * torch.eye(4), 1), torch.ones(4), names, 1.0, "prob")
@@ -302,7 +302,7 @@ def test_student_fit_with_each_geometry_logs_the_contribution_figure(tmp_path, t
     ratios = [float(r["train/dist_grad_ratio"]) for r in rows if r.get("train/dist_grad_ratio")]
     assert len(ratios) == 2 and all(math.isfinite(v) and v >= 0 for v in ratios)  # steps 0 and 2 of 4
     assert any(v > 0 for v in ratios)  # with lambda = 1 the term moves the logits
-    from lightning_distill.prototypes import load_bank
+    from lightning_distill.bank import load_bank
 
     own = load_bank(out / "student_prototypes.pt")
     tau = float(next((e.split("=")[1] for e in extra if e.startswith("distill.tau=")), 1.0))

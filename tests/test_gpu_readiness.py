@@ -257,7 +257,7 @@ def test_time_based_checkpoint_and_picture_cadence(tmp_path, monkeypatch):
     and pictures after every validation by default here; with 60 minutes, last.ckpt only at the end and pictures
     at the first validation and the end."""
     from lightning_distill.cli import main
-    from lightning_distill.train import AtomicCheckpointIO
+    from lightning_distill.callbacks import AtomicCheckpointIO
 
     writes = []
     real = AtomicCheckpointIO.save_checkpoint
@@ -333,7 +333,7 @@ def test_loader_workers_and_compact_labels(monkeypatch):
     from lightning_distill.config import load_config
     from lightning_distill.data.sampling import compact_label_collate
     from lightning_distill.data.datamodules import SegmentationDataModule
-    from lightning_distill.train import loader_workers
+    from lightning_distill.data.build import loader_workers
 
     cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), ["trainer.devices=2"])
     assert cfg.data.num_workers == "auto"

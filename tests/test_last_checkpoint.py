@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_distill.train import AtomicCheckpointIO, LastCheckpoint
+from lightning_distill.callbacks import AtomicCheckpointIO, LastCheckpoint
 
 
 class RecordingIO(AtomicCheckpointIO):

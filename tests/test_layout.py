@@ -109,7 +109,7 @@ def _private_uses(tree: ast.AST):
                 if a.name.startswith("_") and a.name != "__version__" and _layer(node.module) == "core":
                     found.append(target)
                 if _layer(target) == "core" and (PACKAGE / Path(*target.split(".")[1:])).with_suffix(".py").exists():
-                    core_aliases.add(a.asname or a.name)  # `from lightning_distill import prototypes`
+                    core_aliases.add(a.asname or a.name)  # `from lightning_distill.bank import scan`
     for node in ast.walk(tree):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in core_aliases
                 and node.attr.startswith("_")):
@@ -118,8 +118,8 @@ def _private_uses(tree: ast.AST):
 
 
 def test_the_private_use_check_sees_both_forms():
-    src = "from lightning_distill.slices import _x\nfrom lightning_distill import prototypes\nprototypes._world()\n"
-    assert _private_uses(ast.parse(src)) == ["lightning_distill.slices._x", "prototypes._world"]
+    src = "from lightning_distill.slices import _x\nfrom lightning_distill.bank import scan\nscan._world()\n"
+    assert _private_uses(ast.parse(src)) == ["lightning_distill.slices._x", "scan._world"]
     assert _private_uses(ast.parse("from lightning_distill.lab.stats import _y\n")) == []  # inside the lab
 
 
@@ -135,3 +135,36 @@ def test_the_lab_cli_scripts_and_notebooks_use_only_the_cores_public_names():
     assert len(sources) > 12
     bad = {f: uses for f, src in sources.items() if (uses := _private_uses(ast.parse(src)))}
     assert not bad, f"private names of the core used outside it: {bad}"
+
+
+# --------------------------------------------------------------------------- one place for each thing (issue 34)
+def test_the_old_bank_modules_warn_and_hand_out_the_bank_packages_objects():
+    import importlib
+    import sys
+    import warnings
+
+    import pytest
+
+    for old, new, names in (("lightning_distill.prototypes", "lightning_distill.bank", ["load_bank", "PrototypeBank", "final_bank"]),
+                            ("lightning_distill.bank_build", "lightning_distill.bank.build", ["run_bank_build", "ClassMap"])):
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with pytest.warns(DeprecationWarning, match=f"{new}.*0.6.0"):
+                mod = importlib.import_module(old)
+        target = importlib.import_module(new)
+        assert all(getattr(mod, n) is getattr(target, n) for n in names)
+        sys.modules.pop(old, None)
+
+
+def test_train_names_no_method_and_builds_nothing_itself():
+    """A method's data and figures come through its hooks (methods.target_config, methods.method_figures)."""
+    import re
+
+    from lightning_distill.methods import METHODS
+
+    src = (PACKAGE / "train.py").read_text()
+    named = [m for m in METHODS if m != "prototype" and re.search(rf"\b{m}\b", src, re.IGNORECASE)]
+    assert not named, f"train.py names the methods {named}"
+    assert "cmedl" not in (PACKAGE / "data" / "build.py").read_text().lower()
+    assert len(src.splitlines()) <= 350

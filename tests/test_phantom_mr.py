@@ -113,7 +113,7 @@ def test_config_modality():
     cfg = load_config(None, ["data.phantom.modality=MR"])
     assert cfg.data.phantom.modality == "MR"
     assert load_config(None, []).data.phantom.modality == "CT"
-    from lightning_distill.factory import make_preprocess
+    from lightning_distill.data.build import make_preprocess
     from lightning_distill.train import build_source
 
     assert build_source(cfg).spec.modality == "MR"

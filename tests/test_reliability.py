@@ -22,7 +22,7 @@ from conftest import REPO, TINY_STUDENT, TINY_TEACHER
 from lightning_distill.cli import main
 from lightning_distill.data.sampling import EpochSampler, train_loader
 from lightning_distill.io import atomic_write, write_json
-from lightning_distill.prototypes import load_bank, save_bank
+from lightning_distill.bank import load_bank, save_bank
 
 TEACHER_YAML = os.path.join(REPO, "experiments/teacher.yaml")
 STUDENT_YAML = os.path.join(REPO, "experiments/student.yaml")
@@ -35,14 +35,14 @@ RESUME_STUDENT = [*TINY_STUDENT, "data.num_subjects=28", "trainer.max_steps=12",
 
 KILL_SCRIPT = """
 import os, signal, sys
-from lightning_distill import prototypes
+from lightning_distill.bank.callback import PrototypeBank
 step = int(os.environ["LD_KILL_AT_STEP"])
-orig = prototypes.PrototypeBank.on_train_batch_end
+orig = PrototypeBank.on_train_batch_end
 def kill_after(self, trainer, *args):  # the bank has seen the batch; no checkpoint has stored it
     orig(self, trainer, *args)
     if trainer.global_step == step:
         os.kill(os.getpid(), signal.SIGKILL)
-prototypes.PrototypeBank.on_train_batch_end = kill_after
+PrototypeBank.on_train_batch_end = kill_after
 from lightning_distill.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -199,7 +199,7 @@ class _Recorder(L.LightningModule):
 
 
 def _keys_fit(out, max_steps, workers, every, val, ckpt=None):
-    from lightning_distill.train import LastCheckpoint
+    from lightning_distill.callbacks import LastCheckpoint
 
     class Data(L.LightningDataModule):
         def train_dataloader(self):
@@ -332,8 +332,8 @@ def test_checkpoints_carry_config_classes_bank_and_version(teacher_bank):
 # ------------------------------------------------------------------------------------------ safe artifacts
 @pytest.mark.parametrize("kind", ["bank", "json", "bytes", "checkpoint"])
 def test_a_crash_while_writing_keeps_the_previous_file(tmp_path, kind, monkeypatch):
-    from lightning_distill.prototypes import Bank
-    from lightning_distill.train import AtomicCheckpointIO
+    from lightning_distill.bank import Bank
+    from lightning_distill.callbacks import AtomicCheckpointIO
 
     target = tmp_path / {"bank": "prototypes.pt", "json": "results.json", "bytes": "config.yaml",
                          "checkpoint": "last.ckpt"}[kind]

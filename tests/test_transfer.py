@@ -199,7 +199,7 @@ def test_extra_draws_are_a_function_of_the_sample_key():
 
 def test_a_run_config_refuses_transfer_outside_a_2d_prototype_student(tmp_path):
     from lightning_distill.config import load_config
-    from lightning_distill.train import build_source, transfer_sources
+    from lightning_distill.data.build import build_source, transfer_sources
 
     cfg = load_config(os.path.join(REPO, "experiments/sikd.yaml"), ["transfer.union=/nowhere"])
     with pytest.raises(ValueError, match="distill.method=prototype"):
@@ -305,7 +305,7 @@ def test_a_student_taught_only_by_slices_reproduces_the_teacher_on_held_out_slic
 def test_a_feature_space_bank_reads_the_labelled_rows_and_its_figure_sees_both_losses():
     from lightning_distill.methods.prototype import StudentModule
     from lightning_distill.networks import build_network
-    from lightning_distill.prototypes import Bank
+    from lightning_distill.bank import Bank
 
     torch.manual_seed(0)
     net = build_network("Unet", 2, 1, 4, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})

@@ -34,7 +34,7 @@ def _mapping(cfg: DictConfig, labels: Dict[int, str]) -> LabelMapping:
 def _init(cfg_dict: Dict[str, Any], labels: Dict[int, str]) -> None:
     import torch
 
-    from lightning_distill.factory import make_preprocess
+    from lightning_distill.data.build import make_preprocess
 
     torch.set_num_threads(1)
     cfg = OmegaConf.create(cfg_dict)

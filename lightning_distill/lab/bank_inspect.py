@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from lightning_distill.losses.prototype import GEOMETRIES, identity_distances
-from lightning_distill.prototypes import Bank, load_bank
+from lightning_distill.bank.format import Bank, load_bank
 
 
 def row_statistics(bank: Bank, tau: Optional[float] = None) -> List[Dict[str, Any]]:

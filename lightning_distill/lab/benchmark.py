@@ -399,7 +399,7 @@ class Benchmark:
 
     def _source(self, cfg: DictConfig):
         """One data source per distinct data config, shared by the runs (NIfTI sources read once)."""
-        from lightning_distill.train import build_source
+        from lightning_distill.data.build import build_source
 
         data = to_dict(cfg.data)
         for k in ("train_fraction", "train_subjects", "batch_size", "eval_batch_size", "num_workers", "augment",
@@ -646,7 +646,7 @@ class Benchmark:
     def _slices_record_config(self, cfg: DictConfig) -> Dict[str, Any]:
         """What a slices record compares on resume: the teach config without where it writes, and what teach
         reads of the student's config (preprocessing, grid, classes, levels), not the first run's seed or method."""
-        from lightning_distill.factory import make_preprocess
+        from lightning_distill.data.build import make_preprocess
         from lightning_distill.teach import preprocess_record
 
         c = OmegaConf.to_container(cfg)
@@ -723,7 +723,7 @@ class Benchmark:
 def bank_summary(path: str | Path) -> Optional[Dict[str, Any]]:
     """A probability bank as a record entry (classes, tau, the K x K matrix, voxels per row, the
     teacher's held-out reliability); ``None`` for a missing file or a feature-space bank."""
-    from lightning_distill.prototypes import load_bank
+    from lightning_distill.bank.format import load_bank
 
     if not Path(path).is_file():
         return None

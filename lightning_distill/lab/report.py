@@ -72,7 +72,7 @@ def plot_dice(run_dirs: Sequence[str | Path], path: str | Path, names: Sequence[
 
 def plot_bank(bank_path: str | Path, path: str | Path) -> None:
     """Heatmap of a prototype bank (rows: classes; columns: predicted classes or features)."""
-    from lightning_distill.prototypes import load_bank
+    from lightning_distill.bank.format import load_bank
 
     bank = load_bank(bank_path)
     p = bank.prototypes

@@ -55,7 +55,7 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
     """
     from lightning_distill.inference import load_checkpoint, load_network
     from lightning_distill.modules import check_checkpoint
-    from lightning_distill.train import build_datamodule, build_source, class_names
+    from lightning_distill.data.build import build_datamodule, build_source, class_names
 
     t0 = time.time()
     ckpt, tcfg = load_checkpoint(teacher_checkpoint)
@@ -146,7 +146,7 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
     from lightning_distill.inference import load_network, predict_array
     from lightning_distill.modules import check_checkpoint
     from lightning_distill.slices import to_ras
-    from lightning_distill.train import build_datamodule, build_source, class_names
+    from lightning_distill.data.build import build_datamodule, build_source, class_names
 
     where = f"teacher checkpoint {teacher_checkpoint}"
     tshape, sshape = list(tcfg.data.shape), list(student_cfg.data.shape)

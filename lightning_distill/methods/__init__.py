@@ -2,14 +2,20 @@
 
 ``METHODS`` maps a method's name to ``"module:function"``: a builder
 ``build(cfg, net, class_names, common) -> LightningModule`` that makes the student's module from the
-run config, the student network built by :func:`lightning_distill.factory.build_net`, the K class names,
+run config, the student network built by :func:`lightning_distill.networks.build_net`, the K class names,
 and ``common`` (the :class:`~lightning_distill.modules.SegmentationModule` keyword arguments every
 method passes on: optimiser, segmentation loss, metrics, config). The module is imported only when
 the method is used, so this registry stays cheap to import (``config`` validates names against it).
 
 Adding a method: write ``lightning_distill/methods/mine.py`` with a module subclassing
 ``SegmentationModule`` (extra loss terms in ``extra_terms``, their weights in ``term_weights``) and a
-``build`` function, then add one line below (docs/architecture.md).
+``build`` function, then add one line below (docs/architecture.md). A method's file may also define
+these hooks, which ``fit`` calls for a student of that method (and no other code names the method):
+
+* ``target_config(cfg) -> DictConfig``: a run config whose ``data`` is a second, unpaired modality;
+  training batches then also carry its ``image_b`` (:func:`target_config` below);
+* ``figures(module, datamodule, cfg, output_dir) -> {results key: path}``: pictures written after the
+  test, on rank 0, recorded in ``results.json`` (:func:`method_figures` below).
 
 * ``prototype`` — the core 3D->2D method: prototype-bank DIST, no teacher network (:mod:`.prototype`).
 * ``sikd`` — shape-intensity KD from a class-mean-image teacher (:mod:`.sikd`).
@@ -20,7 +26,7 @@ Adding a method: write ``lightning_distill/methods/mine.py`` with a module subcl
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Optional
 
 METHODS = {
     "prototype": "lightning_distill.methods.prototype:build",
@@ -34,7 +40,7 @@ _EXPORTS = {"CMEDLModule": "cmedl", "hint_loss": "cmedl", "FrozenTeacher": "froz
             "PixelDistModule": "pixel_dist", "SIKDModule": "sikd", "class_mean_image": "sikd",
             "StudentModule": "prototype", "row_weights": "prototype"}
 
-__all__ = ["METHODS", "method_builder", *_EXPORTS]
+__all__ = ["METHODS", "method_builder", "method_figures", "target_config", *_EXPORTS]
 
 
 def method_builder(name: str) -> Callable[..., Any]:
@@ -47,6 +53,28 @@ def method_builder(name: str) -> Callable[..., Any]:
         raise KeyError(f"unknown distillation method {name!r}; valid: {sorted(METHODS)}")
     module, _, function = METHODS[name].partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+def _hook(cfg: Any, hook: str) -> Optional[Callable[..., Any]]:
+    """The run's method's hook ``hook``, or ``None`` (a teacher run, or a method without it)."""
+    if cfg.stage != "student":
+        return None
+    method_builder(cfg.distill.method)  # an unknown name: the KeyError that lists the valid ones
+    return getattr(importlib.import_module(METHODS[cfg.distill.method].partition(":")[0]), hook, None)
+
+
+def target_config(cfg: Any) -> Optional[Any]:
+    """The second, unpaired modality a student's method trains on (its ``target_config`` hook: a run
+    config whose ``data`` describes it), or ``None`` (one modality: every method but CMEDL, and teachers)."""
+    hook = _hook(cfg, "target_config")
+    return hook(cfg) if hook is not None else None
+
+
+def method_figures(module: Any, datamodule: Any, cfg: Any, out: Any) -> Dict[str, str]:
+    """The pictures a student's method draws after its test (its ``figures`` hook), as ``{results key: path}``;
+    ``{}`` without the hook. Call it on rank 0."""
+    hook = _hook(cfg, "figures")
+    return dict(hook(module, datamodule, cfg, out)) if hook is not None else {}
 
 
 def __getattr__(name: str) -> Any:

@@ -33,11 +33,13 @@ Logged terms: ``train/seg_dice``, ``train/seg_ce`` (student), ``train/teacher_di
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import do_nothing_closure
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from lightning_distill.methods.translator import lsgan_loss
@@ -363,7 +365,7 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
 def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict) -> CMEDLModule:
     """``distill.method=cmedl``: a teacher of the student's architecture, and the translator of
     ``cmedl.translator`` (``none``: the teacher sees the student's images); ``distill.weight`` is the hint weight."""
-    from lightning_distill.factory import build_net
+    from lightning_distill.networks import build_net
     from lightning_distill.methods.translator import build_generator, patch_discriminator
 
     c, dims = cfg.cmedl, len(cfg.data.shape)
@@ -380,3 +382,21 @@ def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict) -> CMED
                        hint_weight=cfg.distill.weight, teacher_weight=c.teacher_weight, adv_weight=c.adv_weight,
                        cycle_weight=c.cycle_weight, identity_weight=c.identity_weight, translator_seg=c.translator_seg,
                        gan_lr=c.gan_lr, gan_betas=list(c.gan_betas), **nets, **common)
+
+
+def target_config(cfg: DictConfig) -> DictConfig:
+    """The method's hook: ``cfg`` with ``data`` replaced by ``cmedl.target``, the teacher's unpaired modality
+    (:func:`lightning_distill.methods.target_config`). Its labels are not used, so classes it lacks
+    are a warning there, not an error."""
+    tcfg = cfg.copy()
+    tcfg.data = cfg.cmedl.target
+    tcfg.data.nifti.on_missing = "warn"
+    return tcfg
+
+
+def figures(module: CMEDLModule, dm, cfg: DictConfig, out) -> Dict[str, str]:
+    """The method's hook: ``translations.png`` (``cmedl.examples`` test images through the translator)."""
+    if cfg.cmedl.examples <= 0:
+        return {}
+    path = save_translation_figure(module, dm, Path(out) / "translations.png", cfg.cmedl.examples)
+    return {"translations": str(path)} if path else {}

@@ -2,7 +2,7 @@
 
 Segmentation loss + lambda * prototype DIST (Pearson-correlation inter- and intra-class relations,
 Huang et al., NeurIPS 2022) between the student's batch class prototypes and the teacher's bank of
-class-wise prediction centroids (:mod:`lightning_distill.prototypes`). No teacher network and no 3D
+class-wise prediction centroids (:mod:`lightning_distill.bank`). No teacher network and no 3D
 input at training or prediction time. Losses: :mod:`lightning_distill.losses.prototype`.
 """
 
@@ -18,7 +18,8 @@ from lightning_distill.losses.prototype import (GEOMETRIES, LOG_FLOOR, all_reduc
                                                prototype_dist_terms)
 from lightning_distill.modules import SegmentationModule
 from lightning_distill.networks import InputHook, head_module_name
-from lightning_distill.prototypes import Bank, control_bank, load_bank
+from lightning_distill.bank.controls import control_bank
+from lightning_distill.bank.format import Bank, load_bank
 
 
 def build(cfg: DictConfig, net: nn.Module, class_names: Sequence[str], common: Dict[str, Any]) -> "StudentModule":
@@ -50,7 +51,7 @@ class StudentModule(SegmentationModule):
         distill_weight: lambda.
         beta, gamma: weights of the inter- and intra-class relation terms.
         tau: the temperature of the student's softmax AND of the bank matrix compared with it (one
-            of the bank's ``taus``, see :meth:`~lightning_distill.prototypes.Bank.at_tau`). Default:
+            of the bank's ``taus``, see :meth:`~lightning_distill.bank.format.Bank.at_tau`). Default:
             the bank's own ``tau``.
         geometry: ``prob`` | ``logprob`` | ``offdiag``: what the Pearson correlations compare (see
             :mod:`lightning_distill.losses.prototype`).
