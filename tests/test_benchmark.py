@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from lightning_distill.lab import bench_report
-from lightning_distill.lab.bench_report import case_scores, paired_bootstrap, verdict
+from lightning_distill.lab.stats import case_scores, paired_bootstrap, verdict
 from lightning_distill.lab.benchmark import Benchmark, append_record, grid, load_benchmark, read_records
 from lightning_distill.config import ConfigError, load_config, to_dict
 
@@ -461,7 +461,7 @@ def test_quick_cmedl_benchmark_reports_three_metrics_and_translated_images(tmp_p
 
 
 def test_late_rise_and_organ_scores():
-    from lightning_distill.lab.bench_report import late_rise, organ_scores
+    from lightning_distill.lab.stats import late_rise, organ_scores
 
     curve = [[10, 0.5, {}], [20, 0.7, {}], [30, 0.72, {}], [40, 0.71, {}]]
     assert late_rise(curve, 40) == pytest.approx(0.0)  # the best came before the last quarter
