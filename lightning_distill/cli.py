@@ -280,7 +280,8 @@ def _teach(args) -> int:
 
 
 def _benchmark(args) -> int:
-    from lightning_distill.lab.benchmark import Benchmark, load_benchmark
+    from lightning_distill.lab.bench_config import load_benchmark
+    from lightning_distill.lab.benchmark import Benchmark
 
     cfg, base = load_benchmark(args.config, args.overrides, quick=args.quick)
     words = ["lightning-distill benchmark", args.config, *(["--quick"] if args.quick else []), *args.overrides]

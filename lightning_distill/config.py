@@ -463,6 +463,16 @@ def to_dict(cfg: DictConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def flat_keys(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """A nested dict as ``{"a.b.c": value}``; an empty dict is a value (``{"a.b": {}}``)."""
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    items: Dict[str, Any] = {}
+    for k, v in d.items():
+        items.update(flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return items
+
+
 def config_key(cfg: DictConfig, ignore: Sequence[str] = ()) -> str:
     """A short hash of ``cfg`` without its top-level keys ``ignore`` (settings of how a command runs, not of what
     it computes): a resumed ``bank build`` or ``teach`` must have the same."""

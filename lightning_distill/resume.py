@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from lightning_distill.config import to_dict
+from lightning_distill.config import flat_keys, to_dict
 from lightning_distill.inference import load_checkpoint
 from lightning_distill.modules import check_checkpoint
 
@@ -38,7 +38,7 @@ def resume_checkpoint(cfg: DictConfig, names) -> Tuple[Optional[str], int, Dict[
     if "optimizer_states" not in ckpt or "loops" not in ckpt:
         raise ValueError(f"checkpoint {path} holds weights only (checkpoint.weights_only=true) and cannot resume training; "
                          "to start a new run from its weights, use it as a teacher or drop `resume`")
-    now, then = _flat(to_dict(cfg)), _flat(to_dict(old))
+    now, then = flat_keys(to_dict(cfg)), flat_keys(to_dict(old))
     changed = sorted(k for k in now.keys() | then.keys()
                      if k.split(".")[0] not in ("trainer", "resume", "logger", "pictures") and now.get(k) != then.get(k))
     if changed:
@@ -46,15 +46,6 @@ def resume_checkpoint(cfg: DictConfig, names) -> Tuple[Optional[str], int, Dict[
                       + ", ".join(f"{k}={now.get(k)!r} (was {then.get(k)!r})" for k in changed), stacklevel=2)
     print(f"resuming from {path} (step {ckpt.get('global_step')}, epoch {ckpt.get('epoch')})")
     return str(path), int(ckpt.get("global_step", 0)), dict(ckpt.get("lightning_distill") or {})
-
-
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    items: Dict[str, Any] = {}
-    for k, v in d.items():
-        items.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return items
 
 
 def previous_csv_rows(cfg: DictConfig, out: Path, step: int) -> list:

@@ -14,7 +14,9 @@ import pytest
 from conftest import REPO
 from lightning_distill.lab import bench_report
 from lightning_distill.lab.stats import case_scores, paired_bootstrap, verdict
-from lightning_distill.lab.benchmark import Benchmark, append_record, grid, load_benchmark, read_records
+from lightning_distill.lab.bench_config import load_benchmark
+from lightning_distill.lab.bench_grid import append_record, grid, read_records
+from lightning_distill.lab.benchmark import Benchmark
 from lightning_distill.config import ConfigError, load_config, to_dict
 
 PHANTOM = os.path.join(REPO, "experiments/benchmarks/phantom.yaml")
@@ -286,7 +288,7 @@ def test_resume_runs_only_missing_keys_and_refuses_changed_configs(tmp_path, mon
 
 
 def test_config_changes_ignore_new_schema_keys_at_their_default():
-    from lightning_distill.lab.benchmark import config_changes
+    from lightning_distill.lab.bench_config import config_changes
     from lightning_distill.config import load_config
 
     new = to_dict(load_config(f"{REPO}/experiments/student.yaml", ["output_dir=a"]))

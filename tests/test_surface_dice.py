@@ -137,7 +137,8 @@ def test_module_test_run_reports_surface_dice(tmp_path):
 def test_benchmark_report_shows_surface_dice_and_hd95_per_setting(tmp_path, monkeypatch):
     """Surface Dice and HD95 (mean ± std over seeds) per setting; records without surface Dice show n/a."""
     import lightning_distill.train as train
-    from lightning_distill.lab.benchmark import Benchmark, load_benchmark
+    from lightning_distill.lab.bench_config import load_benchmark
+    from lightning_distill.lab.benchmark import Benchmark
 
     from test_benchmark import GRID, _bench_yaml
 

@@ -29,278 +29,23 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
 
+from lightning_distill.lab.bench_config import (MISSING_VALUE, RESULTS_FILE, BenchmarkConfig, config_changes, slices_refs,
+                                                teacher_refs)
 from lightning_distill.lab.bench_grid import GridRun, among, append_record, cpu_count, grid, read_records
-from lightning_distill.config import ConfigError, file_layers, load_config, to_dict
+from lightning_distill.config import ConfigError, flat_keys, load_config, to_dict
 from lightning_distill.io import claim, read_claim, release
-
-RESULTS_FILE = "results.jsonl"
-PER_AXES = ("arch", "fraction", "seed")
-
-
-@dataclass
-class StageSpec:
-    """A run config (YAML, relative to the benchmark file) and overrides applied to every run of it.
-
-    ``per`` (teachers only): train one teacher per value of these grid axes (``arch``, ``fraction``,
-    ``seed``), with that setting's architecture overrides, training fraction and seed, e.g. a 2D SIKD
-    teacher per architecture and fraction, so it never sees more labelled data than its student.
-    """
-
-    config: str = MISSING
-    overrides: List[str] = field(default_factory=list)
-    quick_overrides: List[str] = field(default_factory=list)  # added with --quick
-    per: List[str] = field(default_factory=list)  # teachers: subset of [arch, fraction, seed]
-    # teachers: also score the teacher on the students' own test slices (phantom; see teacher_slices.py)
-    score_on_students: bool = False
-
-
-@dataclass
-class SlicesSpec:
-    """Teacher-labelled slices (``lightning-distill teach``) that methods refer to as ``{slices.NAME}``.
-
-    The teach config is ``config`` (relative to the benchmark file) with ``overrides``; ``model.path`` is the
-    best checkpoint of ``teacher`` (one of ``teachers``, trained once, not per grid axis), or, with
-    ``teacher: null``, ``model.format=none`` (ground truth only); ``student`` is the benchmark's student
-    config as its first grid run resolves it (its preprocessing and grid make the slices).
-    """
-
-    config: str = MISSING
-    teacher: Optional[str] = None
-    overrides: List[str] = field(default_factory=list)
-    quick_overrides: List[str] = field(default_factory=list)  # added with --quick
-
-
-@dataclass
-class TestSetSpec:
-    """An extra evaluation of every student: its best (or last) checkpoint tested with these overrides."""
-
-    overrides: List[str] = field(default_factory=list)
-    checkpoint: str = "best"  # best (selected on validation) | last (the end of training; needs checkpoint.save_last=true)
-    all_subjects: bool = False  # every subject of the (overridden) data, not the run's test split
-    description: str = ""
-
-
-@dataclass
-class PrepareSpec:
-    """A ``lightning-distill`` command run before anything else, unless ``creates`` exists."""
-
-    creates: str = MISSING
-    command: List[str] = MISSING
-
-
-@dataclass
-class QuickSpec:
-    """``--quick``: a smaller grid (with each stage's ``quick_overrides``: same code path, a minute)."""
-
-    fractions: Optional[List[float]] = None
-    seeds: Optional[List[int]] = None
-    archs: Optional[List[str]] = None
-    methods: Optional[List[str]] = None
-
-
-@dataclass
-class BenchmarkConfig:
-    name: str = MISSING
-    description: str = ""
-    output_dir: str = "runs/benchmarks/${name}"
-    report: str = "docs/benchmarks/${name}.md"  # plots go to <report folder>/img/<name>_*.png
-    prepare: List[PrepareSpec] = field(default_factory=list)
-    teachers: Dict[str, StageSpec] = field(default_factory=dict)
-    slices: Dict[str, SlicesSpec] = field(default_factory=dict)  # teach runs the methods refer to as {slices.NAME}
-    student: StageSpec = field(default_factory=StageSpec)
-    baseline: str = "baseline"  # the method the others are compared with
-    methods: Dict[str, List[str]] = field(default_factory=dict)  # name -> overrides
-    archs: Dict[str, List[str]] = field(default_factory=dict)  # name -> overrides
-    fractions: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
-    # method -> the fractions it runs at (default: every fraction): fewer cells where a method is not needed
-    fractions_of: Dict[str, List[float]] = field(default_factory=dict)
-    # fraction -> student overrides at that fraction, after the method's (e.g. more steps for more subjects, so
-    # that every point of a learning curve converges); keys are among the fractions
-    fraction_overrides: Dict[float, List[str]] = field(default_factory=dict)
-    # the report's learning curve of the baseline: headroom(n) = ceiling - baseline(n), the ceiling being the
-    # baseline at the largest fraction, and teacher - ceiling (what no 2D model of this data reaches)
-    headroom: bool = False
-    # the headroom each Delta is read against: a runs CSV of a headroom benchmark (docs/benchmarks/data/<name>_runs.csv,
-    # relative to this YAML): share of headroom(n) = Delta / (ceiling - its plain model at the same number of subjects)
-    headroom_from: Optional[str] = None
-    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
-    test_sets: Dict[str, TestSetSpec] = field(default_factory=dict)  # extra evaluations (the run's own test split is "test")
-    keep_checkpoints: bool = False  # False: delete each student's checkpoints once it is evaluated
-    jobs: int = 1  # runs at once (teachers and students), each in its own process with cores // jobs torch threads
-    bootstrap: int = 2000  # bootstrap resamples for the confidence intervals
-    # [method, control] pairs whose paired difference the report shows (e.g. the teacher's bank vs an identity bank)
-    contrasts: List[List[str]] = field(default_factory=list)
-    focus_organs: List[str] = field(default_factory=list)  # organs with per-organ paired differences (e.g. the 3D-dependent ones)
-    # values the YAML interpolates (${vars.NAME}) and the command line can change (vars.NAME=...), e.g. the students' steps
-    vars: Dict[str, Any] = field(default_factory=dict)
-    notes: Optional[str] = None  # a hand-written markdown file (path relative to the YAML) shown in the report as "Notes"
-    precision_target: float = 0.01  # the report's Precision section: is every Δ's 95% CI half-width at most this?
-    convergence_tolerance: float = 0.01  # a run whose best val Dice still rose by this much in the last quarter of training is not converged
-    quick: QuickSpec = field(default_factory=QuickSpec)
-
-
-def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool = False) -> Tuple[DictConfig, Path]:
-    """Load and check a benchmark YAML; returns the config and the folder run configs are relative to.
-
-    The file may ``extends: other.yaml`` (relative to it, followed as in run configs): maps merge, lists are
-    replaced, and paths stay relative to ``path``'s folder (so a companion grid beside its base shares its files).
-
-    Raises:
-        ConfigError: unknown keys, wrong types, unknown method/architecture names, a baseline that is
-            not among the methods, fractions outside (0, 1], or an unknown ``{teachers.NAME}``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
-    schema = cfg = OmegaConf.structured(BenchmarkConfig)
-    for source, layer in file_layers(path):  # ``extends: other.yaml`` (relative to the file) first, as in run configs
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
-                              f"{', '.join(schema.keys())})") from None
-    if quick:  # the quick grid first, so that command-line overrides (e.g. seeds=[0]) still win
-        q = cfg.quick
-        for key in ("fractions", "seeds"):
-            if q[key] is not None:
-                cfg[key] = q[key]
-        for key in ("archs", "methods"):
-            if q[key] is not None:
-                unknown = [n for n in q[key] if n not in cfg[key]]
-                if unknown:
-                    raise ConfigError(f"{path}: quick.{key} names {unknown}, not in {key} ({list(cfg[key])})")
-                cfg[key] = {n: cfg[key][n] for n in q[key]}
-        cfg.fractions_of = {}  # the quick grid runs every method at its fractions
-        cfg.fraction_overrides = {}  # ... with the stages' quick overrides (tiny data, a few steps)
-        cfg.contrasts = [list(p) for p in cfg.contrasts if all(m in cfg.methods for m in p)]
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
-                          f"{', '.join(schema.keys())})") from None
-    for key, what in (("notes", ""), ("headroom_from", " (a headroom benchmark's runs CSV)")):  # files beside the YAML
-        if cfg[key]:
-            file = Path(cfg[key]) if Path(cfg[key]).is_absolute() else path.parent / cfg[key]
-            if not file.is_file():
-                raise ConfigError(f"{path}: {key} file {str(file)!r} does not exist{what}")
-            cfg[key] = str(file)
-    if quick:
-        cfg.output_dir = cfg.output_dir.rstrip("/") + "-quick"
-        cfg.report = str(Path(cfg.output_dir) / "report.md")
-    _check(cfg, path)
-    return cfg, path.parent
-
-
-def _check(cfg: DictConfig, path: Path) -> None:
-    where = str(path)
-    for key in ("name",):
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{where}: '{key}' is required")
-    if OmegaConf.is_missing(cfg.student, "config"):
-        raise ConfigError(f"{where}: 'student.config' (the students' run config) is required")
-    if not cfg.methods or not cfg.archs:
-        raise ConfigError(f"{where}: 'methods' and 'archs' each need at least one entry")
-    if cfg.baseline not in cfg.methods:
-        raise ConfigError(f"{where}: baseline {cfg.baseline!r} is not one of the methods {list(cfg.methods)}")
-    bad = [f for f in cfg.fractions if not 0.0 < f <= 1.0]
-    if bad or not cfg.fractions or not cfg.seeds:
-        raise ConfigError(f"{where}: fractions must be in (0, 1] and seeds non-empty (fractions {list(cfg.fractions)})")
-    for name, spec in cfg.teachers.items():
-        bad = [a for a in spec.per if a not in PER_AXES]
-        if bad:
-            raise ConfigError(f"{where}: teachers.{name}.per has {bad}; valid axes: {list(PER_AXES)}")
-    for m, ovr in cfg.methods.items():
-        for o in ovr:
-            for name in _teacher_refs(o):
-                if name not in cfg.teachers:
-                    raise ConfigError(f"{where}: method {m!r} refers to {{teachers.{name}}}, but the teachers are "
-                                      f"{list(cfg.teachers)}")
-            for name in _slices_refs(o):
-                if name not in cfg.slices:
-                    raise ConfigError(f"{where}: method {m!r} refers to {{slices.{name}}}, but the slices are "
-                                      f"{list(cfg.slices)}")
-    for name, spec in cfg.slices.items():
-        if spec.teacher is not None and (spec.teacher not in cfg.teachers or cfg.teachers[spec.teacher].per):
-            raise ConfigError(f"{where}: slices.{name}.teacher must be one of the teachers trained once "
-                              f"{[t for t, v in cfg.teachers.items() if not v.per]}, or null (ground truth only); "
-                              f"got {spec.teacher!r}")
-    for m, fr in cfg.fractions_of.items():
-        if m not in cfg.methods:
-            raise ConfigError(f"{where}: fractions_of names {m!r}, not one of the methods {list(cfg.methods)}")
-        bad = [f for f in fr if not among(f, cfg.fractions)]
-        if bad:
-            raise ConfigError(f"{where}: fractions_of.{m} has {bad}, not among the fractions {list(cfg.fractions)}")
-    bad = [f for f in cfg.fraction_overrides if not among(f, cfg.fractions)]
-    if bad:
-        raise ConfigError(f"{where}: fraction_overrides has {bad}, not among the fractions {list(cfg.fractions)}")
-    for pair in cfg.contrasts:
-        if len(pair) != 2 or any(m not in cfg.methods for m in pair):
-            raise ConfigError(f"{where}: contrasts must be [method, control] pairs of methods {list(cfg.methods)}, got {list(pair)}")
-    reserved = {"test"}
-    if reserved & set(cfg.test_sets):
-        raise ConfigError(f"{where}: test set name 'test' is reserved for each run's own test split")
-    for name, ts in cfg.test_sets.items():
-        if ts.checkpoint not in ("best", "last"):
-            raise ConfigError(f"{where}: test_sets.{name}.checkpoint must be 'best' or 'last', got {ts.checkpoint!r}")
-
-
-def _teacher_refs(override: str) -> List[str]:
-    return re.findall(r"\{teachers\.([A-Za-z0-9_\-]+)\}", override)
-
-
-def _slices_refs(override: str) -> List[str]:
-    return re.findall(r"\{slices\.([A-Za-z0-9_\-]+)\}", override)
-
-
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(d, dict):
-        out: Dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: d}
-
-
-def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    """Keys whose values differ between a finished run's config and the one asked for now.
-
-    ``output_dir`` is ignored, and so is a key that is new in the schema (absent from ``old``) while it
-    has its default value: new options default to the old behaviour, so such runs stay valid. Keys of
-    :data:`EXECUTION_KEYS` say how a run executes, not what it computes, and are ignored too.
-    """
-    from lightning_distill.config import RunConfig
-
-    defaults = _flat(to_dict(OmegaConf.structured(RunConfig)))
-    a, b = _flat(old), _flat(new)
-    changes = []
-    for k in sorted(set(a) | set(b)):
-        if k == "output_dir" or k in EXECUTION_KEYS or a.get(k, _MISSING) == b.get(k, _MISSING):
-            continue
-        if k not in a and k in defaults and b[k] == defaults[k]:
-            continue
-        changes.append(f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}")
-    return changes
-
-
-_MISSING = object()
-# loader workers draw nothing themselves (every sample's augmentation is seeded by its draw seed; resume and
-# worker counts give the same batches, tests/test_reliability.py), so their number does not change a result
-EXECUTION_KEYS = frozenset({"data.num_workers"})
-
 
 # ---------------------------------------------------------------------------------------- running
 class Benchmark:
     """Runs (or resumes) one benchmark and writes its report.
 
     Args:
-        cfg: from :func:`load_benchmark`.
+        cfg: from :func:`~lightning_distill.lab.bench_config.load_benchmark`.
         base: folder the run-config paths are relative to.
         quick: the ``quick:`` overrides are applied to every run.
         command: the command line to quote in the report.
@@ -342,9 +87,9 @@ class Benchmark:
         return self._stage_config(self.cfg.teachers[name], [*extra, f"output_dir={self.teacher_dir(inst)}"])
 
     def _resolve(self, override: str, run: GridRun) -> str:
-        for name in _teacher_refs(override):
+        for name in teacher_refs(override):
             override = override.replace(f"{{teachers.{name}}}", str(self.teacher_dir(self.teacher_instance(name, run)[0])))
-        for name in _slices_refs(override):
+        for name in slices_refs(override):
             override = override.replace(f"{{slices.{name}}}", str(self.slices_dir(name)))
         return override
 
@@ -353,7 +98,7 @@ class Benchmark:
         return self.out / "slices" / name
 
     def slices_of(self, run: GridRun) -> List[str]:
-        return sorted({n for o in self.cfg.methods[run.method] for n in _slices_refs(o)})
+        return sorted({n for o in self.cfg.methods[run.method] for n in slices_refs(o)})
 
     def slices_config(self, name: str) -> DictConfig:
         """The teach config of slices ``name`` (``student`` set to a YAML this writes beside the folder: the
@@ -385,7 +130,7 @@ class Benchmark:
         return self._stage_config(self.cfg.student, self.run_overrides(run))
 
     def teachers_of(self, run: GridRun) -> List[str]:
-        return sorted({n for o in self.cfg.methods[run.method] for n in _teacher_refs(o)})
+        return sorted({n for o in self.cfg.methods[run.method] for n in teacher_refs(o)})
 
     def needs_of(self, task: Tuple) -> List[str]:
         """The keys of the teacher and slices tasks ``task`` waits for."""
@@ -464,7 +209,7 @@ class Benchmark:
                     self._check_same_config(f"teacher|{inst}", done[f"teacher|{inst}"], self.teacher_config(name, r))
                 else:
                     teachers.setdefault(inst, (name, r))
-        distilled = {n for ovr in self.cfg.methods.values() for o in ovr for n in _teacher_refs(o)}
+        distilled = {n for ovr in self.cfg.methods.values() for o in ovr for n in teacher_refs(o)}
         for name, spec in self.cfg.teachers.items():  # a reference no method distils from: scored on the slices only
             if spec.score_on_students and not spec.per and name not in distilled:
                 if f"teacher|{name}" in done:
@@ -661,8 +406,8 @@ class Benchmark:
     def _check_same_slices(self, name: str, record: Dict[str, Any]) -> None:
         now = self._slices_record_config(self.slices_config(name))
         if record.get("config") != now:
-            changed = sorted(k for k in set(_flat(now)) | set(_flat(record.get("config") or {}))
-                             if _flat(now).get(k, _MISSING) != _flat(record.get("config") or {}).get(k, _MISSING))
+            changed = sorted(k for k in set(flat_keys(now)) | set(flat_keys(record.get("config") or {}))
+                             if flat_keys(now).get(k, MISSING_VALUE) != flat_keys(record.get("config") or {}).get(k, MISSING_VALUE))
             raise ConfigError(f"{self.results_path}: slices {name!r} were written with another config than {self.cfg.name!r} "
                               f"now asks for ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); use another "
                               "output_dir (output_dir=...) or delete the old results to start over")
