@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from lightning_distill.registry import METHODS
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and what is allowed."""
@@ -166,7 +168,7 @@ class DistillConfig:
     penultimate features), ``pixel`` (pixel-wise DIST with a paired 2D teacher) or ``cmedl``
     (weight * feature hint from a teacher trained concurrently on translated images; see ``cmedl``)."""
 
-    method: str = "prototype"  # a name of lightning_distill.methods.METHODS: prototype | sikd | pixel | cmedl
+    method: str = "prototype"  # a name of lightning_distill.registry.METHODS: prototype | sikd | pixel | cmedl
     weight: float = 1.0  # lambda; 0 = baseline
     teacher: Optional[str] = None  # sikd / pixel: the 2D teacher's checkpoint (.ckpt of `lightning-distill fit`)
     prototypes: Optional[str] = None  # path of the teacher's prototypes.pt
@@ -385,8 +387,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     cfg = apply_overrides(cfg, overrides)
     where = str(path) if path else "config"
     _check_trainer(OmegaConf.to_container(cfg.trainer), where)
-    from lightning_distill.methods import METHODS  # the registry (a light module: names only)
-
     checks = {**_CHOICES, **{"cmedl.target." + k[5:]: c for k, c in _CHOICES.items() if k.startswith("data.")},
               "distill.method": tuple(METHODS)}
     for key, choices in checks.items():

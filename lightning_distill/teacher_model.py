@@ -96,7 +96,7 @@ def load_model(spec: DictConfig, dims: Sequence[int] = (3,)) -> LoadedModel:
     fmt = spec.format
     if fmt == "checkpoint":
         from lightning_distill.data.build import make_preprocess
-        from lightning_distill.inference import load_checkpoint, load_network
+        from lightning_distill.checkpoints import load_checkpoint, load_network
 
         path = _need_file(spec.path, "checkpoint of `lightning-distill fit`")
         ckpt, cfg = load_checkpoint(path)

@@ -33,7 +33,7 @@ from lightning_distill.data.datamodules import SegmentationDataModule, subject_o
 from lightning_distill.data.sources import SubjectSource
 from lightning_distill.devices import accel_settings, apply_trainer_defaults, minutes_setting, resolve_device, uses_cuda
 from lightning_distill.fingerprint import fingerprint_summary
-from lightning_distill.inference import load_checkpoint, load_network
+from lightning_distill.checkpoints import load_checkpoint, load_network
 from lightning_distill.io import atomic_write
 from lightning_distill.loggers import finish_logger, make_logger
 from lightning_distill.methods import method_figures, target_config

@@ -206,7 +206,7 @@ def test_fit_through_the_cli_checkpoint_round_trip_and_resume(tmp_path):
     import json
 
     from lightning_distill.cli import main
-    from lightning_distill.inference import load_checkpoint, load_network
+    from lightning_distill.checkpoints import load_checkpoint, load_network
     from lightning_distill.train import build_module
 
     out = tmp_path / "cmedl"

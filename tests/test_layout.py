@@ -168,3 +168,36 @@ def test_train_names_no_method_and_builds_nothing_itself():
     assert not named, f"train.py names the methods {named}"
     assert "cmedl" not in (PACKAGE / "data" / "build.py").read_text().lower()
     assert len(src.splitlines()) <= 350
+
+
+# the core's own layers, bottom first (docs/architecture.md): a module imports its own layer and the ones below
+CORE_LAYERS = [
+    ("base", ["registry", "io", "devices", "fingerprint", "metrics", "visuals", "config"]),
+    ("data", ["data."]),
+    ("networks and losses", ["networks", "checkpoints", "losses."]),
+    ("bank", ["bank.format", "bank.controls", "bank.axial", "bank.accumulate", "bank.callback", "bank.scan"]),
+    ("modules and methods", ["modules", "methods", "methods."]),
+    ("commands", ["inference", "slices", "teacher_model", "teach", "bank.teacher", "bank.build", "callbacks", "loggers",
+                  "resume", "results", "prototypes", "bank_build"]),
+    ("train", ["train"]),
+]
+
+
+def _core_layer(module: str):
+    name = module[len("lightning_distill."):]
+    return next((i for i, (_, names) in enumerate(CORE_LAYERS)
+                 if any(name == n or (n.endswith(".") and name.startswith(n)) for n in names)), None)
+
+
+def test_no_core_import_runs_up_the_layers():
+    graph = {m: ts for m, ts in _graph().items() if _layer(m) == "core"}
+    unplaced = sorted(m for m in graph if _core_layer(m) is None)
+    assert not unplaced, f"core modules in no layer of CORE_LAYERS (place them): {unplaced}"
+    up = [f"{m} ({CORE_LAYERS[_core_layer(m)][0]}) -> {t} ({CORE_LAYERS[_core_layer(t)][0]})"
+          for m, ts in sorted(graph.items()) for t in sorted(ts) if _core_layer(t) > _core_layer(m)]
+    assert not up, f"imports that run up the layers: {up}"
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert _core_layer("lightning_distill.data.build") < _core_layer("lightning_distill.methods.cmedl")
+    assert _core_layer("lightning_distill.config") == 0 and _core_layer("lightning_distill.train") == len(CORE_LAYERS) - 1

@@ -386,7 +386,7 @@ def test_sigkill_while_writing_keeps_the_previous_file(tmp_path):
 
 
 def test_truncated_artifacts_give_clear_errors(tmp_path, teacher_bank):
-    from lightning_distill.inference import load_checkpoint
+    from lightning_distill.checkpoints import load_checkpoint
     from lightning_distill.lab.report import load_results
 
     for name, load, message in [("results.json", load_results, "truncated or corrupt"),

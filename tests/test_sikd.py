@@ -108,7 +108,7 @@ def test_tiny_sikd_teacher_then_student_through_the_cli(tmp_path, tiny_student):
     assert any(r.get("train/sikd_mse") for r in rows) and (student / "results.json").is_file()
     # the teacher was trained and is tested on class-mean images; predicting unlabelled data is refused
     with pytest.raises(ValueError, match="cannot predict unlabelled"):
-        from lightning_distill.inference import load_checkpoint, load_network
+        from lightning_distill.checkpoints import load_checkpoint, load_network
         from lightning_distill.modules import SegmentationModule
 
         ck, cfg = load_checkpoint(ckpt)

@@ -261,7 +261,7 @@ def test_a_student_taught_only_by_slices_reproduces_the_teacher_on_held_out_slic
     from lightning_distill.cli import main
     from lightning_distill.data.phantom import CLASS_NAMES
     from lightning_distill.data.transfer import TeacherSlices
-    from lightning_distill.inference import load_checkpoint, load_network
+    from lightning_distill.checkpoints import load_checkpoint, load_network
 
     teacher = tmp_path / "teacher"
     over = [o for o in TINY_TEACHER if not o.startswith(("trainer.max_steps", "data.num_subjects"))]

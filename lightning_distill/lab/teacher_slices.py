@@ -53,7 +53,7 @@ def score_teacher_on_student_slices(teacher_checkpoint: str, student_cfg: DictCo
         ``{"test": summary (metrics.summarize), "test_cases": per-case rows, "checkpoint",
         "test_ids", "wall_time_s"}`` (the keys of a student's ``results.json``).
     """
-    from lightning_distill.inference import load_checkpoint, load_network
+    from lightning_distill.checkpoints import load_checkpoint, load_network
     from lightning_distill.modules import check_checkpoint
     from lightning_distill.data.build import build_datamodule, build_source, class_names
 
@@ -143,7 +143,8 @@ def _score_nifti(ckpt: dict, tcfg: DictConfig, student_cfg: DictConfig, teacher_
     import json
 
     from lightning_distill.data.nifti import discover, read_case
-    from lightning_distill.inference import load_network, predict_array
+    from lightning_distill.checkpoints import load_network
+    from lightning_distill.inference import predict_array
     from lightning_distill.modules import check_checkpoint
     from lightning_distill.slices import to_ras
     from lightning_distill.data.build import build_datamodule, build_source, class_names

@@ -5,11 +5,11 @@
 run config, the student network built by :func:`lightning_distill.networks.build_net`, the K class names,
 and ``common`` (the :class:`~lightning_distill.modules.SegmentationModule` keyword arguments every
 method passes on: optimiser, segmentation loss, metrics, config). The module is imported only when
-the method is used, so this registry stays cheap to import (``config`` validates names against it).
+the method is used (``config`` validates the names against :mod:`lightning_distill.registry`, below it).
 
 Adding a method: write ``lightning_distill/methods/mine.py`` with a module subclassing
 ``SegmentationModule`` (extra loss terms in ``extra_terms``, their weights in ``term_weights``) and a
-``build`` function, then add one line below (docs/architecture.md). A method's file may also define
+``build`` function, then add one line to :data:`lightning_distill.registry.METHODS` (docs/architecture.md). A method's file may also define
 these hooks, which ``fit`` calls for a student of that method (and no other code names the method):
 
 * ``target_config(cfg) -> DictConfig``: a run config whose ``data`` is a second, unpaired modality;
@@ -28,12 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Dict, Optional
 
-METHODS = {
-    "prototype": "lightning_distill.methods.prototype:build",
-    "sikd": "lightning_distill.methods.sikd:build",
-    "pixel": "lightning_distill.methods.pixel_dist:build",
-    "cmedl": "lightning_distill.methods.cmedl:build",
-}
+from lightning_distill.registry import METHODS  # the names (below the config, which validates them)
 
 # names this package re-exports, imported on first use
 _EXPORTS = {"CMEDLModule": "cmedl", "hint_loss": "cmedl", "FrozenTeacher": "frozen", "load_teacher_network": "frozen",

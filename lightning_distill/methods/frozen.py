@@ -47,7 +47,7 @@ def load_teacher_network(checkpoint: Optional[str], class_names: Sequence[str], 
     Raises:
         ValueError: no checkpoint given, or one of another class set.
     """
-    from lightning_distill.inference import load_checkpoint, load_network
+    from lightning_distill.checkpoints import load_checkpoint, load_network
     from lightning_distill.modules import check_checkpoint
 
     if not checkpoint:
