@@ -12,7 +12,7 @@ from typing import Sequence, Tuple
 import torch
 from omegaconf import DictConfig
 
-from lightning_distill.config import load_config_dict
+from lightning_distill.config.run import load_config_dict
 from lightning_distill.networks import build_net
 
 

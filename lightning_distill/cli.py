@@ -13,6 +13,8 @@ import warnings
 from typing import List, Optional
 
 from lightning_distill import __version__
+from lightning_distill.config.commands import BankBuildConfig, TeachConfig
+from lightning_distill.config.load import schema_help
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     bb = bsub.add_parser("build", help="a bank from a trained 3D model (our checkpoint, a MONAI network state_dict, a MONAI "
                          "bundle or TorchScript) over labelled or unlabelled volumes; resumable, multi-process",
                          description="Compute a prototype bank from a trained 3D model over a folder of NIfTI volumes "
-                         "(see docs/bank.md). Config keys: lightning_distill.config.BankBuildConfig; overrides key=value.")
+                         "(see docs/bank.md); overrides key=value.",
+                         epilog="config keys (key = default):\n" + "\n".join(schema_help(BankBuildConfig)),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     bb.add_argument("config", nargs="?", help="bank build YAML, e.g. experiments/bank.yaml (or only key=value overrides)")
     bb.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data/ct processes=2")
     bi = bsub.add_parser("inspect", help="print per-class rows (entropy, off-diagonal mass, reliability) and the bank's "
@@ -122,8 +126,10 @@ def _parser() -> argparse.ArgumentParser:
                         "TorchScript; a 2D checkpoint as the control of the third dimension) over a folder of volumes "
                         "(or phantom volumes rendered on the fly) and write axial slices at chosen levels, each "
                         "preprocessed as the student's, with the model's probabilities and confidence (docs/methods.md). "
-                        "Resumable, multi-process, written whole or not at all. Config keys: "
-                        "lightning_distill.config.TeachConfig (experiments/teach.yaml lists them); overrides key=value.")
+                        "Resumable, multi-process, written whole or not at all; overrides key=value "
+                        "(experiments/teach.yaml explains the keys).",
+                        epilog="config keys (key = default):\n" + "\n".join(schema_help(TeachConfig)),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     te.add_argument("config", nargs="?", help="teach YAML, e.g. experiments/teach.yaml (or only key=value overrides)")
     te.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.num_subjects=50 processes=2")
     cp = sub.add_parser("compare", help="a student beside its 3D teacher (and the baseline) on the same test slices",
@@ -160,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _load(args):
-    from lightning_distill.config import load_config
+    from lightning_distill.config.run import load_config
 
     return load_config(args.config, args.overrides)
 
@@ -198,7 +204,7 @@ def _test(args) -> int:
 def _slices(args) -> int:
     from omegaconf import OmegaConf
 
-    from lightning_distill.config import load_config
+    from lightning_distill.config.run import load_config
     from lightning_distill.slices import extract_slices
 
     used = [o for o in args.overrides if not o.lstrip("~").startswith(("classes=", "data.nifti."))]
@@ -251,7 +257,7 @@ def _bank(args) -> int:
 
 def _bank_build(args) -> int:
     from lightning_distill.bank.build import describe, run_bank_build
-    from lightning_distill.config import load_bank_build_config
+    from lightning_distill.config.commands import load_bank_build_config
     from lightning_distill.bank.format import load_bank
 
     config, overrides = args.config, list(args.overrides)
@@ -265,7 +271,7 @@ def _bank_build(args) -> int:
 
 
 def _teach(args) -> int:
-    from lightning_distill.config import load_teach_config
+    from lightning_distill.config.commands import load_teach_config
     from lightning_distill.teach import describe, run_teach
 
     config, overrides = args.config, list(args.overrides)

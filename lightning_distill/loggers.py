@@ -10,7 +10,7 @@ from typing import Dict, Optional
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig
 
-from lightning_distill.config import to_dict
+from lightning_distill.config.load import to_dict
 from lightning_distill.visuals import log_artifacts
 
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from lightning_distill.config import flat_keys, to_dict
+from lightning_distill.config.load import flat_keys, to_dict
 from lightning_distill.checkpoints import load_checkpoint
 from lightning_distill.modules import check_checkpoint
 

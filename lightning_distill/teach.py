@@ -57,7 +57,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill import __version__
-from lightning_distill.config import config_key
+from lightning_distill.config.load import config_key
 from lightning_distill.data.nifti import IGNORE_INDEX, DataError, LabelMapping, read_case, reorient, slice_affine
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.sources import affine_spacing
@@ -208,7 +208,7 @@ def choose_planes(vid: str, depth: int, levels: DictConfig, matched: Optional[Di
 
 # ---------------------------------------------------------------------------------------- the run
 def _student_config(cfg: DictConfig) -> DictConfig:
-    from lightning_distill.config import load_config
+    from lightning_distill.config.run import load_config
 
     if not cfg.student:
         raise ValueError("student is not set: give the student's run config (e.g. student=experiments/student.yaml); its "

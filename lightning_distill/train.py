@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.bank.teacher import check_bank_config, export_teacher_bank, run_bank_callback
 from lightning_distill.callbacks import LastCheckpoint, RunPictures, with_atomic_checkpoints
-from lightning_distill.config import to_dict
+from lightning_distill.config.load import to_dict
 from lightning_distill.data.build import (balanced_class_weights, build_datamodule, build_source, class_names,
                                          process_count, training_class_voxels, training_record_of)
 from lightning_distill.data.datamodules import SegmentationDataModule, subject_of

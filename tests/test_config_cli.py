@@ -131,3 +131,45 @@ def test_feature_space_bank_end_to_end(tmp_path, tiny_teacher, tiny_student):
     assert "train/dist_inter" in header and "train/dist_grad_ratio" in header  # measured on the features here
     ckpt = torch.load(s_out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert any(k.startswith("projector.") for k in ckpt["state_dict"])  # the learned 1x1 projection
+
+
+# ------------------------------------------------------------------ one loader, choices beside their fields (issue 34)
+def test_every_choice_default_is_one_of_its_choices_at_every_depth():
+    from omegaconf import OmegaConf
+
+    from lightning_distill.config import BankBuildConfig, RunConfig, TeachConfig, choices_of
+
+    for schema in (RunConfig, BankBuildConfig, TeachConfig):
+        cfg = OmegaConf.structured(schema)
+        for key, options in choices_of(schema).items():
+            allowed = options() if callable(options) else options
+            assert OmegaConf.select(cfg, key) in allowed, (schema.__name__, key)
+    run = choices_of(RunConfig)
+    # the nested data section of CMEDL's second modality gets the data section's choices without a second table
+    assert run["cmedl.target.nifti.unmapped"] == run["data.nifti.unmapped"] and "distill.method" in run
+    assert choices_of(TeachConfig)["data.phantom.version"] == run["data.phantom.version"]
+
+
+def test_a_checkpoints_config_dict_gets_the_same_checks_as_a_file(tmp_path):
+    from lightning_distill.config import load_config_dict, to_dict
+
+    good = to_dict(load_config(None, []))
+    assert load_config_dict(good).distill.method == "prototype"
+    bad = {**good, "distill": {**good["distill"], "geometry": "cosine"}}
+    with pytest.raises(ConfigError, match=r"ckpt: distill.geometry='cosine' is not one of \['prob', 'logprob', 'offdiag'\]"):
+        load_config_dict(bad, where="ckpt")
+    with pytest.raises(ConfigError, match="trainer.max_stepz"):
+        load_config_dict({**good, "trainer": {"max_stepz": 3}}, where="ckpt")
+
+
+@pytest.mark.parametrize("command, keys", [
+    (["bank", "build"], ["model.format = 'checkpoint'  (one of: checkpoint, monai, bundle, torchscript)",
+                         "threshold = 0.9  # unlabelled volumes", "data.preprocess.modality = 'CT'  (one of: CT, MR, none)"]),
+    (["teach"], ["model.format = 'checkpoint'  (one of: checkpoint, monai, bundle, torchscript, none)",
+                 "levels.mode = 'range'  (one of: range, match)", "data.phantom.version = '0.3'  (one of: 0.3, 0.5)"]),
+])
+def test_command_help_lists_every_config_key_with_its_default_and_choices(capsys, command, keys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert all(k in out for k in keys), out

@@ -172,7 +172,7 @@ def test_train_names_no_method_and_builds_nothing_itself():
 
 # the core's own layers, bottom first (docs/architecture.md): a module imports its own layer and the ones below
 CORE_LAYERS = [
-    ("base", ["registry", "io", "devices", "fingerprint", "metrics", "visuals", "config"]),
+    ("base", ["registry", "io", "devices", "fingerprint", "metrics", "visuals", "config", "config."]),
     ("data", ["data."]),
     ("networks and losses", ["networks", "checkpoints", "losses."]),
     ("bank", ["bank.format", "bank.controls", "bank.axial", "bank.accumulate", "bank.callback", "bank.scan"]),

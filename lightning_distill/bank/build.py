@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.bank.axial import axial_masked_labels, check_axial_range, warn_empty_classes
 from lightning_distill.bank.format import Bank, save_bank
-from lightning_distill.config import config_key
+from lightning_distill.config.load import config_key
 from lightning_distill.data.case_cache import CaseCache, case_key
 from lightning_distill.data.nifti import Case, DataError, LabelMapping, read_case
 from lightning_distill.io import atomic_write

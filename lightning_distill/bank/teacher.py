@@ -22,7 +22,7 @@ from lightning_distill.bank.axial import check_axial_range
 from lightning_distill.bank.callback import PrototypeBank
 from lightning_distill.bank.format import save_bank
 from lightning_distill.bank.scan import class_reliability, final_bank, format_reliability
-from lightning_distill.config import to_dict
+from lightning_distill.config.load import to_dict
 from lightning_distill.data.datamodules import SegmentationDataModule, SubjectDataset
 from lightning_distill.io import file_sha256
 from lightning_distill.networks import head_module_name

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from lightning_distill.config.load import ON_MISSING, UNMAPPED
+
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 IGNORE_INDEX = 255
 
@@ -315,8 +317,6 @@ def _squeeze_to(data: np.ndarray, ndim: int, path: Path, what: str) -> np.ndarra
     return data
 
 
-UNMAPPED_CHOICES = ("background", "ignore", "error")
-ON_MISSING_CHOICES = ("error", "warn")
 
 
 def _map_key(key, by_name: Mapping[str, int], source: str) -> int:
@@ -376,10 +376,10 @@ class LabelMapping:
     on_missing: str = "error"
 
     def __post_init__(self):
-        if self.unmapped not in UNMAPPED_CHOICES:
-            raise DataError(f"{self.source}: unmapped must be one of {list(UNMAPPED_CHOICES)}, got {self.unmapped!r}")
-        if self.on_missing not in ON_MISSING_CHOICES:
-            raise DataError(f"{self.source}: on_missing must be one of {list(ON_MISSING_CHOICES)}, got {self.on_missing!r}")
+        if self.unmapped not in UNMAPPED:
+            raise DataError(f"{self.source}: unmapped must be one of {list(UNMAPPED)}, got {self.unmapped!r}")
+        if self.on_missing not in ON_MISSING:
+            raise DataError(f"{self.source}: on_missing must be one of {list(ON_MISSING)}, got {self.on_missing!r}")
         names = list(self.class_names)
         index = {n: i for i, n in enumerate(names)}
         by_name = {v: k for k, v in self.dataset_labels.items()}

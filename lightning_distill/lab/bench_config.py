@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from lightning_distill.config import ConfigError, RunConfig, file_layers, flat_keys, to_dict
+from lightning_distill.config.load import ConfigError, flat_keys, load_schema, to_dict
+from lightning_distill.config.run import RunConfig
 from lightning_distill.lab.bench_grid import among
 
 RESULTS_FILE = "results.jsonl"
@@ -134,14 +134,10 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
-    schema = cfg = OmegaConf.structured(BenchmarkConfig)
-    for source, layer in file_layers(path):  # ``extends: other.yaml`` (relative to the file) first, as in run configs
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
-                              f"{', '.join(schema.keys())})") from None
-    if quick:  # the quick grid first, so that command-line overrides (e.g. seeds=[0]) still win
+
+    def quick_grid(cfg: DictConfig) -> DictConfig:  # before the overrides, so that e.g. seeds=[0] still wins
+        if not quick:
+            return cfg
         q = cfg.quick
         for key in ("fractions", "seeds"):
             if q[key] is not None:
@@ -155,11 +151,9 @@ def load_benchmark(path: str | Path, overrides: Sequence[str] = (), quick: bool 
         cfg.fractions_of = {}  # the quick grid runs every method at its fractions
         cfg.fraction_overrides = {}  # ... with the stages' quick overrides (tiny data, a few steps)
         cfg.contrasts = [list(p) for p in cfg.contrasts if all(m in cfg.methods for m in p)]
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e} (valid top-level keys: "
-                          f"{', '.join(schema.keys())})") from None
+        return cfg
+
+    cfg = load_schema(BenchmarkConfig, path, overrides, "benchmark", before_overrides=quick_grid)
     for key, what in (("notes", ""), ("headroom_from", " (a headroom benchmark's runs CSV)")):  # files beside the YAML
         if cfg[key]:
             file = Path(cfg[key]) if Path(cfg[key]).is_absolute() else path.parent / cfg[key]

@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_distill.lab.bench_config import (MISSING_VALUE, RESULTS_FILE, BenchmarkConfig, config_changes, slices_refs,
                                                 teacher_refs)
 from lightning_distill.lab.bench_grid import GridRun, among, append_record, cpu_count, grid, read_records
-from lightning_distill.config import ConfigError, flat_keys, load_config, to_dict
+from lightning_distill.config.load import ConfigError, flat_keys, to_dict
+from lightning_distill.config.run import load_config
 from lightning_distill.io import claim, read_claim, release
 
 # ---------------------------------------------------------------------------------------- running
@@ -103,7 +104,7 @@ class Benchmark:
     def slices_config(self, name: str) -> DictConfig:
         """The teach config of slices ``name`` (``student`` set to a YAML this writes beside the folder: the
         first grid run's resolved student config)."""
-        from lightning_distill.config import load_teach_config
+        from lightning_distill.config.commands import load_teach_config
 
         spec = self.cfg.slices[name]
         first = grid(self.cfg)[0]
@@ -371,7 +372,7 @@ class Benchmark:
         if summary is not None:  # what the students are distilled from, for the report (regenerable from records)
             rec["bank"] = summary
         if self.cfg.teachers[name].score_on_students:
-            from lightning_distill.config import apply_overrides
+            from lightning_distill.config.load import apply_overrides
             from lightning_distill.lab.teacher_slices import score_teacher_on_student_slices
 
             first = GridRun(self.cfg.baseline, next(iter(self.cfg.archs)), max(self.cfg.fractions), self.cfg.seeds[0])

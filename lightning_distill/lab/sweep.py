@@ -178,7 +178,7 @@ def command_for(sweep: Dict[str, Any], point: Dict[str, Any], interpreter: str =
 
 def check_parameters(sweep: Dict[str, Any], config: Optional[str] = None) -> None:
     """Raise ``ConfigError`` unless every parameter (with a sampled value) is a valid override of ``config``."""
-    from lightning_distill.config import load_config
+    from lightning_distill.config.run import load_config
 
     point = sample(sweep, count=1, seed=0)[0]
     load_config(config, [f"{k}={format_value(v)}" for k, v in point.items()])

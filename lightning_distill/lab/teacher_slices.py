@@ -228,7 +228,7 @@ def compare_on_student_slices(student_run: str, teacher_checkpoint: str, baselin
     A baseline whose test slices are not the student's is refused (``ValueError``).
     """
     from lightning_distill.lab.stats import case_scores, fmt_ci, organ_scores, paired_bootstrap
-    from lightning_distill.config import load_config
+    from lightning_distill.config.run import load_config
     from lightning_distill.io import write_text
     from lightning_distill.lab.report import load_results
 

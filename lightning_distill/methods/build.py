@@ -7,7 +7,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from lightning_distill.config import to_dict
+from lightning_distill.config.load import to_dict
 from lightning_distill.data.datamodules import SegmentationDataModule
 from lightning_distill.methods import method_builder
 from lightning_distill.modules import SegmentationModule
