@@ -173,3 +173,24 @@ def test_command_help_lists_every_config_key_with_its_default_and_choices(capsys
         main([*command, "--help"])
     out = capsys.readouterr().out
     assert all(k in out for k in keys), out
+
+
+def test_one_rule_says_which_run_is_a_baseline_and_what_a_report_calls_each_run():
+    from omegaconf import OmegaConf
+
+    from lightning_distill.config import is_baseline, run_label
+
+    def label(*overrides):
+        cfg = load_config(STUDENT, list(overrides))
+        return is_baseline(cfg), run_label(cfg)
+
+    assert label("distill.weight=0", "distill.prototypes=null") == (True, "baseline")
+    assert label("distill.prototypes=bank.pt") == (False, "distilled")
+    assert label("distill.method=sikd", "distill.teacher=t.ckpt", "distill.weight=2") == (False, "sikd")  # a report once called it baseline
+    assert label("distill.method=sikd", "distill.weight=0") == (True, "baseline")
+    assert label("distill.method=cmedl", "distill.weight=0") == (False, "cmedl")  # its translator and teacher still train
+    assert label("distill.weight=0", "transfer.slices=s") == (False, "transfer")
+    assert label("distill.weight=0", "transfer.union=s", "loss.class_balance=inverse_frequency") == (True, "balanced baseline+union")
+    assert label("stage=teacher") == (False, "teacher")
+    old = OmegaConf.create({"stage": "student", "distill": {"weight": 0.0}})  # a config of an older version lacks keys
+    assert is_baseline(old) and run_label(old) == "baseline"

@@ -18,13 +18,13 @@ from lightning_distill.config.load import (FREE_FORM, LAYOUTS, MODALITIES, MODEL
                                            flat_keys, load_schema, schema_help, to_dict)
 from lightning_distill.config.run import (AccelConfig, BankConfig, CheckpointConfig, CMEDLConfig, DataConfig,
                                           DistillConfig, LossConfig, ModelConfig, NiftiConfig, OptimConfig, PhantomConfig,
-                                          RunConfig, ShiftConfig, TransferConfig, check_trainer, load_config,
-                                          load_config_dict)
+                                          RunConfig, ShiftConfig, TransferConfig, check_trainer, is_baseline, load_config,
+                                          load_config_dict, run_label)
 
 __all__ = ["AccelConfig", "BankBuildConfig", "BankConfig", "BankDataSpec", "BankInferenceConfig", "BankModelSpec",
            "BankOptions", "BankPreprocessConfig", "CMEDLConfig", "CheckpointConfig", "ConfigError", "DataConfig",
            "DistillConfig", "FREE_FORM", "LAYOUTS", "LossConfig", "MODALITIES", "MODEL_FORMATS", "MR_NORMS", "ModelConfig",
            "NiftiConfig", "ON_MISSING", "OptimConfig", "PhantomConfig", "RunConfig", "ShiftConfig", "TeachConfig", "TeachDataSpec",
            "TeachLevels", "TeachModelSpec", "TransferConfig", "UNMAPPED", "apply_overrides", "check_choices",
-           "check_trainer", "choice", "choices_of", "config_key", "file_layers", "flat_keys", "load_bank_build_config",
-           "load_config", "load_config_dict", "load_schema", "load_teach_config", "schema_help", "to_dict"]
+           "check_trainer", "choice", "choices_of", "is_baseline", "config_key", "file_layers", "flat_keys", "load_bank_build_config",
+           "load_config", "load_config_dict", "load_schema", "load_teach_config", "run_label", "schema_help", "to_dict"]

@@ -281,6 +281,38 @@ class RunConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
+def _value(cfg: DictConfig, key: str) -> Any:
+    """``cfg``'s value at ``key``, or the schema's default (a config written by an older version may lack it)."""
+    default = OmegaConf.select(OmegaConf.structured(RunConfig), key)
+    return OmegaConf.select(cfg, key, default=default)
+
+
+def is_baseline(cfg: DictConfig) -> bool:
+    """Whether a run is the plain 2D model: a student that learns from its labels only. ``distill.weight=0``
+    (no teacher term; CMEDL, which trains a translator and a teacher beside its student, is never one) and no
+    teacher-labelled slices (``transfer.slices``); ground-truth slices (``transfer.union``) and class
+    balancing keep a run a baseline of its own kind (:func:`run_label` tells them apart)."""
+    return (_value(cfg, "stage") == "student" and float(_value(cfg, "distill.weight")) == 0
+            and _value(cfg, "distill.method") != "cmedl" and not _value(cfg, "transfer.slices"))
+
+
+def run_label(cfg: DictConfig) -> str:
+    """A run's kind in a table: ``teacher``, ``baseline`` (:func:`is_baseline`; ``balanced baseline`` and
+    ``+union`` with those options), ``distilled`` (prototype DIST), ``transfer`` (teacher-labelled slices,
+    ``transfer+distilled`` with DIST on too), or the method's name (``sikd``, ``pixel``, ``cmedl``)."""
+    if _value(cfg, "stage") == "teacher":
+        return "teacher"
+    if is_baseline(cfg):
+        kind = "balanced baseline" if _value(cfg, "loss.class_balance") != "none" else "baseline"
+        return kind + ("+union" if _value(cfg, "transfer.union") else "")
+    method = _value(cfg, "distill.method")
+    if method != "prototype":
+        return str(method)
+    if _value(cfg, "transfer.slices"):
+        return "transfer+distilled" if float(_value(cfg, "distill.weight")) != 0 else "transfer"
+    return "distilled"
+
+
 def check_trainer(cfg: DictConfig, where: str) -> None:
     """``trainer.*`` keys are ``lightning.Trainer`` arguments; the ones the package sets itself are refused."""
     import lightning as L  # deferred: the config is read before anything heavy (e.g. `--help`, sweeps)

@@ -97,21 +97,20 @@ def plot_bank(bank_path: str | Path, path: str | Path) -> None:
 def grid_groups(run_dirs: Sequence[str | Path], results_name: str = "results.json") -> dict:
     """Runs pooled over seeds: ``{(training subjects, method, model, encoder): [results, ...]}``.
 
-    ``method`` is ``teacher``, ``distilled`` (a student with lambda > 0 and a bank) or ``baseline``.
+    ``method`` is the run's :func:`~lightning_distill.config.run.run_label` (``teacher``, ``baseline``, ``distilled``, ``sikd``, ...).
     Each run directory needs its results file and ``config.yaml``; an extra evaluation written by
     ``lightning-distill test`` takes the training size from the run's own ``results.json``.
     """
     from omegaconf import OmegaConf
+
+    from lightning_distill.config.run import run_label
 
     groups: dict = {}
     for d in run_dirs:
         r = load_results(d, results_name)
         n = r["train_subjects"] if "train_subjects" in r else load_results(d)["train_subjects"]
         cfg = OmegaConf.load(Path(d) / "config.yaml")
-        if cfg.get("stage") == "teacher":
-            method = "teacher"
-        else:
-            method = "distilled" if cfg.distill.weight and cfg.distill.prototypes else "baseline"
+        method = run_label(cfg)
         groups.setdefault((n, method, cfg.model.name, cfg.model.encoder), []).append(r)
     return groups
 

@@ -9,6 +9,7 @@ from typing import Any, Dict, Sequence
 
 from torch import Tensor, nn
 
+from lightning_distill.config.run import is_baseline
 from lightning_distill.losses.dist import pixel_dist_loss
 from lightning_distill.methods.frozen import FrozenTeacher, load_teacher_network
 from lightning_distill.methods.prototype import build as baseline
@@ -44,7 +45,7 @@ def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict[str, Any
     """``distill.method=pixel``: pixel-wise DIST from the paired 2D teacher ``distill.teacher``; with ``distill.weight=0``, the
     baseline (no teacher is loaded)."""
     d = cfg.distill
-    if d.weight == 0:
+    if is_baseline(cfg):
         return baseline(cfg, net, class_names, common)
     teacher = load_teacher_network(d.teacher, class_names, "distill.method=pixel")
     return PixelDistModule(net, class_names, teacher=teacher, distill_weight=d.weight, beta=d.beta, gamma=d.gamma,

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_distill.config.run import is_baseline
 from lightning_distill.data.class_mean import class_mean_image
 from lightning_distill.methods.frozen import FrozenTeacher, load_teacher_network
 from lightning_distill.methods.prototype import build as baseline
@@ -69,7 +70,7 @@ def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict[str, Any
     """``distill.method=sikd``: the student of the class-mean teacher ``distill.teacher``; with ``distill.weight=0``, the
     baseline (no teacher is loaded)."""
     d = cfg.distill
-    if d.weight == 0:
+    if is_baseline(cfg):
         return baseline(cfg, net, class_names, common)
     return SIKDModule(net, class_names, teacher=load_teacher_network(d.teacher, class_names, "distill.method=sikd"),
                       feature_layer=d.feature_layer or head_module_name(cfg.model.name), distill_weight=d.weight, **common)
