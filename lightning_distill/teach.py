@@ -76,7 +76,7 @@ class _NiftiVolumes:
         cases, dataset_labels = list_cases(cfg)
         self.cases = {c.case_id: c for c in cases}
         self.ids = sorted(self.cases)
-        self.mapping = LabelMapping(list(classes), dataset_labels, dict(d.label_map), d.unmapped, source=str(d.root))
+        self.mapping = LabelMapping.from_config(classes, dataset_labels, d)
         self.require_label = d.labels == "use"
         self.attributes = _read_attributes(d.attributes, self.ids) if d.attributes else {}
         self.describe = {"source": "nifti", "root": str(d.root), "cases": None if d.cases is None else list(d.cases)}

@@ -82,8 +82,7 @@ class _Run:
         if not 0.0 < float(cfg.threshold) <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {cfg.threshold}")
         self.cases, dataset_labels = list_cases(cfg)
-        self.mapping = LabelMapping(self.classes, dataset_labels, dict(cfg.data.label_map), cfg.data.unmapped,
-                                    source=str(cfg.data.root))
+        self.mapping = LabelMapping.from_config(self.classes, dataset_labels, cfg.data)
         self.device = inference_device(cfg.inference.device, int(os.environ.get("LOCAL_RANK", rank)))
         self.net = self.model.net.to(self.device)
         self.disk = CaseCache(cfg.data.cache_dir) if cfg.data.cache_dir else None

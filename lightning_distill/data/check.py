@@ -26,9 +26,7 @@ _CTX: Dict[str, Any] = {}
 
 
 def _mapping(cfg: DictConfig, labels: Dict[int, str]) -> LabelMapping:
-    n = cfg.data.nifti
-    return LabelMapping(list(cfg.classes), labels, OmegaConf.to_container(n.label_map), n.unmapped, source=str(n.root),
-                        on_missing="warn")
+    return LabelMapping.from_config(cfg.classes, labels, cfg.data.nifti, on_missing="warn")
 
 
 def _init(cfg_dict: Dict[str, Any], labels: Dict[int, str]) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.config.load import ON_MISSING, UNMAPPED
 
@@ -374,6 +375,16 @@ class LabelMapping:
     unmapped: str = "background"
     source: str = ""
     on_missing: str = "error"
+
+    @classmethod
+    def from_config(cls, class_names: Sequence[str], dataset_labels: Mapping[int, str], section: Any,
+                    on_missing: str = "error") -> "LabelMapping":
+        """The mapping a config section describes with its ``label_map`` and ``unmapped`` (a run's
+        ``data.nifti``, ``data`` of ``bank build`` and ``teach``); its ``root`` names the dataset in messages."""
+        label_map = section.label_map
+        label_map = dict(OmegaConf.to_container(label_map) if isinstance(label_map, DictConfig) else label_map or {})
+        return cls(list(class_names), dataset_labels, label_map, section.unmapped, source=str(section.root),
+                   on_missing=on_missing)
 
     def __post_init__(self):
         if self.unmapped not in UNMAPPED:
