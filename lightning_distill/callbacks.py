@@ -31,6 +31,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_distill.bank.callback import PrototypeBank
+from lightning_distill.data.class_mean import class_mean_image
 from lightning_distill.io import atomic_write
 from lightning_distill.visuals import save_overlays, save_prototype_heatmaps, to_2d
 
@@ -196,8 +197,6 @@ class RunPictures(Callback):
             x = torch.stack([s["image"] for s in samples]).to(pl_module.device)
             y = torch.stack([s["label"] for s in samples])
             if pl_module.hparams.get("input_transform", "none") == "class_mean":
-                from lightning_distill.data.class_mean import class_mean_image
-
                 x = class_mean_image(x, y.to(x.device), len(self.class_names))
             was = pl_module.training
             pl_module.eval()

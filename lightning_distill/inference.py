@@ -18,11 +18,11 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_distill.checkpoints import load_checkpoint, load_network
-from lightning_distill.devices import resolve_device
+from lightning_distill.data.build import make_preprocess
 from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, check_nifti_file, load_nifti, reorient, slice_affine
+from lightning_distill.devices import autocast_for, resolve_device
 from lightning_distill.fingerprint import IntensityCheck
 from lightning_distill.io import save_nifti, staged_dir
-from lightning_distill.data.build import make_preprocess
 
 
 def list_inputs(path: str | Path) -> List[Path]:
@@ -100,8 +100,6 @@ def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affin
         sw_batch_size: windows per forward of a 3D model (default: the run config's ``sw_batch_size``).
     """
     from monai.inferers import sliding_window_inference
-
-    from lightning_distill.devices import autocast_for
 
     if batch_size < 1 or (sw_batch_size is not None and sw_batch_size < 1):
         raise ValueError(f"batch_size and sw_batch_size must be >= 1, got {batch_size} and {sw_batch_size}")

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from torch import Tensor
 
+from lightning_distill.devices import process_group_size
+
 
 def one_hot(labels: Tensor, num_classes: int) -> Tensor:
     """``(B, 1, *spatial)`` or ``(B, *spatial)`` labels -> ``(B, K, *spatial)`` float one-hot."""
@@ -198,8 +200,6 @@ class CaseMeans:
     def compute(self) -> Tensor:
         """``(M,)`` means over the unique cases of every process (NaN for a column without a value)."""
         from torchmetrics import MeanMetric
-
-        from lightning_distill.devices import process_group_size
 
         chunks = self._chunks
         world = process_group_size()

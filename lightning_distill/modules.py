@@ -18,9 +18,14 @@ from monai.losses import DiceLoss, MaskedDiceLoss
 from torch import Tensor, nn
 
 from lightning_distill import __version__
+from lightning_distill.bank.callback import PrototypeBank
+from lightning_distill.bank.format import bank_record
+from lightning_distill.data.class_mean import class_mean_image
 from lightning_distill.data.nifti import IGNORE_INDEX
 from lightning_distill.losses.dice import batch_dice_loss
-from lightning_distill.metrics import CaseMeans, collect_cases, per_case_dice, per_case_hd95, summarize
+from lightning_distill.losses.transfer import hard_transfer_loss, one_hot_target, retemper, soft_transfer_loss
+from lightning_distill.metrics import (CaseMeans, collect_cases, per_case_dice, per_case_hd95, per_case_surface_dice,
+                                       summarize)
 
 
 class SegmentationModule(L.LightningModule):
@@ -85,8 +90,6 @@ class SegmentationModule(L.LightningModule):
         (the :class:`~lightning_distill.bank.callback.PrototypeBank` callback's, when it has accumulated)
         and :attr:`training_data` (``intensity`` fingerprint, ``train_subjects``, ``data`` identity;
         see :func:`lightning_distill.fingerprint.training_record`)."""
-        from lightning_distill.bank.callback import PrototypeBank
-        from lightning_distill.bank.format import bank_record
 
         meta: Dict[str, Any] = {"version": __version__, "class_names": list(self.class_names),
                                 "config": self.hparams.get("config"), **self.training_data}
@@ -189,8 +192,6 @@ class SegmentationModule(L.LightningModule):
 
     def transfer_term(self, logits: Tensor, batch: Dict) -> Tensor:
         """The transfer loss of the ``transfer_*`` samples' ``logits`` ``(N, K, *spatial)`` (see :meth:`set_transfer`)."""
-        from lightning_distill.losses.transfer import hard_transfer_loss, one_hot_target, retemper, soft_transfer_loss
-
         t = self.transfer
         if t["target"] == "truth":
             label = batch["transfer_label"].flatten(0, 1)
@@ -230,8 +231,6 @@ class SegmentationModule(L.LightningModule):
         """
         image, label = batch["image"], batch["label"]
         if self.hparams.input_transform == "class_mean":
-            from lightning_distill.data.class_mean import class_mean_image
-
             image = class_mean_image(image, label, self.num_classes)
         if not train:
             logits = self.predict_logits(image)
@@ -299,8 +298,6 @@ class SegmentationModule(L.LightningModule):
         self._test_rows = []
 
     def test_step(self, batch: Dict, batch_idx: int):
-        from lightning_distill.metrics import per_case_surface_dice
-
         out = self.model_step(batch, train=False)
         pred, label = self._eval_pair(out["logits"], batch["label"])
         dice = per_case_dice(pred, label, self.num_classes).cpu()

@@ -58,11 +58,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill import __version__
 from lightning_distill.config.load import config_key
-from lightning_distill.data.nifti import IGNORE_INDEX, DataError, LabelMapping, read_case, reorient, slice_affine
+from lightning_distill.config.run import load_config
+from lightning_distill.data.build import make_preprocess
+from lightning_distill.data.nifti import (DataError, IGNORE_INDEX, LabelMapping, case_header, discover, read_case,
+                                          reorient, reoriented_shape, slice_affine)
+from lightning_distill.data.phantom import CLASS_NAMES, render_volume
 from lightning_distill.data.preprocess import Preprocess
-from lightning_distill.data.sources import affine_spacing
+from lightning_distill.data.sources import DomainShift, affine_spacing, phantom_affine, phantom_spec
 from lightning_distill.data.transfer import FORMAT, FORMAT_VERSION
 from lightning_distill.io import atomic_write, write_json
+from lightning_distill.teacher_model import (ClassMap, inference_device, list_cases, load_model, model_logits,
+                                             model_preprocess)
 
 
 # ---------------------------------------------------------------------------------------- volumes
@@ -70,8 +76,6 @@ class _NiftiVolumes:
     """The volumes of a NIfTI folder (``data.*`` as in ``bank build``), labels mapped to the classes."""
 
     def __init__(self, cfg: DictConfig, classes: Sequence[str]):
-        from lightning_distill.teacher_model import list_cases
-
         d = cfg.data
         cases, dataset_labels = list_cases(cfg)
         self.cases = {c.case_id: c for c in cases}
@@ -109,9 +113,6 @@ class _PhantomVolumes:
     spacing of ``lightning-distill phantom``'s export; attribute ``phase``."""
 
     def __init__(self, cfg: DictConfig, classes: Sequence[str]):
-        from lightning_distill.data.phantom import CLASS_NAMES
-        from lightning_distill.data.sources import DomainShift, phantom_spec
-
         d, p = cfg.data, cfg.data.phantom
         if list(classes) != list(CLASS_NAMES):
             raise ValueError(f"classes {list(classes)} are not the phantom's {list(CLASS_NAMES)}")
@@ -133,9 +134,6 @@ class _PhantomVolumes:
                          "shape": list(self.shape), "cases": None if d.cases is None else list(d.cases)}
 
     def read(self, vid: str):
-        from lightning_distill.data.phantom import render_volume
-        from lightning_distill.data.sources import phantom_affine
-
         s = render_volume(self.spec, int(vid.rsplit("_", 1)[1]), self.shape)
         affine = phantom_affine(self.shape)  # LAS, as the export writes it
         label = s["label"].astype(np.int64) if self.labels else None
@@ -168,7 +166,6 @@ def match_levels(cfg: DictConfig, student_cfg: DictConfig) -> Dict[str, Any]:
     if "slices" not in meta or "source" not in meta:
         raise DataError(f"{meta_path}: does not record which slice of which volume each file is (write the folder with "
                         "`lightning-distill slices`)")
-    from lightning_distill.data.nifti import case_header, discover, reoriented_shape
 
     src = discover(meta["source"], require_labels=False)
     by_id = {c.case_id: c for c in src.cases}
@@ -208,8 +205,6 @@ def choose_planes(vid: str, depth: int, levels: DictConfig, matched: Optional[Di
 
 # ---------------------------------------------------------------------------------------- the run
 def _student_config(cfg: DictConfig) -> DictConfig:
-    from lightning_distill.config.run import load_config
-
     if not cfg.student:
         raise ValueError("student is not set: give the student's run config (e.g. student=experiments/student.yaml); its "
                          "preprocessing, data.shape and classes make the slices")
@@ -223,10 +218,6 @@ class _Teach:
     """One process's part of a ``teach`` run."""
 
     def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1):
-        from lightning_distill.data.phantom import CLASS_NAMES
-        from lightning_distill.data.build import make_preprocess
-        from lightning_distill.teacher_model import ClassMap, inference_device, load_model, model_preprocess
-
         self.cfg, self.rank, self.world = cfg, rank, world
         self.student = _student_config(cfg)
         student_classes = list(self.student.classes) if self.student.classes else list(CLASS_NAMES)
@@ -281,8 +272,6 @@ class _Teach:
     # --------------------------------------------------------------- one volume
     def _values_3d(self, image: np.ndarray, affine: np.ndarray, where: str) -> torch.Tensor:
         """``(K + 1, X, Y, Z)`` probabilities at tau and confidence, on the volume's own grid."""
-        from lightning_distill.teacher_model import model_logits
-
         img, _, chain = self.mpre(image, affine)
         logits = model_logits(self.net, img.as_tensor()[None].to(self.device), self.roi, self.cfg.inference, where)
         values = self._values(logits)[0].cpu()
@@ -296,8 +285,6 @@ class _Teach:
 
     def _values_2d(self, plane: np.ndarray, affine: np.ndarray, where: str) -> torch.Tensor:
         """A 2D model's values ``(K + 1, X, Y, 1)`` of one plane ``(C, X, Y, 1)``, on the plane's grid."""
-        from lightning_distill.teacher_model import model_logits
-
         img, _, chain = self.mpre(plane, affine)
         logits = model_logits(self.net, img.as_tensor()[None, ..., 0].to(self.device), None, self.cfg.inference, where)
         values = self._values(logits)[0].cpu()[..., None]

@@ -25,6 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lightning_distill.checkpoints import load_checkpoint, load_network
+from lightning_distill.data.build import make_preprocess
 from lightning_distill.data.nifti import IGNORE_INDEX, Case, discover
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.io import file_sha256
@@ -95,8 +97,6 @@ def load_model(spec: DictConfig, dims: Sequence[int] = (3,)) -> LoadedModel:
     """
     fmt = spec.format
     if fmt == "checkpoint":
-        from lightning_distill.data.build import make_preprocess
-        from lightning_distill.checkpoints import load_checkpoint, load_network
 
         path = _need_file(spec.path, "checkpoint of `lightning-distill fit`")
         ckpt, cfg = load_checkpoint(path)

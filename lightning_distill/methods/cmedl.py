@@ -42,10 +42,13 @@ from lightning.pytorch.core.optimizer import do_nothing_closure
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lightning_distill.methods.translator import lsgan_loss
+from lightning_distill.data.datamodules import SubjectDataset
+from lightning_distill.io import atomic_write
+from lightning_distill.methods.translator import build_generator, lsgan_loss, patch_discriminator
 from lightning_distill.metrics import CaseMeans, per_case_dice
 from lightning_distill.modules import SegmentationModule, weighted_sum
-from lightning_distill.networks import InputHook
+from lightning_distill.networks import InputHook, build_net
+from lightning_distill.visuals import new_figure
 
 HEAD_INPUT = "segmentation_head:input"
 
@@ -314,8 +317,6 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
     """PNG of ``n`` validation images of the student's modality through the translator and both
     segmenters (A, pseudo-B, reconstructed A, teacher and student predictions, truth), and of ``n``
     target images (B, pseudo-A). Returns the path, or ``None`` when there is no validation image."""
-    from lightning_distill.io import atomic_write
-    from lightning_distill.visuals import new_figure
 
     dm.setup()
     val = dm.datasets["val"] if len(dm.datasets["val"]) else dm.datasets["test"]
@@ -327,8 +328,6 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
     label = torch.stack([it["label"][0] for it in items])
     x_b = None
     if module.translate and getattr(dm, "target_ids", None):
-        from lightning_distill.data.datamodules import SubjectDataset
-
         tds = SubjectDataset(dm.target, dm.target_ids[:n], labels=False)
         x_b = torch.stack([tds[i]["image"] for i in range(len(tds))]).to(module.device)
     ex = {k: v.float().cpu() for k, v in module.translation_examples(x_a, x_b).items()}
@@ -365,8 +364,6 @@ def save_translation_figure(module: CMEDLModule, dm, path, n: int = 4):
 def build(cfg, net: nn.Module, class_names: Sequence[str], common: Dict) -> CMEDLModule:
     """``distill.method=cmedl``: a teacher of the student's architecture, and the translator of
     ``cmedl.translator`` (``none``: the teacher sees the student's images); ``distill.weight`` is the hint weight."""
-    from lightning_distill.networks import build_net
-    from lightning_distill.methods.translator import build_generator, patch_discriminator
 
     c, dims = cfg.cmedl, len(cfg.data.shape)
     if list(c.target.shape) != list(cfg.data.shape):

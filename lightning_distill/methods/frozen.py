@@ -7,6 +7,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_distill.checkpoints import load_checkpoint, load_network
+from lightning_distill.modules import check_checkpoint
+
 
 class FrozenTeacher(nn.Module):
     """Wrap a trained network so that a student's training never changes it.
@@ -47,8 +50,6 @@ def load_teacher_network(checkpoint: Optional[str], class_names: Sequence[str], 
     Raises:
         ValueError: no checkpoint given, or one of another class set.
     """
-    from lightning_distill.checkpoints import load_checkpoint, load_network
-    from lightning_distill.modules import check_checkpoint
 
     if not checkpoint:
         raise ValueError(f"{why} needs distill.teacher: the 2D teacher's checkpoint (e.g. "
