@@ -10,7 +10,7 @@ volume is reoriented to RAS first, so slice indices count from inferior (0) to s
 * ``list``: a text file of ``<case> <index>`` lines (cases not listed are skipped, with a warning).
 
 Labels: with ``classes`` (and optionally ``label_map``, ``unmapped``, ``on_missing``: the same
-options and the same rule as ``data.nifti``, see :class:`~lightning_distill.data.nifti.LabelMapping`)
+options and the same rule as ``data.nifti``, see :class:`~lightning_distill.data.labels.LabelMapping`)
 the written labels are the experiment's class indices and ``dataset.json`` names those classes;
 without, the source's label ids are copied unchanged. A label pattern that finds no label file, or
 finds only some, is an error (``labels=False`` writes an image-only dataset on purpose).
@@ -32,7 +32,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from lightning_distill.data.nifti import (IGNORE_INDEX, Case, DataError, LabelMapping, check_nifti_file, discover, load_nifti,
+from lightning_distill.data.labels import LabelMapping
+from lightning_distill.data.nifti import (IGNORE_INDEX, Case, DataError, check_nifti_file, discover, load_nifti,
                                           reorient, slice_affine)
 from lightning_distill.io import nnunet_dirs, save_nifti, staged_dir, write_json
 

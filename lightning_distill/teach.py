@@ -60,8 +60,9 @@ from lightning_distill import __version__
 from lightning_distill.config.load import config_key
 from lightning_distill.config.run import load_config
 from lightning_distill.data.build import make_preprocess
-from lightning_distill.data.nifti import (DataError, IGNORE_INDEX, LabelMapping, case_header, discover, read_case,
-                                          reorient, reoriented_shape, slice_affine)
+from lightning_distill.data.labels import LabelMapping
+from lightning_distill.data.nifti import (DataError, IGNORE_INDEX, case_header, discover, read_case, reorient,
+                                          reoriented_shape, slice_affine)
 from lightning_distill.data.phantom import CLASS_NAMES, render_volume
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.sources import DomainShift, affine_spacing, phantom_affine, phantom_spec

@@ -9,7 +9,8 @@ import pytest
 
 from lightning_distill.cli import main
 from lightning_distill.config import load_config
-from lightning_distill.data.nifti import IGNORE_INDEX, DataError, LabelMapping
+from lightning_distill.data.labels import LabelMapping
+from lightning_distill.data.nifti import IGNORE_INDEX, DataError
 from lightning_distill.train import build_source
 
 from conftest import REPO

@@ -48,7 +48,7 @@ def _neighbour_mask(s: ph.Subject, organ: str, label: np.ndarray, z: float) -> n
     x, y, zz = _grid(z)
     wx, wy, wz = ph._warp(s, x, y, zz)
     hu, _ = ph.render(dataclasses.replace(s, grain=None), x, y, zz)  # without the grain: at the level exactly
-    level = ph._HU[ph._ORGAN_LEVEL[organ]][s.phase] + s.intensity_jitter[ph._ORGAN_LEVEL[organ]]
+    level = ph.HU_LEVELS[ph._ORGAN_LEVEL[organ]][s.phase] + s.intensity_jitter[ph._ORGAN_LEVEL[organ]]
     out = np.zeros(label.shape, bool)
     for o, m, offset in s.neighbours:
         if o == organ:

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from lightning_distill.data.phantom import (_HU, _ORGAN_LEVEL, PhantomSpec, render, render_slice, render_volume, sample_subject,
+from lightning_distill.data.phantom import (HU_LEVELS, _ORGAN_LEVEL, PhantomSpec, render, render_slice, render_volume, sample_subject,
                                             volume_z)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def test_pole_mimics_look_like_the_pole_in_a_slice_but_are_separate_in_3d():
     checked = set()
     for sid in range(40):
         s = _unwarped(STUDENT_SPEC, sid)
-        levels = {k: v["noncontrast"] + s.intensity_jitter[k] for k, v in _HU.items()}
+        levels = {k: v["noncontrast"] + s.intensity_jitter[k] for k, v in HU_LEVELS.items()}
         for organ, m in s.mimics:
             o = s.organs[organ]
             end = 1 if m.center[2] > o.center[2] else -1

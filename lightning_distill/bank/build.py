@@ -55,7 +55,8 @@ from lightning_distill.bank.axial import axial_masked_labels, check_axial_range,
 from lightning_distill.bank.format import Bank, save_bank
 from lightning_distill.config.load import config_key
 from lightning_distill.data.case_cache import CaseCache, case_key
-from lightning_distill.data.nifti import Case, DataError, LabelMapping, read_case
+from lightning_distill.data.labels import LabelMapping
+from lightning_distill.data.nifti import Case, DataError, read_case
 from lightning_distill.io import atomic_write
 from lightning_distill.losses.prototype import class_means, masked_class_sums
 from lightning_distill.teacher_model import (ClassMap, inference_device, list_cases, load_model, model_logits,

@@ -31,6 +31,8 @@ LAYOUTS = ("auto", "nnunet", "msd", "folder")
 MODALITIES = ("CT", "MR", "none")
 MR_NORMS = ("percentile", "zscore")
 MODEL_FORMATS = ("checkpoint", "monai", "bundle", "torchscript")
+PHANTOM_MODALITIES = ("CT", "MR")
+PHANTOM_VERSIONS = ("0.3", "0.5")  # the generator: 0.3 (since 0.3.0, pinned) | 0.5 (learnable single-slice cues)
 
 
 class ConfigError(ValueError):

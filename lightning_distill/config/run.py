@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_distill.config.load import (LAYOUTS, MODALITIES, MR_NORMS, ON_MISSING, UNMAPPED, ConfigError, choice,
-                                           load_schema)
+from lightning_distill.config.load import (LAYOUTS, MODALITIES, MR_NORMS, ON_MISSING, PHANTOM_MODALITIES, PHANTOM_VERSIONS,
+                                           UNMAPPED, ConfigError, choice, load_schema)
 from lightning_distill.registry import METHODS
 
 
@@ -52,8 +52,8 @@ class PhantomConfig:
     noise_hu: List[float] = field(default_factory=lambda: [10.0, 25.0])
     blur: float = 0.6
     slice_z: List[float] = field(default_factory=lambda: [-0.6, 0.0])
-    modality: str = choice("CT", ("CT", "MR"))  # CT | MR (MRI-like rendering of the same anatomy)
-    version: str = choice("0.3", ("0.3", "0.5"))  # the generator: 0.3 (since 0.3.0, pinned) | 0.5 (learnable single-slice cues); see phantom.py
+    modality: str = choice("CT", PHANTOM_MODALITIES)  # CT | MR (MRI-like rendering of the same anatomy)
+    version: str = choice("0.3", PHANTOM_VERSIONS)  # the generator: 0.3 (since 0.3.0, pinned) | 0.5 (learnable single-slice cues); see phantom.py
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
 
@@ -66,7 +66,7 @@ class NiftiConfig:
     image_pattern: str = "images/*.nii.gz"  # folder layout: glob relative to root; {case} marks the case id (images/image_{case}.nii.gz)
     label_pattern: Optional[str] = "labels/{case}.nii.gz"  # folder layout: {case} = the case id (see image_pattern)
     # dataset label id (5 or "5") or name -> class name | ignore. Every label id that nothing maps follows
-    # `unmapped` (see lightning_distill.data.nifti.LabelMapping for the one rule of every layout).
+    # `unmapped` (see lightning_distill.data.labels.LabelMapping for the one rule of every layout).
     label_map: Dict[Any, str] = field(default_factory=dict)
     unmapped: str = choice("background", UNMAPPED)
     on_missing: str = choice("error", ON_MISSING)  # a label_map id or a class found in no label file

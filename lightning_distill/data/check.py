@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_distill.data.nifti import DataError, LabelMapping, discover, read_case
+from lightning_distill.data.labels import LabelMapping
+from lightning_distill.data.nifti import DataError, discover, read_case
 from lightning_distill.io import write_json, write_text
 
 _CTX: Dict[str, Any] = {}

@@ -97,6 +97,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from lightning_distill.data.phantom_tables import (HU_LEVELS, MODALITIES, MR_BOWEL_LOOP_SD, MR_LEVELS, MR_NOISE_PER_HU,
+                                                   MR_TEXTURE, VERSIONS)
+
 CLASS_NAMES: Tuple[str, ...] = (
     "background",
     "body_wall",
@@ -110,55 +113,6 @@ CLASS_NAMES: Tuple[str, ...] = (
 )
 PHASES: Tuple[str, ...] = ("noncontrast", "arterial", "venous")
 
-# Mean HU per (structure, phase). Liver/spleen, muscle/aorta(nc)/kidney(nc) overlap on purpose.
-_HU: Dict[str, Dict[str, float]] = {
-    "air": {"noncontrast": -1000, "arterial": -1000, "venous": -1000},
-    "fat": {"noncontrast": -100, "arterial": -100, "venous": -100},
-    "visceral": {"noncontrast": -60, "arterial": -60, "venous": -60},
-    "muscle": {"noncontrast": 50, "arterial": 55, "venous": 60},
-    "liver": {"noncontrast": 58, "arterial": 75, "venous": 110},
-    "spleen": {"noncontrast": 50, "arterial": 125, "venous": 112},
-    "kidney_cortex": {"noncontrast": 35, "arterial": 190, "venous": 165},
-    "kidney_medulla": {"noncontrast": 30, "arterial": 70, "venous": 150},
-    "aorta": {"noncontrast": 42, "arterial": 280, "venous": 150},
-    "bone": {"noncontrast": 380, "arterial": 380, "venous": 380},
-    "cortical": {"noncontrast": 750, "arterial": 750, "venous": 750},
-    "canal": {"noncontrast": 20, "arterial": 20, "venous": 20},
-    "bowel": {"noncontrast": 45, "arterial": 80, "venous": 100},
-    "colon": {"noncontrast": 52, "arterial": 75, "venous": 100},
-    "stomach": {"noncontrast": 15, "arterial": 20, "venous": 25},
-    "gas": {"noncontrast": -850, "arterial": -850, "venous": -850},
-}
-
-MODALITIES: Tuple[str, ...] = ("CT", "MR")
-VERSIONS: Tuple[str, ...] = ("0.3", "0.5")
-
-# T2-weighted-like MR signal per structure (arbitrary units, no contrast phases), with the relative
-# (log-normal) per-subject jitter of each. The ordering differs from CT on purpose: fluid >> kidney
-# medulla ~ fat > visceral fat ~ kidney cortex > spleen >> liver; spleen/liver and kidney
-# cortex/medulla are reversed or separated relative to CT; aorta (flow void), cortical bone and gas
-# are near zero. Bowel/colon contents vary (larger jitter, plus a per-loop factor).
-_MR: Dict[str, Tuple[float, float]] = {
-    "air": (0.0, 0.0),
-    "fat": (650.0, 0.05),
-    "visceral": (560.0, 0.06),
-    "muscle": (140.0, 0.08),
-    "liver": (240.0, 0.06),
-    "spleen": (470.0, 0.06),
-    "kidney_cortex": (520.0, 0.05),
-    "kidney_medulla": (680.0, 0.05),
-    "aorta": (35.0, 0.2),
-    "bone": (380.0, 0.08),
-    "cortical": (15.0, 0.2),
-    "canal": (950.0, 0.04),
-    "bowel": (400.0, 0.15),
-    "colon": (330.0, 0.15),
-    "stomach": (1000.0, 0.04),
-    "gas": (5.0, 0.2),
-}
-MR_BOWEL_LOOP_SD = 0.2  # relative spread of single bowel loops around the subject's bowel signal
-MR_TEXTURE = 6.0  # amplitude (a.u.) of each of the 3 soft-texture sinusoids in MR (CT: 2 HU)
-MR_NOISE_PER_HU = 1.0  # Rician noise sigma (a.u.) per HU of the subject's noise_hu draw
 
 
 @dataclass
@@ -306,7 +260,7 @@ def sample_subject(spec: PhantomSpec, subject_id: int) -> Subject:
         gas=gas,
         warp=warp,
         texture=texture,
-        intensity_jitter={k: float(r.normal(0, 8)) for k in _HU},
+        intensity_jitter={k: float(r.normal(0, 8)) for k in HU_LEVELS},
         mimics=_pole_mimics(spec, subject_id, organs),
         grain=_grain(spec, subject_id) if spec.version != "0.3" else None,
         neighbours=_neighbours(spec, subject_id, organs) if spec.version != "0.3" else [],
@@ -431,7 +385,7 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
     """Evaluate a subject's anatomy at the coordinates ``x, y, z`` (same shape).
 
     Args:
-        levels: intensity per structure (keys of ``_HU``; optional ``bowel_<i>`` per bowel loop);
+        levels: intensity per structure (keys of ``HU_LEVELS``; optional ``bowel_<i>`` per bowel loop);
             default: the subject's CT HU in its contrast phase (MR: :func:`mr_levels`).
         texture: amplitude of each of the 3 soft-texture sinusoids inside the body.
 
@@ -440,7 +394,7 @@ def render(s: Subject, x: np.ndarray, y: np.ndarray, z: np.ndarray, levels: Opti
         of :data:`CLASS_NAMES`), both of the coordinates' shape.
     """
     x, y, z = _warp(s, x, y, z)
-    hu_of = levels if levels is not None else {k: v[s.phase] + s.intensity_jitter[k] for k, v in _HU.items()}
+    hu_of = levels if levels is not None else {k: v[s.phase] + s.intensity_jitter[k] for k, v in HU_LEVELS.items()}
     label = np.zeros(x.shape, np.uint8)
     hu = np.full(x.shape, hu_of["air"], np.float32)
     bx, by = s.body
@@ -516,10 +470,10 @@ def _finish(s: Subject, spec: PhantomSpec, hu: np.ndarray, stream: int, blur_axe
 # Random streams of ``_rng(spec, subject_id, stream)``: 0 anatomy (sample_subject), 1/2 CT noise
 # (volume/slice), 3 MR levels, 4 MR bias field, 5/6 MR noise (volume/slice).
 def mr_levels(spec: PhantomSpec, s: Subject) -> Dict[str, float]:
-    """The subject's MR signal per structure (``_MR`` with per-subject jitter, and one value per
+    """The subject's MR signal per structure (``MR_LEVELS`` with per-subject jitter, and one value per
     bowel loop as ``bowel_<i>``), in arbitrary units; for :func:`render`'s ``levels``."""
     r = _rng(spec, s.subject_id, 3)
-    levels = {k: float(m * np.exp(r.normal(0, sd))) for k, (m, sd) in _MR.items()}
+    levels = {k: float(m * np.exp(r.normal(0, sd))) for k, (m, sd) in MR_LEVELS.items()}
     for i, f in enumerate(r.normal(0, MR_BOWEL_LOOP_SD, len(s.bowel))):
         levels[f"bowel_{i}"] = levels["bowel"] * float(np.exp(f))
     return levels

@@ -161,7 +161,7 @@ class NiftiSource(SubjectSource):
         spatial_dims: 3 for volumes (teacher) or 2 for single slices (student).
         preprocess: MONAI preprocessing (its ``shape`` is ``(X, Y, Z)``; ``Z = 1`` for 2D).
         layout, image_pattern, label_pattern: see :func:`lightning_distill.data.nifti.discover`.
-        label_map, unmapped, on_missing: see :class:`lightning_distill.data.nifti.LabelMapping`. The
+        label_map, unmapped, on_missing: see :class:`lightning_distill.data.labels.LabelMapping`. The
             resolved mapping and the voxels per class are printed once every case has been read.
         cases: keep only these case ids (e.g. one patient group); ``None`` keeps all.
         slice_mode: for ``spatial_dims=2``: ``file`` (each file is one sample: a 2D NIfTI or a 3D
@@ -187,7 +187,8 @@ class NiftiSource(SubjectSource):
                  slice_mode: str = "file", on_bad_case: str = "error", require_foreground: bool = True,
                  on_missing: str = "error", open_mode: str = "eager", cache_dir: Optional[str] = None):
         from lightning_distill.data.case_cache import CaseCache
-        from lightning_distill.data.nifti import DataError, LabelMapping, discover
+        from lightning_distill.data.labels import LabelMapping
+        from lightning_distill.data.nifti import DataError, discover
 
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
