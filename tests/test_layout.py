@@ -201,3 +201,8 @@ def test_no_core_import_runs_up_the_layers():
 def test_the_layer_check_sees_an_upward_import():
     assert _core_layer("lightning_distill.data.build") < _core_layer("lightning_distill.methods.cmedl")
     assert _core_layer("lightning_distill.config") == 0 and _core_layer("lightning_distill.train") == len(CORE_LAYERS) - 1
+
+
+def test_no_module_is_over_600_lines():
+    long = {str(f.relative_to(PACKAGE)): n for f in PACKAGE.rglob("*.py") if (n := len(f.read_text().splitlines())) > 600}
+    assert not long, f"split these modules (one concept a file): {long}"
