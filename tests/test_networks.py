@@ -17,6 +17,9 @@ def test_teacher_networks_by_name_and_their_head(name, kwargs, shape):
     assert out.shape == (shape[0], 4) + shape[2:]
     feats = hook.pop()
     assert feats.ndim == 5 and feats.shape[1] > 1
+    head = dict(net.named_modules())[head_module_name(name)]
+    with torch.no_grad():  # the hook holds exactly what the head turns into the output: the penultimate features
+        torch.testing.assert_close(head(feats), out)
 
 
 @pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus", "Linknet"])
@@ -26,7 +29,10 @@ def test_student_smp_architectures_by_name(arch):
     with torch.no_grad():
         out = net(torch.randn(2, 1, 64, 64))
     assert out.shape == (2, 5, 64, 64)
-    assert hook.pop().shape[0] == 2
+    feats = hook.pop()
+    assert feats.shape[0] == 2 and feats.shape[1] > 5
+    with torch.no_grad():  # the head of the hooked features is the network's output (smp: conv + upsampling)
+        torch.testing.assert_close(net.segmentation_head(feats), out)
 
 
 def test_factory_errors_list_valid_names():

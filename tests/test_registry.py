@@ -53,8 +53,25 @@ def test_unknown_method_names_the_registered_ones(tmp_path):
         load_config(f"{REPO}/experiments/student.yaml", ["distill.method=toy"])
     with pytest.raises(KeyError, match=r"unknown distillation method 'toy'; valid: \['cmedl', 'pixel', 'prototype', 'sikd'\]"):
         method_builder("toy")
-    for name in METHODS:  # every registered builder can be imported
-        assert callable(method_builder(name))
+    assert set(METHODS) == {"prototype", "sikd", "pixel", "cmedl"}
+
+
+@pytest.mark.parametrize("name", ["prototype", "sikd", "pixel", "cmedl"])
+def test_at_weight_0_every_method_but_cmedl_builds_the_plain_baseline_and_loads_no_teacher(name, tiny_student):
+    from lightning_distill.config import load_config
+    from lightning_distill.methods import CMEDLModule, StudentModule
+    from lightning_distill.train import build_module
+
+    cfg = load_config(f"{REPO}/experiments/student.yaml", [*tiny_student, f"distill.method={name}", "distill.weight=0",
+                                                           "distill.prototypes=null", "distill.teacher=/nonexistent.ckpt",
+                                                           "cmedl.target.shape=[64,64]"])
+    module = build_module(cfg, ["background", "a", "b"])
+    if name == "cmedl":  # its translator and teacher train beside the student: never a baseline
+        assert isinstance(module, CMEDLModule) and module.term_weights()["hint"] == 0
+    else:
+        assert type(module) is StudentModule and module.teacher_prototypes is None
+        w = module.term_weights()
+        assert w["dist_inter"] == 0 and w["dist_intra"] == 0 and {"seg_dice", "seg_ce"} <= set(w)
 
 
 def test_a_method_added_as_one_file_and_one_registry_line_builds_its_weighted_loss(toy_method, tiny_student):

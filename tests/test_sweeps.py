@@ -18,8 +18,13 @@ def _config_of(sweep):
     return os.path.join(REPO, cmd[cmd.index("fit") + 1])
 
 
-def test_the_sweeps_the_issue_asks_for_exist():
-    assert {os.path.basename(p) for p in SWEEPS} >= {"student.yaml", "sikd.yaml", "cmedl.yaml"}
+@pytest.mark.parametrize("sweep_file, method", [("student.yaml", "prototype"), ("sikd.yaml", "sikd"), ("cmedl.yaml", "cmedl")])
+def test_each_methods_sweep_searches_its_weight_in_a_config_of_that_method(sweep_file, method):
+    from lightning_distill.config import load_config
+
+    sweep = load_sweep(os.path.join(REPO, "experiments", "sweeps", sweep_file))
+    assert load_config(_config_of(sweep)).distill.method == method
+    assert "distill.weight" in sweep["parameters"] and sweep["metric"] == {"name": "val/dice", "goal": "maximize"}
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=os.path.basename)
