@@ -110,3 +110,44 @@ def test_a_method_added_as_one_file_and_one_registry_line_trains_end_to_end(toy_
     again = tmp_path / "test.json"  # the checkpoint loads back through the registry
     assert main(["test", str(out / "checkpoints" / "best.ckpt"), f"--out={again}"]) == 0
     assert json.loads(again.read_text())["test"]["dice"] == pytest.approx(res["test"]["dice"])
+
+
+# constructor argument -> the config key it comes from (the schema holds each default once; issue 34)
+CONSTRUCTOR_KEYS = {
+    "lr": "optim.lr", "weight_decay": "optim.weight_decay", "scheduler": "optim.scheduler", "dice_weight": "loss.dice_weight",
+    "ce_weight": "loss.ce_weight", "dice_batch": "loss.dice_batch", "val_hd95": "val_hd95", "sw_batch_size": "sw_batch_size",
+    "surface_tolerance": "surface_tolerance_mm", "input_transform": "input_transform", "distill_weight": "distill.weight",
+    "beta": "distill.beta", "gamma": "distill.gamma", "geometry": "distill.geometry", "log_floor": "distill.log_floor",
+    "min_pixels": "distill.min_pixels", "row_weight": "distill.row_weight", "min_reliability": "distill.min_reliability",
+    "grad_every": "distill.grad_every", "mask_classes": "distill.mask_classes", "hint_weight": "distill.weight",
+    "teacher_weight": "cmedl.teacher_weight", "adv_weight": "cmedl.adv_weight", "cycle_weight": "cmedl.cycle_weight",
+    "identity_weight": "cmedl.identity_weight", "translator_seg": "cmedl.translator_seg", "gan_lr": "cmedl.gan_lr",
+    "gan_betas": "cmedl.gan_betas", "hint_layers": "cmedl.hint_layers",
+}
+
+
+def test_module_constructors_default_to_the_schemas_defaults():
+    """A module built in a notebook without a config behaves as `fit` with the default config (SIKD's weight was
+    2.0 in its constructor, 1.0 in the schema)."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from lightning_distill.config import RunConfig
+    from lightning_distill.methods import CMEDLModule, PixelDistModule, SIKDModule, StudentModule
+    from lightning_distill.modules import SegmentationModule
+
+    schema = OmegaConf.structured(RunConfig)
+    checked, differ = 0, []
+    for cls in (SegmentationModule, StudentModule, SIKDModule, PixelDistModule, CMEDLModule):
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if name not in CONSTRUCTOR_KEYS or p.default is inspect.Parameter.empty:
+                continue
+            want = OmegaConf.select(schema, CONSTRUCTOR_KEYS[name])
+            want = OmegaConf.to_container(want) if OmegaConf.is_config(want) else want
+            have = list(p.default) if isinstance(p.default, tuple) else p.default
+            checked += 1
+            if have != want:
+                differ.append(f"{cls.__name__}({name}={p.default!r}) vs {CONSTRUCTOR_KEYS[name]}={want!r}")
+    assert checked > 30
+    assert not differ, differ

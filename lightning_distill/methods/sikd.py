@@ -44,13 +44,13 @@ class SIKDModule(SegmentationModule):
         feature_layer: module name whose *input* is the penultimate feature map (smp:
             ``segmentation_head``), in the student and, by default, in the teacher.
         teacher_feature_layer: the teacher's module name, if it differs.
-        distill_weight: weight of the MSE term (2.0 in the paper's code).
+        distill_weight: weight of the MSE term (``distill.weight``; the paper's code uses 2.0, as experiments/sikd.yaml).
         **kwargs: :class:`~lightning_distill.modules.SegmentationModule` arguments.
     """
 
     def __init__(self, net: nn.Module, class_names: Sequence[str], teacher: nn.Module,
                  feature_layer: str = "segmentation_head", teacher_feature_layer: Optional[str] = None,
-                 distill_weight: float = 2.0, **kwargs):
+                 distill_weight: float = 1.0, **kwargs):
         super().__init__(net, class_names, **kwargs)
         self.teacher = FrozenTeacher(teacher)
         self.distill_weight = float(distill_weight)
