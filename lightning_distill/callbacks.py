@@ -29,6 +29,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import WandbLogger
 
 from lightning_distill.bank.callback import PrototypeBank
 from lightning_distill.data.class_mean import class_mean_image
@@ -222,8 +223,6 @@ class RunPictures(Callback):
         return paths
 
     def _wandb(self, trainer: Trainer):
-        from lightning.pytorch.loggers import WandbLogger
-
         return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
 
     def _log_overlays(self, trainer: Trainer, triples, ids, step: int) -> None:

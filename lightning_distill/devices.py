@@ -20,19 +20,20 @@ children, and costs ~300 MB of GPU memory per process that never trains), and pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 _QUERY = "import torch; c = torch.cuda.get_device_capability(0); print(c[0], c[1], torch.cuda.get_device_name(0))"
 
 
 def process_group_size() -> int:
     """Processes of the default ``torch.distributed`` group (1 without an initialised one)."""
-    import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -190,7 +191,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
 def autocast_for(device: torch.device):
     """The inference autocast of ``device``: bf16 on GPUs with native bf16, fp16 on older GPUs, none on CPU
     (probabilities are taken in float32 after the network either way)."""
-    import contextlib
 
     if device.type != "cuda":
         return contextlib.nullcontext()

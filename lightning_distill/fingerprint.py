@@ -14,6 +14,7 @@ can say how many of the evaluated subjects the checkpoint was trained on.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -193,7 +194,6 @@ class IntensityCheck:
         """Warn if the inputs added since the last call are farther from the training reference than
         the threshold (the median of their distances: single slices see one level of the body).
         Returns that distance (``None`` when nothing is checked)."""
-        import warnings
 
         profiles, self.profiles = self.profiles, []
         if self.fp is None or not profiles:
@@ -221,7 +221,6 @@ def check_samples(fp: Optional[Mapping[str, Any]], images: Mapping[str, np.ndarr
     Returns:
         Sample id -> distance of the samples above the threshold.
     """
-    import warnings
 
     if fp is None:
         return {}

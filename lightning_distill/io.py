@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -133,9 +136,6 @@ def nnunet_dirs(root: Path) -> Path:
 
 
 def _claim_text() -> str:
-    import socket
-    import time
-
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
@@ -149,7 +149,6 @@ def read_claim(path: str | os.PathLike) -> dict:
 
 def _claim_is_stale(info: dict) -> bool:
     """A claim of a process on this host that no longer runs (a claim of another host is never judged stale)."""
-    import socket
 
     if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
         return False
@@ -189,7 +188,6 @@ def release(path: str | os.PathLike) -> None:
     """Remove a claim this process holds (a claim of another process is left alone)."""
     info = read_claim(path)
     if info.get("pid") == os.getpid():
-        import socket
 
         if info.get("host") == socket.gethostname():
             Path(path).unlink(missing_ok=True)
@@ -205,8 +203,6 @@ def exclusive(path: str | os.PathLike, timeout: float = 120.0, stale_after: floa
     Raises:
         TimeoutError: naming the lock file, when it could not be taken in time.
     """
-    import random
-    import time
 
     path = Path(path)
     t0 = time.monotonic()

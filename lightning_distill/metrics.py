@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from lightning_distill.devices import process_group_size
 
@@ -199,7 +200,6 @@ class CaseMeans:
 
     def compute(self) -> Tensor:
         """``(M,)`` means over the unique cases of every process (NaN for a column without a value)."""
-        from torchmetrics import MeanMetric
 
         chunks = self._chunks
         world = process_group_size()

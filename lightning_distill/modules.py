@@ -8,11 +8,13 @@ weighted sum whose terms are each logged (``train/seg_dice``, ``train/seg_ce``, 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss, MaskedDiceLoss
 from torch import Tensor, nn
@@ -382,7 +384,6 @@ def _wandb_run_id(trainer) -> Optional[str]:
     """The id of the run's W&B run (rank 0, ``logger=wandb``), else ``None``."""
     if trainer is None or not trainer.is_global_zero:
         return None
-    from lightning.pytorch.loggers import WandbLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
@@ -399,7 +400,6 @@ def checkpoint_class_names(checkpoint: Dict[str, Any]) -> Optional[List[str]]:
 def check_checkpoint(checkpoint: Dict[str, Any], class_names: Sequence[str], source: str = "the checkpoint") -> None:
     """Raise ``ValueError`` when ``checkpoint`` was trained on other classes (or another order) than
     ``class_names``; warn when it was written by another lightning_distill version."""
-    import warnings
 
     trained = checkpoint_class_names(checkpoint)
     if trained is None:

@@ -11,6 +11,7 @@ Each network also has a *head* module name: the module whose input is the penult
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
@@ -116,7 +117,6 @@ def build_network(
 def _check_kwargs(name: str, network_class: type, kw: Mapping[str, Any], extra: Sequence[str] = ()) -> None:
     """``ValueError`` naming the ``model.kwargs`` entries ``network_class`` does not take (``extra``: the
     package's own keys, e.g. DynUNet's ``depth``). Classes that take ``**kwargs`` are not checked."""
-    import inspect
 
     try:
         params = inspect.signature(network_class).parameters

@@ -54,6 +54,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill import __version__
@@ -447,7 +449,6 @@ def run_teach(cfg: DictConfig) -> Dict[str, Any]:
     t0 = time.perf_counter()
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     if world_env > 1:
-        import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("gloo")
@@ -469,7 +470,6 @@ def run_teach(cfg: DictConfig) -> Dict[str, Any]:
         raise FileExistsError(f"{out} exists; set overwrite=true to replace it")
     run = _Teach(cfg, 0, n)  # checks the config before any process starts
     run.start()
-    import torch.multiprocessing as mp
 
     threads = max(1, torch.get_num_threads() // n)
     with warnings.catch_warnings():

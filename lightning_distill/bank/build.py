@@ -49,6 +49,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.bank.axial import axial_masked_labels, check_axial_range, warn_empty_classes
@@ -280,7 +281,6 @@ def run_bank_build(cfg: DictConfig) -> Path:
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists; set overwrite=true to replace it")
-    import torch.multiprocessing as mp
 
     threads = max(1, torch.get_num_threads() // n)
     with warnings.catch_warnings():

@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassStatScores
 
@@ -91,7 +92,6 @@ def _eval_outputs(module: nn.Module, batch: Dict[str, Any], features: bool) -> T
 def _batches(data: Any) -> Iterator[Dict[str, Any]]:
     """Batches of ``data``: a DataLoader (as it is), a Dataset (one volume a batch), a batch dict,
     or a list/tuple of these (in order)."""
-    from torch.utils.data import DataLoader, Dataset
 
     items = data if isinstance(data, (list, tuple)) else [data]
     for item in items:

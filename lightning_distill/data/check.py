@@ -11,14 +11,18 @@ Written atomically as ``data_check.json`` and ``data_check.md``; nothing in the 
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_distill.data.build import make_preprocess
 from lightning_distill.data.labels import LabelMapping
 from lightning_distill.data.nifti import DataError, discover, read_case
 from lightning_distill.io import write_json, write_text
@@ -31,10 +35,6 @@ def _mapping(cfg: DictConfig, labels: Dict[int, str]) -> LabelMapping:
 
 
 def _init(cfg_dict: Dict[str, Any], labels: Dict[int, str]) -> None:
-    import torch
-
-    from lightning_distill.data.build import make_preprocess
-
     torch.set_num_threads(1)
     cfg = OmegaConf.create(cfg_dict)
     _CTX.update(cfg=cfg, labels=labels, pre=make_preprocess(cfg), dims=len(cfg.data.shape))
@@ -69,7 +69,6 @@ def check_data(cfg: DictConfig, out: str | Path, jobs: int = 1, root: Optional[s
         The report: ``{"root", "cases", "good", "bad": {case: problem}, "good_cases", "class_voxels",
         "coverage_problems", "seconds", "jobs"}``.
     """
-    import multiprocessing as mp
 
     n = cfg.data.nifti
     if cfg.data.source != "nifti":
@@ -98,7 +97,6 @@ def check_data(cfg: DictConfig, out: str | Path, jobs: int = 1, root: Optional[s
     for r in records:
         if r["ok"]:
             total.add_counts(r["label_ids"], r["label_counts"])
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_distill.data.sampling import EpochSampler, sample_generator, train_loader
+from lightning_distill.data.sampling import EpochSampler, compact_label_collate, sample_generator, train_loader
 from lightning_distill.data.sources import SubjectSource
 
 
@@ -295,8 +295,6 @@ class SegmentationDataModule(L.LightningDataModule):
         return batch
 
     def _gpu_loading(self) -> dict:
-        from lightning_distill.data.sampling import compact_label_collate
-
         return {"pin_memory": True, "collate_fn": compact_label_collate} if self._on_cuda() else {}
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:

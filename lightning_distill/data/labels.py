@@ -3,6 +3,7 @@ layout, with the counts of what it mapped and the check that every map entry and
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
@@ -11,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.config.load import ON_MISSING, UNMAPPED
-from lightning_distill.data.nifti import IGNORE_INDEX, DataError
+from lightning_distill.data.nifti import DataError, IGNORE_INDEX
 
 
 def _map_key(key, by_name: Mapping[str, int], source: str) -> int:
@@ -199,7 +200,6 @@ class LabelMapping:
                    + ", ".join(f"{k} {n:,}" for k, n in counts.items() if k != "ignore" or n))
             if self.on_missing == "error":
                 raise DataError(msg + " (set data.nifti.on_missing=warn to go on anyway)")
-            import warnings
 
             warnings.warn(msg, stacklevel=3)
         return problems

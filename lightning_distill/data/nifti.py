@@ -9,9 +9,11 @@ an all-background label where organs are required, a wrong number of dimensions,
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -276,8 +278,6 @@ def check_nifti_file(path: Path, what: str = "image"):
     Returns:
         ``(shape, affine (4, 4))`` from the header. Raises :class:`DataError` naming the file.
     """
-    import gzip
-    import zlib
 
     import nibabel as nib
 

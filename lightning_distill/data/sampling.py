@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 from torch.utils.data.distributed import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -131,7 +132,6 @@ def compact_label_collate(samples):
     """The default collate, with ``label`` as uint8 when every value fits (0..255, the ignore index 255
     included): an 8x smaller host-to-GPU copy; the DataModule's ``on_after_batch_transfer`` casts it back to
     int64 on the device."""
-    from torch.utils.data import default_collate
 
     batch = default_collate(samples)
     label = batch.get("label") if isinstance(batch, dict) else None

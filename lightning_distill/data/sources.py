@@ -7,12 +7,23 @@ phantom) only needs a new source.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from scipy.ndimage import zoom
 
+from lightning_distill.data.case_cache import CaseCache, case_key
+from lightning_distill.data.labels import LabelMapping
+from lightning_distill.data.nifti import (DataError, case_header, discover, read_case, reorient, reoriented_shape,
+                                          slice_affine)
 from lightning_distill.data.phantom import CLASS_NAMES, PhantomSpec, hu_window, render_slice, render_volume
+from lightning_distill.data.preprocess import Preprocess
+from lightning_distill.fingerprint import quantile_profile
+from lightning_distill.io import save_nifti, staged_dir, write_json
 
 # Physical extent of the phantom's normalised cube [-1, 1]^3, in mm (x, y, z).
 PHANTOM_EXTENT_MM = (400.0, 400.0, 300.0)
@@ -63,7 +74,6 @@ class DomainShift:
         """``image``: ``(C, *spatial)`` in [0, 1]."""
         if self.identity:
             return image
-        from scipy.ndimage import zoom
 
         x = image.astype(np.float32)
         if self.resolution > 1.0:
@@ -82,9 +92,6 @@ class DomainShift:
 def mr_percentile_normalise(image: np.ndarray, percentiles: Tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
     """Map one MR image's ``percentiles`` to 0 and 1, clipped (float32, same shape), exactly as
     :class:`~lightning_distill.data.preprocess.Preprocess` (``modality="MR"``) does for NIfTI files."""
-    import torch
-
-    from lightning_distill.data.preprocess import Preprocess
 
     pre = Preprocess(modality="MR", mr_norm="percentile", percentiles=tuple(percentiles))
     return pre.intensity(torch.from_numpy(np.ascontiguousarray(image, np.float32))[None])[0].numpy()
@@ -186,9 +193,6 @@ class NiftiSource(SubjectSource):
                  label_map: Optional[Dict] = None, unmapped: str = "background", cases: Optional[Sequence[str]] = None,
                  slice_mode: str = "file", on_bad_case: str = "error", require_foreground: bool = True,
                  on_missing: str = "error", open_mode: str = "eager", cache_dir: Optional[str] = None):
-        from lightning_distill.data.case_cache import CaseCache
-        from lightning_distill.data.labels import LabelMapping
-        from lightning_distill.data.nifti import DataError, discover
 
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -233,13 +237,11 @@ class NiftiSource(SubjectSource):
                 del self.cases[cid]
                 self.mapping.voxels, self.mapping.files = counted  # a skipped case's labels are not counted
         if self.skipped:
-            import warnings
 
             warnings.warn(f"{root}: skipped {len(self.skipped)} bad case(s) (data.on_bad_case=skip):\n"
                           + "\n".join(f"  {k}: {v}" for k, v in self.skipped.items()), stacklevel=2)
         if not self.cases:
             raise DataError(f"{root}: no usable case left")
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
         if self.mapping.voxels and rank_zero_only.rank == 0:  # DDP processes build the source too; one prints
             print(f"{self.mapping.summary()}\n  ({len(self.cases)} cases, {self.index.layout} layout)", flush=True)
@@ -251,9 +253,6 @@ class NiftiSource(SubjectSource):
 
     def _open_lazily(self, root) -> None:
         """Header checks only; the ids (slice mode ``all``: the depth after reorientation, from the header)."""
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-        from lightning_distill.data.nifti import DataError, case_header, reoriented_shape
 
         if not self.cases:
             raise DataError(f"{root}: no case")
@@ -274,10 +273,6 @@ class NiftiSource(SubjectSource):
                   flush=True)
 
     def _cache_key(self, case) -> str:
-        from dataclasses import asdict
-
-        from lightning_distill.data.case_cache import case_key
-
         settings = {"preprocess": asdict(self.preprocess), "lut": sorted(self.mapping.lut.items()),
                     "unmapped": self.mapping.unmapped, "dims": self.spatial_dims, "slice_mode": self.slice_mode,
                     "require_foreground": self.require_foreground}
@@ -311,9 +306,6 @@ class NiftiSource(SubjectSource):
         return item
 
     def _read_case(self, cid: str, case) -> Dict:
-        from lightning_distill.data.nifti import DataError, read_case
-        from lightning_distill.fingerprint import quantile_profile
-
         image, label, affine, _ = read_case(case, 3, self.mapping, self.require_foreground)
         if self.spatial_dims == 2 and self.slice_mode == "file" and image.shape[-1] != 1:
             raise DataError(f"{case.images[0]}: a single-slice sample must be 2D (or 3D with one slice), got shape {image.shape[1:]}; "
@@ -329,8 +321,6 @@ class NiftiSource(SubjectSource):
 
     def _per_slice(self, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> Dict:
         """Every axial slice preprocessed on its own, as a single-slice file would be."""
-        from lightning_distill.data.nifti import reorient, slice_affine
-
         image, new_affine, _ = reorient(image, affine, self.preprocess.orientation)
         label = reorient(label[None], affine, self.preprocess.orientation)[0][0] if label is not None else None
         imgs, lbls, spacings = [], [], []
@@ -367,8 +357,6 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False, layout: 
     Returns the number of cases written. The dataset is written into a temporary folder and moved
     into place when complete (a failure leaves ``dst`` as it was).
     """
-    from lightning_distill.io import staged_dir
-
     if layout not in ("nnunet", "folder"):
         raise ValueError(f"phantom export layout must be nnunet or folder, got {layout!r}")
     with staged_dir(dst, overwrite) as tmp:
@@ -378,8 +366,6 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False, layout: 
 
 def _write_phantom(source: PhantomSource, dst, layout: str) -> None:
     import nibabel as nib
-
-    from lightning_distill.io import save_nifti, write_json
 
     shape = tuple(source.shape)
     affine = phantom_affine(shape)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.nn.functional import all_reduce
 
 from lightning_distill.devices import process_group_size
 
@@ -49,7 +50,6 @@ def batch_dice_loss(logits: Tensor, label: Tensor, mask: Optional[Tensor] = None
     dims = [0, *range(2, logits.ndim)]
     stats = torch.stack([(probs * onehot).sum(dims), probs.sum(dims), onehot.sum(dims)])
     if sync and process_group_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
 
         stats = all_reduce(stats, op=dist.ReduceOp.SUM)
     inter, pred, truth = stats

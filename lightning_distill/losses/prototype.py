@@ -36,8 +36,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.nn.functional import all_reduce
 
 from lightning_distill.devices import process_group_size
 from lightning_distill.losses.dist import EPS
@@ -96,8 +98,6 @@ def all_reduce_class_sums(sums: Tensor, counts: Tensor) -> Tuple[Tensor, Tensor]
     """
     if process_group_size() == 1:
         return sums, counts
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce
 
     both = all_reduce(torch.cat([sums, counts.to(sums.dtype)[:, None]], dim=1), op=dist.ReduceOp.SUM)
     return both[:, :-1], both[:, -1]
