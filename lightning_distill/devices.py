@@ -52,7 +52,7 @@ def cuda_capability() -> Optional[Tuple[int, int, str]]:
         major, minor = torch.cuda.get_device_capability(0)
         return major, minor, torch.cuda.get_device_name(0)
     try:
-        import pynvml
+        import pynvml  # deferred: optional, GPU machines only
 
         pynvml.nvmlInit()
         try:

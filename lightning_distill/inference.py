@@ -13,13 +13,14 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import nibabel as nib
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from lightning_distill.checkpoints import load_checkpoint, load_network
 from lightning_distill.data.build import make_preprocess
-from lightning_distill.data.nifti import NIFTI_ENDINGS, DataError, check_nifti_file, load_nifti, reorient, slice_affine
+from lightning_distill.data.nifti import DataError, NIFTI_ENDINGS, check_nifti_file, load_nifti, reorient, slice_affine
 from lightning_distill.devices import autocast_for, resolve_device
 from lightning_distill.fingerprint import IntensityCheck
 from lightning_distill.io import save_nifti, staged_dir
@@ -99,6 +100,7 @@ def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affin
         batch_size: slices per forward of a 2D model.
         sw_batch_size: windows per forward of a 3D model (default: the run config's ``sw_batch_size``).
     """
+    # deferred: MONAI takes seconds to import; only sliding-window prediction needs it
     from monai.inferers import sliding_window_inference
 
     if batch_size < 1 or (sw_batch_size is not None and sw_batch_size < 1):
@@ -151,8 +153,6 @@ def predict_array(net: torch.nn.Module, cfg: DictConfig, data: np.ndarray, affin
 
 
 def _save_like(pred: np.ndarray, header, affine: np.ndarray, path: Path) -> None:
-    import nibabel as nib
-
     hdr = header.copy()
     hdr.set_data_dtype(np.uint8)
     out = nib.Nifti1Image(pred, affine, hdr)

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import nibabel as nib
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -71,8 +73,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_nifti(image, path: str | os.PathLike) -> None:
-    import nibabel as nib
-
     atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 
 def _monai_unet(spatial_dims: int, in_channels: int, out_channels: int, **kw) -> nn.Module:
-    from monai.networks.nets import UNet
+    from monai.networks.nets import UNet  # deferred: MONAI takes seconds to import; only a MONAI network needs it
 
     kw.setdefault("channels", (16, 32, 64, 128))
     kw.setdefault("strides", (2,) * (len(kw["channels"]) - 1))
@@ -29,7 +29,7 @@ def _monai_unet(spatial_dims: int, in_channels: int, out_channels: int, **kw) ->
 
 
 def _monai_dynunet(spatial_dims: int, in_channels: int, out_channels: int, **kw) -> nn.Module:
-    from monai.networks.nets import DynUNet
+    from monai.networks.nets import DynUNet  # deferred: MONAI takes seconds to import; only a MONAI network needs it
 
     depth = int(kw.pop("depth", 4))
     kw.setdefault("kernel_size", [3] * depth)
@@ -40,7 +40,7 @@ def _monai_dynunet(spatial_dims: int, in_channels: int, out_channels: int, **kw)
 
 
 def _monai_swinunetr(spatial_dims: int, in_channels: int, out_channels: int, **kw) -> nn.Module:
-    from monai.networks.nets import SwinUNETR
+    from monai.networks.nets import SwinUNETR  # deferred: MONAI takes seconds to import; only a MONAI network needs it
 
     kw.setdefault("feature_size", 12)
     return SwinUNETR(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kw)
@@ -56,6 +56,7 @@ MONAI_HEADS = {"UNet": "model.2", "DynUNet": "output_block", "SwinUNETR": "out"}
 
 def smp_architectures() -> Dict[str, type]:
     """segmentation-models-pytorch architectures by class name (``Unet``, ``FPN``, ...)."""
+    # deferred: smp (and timm) take seconds to import; only 2D networks need it
     import segmentation_models_pytorch as smp
 
     return {cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()}
@@ -90,6 +91,7 @@ def build_network(
     """
     kw = dict(kwargs or {})
     if name in MONAI_NETWORKS:
+        # deferred: MONAI takes seconds to import; only a MONAI network needs it
         import monai.networks.nets as monai_nets
 
         _check_kwargs(name, getattr(monai_nets, name), kw, extra=("depth",) if name == "DynUNet" else ())
@@ -98,6 +100,7 @@ def build_network(
     if name in archs:
         if spatial_dims != 2:
             raise ValueError(f"segmentation-models-pytorch architecture {name!r} is 2D only; for 3D use one of {sorted(MONAI_NETWORKS)}")
+        # deferred: smp (and timm) take seconds to import; only 2D networks need it
         import segmentation_models_pytorch as smp
 
         kw.setdefault("encoder_weights", None)

@@ -30,10 +30,11 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+import nibabel as nib
 import numpy as np
 
 from lightning_distill.data.labels import LabelMapping
-from lightning_distill.data.nifti import (IGNORE_INDEX, Case, DataError, check_nifti_file, discover, load_nifti,
+from lightning_distill.data.nifti import (Case, DataError, IGNORE_INDEX, check_nifti_file, discover, load_nifti,
                                           reorient, slice_affine)
 from lightning_distill.io import nnunet_dirs, save_nifti, staged_dir, write_json
 
@@ -138,7 +139,6 @@ def extract_slices(src: str | Path, dst: str | Path, rule: str, value, layout: s
             first), as ``data.nifti`` does; ``None`` copies the source's label ids.
         labels: ``False`` writes images only (label files are not read).
     """
-    import nibabel as nib
 
     src, dst = Path(src), Path(dst)
     index = discover(src, layout, image_pattern, label_pattern, require_labels=False)

@@ -110,6 +110,7 @@ def load_model(spec: DictConfig, dims: Sequence[int] = (3,)) -> LoadedModel:
         return LoadedModel(load_network(ckpt, cfg), names, {"format": fmt, "path": str(path), "sha256": file_sha256(path)},
                            pre, roi, in_channels=1, spatial_dims=len(cfg.data.shape))
     if fmt == "monai":
+        # deferred: MONAI takes seconds to import; only a 3D model's inference needs it
         import monai.networks.nets as nets
 
         path = _need_file(spec.path, "state_dict file of the MONAI network")
@@ -141,6 +142,7 @@ def load_model(spec: DictConfig, dims: Sequence[int] = (3,)) -> LoadedModel:
 def _load_bundle(spec: DictConfig) -> LoadedModel:
     """A MONAI bundle directory: ``configs/inference.{json,yaml,yml}`` (its ``network_def``) and
     ``models/model.pt`` (a state_dict), or ``models/model.ts`` (TorchScript)."""
+    # deferred: MONAI takes seconds to import; only a 3D model's inference needs it
     from monai.bundle import ConfigParser
 
     if not spec.path or not Path(spec.path).is_dir():
@@ -294,6 +296,7 @@ def model_logits(net: nn.Module, x: torch.Tensor, roi: Optional[Sequence[int]], 
         ValueError: the output's spatial shape is not the input's (not a segmentation network); ``where``
             names the input.
     """
+    # deferred: MONAI takes seconds to import; only a 3D model's inference needs it
     from monai.inferers import sliding_window_inference
 
     with torch.no_grad():

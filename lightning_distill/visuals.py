@@ -8,8 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from lightning_distill.io import atomic_write
 
@@ -19,7 +23,6 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
     the package never imports pyplot or switches matplotlib's backend, so plotting from a notebook
     (inline figures) or a GUI session keeps working, and nothing needs closing. Save with
     ``fig.savefig``."""
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=kwargs.pop("figsize", None))
     return fig, fig.subplots(nrows, ncols, **kwargs)
@@ -40,9 +43,6 @@ def to_2d(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor):
 
 
 def _label_cmap(num_classes: int):
-    import matplotlib
-    from matplotlib.colors import ListedColormap
-
     colours = matplotlib.colormaps["tab10" if num_classes <= 11 else "tab20"](np.arange(1, num_classes) % 20)
     return ListedColormap(colours)
 
@@ -65,7 +65,6 @@ def save_overlays(path: str | Path, images: Sequence[np.ndarray], truths: Sequen
             ax.set_title(name, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    from matplotlib.patches import Rectangle
 
     handles = [Rectangle((0, 0), 1, 1, color=cmap((i - 1) / max(k - 2, 1))) for i in range(1, k)]
     fig.legend(handles, class_names[1:], loc="lower center", ncol=min(k - 1, 5), fontsize=7, frameon=False)
@@ -108,7 +107,7 @@ def save_prototype_heatmaps(path: str | Path, matrices: Dict[str, torch.Tensor],
 
 def log_artifacts(logger, files: Dict[str, Optional[str]], run_name: str) -> List[str]:
     """Log files as W&B artifacts (``{type: path}``; missing paths are skipped). Returns the types logged."""
-    import wandb
+    import wandb  # deferred: only logger=wandb needs W&B
 
     logged = []
     for kind, path in files.items():

@@ -135,6 +135,7 @@ class SubjectDataset(Dataset):
         (``soft``: samples also carry ``soft`` values, moved with the image, linearly)."""
         shape = tuple(shape)
         if (shape, soft) not in self._transforms:
+            # deferred: MONAI takes seconds to import; only augmentation needs it
             from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd,
                                           RandShiftIntensityd)
 
@@ -163,6 +164,7 @@ class SubjectDataset(Dataset):
         ``weights_only=False`` to load), and a 64x64 slice augments in about 0.7x the time
         (``experiments/bench_speed.py`` measures the loaders).
         """
+        # deferred: MONAI takes seconds to import; only augmentation needs it
         from monai.data import get_track_meta, set_track_meta
 
         compose = self.augmentation(image.shape) if soft is None else self.augmentation(image.shape, soft=True)

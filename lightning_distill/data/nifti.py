@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import nibabel as nib
+import nibabel.orientations as no
 import numpy as np
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -258,7 +260,6 @@ def _discover_folder(root: Path, image_pattern: str, label_pattern: Optional[str
 
 def load_nifti(path: Path, what: str = "image"):
     """``(array, affine, header)`` of a NIfTI file, with every failure turned into a DataError."""
-    import nibabel as nib
 
     if not path.is_file():
         raise DataError(f"{path}: {what} file is missing")
@@ -279,7 +280,6 @@ def check_nifti_file(path: Path, what: str = "image"):
         ``(shape, affine (4, 4))`` from the header. Raises :class:`DataError` naming the file.
     """
 
-    import nibabel as nib
 
     if not path.is_file():
         raise DataError(f"{path}: {what} file is missing")
@@ -359,7 +359,6 @@ def case_header(case: Case, ndim: int, atol: float = 1e-3) -> Tuple[Tuple[int, .
     Raises:
         DataError: naming the file and the problem.
     """
-    import nibabel as nib
 
     def header(path: Path, what: str):
         if not path.is_file():
@@ -393,7 +392,6 @@ def case_header(case: Case, ndim: int, atol: float = 1e-3) -> Tuple[Tuple[int, .
 
 def reoriented_shape(shape: Sequence[int], affine: np.ndarray, axcodes: Optional[str]) -> Tuple[int, ...]:
     """The spatial shape of a ``shape`` array after :func:`reorient` to ``axcodes`` (no data needed)."""
-    import nibabel.orientations as no
 
     if not axcodes:
         return tuple(shape)
@@ -411,7 +409,6 @@ def reorient(data: np.ndarray, affine: np.ndarray, axcodes: Optional[str]):
         ``(data, affine, undo)`` where ``undo(array (X, Y, Z))`` maps an array on the new grid back
         to the input's axis order (for writing predictions in the input's orientation).
     """
-    import nibabel.orientations as no
 
     if not axcodes:
         return data, affine, (lambda a: a)

@@ -58,6 +58,7 @@ class Preprocess:
     # ------------------------------------------------------------------ spatial
     def spatial(self, mode: str):
         """The invertible spatial transforms (``mode``: interpolation for Spacing/Resize)."""
+        # deferred: MONAI takes seconds to import; only preprocessing needs it
         from monai.transforms import Compose, Orientation, Resize, ResizeWithPadOrCrop, Spacing
 
         ts = []
@@ -84,7 +85,9 @@ class Preprocess:
             ValueError: a CT window whose lower end is not below its upper end (it gave NaN or
                 constant images).
         """
+        # deferred: MONAI takes seconds to import; only preprocessing needs it
         from monai.transforms import ScaleIntensityRange
+        # deferred: MONAI takes seconds to import; only preprocessing needs it
         from monai.utils import convert_to_tensor
 
         if self.modality == "CT":
@@ -110,6 +113,7 @@ class Preprocess:
         """``(cropper, start, end)``: MONAI's ``CropForeground`` and its box around the voxels where any
         channel is above ``crop_threshold``, widened by ``crop_margin`` and kept inside the image;
         ``None`` when no voxel is above the threshold (the case is then not cropped)."""
+        # deferred: MONAI takes seconds to import; only preprocessing needs it
         from monai.transforms import CropForeground
 
         cropper = CropForeground(select_fn=functools.partial(torch.gt, other=float(self.crop_threshold)),
@@ -141,7 +145,7 @@ class Preprocess:
             ``None``, the list of spatial transforms applied to the image, which :meth:`invert`
             undoes, and the values tensor ``(V, *shape)`` float32 or ``None``.
         """
-        from monai.data import MetaTensor
+        from monai.data import MetaTensor  # deferred: MONAI takes seconds to import; only preprocessing needs it
 
         aff = torch.as_tensor(affine, dtype=torch.float64)
         img = MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=aff)
@@ -188,7 +192,8 @@ class Preprocess:
             chain: the transforms returned with it; undone in reverse order. Probabilities are
                 interpolated linearly; take the argmax afterwards.
         """
-        from monai.data import MetaTensor
+        from monai.data import MetaTensor  # deferred: MONAI takes seconds to import; only preprocessing needs it
+        # deferred: MONAI takes seconds to import; only preprocessing needs it
         from monai.transforms import Compose, Invert
 
         p = MetaTensor(probs.float(), affine=reference.affine.clone())

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import nibabel as nib
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -365,8 +366,6 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False, layout: 
 
 
 def _write_phantom(source: PhantomSource, dst, layout: str) -> None:
-    import nibabel as nib
-
     shape = tuple(source.shape)
     affine = phantom_affine(shape)
     mr = source.spec.modality == "MR"
