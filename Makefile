@@ -42,8 +42,8 @@ test-slow: $(STAMP) ## run only the slow tests (CI runs them after `make test`)
 # (docs/development.md, "Comparing floats"): MKL's AVX2 code path on one thread (MKL's reproducibility mode
 # fixes that path whatever the CPU) and its SSE2-level path; each would catch a bitwise comparison that holds
 # only on the CPU a test was written on. MKL_CBWR is ignored where torch has no MKL (e.g. aarch64).
-PORTABLE_TESTS ?= tests/test_bank_metric.py tests/test_bank.py tests/test_bank_build.py tests/test_bank_quality.py \
-	tests/test_losses.py tests/test_preprocess.py tests/test_controls.py tests/test_geometry.py tests/test_gpu_readiness.py \
+PORTABLE_TESTS ?= tests/bank \
+	tests/test_losses.py tests/test_preprocess.py tests/test_geometry.py tests/test_gpu_readiness.py \
 	tests/test_cmedl.py tests/test_nifti.py tests/test_spatial_augment.py tests/test_sikd.py tests/test_teach.py tests/test_transfer.py
 PORTABLE_ENVS ?= "MKL_CBWR=AVX2 OMP_NUM_THREADS=1" "MKL_CBWR=COMPATIBLE"
 

@@ -8,16 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from lightning_distill.losses.prototype import GEOMETRIES, identity_distances, prototype_dist_loss
 from lightning_distill.bank import Bank, control_bank
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 
 
 @pytest.fixture(scope="module")
 def bank():
-    with open(os.path.join(HERE, "data", "default_teacher_bank.json")) as f:
+    with open(os.path.join(REPO, "tests", "data", "default_teacher_bank.json")) as f:
         d = json.load(f)
     p = torch.tensor(d["prototypes"])
     counts = torch.tensor(d["counts"], dtype=torch.float64)
