@@ -17,17 +17,17 @@ from test_nifti import BAD, EXPECT, make_nnunet, source
 
 
 def _counting(monkeypatch):
-    """Count full reads of cases (read_case) in this process."""
-    import lightning_distill.data.nifti as nifti
+    """Count full reads of cases (read_case, as the sources call it) in this process."""
+    import lightning_distill.data.sources as sources
 
     reads = []
-    real = nifti.read_case
+    real = sources.read_case
 
     def counted(case, *a, **k):
         reads.append(case.case_id)
         return real(case, *a, **k)
 
-    monkeypatch.setattr(nifti, "read_case", counted)
+    monkeypatch.setattr(sources, "read_case", counted)
     return reads
 
 
