@@ -9,13 +9,16 @@ the method is used (``config`` validates the names against :mod:`lightning_disti
 
 Adding a method: write ``lightning_distill/methods/mine.py`` with a module subclassing
 ``SegmentationModule`` (extra loss terms in ``extra_terms``, their weights in ``term_weights``) and a
-``build`` function, then add one line to :data:`lightning_distill.registry.METHODS` (docs/architecture.md). A method's file may also define
-these hooks, which ``fit`` calls for a student of that method (and no other code names the method):
+``build`` function, then add one line to :data:`lightning_distill.registry.METHODS`
+(docs/architecture.md). A method's file may also define these hooks, which ``fit`` calls for a student
+of that method (and no other code names the method):
 
 * ``target_config(cfg) -> DictConfig``: a run config whose ``data`` is a second, unpaired modality;
   training batches then also carry its ``image_b`` (:func:`target_config` below);
 * ``figures(module, datamodule, cfg, output_dir) -> {results key: path}``: pictures written after the
   test, on rank 0, recorded in ``results.json`` (:func:`method_figures` below).
+
+The methods:
 
 * ``prototype`` — the core 3D->2D method: prototype-bank DIST, no teacher network (:mod:`.prototype`).
 * ``sikd`` — shape-intensity KD from a class-mean-image teacher (:mod:`.sikd`).
