@@ -13,8 +13,19 @@ import warnings
 from typing import List, Optional
 
 from lightning_distill import __version__
-from lightning_distill.config.commands import BankBuildConfig, TeachConfig
-from lightning_distill.config.load import schema_help
+
+
+class _ConfigKeysHelp(argparse.RawDescriptionHelpFormatter):
+    """Help whose epilog names a config schema (``BankBuildConfig``, ``TeachConfig``): its keys are listed
+    only when the help is printed, so no other command pays for reading the schemas."""
+
+    def add_text(self, text):
+        if text in ("BankBuildConfig", "TeachConfig"):
+            from lightning_distill.config import commands
+            from lightning_distill.config.load import schema_help
+
+            text = "config keys (key = default):\n" + "\n".join(schema_help(getattr(commands, text)))
+        super().add_text(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                          "bundle or TorchScript) over labelled or unlabelled volumes; resumable, multi-process",
                          description="Compute a prototype bank from a trained 3D model over a folder of NIfTI volumes "
                          "(see docs/bank.md); overrides key=value.",
-                         epilog="config keys (key = default):\n" + "\n".join(schema_help(BankBuildConfig)),
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog="BankBuildConfig",
+                         formatter_class=_ConfigKeysHelp)
     bb.add_argument("config", nargs="?", help="bank build YAML, e.g. experiments/bank.yaml (or only key=value overrides)")
     bb.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data/ct processes=2")
     bi = bsub.add_parser("inspect", help="print per-class rows (entropy, off-diagonal mass, reliability) and the bank's "
@@ -128,8 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                         "preprocessed as the student's, with the model's probabilities and confidence (docs/methods.md). "
                         "Resumable, multi-process, written whole or not at all; overrides key=value "
                         "(experiments/teach.yaml explains the keys).",
-                        epilog="config keys (key = default):\n" + "\n".join(schema_help(TeachConfig)),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog="TeachConfig",
+                        formatter_class=_ConfigKeysHelp)
     te.add_argument("config", nargs="?", help="teach YAML, e.g. experiments/teach.yaml (or only key=value overrides)")
     te.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.num_subjects=50 processes=2")
     cp = sub.add_parser("compare", help="a student beside its 3D teacher (and the baseline) on the same test slices",

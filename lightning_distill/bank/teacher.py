@@ -28,6 +28,13 @@ from lightning_distill.io import file_sha256
 from lightning_distill.networks import head_module_name
 
 
+def teacher_feature_layer(cfg: DictConfig) -> Optional[str]:
+    """The module whose input a feature-space teacher bank averages (``bank.feature_layer``, default the
+    network's head); ``None`` for a probability-space bank."""
+    b = cfg.bank
+    return (b.feature_layer or head_module_name(cfg.model.name)) if b.space == "feature" else None
+
+
 def run_bank_callback(cfg: DictConfig, names: Sequence[str], own_tau: float, out: Path,
                       axial: Optional[Tuple[float, float]]) -> Optional[PrototypeBank]:
     """The run's :class:`PrototypeBank`: a teacher's bank (``bank.*``; ``None`` with ``bank.source=final``,
@@ -36,9 +43,8 @@ def run_bank_callback(cfg: DictConfig, names: Sequence[str], own_tau: float, out
     b, teacher = cfg.bank, cfg.stage == "teacher"
     if teacher and b.source == "final":
         return None
-    feature = teacher and b.space == "feature"
     return PrototypeBank(names, space=b.space if teacher else "prob", tau=own_tau, taus=b.taus, momentum=b.momentum,
-                         start=b.start, feature_layer=(b.feature_layer or head_module_name(cfg.model.name)) if feature else None,
+                         start=b.start, feature_layer=teacher_feature_layer(cfg) if teacher else None,
                          export_path=str(out / (b.export if teacher else "student_prototypes.pt")),
                          metadata={"config": to_dict(cfg), "stage": cfg.stage}, axial_range=axial)
 
@@ -147,8 +153,8 @@ def export_teacher_bank(cfg: DictConfig, trainer: L.Trainer, module: nn.Module, 
             bank_cb.export(trainer, last)
         return
     volumes, split = final_volumes(dm, b.final_split)
-    feature_layer = (b.feature_layer or head_module_name(cfg.model.name)) if b.space == "feature" else None
-    bank = final_bank(module, volumes, names, space=b.space, tau=b.tau, taus=list(b.taus), feature_layer=feature_layer,
+    bank = final_bank(module, volumes, names, space=b.space, tau=b.tau, taus=list(b.taus),
+                      feature_layer=teacher_feature_layer(cfg),
                       axial_range=axial, device=device, max_batches=limit,
                       metadata={"config": to_dict(cfg), "stage": cfg.stage, "final_split": split, "checkpoint": weights,
                                 "checkpoint_sha256": file_sha256(weights) if weights else None, **meta})

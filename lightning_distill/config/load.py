@@ -45,13 +45,18 @@ def choice(default: str, options: Choices) -> Any:
     return dataclasses.field(default=default, metadata={"choices": options})
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    """A schema field's default value (its factory's product for a nested section)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def choices_of(schema: type, prefix: str = "") -> Dict[str, Choices]:
     """``{dotted key: choices}`` of every :func:`choice` field of ``schema``, nested dataclasses included."""
     out: Dict[str, Choices] = {}
     for f in dataclasses.fields(schema):
         if "choices" in f.metadata:
             out[prefix + f.name] = f.metadata["choices"]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _field_default(f)
         if dataclasses.is_dataclass(default):
             out.update(choices_of(type(default), f"{prefix}{f.name}."))
     return out
@@ -251,7 +256,7 @@ def schema_help(schema: type, prefix: str = "") -> List[str]:
     ``key = default  (one of: ...)  # the schema's comment``."""
     lines, comments = [], _field_comments(schema)
     for f in dataclasses.fields(schema):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _field_default(f)
         key = prefix + f.name
         if dataclasses.is_dataclass(default):
             lines.extend(schema_help(type(default), key + "."))

@@ -10,6 +10,7 @@ its signature. A field's allowed values are declared with it (:func:`~.load.choi
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,10 +282,15 @@ class RunConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=1)
+def _defaults() -> DictConfig:
+    """The run schema's defaults, built once (read-only)."""
+    return OmegaConf.structured(RunConfig)
+
+
 def _value(cfg: DictConfig, key: str) -> Any:
     """``cfg``'s value at ``key``, or the schema's default (a config written by an older version may lack it)."""
-    default = OmegaConf.select(OmegaConf.structured(RunConfig), key)
-    return OmegaConf.select(cfg, key, default=default)
+    return OmegaConf.select(cfg, key, default=OmegaConf.select(_defaults(), key))
 
 
 def is_baseline(cfg: DictConfig) -> bool:
