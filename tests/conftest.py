@@ -15,6 +15,17 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rng(request):
+    """Every test draws the same unseeded random inputs on every run (seeded from its own id), so a
+    failure reproduces; tolerances still have to hold for any draw, this only makes a miss repeatable."""
+    import zlib
+
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
 # Small sizes so that teacher and student runs take seconds on 2 CPU cores.
 TINY_TEACHER = [
     "data.num_subjects=8", "data.shape=[32,32,16]", "data.val_subjects=2", "data.test_subjects=2",
