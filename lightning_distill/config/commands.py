@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from lightning_distill.config.load import LAYOUTS, MODALITIES, MODEL_FORMATS, MR_NORMS, UNMAPPED, choice, load_schema
-from lightning_distill.config.run import PhantomConfig
+from lightning_distill.config.load import MODEL_FORMATS, UNMAPPED, choice, load_schema, same_as
+from lightning_distill.config.run import NiftiConfig, PhantomConfig
 
 
 @dataclass
@@ -30,28 +30,29 @@ class BankPreprocessConfig:
     """The model's own preprocessing (format checkpoint: taken from the checkpoint unless ``from_checkpoint=false``)."""
 
     from_checkpoint: bool = True
-    orientation: Optional[str] = "RAS"
-    spacing: Optional[List[float]] = None  # target mm; <= 0 keeps an axis; None: the file's grid
-    modality: str = choice("CT", MODALITIES)
-    ct_window: List[float] = field(default_factory=lambda: [-175.0, 250.0])
-    mr_norm: str = choice("percentile", MR_NORMS)
-    percentiles: List[float] = field(default_factory=lambda: [0.5, 99.5])
-    crop_foreground: bool = False
-    crop_threshold: float = 0.05
-    crop_margin: int = 4
+    # the same keys, defaults and choices as data.nifti's (NiftiConfig)
+    orientation: Optional[str] = same_as(NiftiConfig, "orientation")
+    spacing: Optional[List[float]] = same_as(NiftiConfig, "spacing")  # target mm; <= 0 keeps an axis; None: the file's grid
+    modality: str = same_as(NiftiConfig, "modality")
+    ct_window: List[float] = same_as(NiftiConfig, "ct_window")
+    mr_norm: str = same_as(NiftiConfig, "mr_norm")
+    percentiles: List[float] = same_as(NiftiConfig, "percentiles")
+    crop_foreground: bool = same_as(NiftiConfig, "crop_foreground")
+    crop_threshold: float = same_as(NiftiConfig, "crop_threshold")
+    crop_margin: int = same_as(NiftiConfig, "crop_margin")
 
 
 @dataclass
 class BankDataSpec:
     root: Optional[str] = None  # a folder of volumes (nnU-Net, MSD or plain layout, as data.nifti.root)
-    layout: str = choice("auto", LAYOUTS)
-    image_pattern: str = "images/*.nii.gz"
-    label_pattern: Optional[str] = "labels/{case}.nii.gz"
+    layout: str = same_as(NiftiConfig, "layout")
+    image_pattern: str = same_as(NiftiConfig, "image_pattern")
+    label_pattern: Optional[str] = same_as(NiftiConfig, "label_pattern")
     labels: str = choice("auto", ("auto", "use", "ignore"))  # auto: a case's label file when it has one, else pseudo-labels | use: every case needs one | ignore: pseudo-labels for every case
-    label_map: Dict[Any, str] = field(default_factory=dict)  # dataset label id or name -> bank class | ignore
+    label_map: Dict[Any, str] = same_as(NiftiConfig, "label_map")  # dataset label id or name -> bank class | ignore
     unmapped: str = choice("error", UNMAPPED)  # dataset label ids nothing maps
-    cases: Optional[List[str]] = None  # keep only these case ids
-    cache_dir: Optional[str] = None  # persistent cache of preprocessed cases (data.nifti.cache_dir's format); None: none
+    cases: Optional[List[str]] = same_as(NiftiConfig, "cases")  # keep only these case ids
+    cache_dir: Optional[str] = same_as(NiftiConfig, "cache_dir")  # persistent cache of preprocessed cases (data.nifti.cache_dir's format); None: none
     preprocess: BankPreprocessConfig = field(default_factory=BankPreprocessConfig)
 
 

@@ -45,6 +45,15 @@ def choice(default: str, options: Choices) -> Any:
     return dataclasses.field(default=default, metadata={"choices": options})
 
 
+def same_as(schema: type, name: str) -> Any:
+    """A schema field whose default (or factory) and choices are those of ``schema``'s field ``name``: one
+    definition for a key that two schemas share (its type annotation is checked equal by the tests)."""
+    f = next((f for f in dataclasses.fields(schema) if f.name == name), None)
+    if f is None:
+        raise KeyError(f"{schema.__name__} has no field {name!r}")
+    return dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
 def _field_default(f: dataclasses.Field) -> Any:
     """A schema field's default value (its factory's product for a nested section)."""
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -238,16 +247,20 @@ def config_key(cfg: DictConfig, ignore: Sequence[str] = ()) -> str:
 
 
 def _field_comments(schema: type) -> Dict[str, str]:
-    """``{field: the comment after it in the schema's source}`` (for ``--help``; ``{}`` without the source)."""
-    try:
-        lines = inspect.getsource(schema).splitlines()
-    except (OSError, TypeError):
-        return {}
-    out = {}
-    for line in lines:
-        m = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
-        if m and '"' not in line.split("#", 1)[1][:1]:
-            out.setdefault(m.group(1), m.group(2).strip())
+    """``{field: the comment after it in the schema's source}`` (for ``--help``; a field declared in a base
+    schema keeps that schema's comment unless the subclass redeclares it with one; ``{}`` without the source)."""
+    out: Dict[str, str] = {}
+    for cls in reversed([c for c in schema.__mro__ if dataclasses.is_dataclass(c)]):  # the subclass's own last: it wins
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):
+            continue
+        own: Dict[str, str] = {}
+        for line in lines:
+            m = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
+            if m and '"' not in line.split("#", 1)[1][:1]:
+                own.setdefault(m.group(1), m.group(2).strip())
+        out.update(own)
     return out
 
 

@@ -8,7 +8,7 @@ phantom) only needs a new source.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from scipy.ndimage import zoom
 
+from lightning_distill.config.run import ShiftConfig
 from lightning_distill.data.case_cache import CaseCache, case_key
 from lightning_distill.data.labels import LabelMapping
 from lightning_distill.data.nifti import (DataError, case_header, discover, read_case, reorient, reoriented_shape,
@@ -47,21 +48,11 @@ class SubjectSource:
         return len(self.ids)
 
 
-@dataclass(frozen=True)
-class DomainShift:
-    """A deterministic domain shift of windowed phantom images in [0, 1] (identity by default).
-
-    In order: ``resolution`` (down-sample by this factor, linear, then back to the grid: a coarser
-    scanner), ``gamma`` (``x ** gamma``: a non-linear intensity mapping), ``contrast`` and
-    ``brightness`` (``(x - 0.5) * contrast + 0.5 + brightness``), ``noise`` (extra Gaussian noise,
-    std in window units, seeded per subject); clipped to [0, 1]. Labels are not changed.
-    """
-
-    resolution: float = 1.0
-    gamma: float = 1.0
-    contrast: float = 1.0
-    brightness: float = 0.0
-    noise: float = 0.0
+@dataclass
+class DomainShift(ShiftConfig):
+    """The domain shift of ``data.phantom.shift`` (:class:`~lightning_distill.config.ShiftConfig`: its five
+    fields, their defaults and their order of application), validated and applied to windowed phantom
+    images in [0, 1]. The identity by default."""
 
     def __post_init__(self):
         if self.resolution < 1.0 or self.gamma <= 0 or self.contrast <= 0 or self.noise < 0:
@@ -118,7 +109,7 @@ class PhantomSource(SubjectSource):
     num_subjects: int
     shape: Sequence[int]
     window: Tuple[float, float] = (-175.0, 250.0)
-    shift: DomainShift = DomainShift()
+    shift: DomainShift = field(default_factory=DomainShift)
 
     def __post_init__(self):
         if len(self.shape) not in (2, 3):
