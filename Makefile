@@ -42,9 +42,10 @@ test-slow: $(STAMP) ## run only the slow tests (CI runs them after `make test`)
 # (docs/development.md, "Comparing floats"): MKL's AVX2 code path on one thread (MKL's reproducibility mode
 # fixes that path whatever the CPU) and its SSE2-level path; each would catch a bitwise comparison that holds
 # only on the CPU a test was written on. MKL_CBWR is ignored where torch has no MKL (e.g. aarch64).
-PORTABLE_TESTS ?= tests/bank \
-	tests/test_losses.py tests/test_preprocess.py tests/test_geometry.py tests/test_gpu_readiness.py \
-	tests/test_cmedl.py tests/test_nifti.py tests/test_spatial_augment.py tests/test_sikd.py tests/test_teach.py tests/test_transfer.py
+PORTABLE_TESTS ?= tests/bank tests/losses tests/methods \
+	tests/data/test_data.py tests/data/test_nifti.py tests/data/test_preprocess.py tests/data/test_sampling.py \
+	tests/data/test_spatial_augment.py tests/data/test_transfer.py tests/lab/test_bank_inspect.py \
+	tests/test_callbacks.py tests/test_devices.py tests/test_metrics.py tests/test_modules.py tests/test_teach.py
 PORTABLE_ENVS ?= "MKL_CBWR=AVX2 OMP_NUM_THREADS=1" "MKL_CBWR=COMPATIBLE"
 
 test-portable: $(STAMP) ## the float-comparing tests under other BLAS kernels and thread counts (what another CPU would do)

@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -122,3 +125,71 @@ def assert_close_to_precision(actual, expected, inputs=torch.float32, rel=None, 
     scale = float(e.abs().max()) if e.numel() else 0.0
     torch.testing.assert_close(a, e, rtol=rel, atol=rel * scale, equal_nan=True,
                                msg=(lambda m: f"{m}\n{msg}") if msg else None)
+
+
+# ------------------------------------------------------------------------------------------ runs in a subprocess
+# The CLI in its own process (resume after SIGKILL, DDP), its checkpoints, and which files each DDP rank wrote.
+
+# Records every file this process (a DDP rank) opens for writing or renames into place under LD_AUDIT_ROOT.
+AUDIT_SITECUSTOMIZE = """
+import atexit, json, os, sys
+_root, _log, _seen = os.environ["LD_AUDIT_ROOT"], os.environ["LD_AUDIT_LOG"], []
+def _hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+    elif event == "os.rename":
+        path, writes = args[1], True
+    else:
+        return
+    if writes and isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).startswith(_root):
+        _seen.append(os.fsdecode(path))
+sys.addaudithook(_hook)
+@atexit.register
+def _dump():
+    rank = os.environ.get("LOCAL_RANK", "0")
+    with open(f"{_log}.{os.getpid()}", "w") as f:
+        json.dump({"rank": rank, "files": sorted(set(_seen))}, f)
+"""
+
+
+def subprocess_env(**extra):
+    """The environment of a CLI subprocess: one thread, fixed hash seed, the repository (and ``PYTHONPATH`` in
+    ``extra``) importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra.get("PYTHONPATH"), REPO, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_cli(args, env=None, script=None, timeout=600):
+    """``lightning-distill ARGS`` (or ``python SCRIPT ARGS``) in a subprocess; the ``CompletedProcess``."""
+    cmd = [sys.executable, script] if script else [sys.executable, "-m", "lightning_distill.cli"]
+    return subprocess.run(cmd + list(args), env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def max_weight_diff(a, b):
+    sa, sb = load_ckpt(a)["state_dict"], load_ckpt(b)["state_dict"]
+    assert sa.keys() == sb.keys()
+    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].numel())
+
+
+def audit_env(tmp_path, root):
+    """A subprocess environment whose processes record the files they write under ``root`` (see ``writes_by_rank``)."""
+    site = tmp_path / "audit_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(AUDIT_SITECUSTOMIZE)
+    return subprocess_env(PYTHONPATH=str(site), LD_AUDIT_ROOT=str(root), LD_AUDIT_LOG=str(tmp_path / "audit"))
+
+
+def writes_by_rank(tmp_path):
+    """``{rank: [files written under the audited root]}`` of the processes run with ``audit_env(tmp_path, ...)``."""
+    by_rank = {}
+    for p in tmp_path.glob("audit.*"):
+        rec = json.loads(p.read_text())
+        by_rank.setdefault(rec["rank"], []).extend(rec["files"])
+    return by_rank

@@ -1,9 +1,21 @@
+"""Artifacts written safely (lightning_distill/io.py): the user's permissions, the previous file kept through a crash
+or a SIGKILL mid-write, truncated files named with their problem when read."""
+
 import os
+import signal
 import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from lightning_distill.io import atomic_write, staged_dir
+from conftest import subprocess_env as _env
+from lightning_distill.bank import load_bank, save_bank
+from lightning_distill.io import atomic_write, staged_dir, write_json
 
 
 @pytest.fixture
@@ -25,3 +37,72 @@ def test_atomic_writes_and_staged_folders_get_the_users_permissions(tmp_path, um
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "a.nii.gz").stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+@pytest.mark.parametrize("kind", ["bank", "json", "bytes", "checkpoint"])
+def test_a_crash_while_writing_keeps_the_previous_file(tmp_path, kind, monkeypatch):
+    from lightning_distill.bank import Bank
+    from lightning_distill.callbacks import AtomicCheckpointIO
+
+    target = tmp_path / {"bank": "prototypes.pt", "json": "results.json", "bytes": "config.yaml",
+                         "checkpoint": "last.ckpt"}[kind]
+    bank = Bank(torch.eye(3), torch.ones(3), ["background", "a", "b"], 1.0, "prob")
+    write = {"bank": lambda: save_bank(target, bank), "json": lambda: write_json(target, {"dice": 0.5}),
+             "bytes": lambda: atomic_write(target, lambda tmp: Path(tmp).write_text("seed: 0\n")),
+             "checkpoint": lambda: AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)}[kind]
+    write()
+    before = target.read_bytes()
+
+    def crash(obj, f, *a, **k):  # half the bytes reach the disk, then the process dies
+        Path(f).write_bytes(b"\x80partial")
+        raise KeyboardInterrupt
+
+    def crash_text(self, *a, **k):
+        Path.write_bytes(self, b"{\"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(Path, "write_text", crash_text)
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temp file left behind
+
+
+def test_sigkill_while_writing_keeps_the_previous_file(tmp_path):
+    """A process killed in the middle of a (slow, chunked) atomic write: the old file is untouched."""
+    target = tmp_path / "prototypes.pt"
+    target.write_bytes(b"previous")
+    script = textwrap.dedent(f"""
+        import time
+        from lightning_distill.io import atomic_write
+        def slow(tmp):
+            with open(tmp, "wb") as f:
+                for _ in range(1000):
+                    f.write(b"x" * 4096); f.flush(); time.sleep(0.01)
+        atomic_write({str(target)!r}, slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=_env())
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".prototypes.pt.") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.read_bytes() == b"previous"
+    leftovers = [p for p in tmp_path.iterdir() if p != target]
+    assert leftovers and all(p.name.startswith(".prototypes.pt.") for p in leftovers)  # the temp file, never the target
+
+
+def test_truncated_artifacts_give_clear_errors(tmp_path, teacher_bank):
+    from lightning_distill.checkpoints import load_checkpoint
+    from lightning_distill.lab.report import load_results
+
+    for name, load, message in [("results.json", load_results, "truncated or corrupt"),
+                                ("prototypes.pt", load_bank, "truncated or not a bank"),
+                                ("checkpoints/last.ckpt", load_checkpoint, "truncated or not a checkpoint")]:
+        data = (teacher_bank / name).read_bytes()
+        cut = tmp_path / Path(name).name
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=f"{cut.name}.*{message}"):
+            load(cut)

@@ -19,19 +19,6 @@ def _batches(n=3, k=3, seed=0):
         yield torch.randn(2, k, 4, 4, generator=g), torch.randint(0, k, (2, 1, 4, 4), generator=g)
 
 
-def test_running_mean_equals_mean_over_all_accumulated_pixels():
-    names = ["background", "a", "b"]
-    cb = PrototypeBank(names, start=0.0)
-    all_logits, all_labels = [], []
-    for logits, labels in _batches():
-        cb.on_train_batch_end(_FakeTrainer(), None, {"logits": logits}, {"label": labels}, 0)
-        all_logits.append(logits)
-        all_labels.append(labels)
-    expected, _ = masked_class_mean(torch.softmax(torch.cat(all_logits), 1), torch.cat(all_labels), 3)
-    assert torch.allclose(cb.prototypes, expected, atol=1e-6)
-    assert cb.prototypes.dtype == torch.float32
-
-
 def test_ema_and_start_fraction():
     names = ["background", "a", "b"]
     cb = PrototypeBank(names, momentum=0.5, start=0.5)
@@ -47,16 +34,40 @@ def test_ema_and_start_fraction():
     assert torch.allclose(cb.prototypes, 0.5 * m0 + 0.5 * m1, atol=1e-6)
 
 
-def test_state_dict_round_trip_and_class_check():
-    names = ["background", "a", "b"]
-    cb = PrototypeBank(names, start=0.0)
-    for logits, labels in _batches():
-        cb.on_train_batch_end(_FakeTrainer(), None, {"logits": logits}, {"label": labels}, 0)
-    other = PrototypeBank(names)
-    other.load_state_dict(cb.state_dict())
-    assert torch.equal(other.prototypes, cb.prototypes) and torch.equal(other.counts, cb.counts)
-    with pytest.raises(ValueError, match="classes"):
-        PrototypeBank(["background", "x", "y"]).load_state_dict(cb.state_dict())
+def test_bank_accumulates_every_temperature_and_the_student_reads_its_own(tmp_path):
+    from lightning_distill.losses import masked_class_mean
+    from lightning_distill.methods.prototype import StudentModule
+    from lightning_distill.networks import build_network
+    from lightning_distill.bank import PrototypeBank, load_bank, save_bank
+
+    names = ["background", "a", "b", "c"]
+    cb = PrototypeBank(names, tau=1.0, taus=[0.5, 1.0, 4.0], start=0.0)
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 4, 4, 4, generator=g) * 3 for _ in range(3)]
+    labels = [torch.randint(0, 4, (2, 1, 4, 4), generator=g) for _ in range(3)]
+    for z, y in zip(logits, labels):
+        cb.on_train_batch_end(_FakeTrainer(), None, {"logits": z}, {"label": y}, 0)
+    bank = cb.bank()
+    assert bank.taus == [0.5, 1.0, 4.0]
+    for t in bank.taus:  # the mean of softmax(z / t) over each class's pixels, at every t
+        expected, _ = masked_class_mean(torch.softmax(torch.cat(logits) / t, 1), torch.cat(labels), 4)
+        assert torch.allclose(bank.at_tau(t), expected, atol=1e-6), t
+    assert torch.equal(bank.at_tau(None), bank.prototypes) and torch.equal(bank.at_tau(1.0), bank.prototypes)
+    save_bank(tmp_path / "b.pt", bank)
+    loaded = load_bank(tmp_path / "b.pt")
+    assert loaded.taus == [0.5, 1.0, 4.0] and torch.allclose(loaded.at_tau(4.0), bank.at_tau(4.0))
+    with pytest.raises(ValueError, match=r"\[0.5, 1.0, 4.0\].*distill.tau=2"):
+        loaded.at_tau(2.0)
+    # a restored callback (checkpoint) continues every temperature
+    again = PrototypeBank(names, tau=1.0, taus=[0.5, 4.0], start=0.0)
+    again.load_state_dict(cb.state_dict())
+    assert torch.allclose(again.bank().at_tau(0.5), bank.at_tau(0.5))
+
+    net = build_network("Unet", 2, 1, 4, encoder="resnet18", kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
+    student = StudentModule(net, names, bank=loaded, tau=4.0)
+    assert student.tau == 4.0 and torch.equal(student.teacher_prototypes, loaded.at_tau(4.0))
+    with pytest.raises(ValueError, match="distill.tau=3"):
+        StudentModule(net, names, bank=loaded, tau=3.0)
 
 
 def test_bad_arguments():

@@ -3,13 +3,17 @@ per-step float64 sums it replaces, on one process and on two gloo processes (DDP
 
 import datetime
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import FakeTrainer, assert_close_to_precision
+from conftest import REPO, TINY_TEACHER, FakeTrainer, assert_close_to_precision
+from conftest import (audit_env as _audit_env, load_ckpt as _ckpt, max_weight_diff as _max_weight_diff, run_cli as _cli,
+                      writes_by_rank as _writes_by_rank)
+from lightning_distill.losses import masked_class_mean
 from lightning_distill.losses.prototype import class_means, masked_class_sums
 from lightning_distill.bank import ClassSums, PrototypeBank, load_bank
 
@@ -128,10 +132,15 @@ def test_one_process_bank_equals_the_per_step_float64_sums(name):
     assert cb.prototypes.dtype == torch.float32
     assert_close_to_precision(cb.prototypes, means.float())
     assert cb._pending.update_count == 0  # nothing left to fold
+    if name == "running":  # the mean over every pixel accumulated, the batches taken at once
+        expected, _ = masked_class_mean(torch.softmax(torch.cat([lg for lg, _ in batches]), 1),
+                                        torch.cat([lb for _, lb in batches]), K)
+        assert torch.allclose(cb.prototypes, expected, atol=1e-6)
 
 
 def test_state_dict_keeps_the_checkpoint_format():
-    """Checkpoints written before ClassSums load, and new ones have the same keys and dtypes."""
+    """Checkpoints written before ClassSums load, and new ones have the same keys and dtypes; a bank of other
+    classes refuses the state."""
     batches = _batches(4)
     cb = _feed(PrototypeBank(NAMES, start=0.0, taus=[0.5]), batches)
     state = cb.state_dict()
@@ -141,6 +150,9 @@ def test_state_dict_keeps_the_checkpoint_format():
                   "class_names": list(NAMES), "space": "prob", "tau": 1.0, "momentum": None}
     again = PrototypeBank(NAMES, start=0.0, taus=[0.5])
     again.load_state_dict(old_format)
+    assert torch.equal(again.prototypes, cb.prototypes) and torch.equal(again.counts, cb.counts)
+    with pytest.raises(ValueError, match="classes"):
+        PrototypeBank(["c0", "x", "y", "z"]).load_state_dict(state)
     more = _batches(3, seed=1)
     _feed(again, more)
     _assert_state_equal(again.state_dict(), _reference(CONFIGS["running"] | {"taus": [0.5]}, batches + more), exact=False)
@@ -275,3 +287,40 @@ def test_final_bank_and_reliability_equal_the_former_sums_on_one_and_two_process
             assert r[n]["reliability"] == one["reliability"]  # integer counts: exact
             torch.testing.assert_close(r[n]["prototypes"], one["prototypes"], rtol=0, atol=1e-6)
             torch.testing.assert_close(r[n]["tau"], one["tau"], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ DDP through Lightning
+# The bank of a real 2-process DDP teacher run (Lightning's strategy, hooks and export) vs one process; rank 0 alone
+# writes. test_two_gloo_processes_hold_the_single_process_bank checks the callback's reduction itself.
+TEACHER_YAML = os.path.join(REPO, "experiments/teacher.yaml")
+DDP_TEACHER = [*TINY_TEACHER, "data.num_subjects=12", "trainer.max_steps=6", "trainer.deterministic=true",
+               "trainer.accelerator=cpu", "pictures=2"]
+
+
+@pytest.mark.slow
+def test_ddp_teacher_bank_equals_single_process(tmp_path):
+    """2 gloo processes with batches of 2 vs 1 process with batches of 4 over the same data, default loss.
+
+    The union of the processes' batches is the single process's batch (same samples, same
+    augmentations); the cross-entropy is a mean over pixels and the Dice is computed over the global
+    batch, so both runs follow the same trajectory up to float rounding, and so do their banks."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    r = _cli(["fit", TEACHER_YAML, f"output_dir={single}", *DDP_TEACHER, "data.batch_size=4", "trainer.devices=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli(["fit", TEACHER_YAML, f"output_dir={ddp}", *DDP_TEACHER, "data.batch_size=2", "trainer.devices=2",
+              "trainer.strategy=ddp"], env=_audit_env(tmp_path, ddp))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in r.stderr + r.stdout
+    a, b = load_bank(single / "prototypes.pt"), load_bank(ddp / "prototypes.pt")
+    diff = (a.prototypes - b.prototypes).abs().max().item()
+    wa, wb = (_ckpt(d / "checkpoints/last.ckpt")["state_dict"] for d in (single, ddp))
+    rel = (sum((wa[k].double() - wb[k].double()).pow(2).sum() for k in wa) / sum(wa[k].double().pow(2).sum() for k in wa)) ** 0.5
+    print(f"bank max abs diff DDP vs single: {diff:.1e}; weights max abs diff "
+          f"{_max_weight_diff(single / 'checkpoints/last.ckpt', ddp / 'checkpoints/last.ckpt'):.1e}, relative L2 {rel:.1e}")
+    assert torch.equal(a.counts, b.counts) and a.counts.sum() > 0
+    assert diff < 1e-5
+    writes = _writes_by_rank(tmp_path)
+    assert set(writes) == {"0", "1"}, writes.keys()
+    assert writes["1"] == [], writes["1"]  # rank 1 wrote nothing under the output folder
+    names = {Path(p).name for p in writes["0"]}
+    assert {"config.yaml", "prototypes.pt", "results.json", "last.ckpt", "best.ckpt", "overlays.png"} <= names

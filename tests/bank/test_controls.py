@@ -16,7 +16,7 @@ from lightning_distill.bank import Bank, control_bank
 
 @pytest.fixture(scope="module")
 def bank():
-    with open(os.path.join(REPO, "tests", "data", "default_teacher_bank.json")) as f:
+    with open(os.path.join(REPO, "tests", "fixtures", "default_teacher_bank.json")) as f:
         d = json.load(f)
     p = torch.tensor(d["prototypes"])
     counts = torch.tensor(d["counts"], dtype=torch.float64)

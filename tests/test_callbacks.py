@@ -1,7 +1,9 @@
-"""``LastCheckpoint``: when ``last.ckpt`` is written, what it holds, and that it stays on Lightning's public API."""
+"""``LastCheckpoint``: when ``last.ckpt`` is written, what it holds, and that it stays on Lightning's public API; the
+time-based cadence of checkpoints and pictures."""
 
 import ast
 import inspect
+import os
 import textwrap
 
 import lightning as L
@@ -9,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import REPO, TINY_TEACHER
 from lightning_distill.callbacks import AtomicCheckpointIO, LastCheckpoint
 
 
@@ -160,3 +163,29 @@ def test_uses_no_private_lightning_names():
     assert private == []
     assert not any(cls.__module__.startswith("lightning") and cls.__name__ == "ModelCheckpoint"
                    for cls in LastCheckpoint.__mro__)
+
+
+def test_time_based_checkpoint_and_picture_cadence(tmp_path, monkeypatch):
+    """checkpoint.min_minutes / pictures_min_minutes (auto: 0 on CPU, 5 and 10 on a GPU): last.ckpt every 2 steps
+    and pictures after every validation by default here; with 60 minutes, last.ckpt only at the end and pictures
+    at the first validation and the end."""
+    from lightning_distill.cli import main
+    from lightning_distill.callbacks import AtomicCheckpointIO
+
+    writes = []
+    real = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint",
+                        lambda self, ckpt, path, *a, **k: (writes.append((os.path.basename(str(path)), ckpt["global_step"])),
+                                                           real(self, ckpt, path, *a, **k))[1])
+    run = ["fit", os.path.join(REPO, "experiments/teacher.yaml"), *TINY_TEACHER, "trainer.max_steps=6",
+           "trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2", "checkpoint.every_n_steps=2",
+           "data.num_subjects=12", "pictures=1"]
+    assert main([*run, f"output_dir={tmp_path / 'a'}"]) == 0
+    assert sorted({s for n, s in writes if n == "last.ckpt"}) == [2, 4, 6]
+    assert len(list((tmp_path / "a" / "images" / "steps").glob("overlays_step*.png"))) == 3
+    writes.clear()
+    assert main([*run, f"output_dir={tmp_path / 'b'}", "checkpoint.min_minutes=60", "pictures_min_minutes=60"]) == 0
+    assert [s for n, s in writes if n == "last.ckpt"] == [6]  # the final write is never skipped
+    assert sorted(p.name for p in (tmp_path / "b" / "images" / "steps").glob("overlays_step*.png")) == [
+        "overlays_step000002.png", "overlays_step000006.png"]
+    assert main([*run, f"output_dir={tmp_path / 'c'}", "checkpoint.min_minutes=soon"]) == 2

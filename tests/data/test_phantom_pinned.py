@@ -1,10 +1,10 @@
 """Today's phantom renders exactly as before (issue 31, item 3: a new phantom version must leave this one
 reproducible). A few subjects of both populations (the students' CT slices, the teacher's CT volumes, MR
-slices) are rendered and held against ``tests/data/phantom_0.3_renders.json``: label maps by SHA-256 (whole
+slices) are rendered and held against ``tests/fixtures/phantom_0.3_renders.json``: label maps by SHA-256 (whole
 numbers: exact), images by float64 fingerprints (sum, sum of squares and 16 pixels at fixed places) to
 float32 precision, since the sines and exponentials of the rendering may round otherwise on another CPU
 (docs/development.md, "Comparing floats"). Regenerate the file only for a deliberate change of this
-version: ``python tests/test_phantom_pinned.py --write``.
+version: ``PYTHONPATH=tests python tests/data/test_phantom_pinned.py --write``.
 """
 
 import hashlib
@@ -15,11 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import assert_close_to_precision
+from conftest import REPO, assert_close_to_precision
 from lightning_distill.data.phantom import PhantomSpec, render_slice, render_volume
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PINNED = os.path.join(HERE, "data", "phantom_0.3_renders.json")
+PINNED = os.path.join(REPO, "tests", "fixtures", "phantom_0.3_renders.json")
 CASES = {  # name -> (spec, renderer, shape): the populations of experiments/student.yaml, teacher.yaml and cmedl.yaml
     "student_ct_slice": (PhantomSpec(seed=2, phases=("noncontrast",), noise_hu=(20, 35), slice_z=(-0.6, 0.0)), "slice", (64, 64)),
     "teacher_ct_volume": (PhantomSpec(seed=1, noise_hu=(10, 35)), "volume", (32, 32, 16)),

@@ -1,13 +1,13 @@
-"""What a GPU run depends on, tested on CPU (issue 20; docs/gpu.md lists what was run where):
-mixed precision of the prototype sums, DDP-global prototype-DIST, every parameter used at weight 0,
-validation cases counted once under DDP, and the trainer defaults chosen from the device."""
+"""Devices, DDP and precision (lightning_distill/devices.py; issue 20, docs/gpu.md lists what was run where), tested
+on CPU: mixed precision of the prototype sums, DDP-global prototype-DIST, validation cases counted once under DDP,
+students of every method under DDP with rank 0 alone writing, bf16 and fp16 runs, and the trainer defaults and
+accelerator settings chosen from the device."""
 
 import csv
 import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,12 +15,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import REPO, TINY_STUDENT, TINY_TEACHER, assert_close_to_precision
+from conftest import audit_env as _audit_env, load_ckpt as _ckpt, writes_by_rank as _writes_by_rank
 from lightning_distill import devices
+from lightning_distill.bank import load_bank
+from lightning_distill.cli import main
 from lightning_distill.losses.prototype import (all_reduce_class_sums, class_means, masked_class_sums,
                                                prototype_dist_terms)
 from lightning_distill.metrics import CaseMeans
-from lightning_distill.modules import weighted_sum
 
+TEACHER_YAML = os.path.join(REPO, "experiments/teacher.yaml")
+STUDENT_YAML = os.path.join(REPO, "experiments/student.yaml")
+
+
+# ------------------------------------------------------------------------------------------ precision of the prototype sums
 K = 5
 
 
@@ -67,16 +74,6 @@ def test_class_sums_and_prototype_loss_under_autocast_equal_fp32(dtype):
     assert torch.allclose(sums, ref_sums, rtol=1e-6, atol=1e-3) and torch.equal(counts, ref_counts)
     for a, b in ((inter, ref_inter), (intra, ref_intra)):
         assert torch.isfinite(a) and abs(float(a) - float(b)) < 1e-3
-
-
-def test_weighted_sum_keeps_zero_weight_terms_in_the_graph_and_adds_nothing():
-    a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
-    loss = weighted_sum({"seg": a * 1.5, "dist": b * 2.0, "unweighted": b * 7.0}, {"seg": 2.0, "dist": 0.0})
-    assert float(loss.detach()) == 6.0
-    ga, gb = torch.autograd.grad(loss, (a, b))  # b is used (DDP's reducer needs every parameter) with a 0 gradient
-    assert float(ga) == 3.0 and float(gb) == 0.0
-    nan = weighted_sum({"seg": a * 1.0, "dist": b * float("nan")}, {"seg": 1.0, "dist": 0.0})
-    assert float(nan.detach()) == 2.0  # a term that does not count cannot make the loss NaN
 
 
 # ------------------------------------------------------------------------------------------ device defaults
@@ -160,24 +157,9 @@ def test_two_process_prototype_terms_and_validation_means_equal_one_process(tmp_
         assert torch.allclose(x["val"], expected)
 
 
-def test_case_means_in_one_process_equal_torchmetrics_mean():
-    from torchmetrics import MeanMetric
-
-    g = torch.Generator().manual_seed(0)
-    chunks = [torch.rand(3, 4, generator=g) for _ in range(5)]
-    chunks[1][0, 2] = float("nan")
-    means, ref = CaseMeans(4), [MeanMetric(nan_strategy="ignore") for _ in range(4)]
-    for n, c in enumerate(chunks):
-        means.update([f"{n}-{i}" for i in range(3)], c)
-        for j, m in enumerate(ref):
-            m.update(c[:, j].clone())  # a contiguous column, as CaseMeans passes it: the very same computation
-    assert torch.equal(means.compute(), torch.stack([m.compute() for m in ref]))  # the same MeanMetric updates
-    with pytest.raises(ValueError, match=r"\(2, 4\)"):
-        means.update(["a", "b"], torch.zeros(2, 3))
-
-
-def _cli(args, timeout=900):
-    env = {**os.environ, "PYTHONPATH": REPO, "WANDB_MODE": "offline"}
+def _cli(args, env=None, timeout=900):
+    """``lightning-distill ARGS`` in a subprocess started in the repository (``env``: an audited DDP run's)."""
+    env = env or {**os.environ, "PYTHONPATH": REPO, "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "lightning_distill.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
 
@@ -223,7 +205,8 @@ def _weights_rel_l2(a, b):
 def test_ddp_student_follows_the_single_process_student(tmp_path, teacher_bank):
     """2 gloo processes x batches of 2 vs 1 process x batches of 4, prototype-DIST at lambda = 1: the class
     sums are all-reduced, so both optimise the same objective; the student's weights end as close as the
-    teacher's do in test_reliability.py::test_ddp_teacher_bank_equals_single_process (relative L2 1.3e-3)."""
+    teacher's do in bank/test_bank_metric.py::test_ddp_teacher_bank_equals_single_process (relative L2 1.3e-3).
+    Every test case is counted once (gathered from both processes) and rank 1 writes nothing."""
     # a MONAI UNet (instance norm): torch's SyncBatchNorm is CUDA only, so a batch-norm student's statistics
     # would be per process on CPU DDP (on GPUs fit turns trainer.sync_batchnorm on with trainer.devices > 1)
     from omegaconf import OmegaConf
@@ -238,9 +221,15 @@ def test_ddp_student_follows_the_single_process_student(tmp_path, teacher_bank):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     r = _cli([*common, f"output_dir={single}", "data.batch_size=4"])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _cli([*common, f"output_dir={ddp}", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"])
+    r = _cli([*common, f"output_dir={ddp}", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"],
+             env=_audit_env(tmp_path, ddp))
     assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((ddp / "results.json").read_text())
+    assert res["steps"] == 6 and res["test"]["num_cases"] == 4  # every test case once, gathered from both processes
+    writes = _writes_by_rank(tmp_path)
+    assert set(writes) == {"0", "1"} and writes["1"] == [], writes.get("1")
     a, b = _terms_logged(single, "train/dist_inter"), _terms_logged(ddp, "train/dist_inter")
+    assert all(v == v for v in a + b), (a, b)  # no NaN (max() below would pass over one)
     assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     rel = _weights_rel_l2(single / "checkpoints/last.ckpt", ddp / "checkpoints/last.ckpt")
     print(f"student weights relative L2, DDP vs single: {rel:.1e}; dist_inter per step {a} vs {b}")
@@ -252,30 +241,70 @@ def test_ddp_student_follows_the_single_process_student(tmp_path, teacher_bank):
     assert rel < 1e-2
 
 
-def test_time_based_checkpoint_and_picture_cadence(tmp_path, monkeypatch):
-    """checkpoint.min_minutes / pictures_min_minutes (auto: 0 on CPU, 5 and 10 on a GPU): last.ckpt every 2 steps
-    and pictures after every validation by default here; with 60 minutes, last.ckpt only at the end and pictures
-    at the first validation and the end."""
-    from lightning_distill.cli import main
-    from lightning_distill.callbacks import AtomicCheckpointIO
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sikd", "transfer"])
+def test_ddp_student_trains(tmp_path, method, request):
+    """SIKD and transfer students under DDP (the prototype-DIST student: test_ddp_student_follows_the_single_process_student)."""
+    out = tmp_path / "student"
+    if method == "transfer":  # teacher-labelled slices and union slices: each process draws its samples' own
+        folder = request.getfixturevalue("teach_folder")
+        yaml, term = STUDENT_YAML, "train/transfer"
+        extra = ["distill.weight=0", "distill.prototypes=null", f"transfer.slices={folder}", f"transfer.union={folder}"]
+    else:  # SIKD: a frozen 2D teacher network, its features found by a forward hook
+        assert main(["fit", os.path.join(REPO, "experiments/sikd_teacher.yaml"), f"output_dir={tmp_path / 'sikd_teacher'}",
+                     "pictures=0", *TINY_STUDENT]) == 0
+        yaml, term = os.path.join(REPO, "experiments/sikd.yaml"), "train/sikd_mse"
+        extra = [f"distill.teacher={tmp_path / 'sikd_teacher' / 'checkpoints' / 'last.ckpt'}"]
+    r = _cli(["fit", yaml, f"output_dir={out}", *TINY_STUDENT, *extra, "data.batch_size=2", "trainer.devices=2",
+              "trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.max_steps=6"], env=_audit_env(tmp_path, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 6 and res["test"]["num_cases"] == 4  # every test case once, gathered from both processes
+    with open(out / "logs" / "metrics.csv", newline="") as f:
+        values = [float(r[term]) for r in csv.DictReader(f) if r.get(term)]
+    assert values and all(v == v for v in values)
+    writes = _writes_by_rank(tmp_path)
+    assert set(writes) == {"0", "1"} and writes["1"] == [], writes.get("1")
 
-    writes = []
-    real = AtomicCheckpointIO.save_checkpoint
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint",
-                        lambda self, ckpt, path, *a, **k: (writes.append((os.path.basename(str(path)), ckpt["global_step"])),
-                                                           real(self, ckpt, path, *a, **k))[1])
-    run = ["fit", os.path.join(REPO, "experiments/teacher.yaml"), *TINY_TEACHER, "trainer.max_steps=6",
-           "trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2", "checkpoint.every_n_steps=2",
-           "data.num_subjects=12", "pictures=1"]
-    assert main([*run, f"output_dir={tmp_path / 'a'}"]) == 0
-    assert sorted({s for n, s in writes if n == "last.ckpt"}) == [2, 4, 6]
-    assert len(list((tmp_path / "a" / "images" / "steps").glob("overlays_step*.png"))) == 3
-    writes.clear()
-    assert main([*run, f"output_dir={tmp_path / 'b'}", "checkpoint.min_minutes=60", "pictures_min_minutes=60"]) == 0
-    assert [s for n, s in writes if n == "last.ckpt"] == [6]  # the final write is never skipped
-    assert sorted(p.name for p in (tmp_path / "b" / "images" / "steps").glob("overlays_step*.png")) == [
-        "overlays_step000002.png", "overlays_step000006.png"]
-    assert main([*run, f"output_dir={tmp_path / 'c'}", "checkpoint.min_minutes=soon"]) == 2
+
+@pytest.mark.slow
+def test_ddp_cmedl_trains(tmp_path):
+    """CMEDL (three optimisers, one backward pass per step) under DDP; rank 0 alone writes."""
+    out = tmp_path / "cmedl"
+    r = _cli(["fit", os.path.join(REPO, "experiments/cmedl.yaml"), f"output_dir={out}", *TINY_STUDENT,
+              "data.batch_size=2", "cmedl.target.num_subjects=8", "cmedl.target.shape=[64,64]", "cmedl.target.val_subjects=0",
+              "cmedl.target.test_subjects=0", "cmedl.channels=8", "cmedl.blocks=2", "cmedl.disc_channels=8",
+              "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=2",
+              "pictures=0"],
+             env=_audit_env(tmp_path, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 4 and res["test"]["num_cases"] == 4 and (out / "translations.png").is_file()
+    with open(out / "logs" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/gan_d")]
+    assert rows and all(float(r["train/hint"]) == float(r["train/hint"]) for r in rows)
+    writes = _writes_by_rank(tmp_path)
+    assert set(writes) == {"0", "1"} and writes["1"] == [], writes.get("1")
+
+
+# ------------------------------------------------------------------------------------------ precision
+@pytest.mark.slow
+def test_bf16_mixed_on_cpu_teacher_and_student_bank_stays_float32(tmp_path):
+    t, s = tmp_path / "teacher", tmp_path / "student"
+    assert main(["fit", TEACHER_YAML, f"output_dir={t}", "trainer.precision=bf16-mixed", *TINY_TEACHER]) == 0
+    bank = load_bank(t / "prototypes.pt")
+    assert bank.prototypes.dtype == torch.float32 and torch.isfinite(bank.prototypes).all()
+    state = next(v for k, v in _ckpt(t / "checkpoints/last.ckpt")["callbacks"].items() if k.startswith("PrototypeBank"))
+    assert state["sums"].dtype == torch.float64  # accumulated in double, exported as float32
+    assert main(["fit", STUDENT_YAML, f"output_dir={s}", "trainer.precision=bf16-mixed",
+                 f"distill.prototypes={t / 'prototypes.pt'}", *TINY_STUDENT]) == 0
+    ckpt = _ckpt(s / "checkpoints/last.ckpt")
+    assert ckpt["state_dict"]["teacher_prototypes"].dtype == torch.float32
+    assert load_bank(s / "student_prototypes.pt").prototypes.dtype == torch.float32
+    with open(s / "logs" / "metrics.csv", newline="") as f:
+        terms = [float(r["train/dist_intra"]) for r in csv.DictReader(f) if r.get("train/dist_intra")]
+    assert terms and all(v == v and abs(v) < 1e3 for v in terms)
+    assert json.loads((s / "results.json").read_text())["test"]["dice_mean"] >= 0
 
 
 def test_mixed_precision_with_gradient_clipping_trains(tmp_path):
@@ -288,6 +317,7 @@ def test_mixed_precision_with_gradient_clipping_trains(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
 
 
+# ------------------------------------------------------------------------------------------ accelerator settings
 def test_accel_settings_resolve_for_the_device_and_reject_bad_values():
     from omegaconf import OmegaConf
 
@@ -327,31 +357,3 @@ def test_compiled_network_trains_and_keeps_its_checkpoint_keys(tmp_path):
     assert list(a) == list(b)
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["test"]["dice_mean"] for d in ("a", "b"))
     assert abs(ra - rb) < 0.05  # the same 2 steps, compiled kernels round differently
-
-
-def test_loader_workers_and_compact_labels(monkeypatch):
-    from lightning_distill.config import load_config
-    from lightning_distill.data.sampling import compact_label_collate
-    from lightning_distill.data.datamodules import SegmentationDataModule
-    from lightning_distill.data.build import loader_workers
-
-    cfg = load_config(os.path.join(REPO, "experiments/student.yaml"), ["trainer.devices=2"])
-    assert cfg.data.num_workers == "auto"
-    if not torch.cuda.is_available():
-        assert loader_workers(cfg) == 0  # CPU: the cores train, the loaders keep ahead without workers
-    monkeypatch.setattr(devices, "cuda_available", lambda: True)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert loader_workers(cfg) == 7  # 16 cores for 2 devices, one left for the training process
-    cfg.data.num_workers = 3
-    assert loader_workers(cfg) == 3
-    cfg.data.num_workers = "many"
-    with pytest.raises(ValueError, match="data.num_workers"):
-        loader_workers(cfg)
-    # GPU loaders send labels as uint8 (the ignore index 255 fits); the module casts them back on the device
-    samples = [{"image": torch.zeros(1, 4, 4), "label": torch.tensor([[[0, 3], [255, 1]]])} for _ in range(2)]
-    batch = compact_label_collate(samples)
-    assert batch["label"].dtype == torch.uint8
-    back = SegmentationDataModule.on_after_batch_transfer(SimpleNamespace(memory_format=None), batch, 0)["label"]
-    assert back.dtype == torch.int64 and torch.equal(back, torch.stack([s["label"] for s in samples]))
-    wide = compact_label_collate([{"label": torch.tensor([300])}])
-    assert wide["label"].dtype == torch.int64

@@ -6,6 +6,8 @@ from lightning_distill.data import CLASS_NAMES, PhantomSource, PhantomSpec, Slic
 from lightning_distill.data.datamodules import split_ids, train_subset
 from lightning_distill.data.phantom import render_slice, render_volume
 
+from conftest import REPO
+
 
 def test_phantom_is_deterministic_and_has_all_classes():
     spec = PhantomSpec(seed=3)
@@ -81,3 +83,20 @@ def test_explicit_subject_splits():
         SliceDataModule(src, splits={"train": ids[:6], "val": ids[5:7], "test": ids[7:]})
     with pytest.raises(ValueError, match="not in the data"):
         SliceDataModule(src, splits={"train": ["nobody"], "val": [], "test": ids[7:]})
+
+
+def test_domain_shift_changes_images_not_labels_and_is_deterministic():
+    from lightning_distill.config import load_config
+    from lightning_distill.train import build_source
+
+    over = ["data.num_subjects=3", "data.shape=[64,64]"]
+    plain = build_source(load_config(f"{REPO}/experiments/student.yaml", over))
+    shift = ["data.phantom.shift.resolution=2", "data.phantom.shift.gamma=0.7", "data.phantom.shift.contrast=0.8",
+             "data.phantom.shift.noise=0.05"]
+    shifted = build_source(load_config(f"{REPO}/experiments/student.yaml", over + shift))
+    a, b, b2 = plain.load(plain.ids[0]), shifted.load(shifted.ids[0]), shifted.load(shifted.ids[0])
+    assert (a["label"] == b["label"]).all() and (b["image"] == b2["image"]).all()
+    assert b["image"].shape == a["image"].shape and abs(b["image"] - a["image"]).mean() > 0.02
+    assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
+    with pytest.raises(ValueError, match="invalid domain shift"):
+        build_source(load_config(f"{REPO}/experiments/student.yaml", over + ["data.phantom.shift.resolution=0.5"]))

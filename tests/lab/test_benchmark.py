@@ -684,3 +684,40 @@ def test_a_benchmark_with_slices_runs_resumes_and_refuses_changed_slices(tmp_pat
     with pytest.raises(ConfigError, match="slices 'gt' were written with another config"):
         Benchmark(cfg2, base).run(log=lambda *_: None, jobs=1)
     b.write_report(records)  # the report reads past the slices records
+
+
+# ------------------------------------------------------------------------------------------ surface Dice in the report
+def test_benchmark_report_shows_surface_dice_and_hd95_per_setting(tmp_path, monkeypatch):
+    """Surface Dice and HD95 (mean ± std over seeds) per setting; records without surface Dice show n/a."""
+    import lightning_distill.train as train
+    from lightning_distill.lab.bench_config import load_benchmark
+    from lightning_distill.lab.benchmark import Benchmark
+
+    def fake_fit(cfg, source=None):
+        seed, frac = int(cfg.seed), float(cfg.data.train_fraction)
+        score = 0.5 + 0.1 * frac + (0.02 if cfg.distill.weight else 0.0)
+        test = {"dice": {"liver": score, "spleen": score}, "dice_mean": score, "hd95_mean": 3.0 + seed, "num_cases": 2}
+        if frac == 1.0:  # the other runs stand for records written before surface Dice existed
+            test.update(surface_dice={"liver": 0.4 + 0.1 * seed, "spleen": 0.4 + 0.1 * seed}, surface_dice_mean=0.4 + 0.1 * seed)
+        cases = [{"id": f"c{i}", "dice": {"liver": score, "spleen": score}} for i in range(2)]
+        return {"test": test, "test_cases": cases, "train_subjects": int(10 * frac), "steps": 1, "wall_time_s": 0.1,
+                "val": {"dice_best": score}, "version": "test"}
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    monkeypatch.setattr(Benchmark, "_source", lambda self, cfg: None)
+    grid_yaml = _bench_yaml(tmp_path, GRID.replace(f"student: {{config: {REPO}/experiments/student.yaml}}\n", ""))
+    cfg, base = load_benchmark(grid_yaml, [f"output_dir={tmp_path}/b", f"report={tmp_path}/r.md", "bootstrap=20"])
+    b = Benchmark(cfg, base)
+    b.run(log=lambda *_: None)
+    text = b.write_report().read_text()
+    lines = text.splitlines()
+    i = lines.index("## Test Dice: own test split")
+    assert "surface Dice (tolerance one voxel = the case's largest spacing)" in lines[i + 2]
+    table = lines[i + 4:i + 4 + 2 + 16]  # header, rule, one row per method and setting
+    assert table[0] == "| arch | fraction (subjects) | method | Dice | surface Dice | HD95 (mm) | Δ Dice − baseline [95% CI] | verdict |"
+    assert all(ln.count("|") == table[0].count("|") for ln in table)
+    assert "| Unet | 1 (10) | baseline | 0.600 ± 0.000 | 0.450 ± 0.071 | 3.5 ± 0.7 | — | — |" in table
+    assert "| Unet | 1 (10) | kd | 0.620 ± 0.000 | 0.450 ± 0.071 | 3.5 ± 0.7 |" in " ".join(table)
+    assert "| Unet | 0.1 (1) | kd | 0.530 ± 0.000 | n/a | 3.5 ± 0.7 |" in " ".join(table)
+    assert "surface Dice (mean ± std) | HD95 mm (mean ± std) |" in text  # the per-organ table
+    assert "Surface Dice (normalised surface distance)" in text and "use Dice only" in text

@@ -1,14 +1,12 @@
-"""Surface Dice (normalised surface distance) per case, in summaries, tables and a module's test run."""
+"""Metrics (lightning_distill/metrics.py): surface Dice (normalised surface distance) per case, in summaries and
+tables; the per-case means of validation."""
 
 import math
-import os
 
 import pytest
 import torch
 
-from lightning_distill.metrics import collect_cases, format_table, per_case_surface_dice, summarize
-
-from conftest import REPO, TINY_TEACHER
+from lightning_distill.metrics import CaseMeans, collect_cases, format_table, per_case_surface_dice, summarize
 
 
 def _square(shift: int = 0, size: int = 16) -> torch.Tensor:
@@ -109,81 +107,17 @@ def test_summaries_cases_and_table_carry_surface_dice():
     assert all(ln.count("|") == table.splitlines()[1].count("|") for ln in table.splitlines()[1:])
 
 
-def test_module_test_run_reports_surface_dice(tmp_path):
-    """A tiny untrained 3D teacher tested on phantom data: surface Dice in the summary, per case and logged."""
-    import lightning as L
+def test_case_means_in_one_process_equal_torchmetrics_mean():
+    from torchmetrics import MeanMetric
 
-    from lightning_distill.config import load_config
-    from lightning_distill.train import build_datamodule, build_module, build_source, class_names
-
-    cfg = load_config(os.path.join(REPO, "experiments/teacher.yaml"),
-                      [f"output_dir={tmp_path}", *TINY_TEACHER, "surface_tolerance_mm=2.5"])
-    source = build_source(cfg)
-    names = class_names(cfg, source)
-    module = build_module(cfg, names)
-    assert module.hparams.surface_tolerance == 2.5
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1)
-    trainer.test(module, datamodule=build_datamodule(cfg, source), verbose=False)
-    s = module.test_summary
-    assert set(s["surface_dice"]) == set(s["dice"]) and "surface_dice_mean" in s
-    assert all(v is None or 0.0 <= v <= 1.0 for v in s["surface_dice"].values())
-    assert s["cases"] and all(set(c["surface_dice"]) == set(c["dice"]) for c in s["cases"])
-    for c in s["cases"]:  # absent classes agree with Dice
-        assert all((c["dice"][o] is None) == (c["surface_dice"][o] is None) for o in c["dice"])
-    assert "test/surface_dice" in trainer.callback_metrics
-
-
-def test_benchmark_report_shows_surface_dice_and_hd95_per_setting(tmp_path, monkeypatch):
-    """Surface Dice and HD95 (mean ± std over seeds) per setting; records without surface Dice show n/a."""
-    import lightning_distill.train as train
-    from lightning_distill.lab.bench_config import load_benchmark
-    from lightning_distill.lab.benchmark import Benchmark
-
-    from test_benchmark import GRID, _bench_yaml
-
-    def fake_fit(cfg, source=None):
-        seed, frac = int(cfg.seed), float(cfg.data.train_fraction)
-        score = 0.5 + 0.1 * frac + (0.02 if cfg.distill.weight else 0.0)
-        test = {"dice": {"liver": score, "spleen": score}, "dice_mean": score, "hd95_mean": 3.0 + seed, "num_cases": 2}
-        if frac == 1.0:  # the other runs stand for records written before surface Dice existed
-            test.update(surface_dice={"liver": 0.4 + 0.1 * seed, "spleen": 0.4 + 0.1 * seed}, surface_dice_mean=0.4 + 0.1 * seed)
-        cases = [{"id": f"c{i}", "dice": {"liver": score, "spleen": score}} for i in range(2)]
-        return {"test": test, "test_cases": cases, "train_subjects": int(10 * frac), "steps": 1, "wall_time_s": 0.1,
-                "val": {"dice_best": score}, "version": "test"}
-
-    monkeypatch.setattr(train, "fit", fake_fit)
-    monkeypatch.setattr(Benchmark, "_source", lambda self, cfg: None)
-    grid_yaml = _bench_yaml(tmp_path, GRID.replace(f"student: {{config: {REPO}/experiments/student.yaml}}\n", ""))
-    cfg, base = load_benchmark(grid_yaml, [f"output_dir={tmp_path}/b", f"report={tmp_path}/r.md", "bootstrap=20"])
-    b = Benchmark(cfg, base)
-    b.run(log=lambda *_: None)
-    text = b.write_report().read_text()
-    lines = text.splitlines()
-    i = lines.index("## Test Dice: own test split")
-    assert "surface Dice (tolerance one voxel = the case's largest spacing)" in lines[i + 2]
-    table = lines[i + 4:i + 4 + 2 + 16]  # header, rule, one row per method and setting
-    assert table[0] == "| arch | fraction (subjects) | method | Dice | surface Dice | HD95 (mm) | Δ Dice − baseline [95% CI] | verdict |"
-    assert all(ln.count("|") == table[0].count("|") for ln in table)
-    assert "| Unet | 1 (10) | baseline | 0.600 ± 0.000 | 0.450 ± 0.071 | 3.5 ± 0.7 | — | — |" in table
-    assert "| Unet | 1 (10) | kd | 0.620 ± 0.000 | 0.450 ± 0.071 | 3.5 ± 0.7 |" in " ".join(table)
-    assert "| Unet | 0.1 (1) | kd | 0.530 ± 0.000 | n/a | 3.5 ± 0.7 |" in " ".join(table)
-    assert "surface Dice (mean ± std) | HD95 mm (mean ± std) |" in text  # the per-organ table
-    assert "Surface Dice (normalised surface distance)" in text and "use Dice only" in text
-
-
-def test_compare_table_adds_surface_dice_when_recorded(tmp_path):
-    import json
-
-    from lightning_distill.lab.report import compare_table
-
-    old = {"test": {"dice": {"liver": 0.8}, "dice_mean": 0.8, "hd95": {"liver": 3.0}, "hd95_mean": 3.0, "num_cases": 2}}
-    new = json.loads(json.dumps(old))
-    new["test"].update(surface_dice={"liver": 0.7}, surface_dice_mean=0.7)
-    for name, r in (("old", old), ("new", new)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(r))
-    assert "surface Dice" not in compare_table([tmp_path / "old"])
-    text = compare_table([tmp_path / "old", tmp_path / "new"])
-    assert "| surface Dice | old | new |" in text and "| liver | n/a | 0.700 |" in text
-    assert text.index("| Dice |") < text.index("| surface Dice |") < text.index("| HD95 (mm) |")
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.rand(3, 4, generator=g) for _ in range(5)]
+    chunks[1][0, 2] = float("nan")
+    means, ref = CaseMeans(4), [MeanMetric(nan_strategy="ignore") for _ in range(4)]
+    for n, c in enumerate(chunks):
+        means.update([f"{n}-{i}" for i in range(3)], c)
+        for j, m in enumerate(ref):
+            m.update(c[:, j].clone())  # a contiguous column, as CaseMeans passes it: the very same computation
+    assert torch.equal(means.compute(), torch.stack([m.compute() for m in ref]))  # the same MeanMetric updates
+    with pytest.raises(ValueError, match=r"\(2, 4\)"):
+        means.update(["a", "b"], torch.zeros(2, 3))

@@ -57,7 +57,7 @@ def test_config_key_reaches_the_training_set(tiny_student):
     from lightning_distill.config import load_config
     from lightning_distill.train import build_datamodule
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/data/ -> the repo
     dm = build_datamodule(load_config(os.path.join(repo, "experiments", "student.yaml"),
                                       [*tiny_student, "data.spatial_augment=affine"]))
     dm.setup()
