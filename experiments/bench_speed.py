@@ -394,7 +394,7 @@ def render(args, scfg, tcfg, rows, loaders, augment, t_step, wall, device: torch
     L += ["", "The cold pass happens once per run (subjects are cached in memory after their first use).", "",
           "Training augmentation per sample (median ms over 60 samples; the MONAI `Compose` of `SubjectDataset.augmentation`, "
           "the same inputs and seeds both ways, interleaved): as the package runs it, with MONAI's metadata tracking "
-          "off (the same values, tested in `tests/test_spatial_augment.py`), and with MONAI's default (tracking on).", "",
+          "off (the same values, tested in `tests/data/test_spatial_augment.py`), and with MONAI's default (tracking on).", "",
           "| loader | augmentation | package (ms) | MONAI default (ms) | package / default |", "|---|---|---|---|---|"]
     for (name, ms), (_, cfg, _, _) in zip(augment, loaders):
         steps = (["affine"] if cfg.data.spatial_augment != "none" else []) + (["intensity"] if cfg.data.augment else [])

@@ -206,3 +206,23 @@ def test_the_layer_check_sees_an_upward_import():
 def test_no_module_is_over_600_lines():
     long = {str(f.relative_to(PACKAGE)): n for f in PACKAGE.rglob("*.py") if (n := len(f.read_text().splitlines())) > 600}
     assert not long, f"split these modules (one concept a file): {long}"
+
+
+REPO_WIDE_TESTS = {"test_layout", "test_offline", "test_notebooks"}  # checks of the repository, not of one module
+
+
+def test_tests_are_laid_out_as_the_package():
+    """A test file sits in tests/<subpackage>/ for a subpackage's module, or is tests/test_<module>.py for a
+    top-level module (or one of the repository-wide checks), so a module's tests are found where it is."""
+    tests = Path(REPO) / "tests"
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    top_modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    misplaced = []
+    for f in sorted(tests.rglob("test_*.py")):
+        rel = f.relative_to(tests)
+        if len(rel.parts) == 1:
+            if f.stem not in REPO_WIDE_TESTS and f.stem[len("test_"):] not in top_modules:
+                misplaced.append(f"{rel} (no module lightning_distill/{f.stem[len('test_'):]}.py)")
+        elif len(rel.parts) != 2 or rel.parts[0] not in subpackages:
+            misplaced.append(f"{rel} (no subpackage lightning_distill/{rel.parts[0]}/)")
+    assert not misplaced, f"tests outside the package's layout: {misplaced}"

@@ -42,7 +42,7 @@ is the organ's in every phase and modality. The 2D optimum for a small organ-int
 organ's position is a guess from priors, whereas a 3D model can follow the blob along z.
 
 Versions (``PhantomSpec.version``, ``data.phantom.version``): ``"0.3"`` is the generator described
-above, rendering exactly as it has since lightning_distill 0.3.0 (tests/test_phantom_pinned.py).
+above, rendering exactly as it has since lightning_distill 0.3.0 (tests/data/test_phantom_pinned.py).
 ``"0.5"`` renders the same subjects (the same draws of anatomy, phase, noise and pole mimics: the
 same random streams) and adds cues that one axial slice *contains* but that a 2D network learns only
 from many examples (issue 31: they make the part of a 3D teacher's knowledge that a 2D model can
@@ -129,7 +129,7 @@ class PhantomSpec:
         modality: ``CT`` (HU) or ``MR`` (MRI-like, T2-weighted-like, arbitrary units; see the
             module docstring). The anatomy and labels of a subject do not depend on it.
         version: the generator (:data:`VERSIONS`): ``"0.3"`` renders exactly as it did since
-            lightning_distill 0.3.0 (pinned by tests/test_phantom_pinned.py); ``"0.5"`` adds the
+            lightning_distill 0.3.0 (pinned by tests/data/test_phantom_pinned.py); ``"0.5"`` adds the
             learnable single-slice cues of the module docstring.
     """
 

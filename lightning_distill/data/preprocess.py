@@ -7,7 +7,7 @@ a non-positive entry keeps that axis's spacing), intensity (CT: HU window scaled
 percentile clip scaled to [0, 1], or z-score over the non-zero voxels), foreground crop (image
 above a threshold, with a margin), and resizing to the model size (``pad_crop`` or ``resize``).
 The spatial steps, the CT window, the crop and the inversion are MONAI transforms; the MR
-normalisations are ours (:meth:`Preprocess.intensity` says why). ``tests/test_preprocess.py``
+normalisations are ours (:meth:`Preprocess.intensity` says why). ``tests/data/test_preprocess.py``
 checks every option against a frozen copy of the former hand-written code.
 """
 

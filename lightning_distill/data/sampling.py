@@ -1,6 +1,7 @@
 """Training order and per-sample randomness as a pure function of ``(seed, epoch, position)``.
 
-Three things follow from it, and each is tested (``tests/test_reliability.py``):
+Three things follow from it, and each is tested (``tests/data/test_sampling.py``; a killed run resumed end to
+end: ``tests/test_resume.py``):
 
 * **Resume mid-epoch.** The training loader is torchdata's ``StatefulDataLoader``, which Lightning
   saves in every checkpoint and restores on resume; it stores the state of its sampler, an

@@ -249,5 +249,5 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
 
 MISSING_VALUE = object()
 # loader workers draw nothing themselves (every sample's augmentation is seeded by its draw seed; resume and
-# worker counts give the same batches, tests/test_reliability.py), so their number does not change a result
+# worker counts give the same batches, tests/data/test_sampling.py), so their number does not change a result
 EXECUTION_KEYS = frozenset({"data.num_workers"})

@@ -195,7 +195,7 @@ class CMEDLModule(SegmentationModule):
 
         One backward pass of ``loss + gan_d`` gives each network exactly its own gradients: the
         discriminators were frozen while the generator terms went through them, and ``gan_d`` sees
-        detached translations, so the sum separates (``tests/test_cmedl.py`` checks every pairing).
+        detached translations, so the sum separates (``tests/methods/test_cmedl.py`` checks every pairing).
         A single backward per step is also what DDP's gradient reducer expects. Then the generator,
         discriminator and segmenter optimisers step (independent parameters: the order changes nothing),
         the segmenters last: under ``16-mixed`` their step is the one that updates the gradient scaler,

@@ -107,3 +107,42 @@ def test_one_rule_says_which_run_is_a_baseline_and_what_a_report_calls_each_run(
     assert label("stage=teacher") == (False, "teacher")
     old = OmegaConf.create({"stage": "student", "distill": {"weight": 0.0}})  # a config of an older version lacks keys
     assert is_baseline(old) and run_label(old) == "baseline"
+
+
+def test_keys_two_schemas_share_are_defined_once():
+    """bank build's preprocessing and data keys take data.nifti's defaults and choices (``same_as``); a changed
+    default in NiftiConfig reaches them. The phantom's DomainShift is ShiftConfig's fields, not a copy."""
+    import dataclasses
+
+    from lightning_distill.config import BankPreprocessConfig, NiftiConfig, ShiftConfig
+    from lightning_distill.config.commands import BankDataSpec
+    from lightning_distill.config.load import choices_of, same_as
+    from lightning_distill.data.sources import DomainShift
+
+    nifti = {f.name: f for f in dataclasses.fields(NiftiConfig)}
+    default = lambda f: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # noqa: E731
+    shared = {"BankPreprocessConfig": BankPreprocessConfig, "BankDataSpec": BankDataSpec}
+    for name, schema in shared.items():
+        own = {"from_checkpoint", "labels", "unmapped", "root", "preprocess"}  # bank build's own keys (unmapped: default error)
+        for f in dataclasses.fields(schema):
+            if f.name in own:
+                continue
+            assert f.name in nifti, f"{name}.{f.name} is not a data.nifti key"
+            assert f.type == nifti[f.name].type and default(f) == default(nifti[f.name]), f"{name}.{f.name} differs from data.nifti's"
+            assert f.metadata == nifti[f.name].metadata, f"{name}.{f.name}: other choices than data.nifti's"
+    assert choices_of(BankPreprocessConfig)["modality"] == choices_of(NiftiConfig)["modality"]
+    with pytest.raises(KeyError, match="no field 'modalty'"):
+        same_as(NiftiConfig, "modalty")
+    assert [f.name for f in dataclasses.fields(DomainShift)] == [f.name for f in dataclasses.fields(ShiftConfig)]
+    assert issubclass(DomainShift, ShiftConfig) and DomainShift().identity and not DomainShift(gamma=2.0).identity
+    with pytest.raises(ValueError, match="invalid domain shift"):
+        DomainShift(contrast=0.0)
+
+
+def test_help_shows_a_base_schemas_comment_for_an_inherited_key():
+    from lightning_distill.config import TeachConfig
+    from lightning_distill.config.load import schema_help
+
+    lines = {ln.split(" = ")[0].strip(): ln for ln in schema_help(TeachConfig)}
+    assert "# keep only these case ids" in lines["data.cases"]  # declared in BankDataSpec, inherited by TeachDataSpec
+    assert "(one of: nifti, phantom)" in lines["data.source"]  # TeachDataSpec's own key
