@@ -104,13 +104,16 @@ def data_identity(cfg) -> Dict[str, Any]:
 
 
 def training_record(cfg, dm, load: Callable[[str], np.ndarray], preprocessing: Mapping[str, Any],
-                    raw: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, Any]:
+                    raw: Optional[Mapping[str, np.ndarray]] = None, identities: Sequence[str] = ()) -> Dict[str, Any]:
     """What a checkpoint records about its training data (``checkpoint["lightning_distill"]``):
     ``intensity`` (the fingerprint of ``dm``'s training samples, read with ``load``, made by
     ``preprocessing``; ``raw``: their raw quantile profiles by sample id, when the source has them),
-    ``train_subjects`` (sorted subject ids) and ``data`` (:func:`data_identity`)."""
+    ``train_subjects`` (sorted subject ids), ``data`` (:func:`data_identity`) and ``train_identities``
+    (every subject a training sample came from, extra training sources included, across the datasets derived
+    from one another: :mod:`lightning_distill.data.provenance`)."""
     return {"intensity": intensity_fingerprint(load, dm.train_ids, preprocessing, raw),
-            "train_subjects": sorted(dm.train_subject_ids), "data": data_identity(cfg)}
+            "train_subjects": sorted(dm.train_subject_ids), "data": data_identity(cfg),
+            "train_identities": sorted(set(identities))}
 
 
 # ------------------------------------------------------------------------------------------------

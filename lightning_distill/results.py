@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 from lightning_distill import __version__
 from lightning_distill.data.build import raw_profiles
 from lightning_distill.data.datamodules import SegmentationDataModule
+from lightning_distill.data.provenance import SubjectOverlap, compare_subjects
+from lightning_distill.data.sources import SubjectSource
 from lightning_distill.fingerprint import check_samples, data_identity
 from lightning_distill.io import write_json
 from lightning_distill.metrics import format_table
@@ -30,40 +32,46 @@ def warn_no_best(out: Path, dm: SegmentationDataModule, targs: Dict[str, Any], l
     warnings.warn(f"{why}: testing the last weights ({last or 'not saved'})", stacklevel=3)
 
 
-def training_subjects_in(record: Mapping[str, Any], cfg: DictConfig, subjects: Sequence[str]) -> Optional[int]:
-    """How many of ``subjects`` (of ``cfg``'s data) a checkpoint was trained on, from its
-    ``checkpoint["lightning_distill"]`` ``record``: 0 when ``cfg`` reads other data than the
-    training's (:func:`~lightning_distill.fingerprint.data_identity`), ``None`` (unknown) when the
-    checkpoint has no record of its training subjects (written by an older version)."""
+def training_subjects_in(record: Mapping[str, Any], cfg: DictConfig, source: SubjectSource,
+                         subjects: Sequence[str]) -> SubjectOverlap:
+    """How many of ``subjects`` (of ``source``, read with ``cfg``) a checkpoint was trained on, from its
+    ``checkpoint["lightning_distill"]`` ``record``.
+
+    Subjects are compared by identity, through the records of the datasets derived from one another
+    (:mod:`lightning_distill.data.provenance`): slices of a training volume are that volume's subject. A count
+    is given only where it is certain; tested subjects of a dataset no record links to the training data are
+    unknown, never none. A checkpoint of an older version records its training subject ids only: they count
+    when ``cfg`` reads the training's own data, else the overlap is unknown."""
+    if "train_identities" in record:
+        return compare_subjects({source.subject_identity(s) for s in subjects}, record["train_identities"])
     if "train_subjects" not in record:
-        return None
+        return SubjectOverlap(None, "unknown how many are of training subjects (the checkpoint does not record them)")
     if record.get("data") != data_identity(cfg):
-        return 0
-    return len(set(subjects) & set(record["train_subjects"]))
+        return SubjectOverlap(None, "unknown how many are of training subjects (the test data is not the training data, "
+                                    "and the checkpoint, written by an older version, records subject ids only)")
+    n = len(set(subjects) & set(record["train_subjects"]))
+    return SubjectOverlap(n, f"{n} of the {len(subjects)} subjects are training subjects of this checkpoint"
+                          if n else "none of a training subject of this checkpoint")
 
 
-def describe_test_set(num_samples: Optional[int], num_subjects: int, overlap: Optional[int], all_subjects: bool) -> str:
+def describe_test_set(num_samples: Optional[int], overlap: SubjectOverlap, all_subjects: bool) -> str:
     """The tested samples in words, e.g. ``"128 samples of every subject (12 of the 16 subjects are
-    training subjects of this checkpoint)"``, or ``"40 held-out samples"`` (``overlap``: see
-    :func:`training_subjects_in`)."""
-    if not all_subjects and not overlap:
+    training subjects of this checkpoint)"``, or ``"40 held-out samples"`` (only when no tested subject is a
+    training subject for certain; ``overlap``: :func:`training_subjects_in`)."""
+    if overlap.count == 0 and not all_subjects:
         return f"{num_samples} held-out samples"
     what = f"{num_samples} samples of every subject" if all_subjects else f"{num_samples} test samples"
-    if overlap is None:
-        return f"{what}; unknown how many are of training subjects (the checkpoint does not record them)"
-    if overlap == 0:
-        return f"{what}, none of a training subject of this checkpoint"
-    return f"{what} ({overlap} of the {num_subjects} subjects are training subjects of this checkpoint)"
+    return f"{what}, {overlap.why}" if overlap.count == 0 else f"{what} ({overlap.why})" if overlap.count else f"{what}; {overlap.why}"
 
 
 def write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str, Any], t0: float, note: str,
-                   overlap: Optional[int], num_subjects: int = 0, all_subjects: bool = False) -> Dict[str, Any]:
-    """Write ``results.json`` and print the test table; ``overlap``, ``num_subjects`` and
-    ``all_subjects`` describe the tested subjects (:func:`describe_test_set`)."""
+                   overlap: SubjectOverlap, all_subjects: bool = False) -> Dict[str, Any]:
+    """Write ``results.json`` and print the test table; ``overlap`` and ``all_subjects`` describe the tested
+    subjects (:func:`describe_test_set`; ``training_subjects_in_test`` is ``null`` when unknown)."""
     summary = dict(module.test_summary or {})
     cases = summary.pop("cases", [])
-    test_set = describe_test_set(summary.get("num_cases"), num_subjects, overlap, all_subjects)
-    results = {"stage": cfg.stage, "test": summary, "test_set": test_set, "training_subjects_in_test": overlap, **extra,
+    test_set = describe_test_set(summary.get("num_cases"), overlap, all_subjects)
+    results = {"stage": cfg.stage, "test": summary, "test_set": test_set, "training_subjects_in_test": overlap.count, **extra,
                "test_cases": cases, "wall_time_s": round(time.time() - t0, 1), "version": __version__}
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)

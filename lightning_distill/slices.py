@@ -36,6 +36,7 @@ import numpy as np
 from lightning_distill.data.labels import LabelMapping
 from lightning_distill.data.nifti import (Case, DataError, IGNORE_INDEX, check_nifti_file, discover, load_nifti,
                                           reorient, slice_affine)
+from lightning_distill.data.provenance import write_provenance
 from lightning_distill.io import nnunet_dirs, save_nifti, staged_dir, write_json
 
 
@@ -193,6 +194,7 @@ def extract_slices(src: str | Path, dst: str | Path, rule: str, value, layout: s
             print(mapping.summary(), flush=True)
             mapping.check_coverage()
         write_json(tmp / "dataset.json", _dataset_json(src, index, rule, value, chosen, mapping, pixels, labels))
+        write_provenance(tmp, "lightning-distill slices", {c: c for c in chosen}, root=src)
     _warn_absent(mapping, pixels, dst)
     return chosen
 

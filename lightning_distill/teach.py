@@ -67,6 +67,7 @@ from lightning_distill.data.nifti import (DataError, IGNORE_INDEX, case_header, 
                                           reoriented_shape, slice_affine)
 from lightning_distill.data.phantom import CLASS_NAMES, render_volume
 from lightning_distill.data.preprocess import Preprocess
+from lightning_distill.data.provenance import write_provenance
 from lightning_distill.data.sources import DomainShift, affine_spacing, phantom_affine, phantom_spec
 from lightning_distill.data.transfer import FORMAT, FORMAT_VERSION
 from lightning_distill.io import atomic_write, write_json
@@ -356,6 +357,11 @@ class _Teach:
         for tmp in (self.partial / "volumes").glob(".*"):  # a killed run's unfinished write (every process is done now)
             tmp.unlink(missing_ok=True)
         write_json(self.partial / "dataset.json", meta)
+        d = self.volumes.describe
+        if d["source"] == "phantom":
+            write_provenance(self.partial, "lightning-distill teach", {v: v for v in meta["volumes"]}, phantom=True)
+        else:
+            write_provenance(self.partial, "lightning-distill teach", {v: v for v in meta["volumes"]}, root=d["root"])
         out = Path(self.cfg.output)
         (self.partial / "key.json").unlink(missing_ok=True)
         if out.exists():

@@ -29,7 +29,8 @@ from lightning_distill.callbacks import LastCheckpoint, RunPictures, with_atomic
 from lightning_distill.config.load import to_dict
 from lightning_distill.data.build import (balanced_class_weights, build_datamodule, build_source, class_names,
                                          process_count, training_class_voxels, training_record_of)
-from lightning_distill.data.datamodules import SegmentationDataModule, subject_of
+from lightning_distill.data.datamodules import SegmentationDataModule
+from lightning_distill.data.provenance import subject_of
 from lightning_distill.data.sources import SubjectSource
 from lightning_distill.devices import accel_settings, apply_trainer_defaults, minutes_setting, resolve_device, uses_cuda
 from lightning_distill.fingerprint import fingerprint_summary
@@ -123,7 +124,8 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
              "intensity": fingerprint_summary(module.training_data["intensity"])}
     extra.update(figures)
     results = write_results(trainer, module, cfg, out / "results.json", extra, t0,
-                            f"{len(dm.train_subject_ids)} training subjects", overlap=0)
+                            f"{len(dm.train_subject_ids)} training subjects",
+                            training_subjects_in(module.training_data, cfg, dm.source, dm.subject_splits["test"]))
     own_bank = str(out / (b.export if teacher else "student_prototypes.pt"))
     finish_logger(logger, {"prototype-bank": own_bank, "teacher-prototype-bank": None if teacher else cfg.distill.prototypes,
                            "model": best, "results": str(out / "results.json")}, trainer.is_global_zero)
@@ -218,4 +220,4 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     path = Path(out) if out else Path(cfg.output_dir) / "results_test.json"
     tested = dm.subject_splits["test"]
     return write_results(trainer, module, cfg, path, {"checkpoint": str(checkpoint), "overrides": list(overrides)}, t0,
-                         f"checkpoint {checkpoint}", training_subjects_in(record, cfg, tested), len(tested), all_subjects)
+                         f"checkpoint {checkpoint}", training_subjects_in(record, cfg, source, tested), all_subjects)

@@ -151,7 +151,14 @@ def test_test_all_counts_the_checkpoints_training_subjects(student, tmp_path, ca
 
 def test_a_checkpoint_without_the_record_says_the_overlap_is_unknown(student, tmp_path, capsys):
     ckpt = torch.load(student / "checkpoints" / "last.ckpt", weights_only=False)
-    for key in ("train_subjects", "data", "intensity"):  # as written by an earlier version
+    del ckpt["lightning_distill"]["train_identities"]  # as written by 0.4.0: subject ids and the data they were of
+    torch.save(ckpt, tmp_path / "ids.ckpt")
+    _test(capsys, tmp_path / "ids.ckpt", "--all", "--out", tmp_path / "same.json")  # the training data: the ids count
+    assert json.loads((tmp_path / "same.json").read_text())["training_subjects_in_test"] == 8
+    _test(capsys, tmp_path / "ids.ckpt", "--all", "--out", tmp_path / "other.json", "data.phantom.seed=9")  # other data:
+    res = json.loads((tmp_path / "other.json").read_text())  # ids of another dataset say nothing (was: "none")
+    assert res["training_subjects_in_test"] is None and "records subject ids only" in res["test_set"]
+    for key in ("train_subjects", "data", "intensity"):  # as written by an earlier version still
         del ckpt["lightning_distill"][key]
     torch.save(ckpt, tmp_path / "old.ckpt")
     with warnings.catch_warnings(record=True) as caught:

@@ -17,9 +17,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_distill.data.datamodules import (SegmentationDataModule, SliceDataModule, UnpairedDataModule,
-                                                VolumeDataModule, subject_of)
+from lightning_distill.data.datamodules import SegmentationDataModule, SliceDataModule, UnpairedDataModule, VolumeDataModule
 from lightning_distill.data.preprocess import Preprocess
+from lightning_distill.data.provenance import subject_of
 from lightning_distill.data.sources import (PHANTOM_ORIENTATION, DomainShift, NiftiSource, PhantomSource, SubjectSource,
                                             phantom_spec)
 from lightning_distill.data.transfer import TeacherSlices
@@ -219,7 +219,17 @@ def training_record_of(cfg: DictConfig, dm: SegmentationDataModule) -> Dict[str,
     train_set = dm.datasets["train"]
     preprocessing = {"source": cfg.data.source, **make_preprocess(cfg).intensity_settings()}
     return training_record(cfg, dm, lambda sid: train_set._load(sid)["image"].numpy(), preprocessing,
-                           raw_profiles(dm.source, dm.train_ids))
+                           raw_profiles(dm.source, dm.train_ids), training_identities(dm))
+
+
+def training_identities(dm: SegmentationDataModule) -> List[str]:
+    """Every subject a training sample of ``dm`` comes from: its training subjects and the subjects of its extra
+    training sources (``transfer.slices``, ``transfer.union``), as :mod:`~lightning_distill.data.provenance`
+    identities."""
+    ids = {dm.source.subject_identity(s) for s in dm.train_subject_ids}
+    for src, _ in dm.extras.values():
+        ids |= {src.subject_identity(s) for s in {subject_of(i) for i in src.ids}}
+    return sorted(ids)
 
 
 class RawProfiles(abc.Mapping):

@@ -20,13 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_distill.data.provenance import subject_of
 from lightning_distill.data.sampling import EpochSampler, compact_label_collate, sample_generator, train_loader
 from lightning_distill.data.sources import SubjectSource
-
-
-def subject_of(sample_id: str) -> str:
-    """The subject of a sample id (``"<subject>@<z>"`` for one slice of a volume)."""
-    return sample_id.split("@", 1)[0]
 
 
 def split_ids(ids: Sequence[str], val: int, test: int, seed: int) -> Dict[str, List[str]]:

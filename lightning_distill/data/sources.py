@@ -24,6 +24,7 @@ from lightning_distill.data.nifti import (DataError, case_header, discover, read
                                           slice_affine)
 from lightning_distill.data.phantom import CLASS_NAMES, PhantomSpec, hu_window, render_slice, render_volume
 from lightning_distill.data.preprocess import Preprocess
+from lightning_distill.data.provenance import phantom_identity, subject_identity, subject_of, write_provenance
 from lightning_distill.fingerprint import quantile_profile
 from lightning_distill.io import save_nifti, staged_dir, write_json
 
@@ -46,6 +47,11 @@ class SubjectSource:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subject_identity(self, subject_id: str) -> str:
+        """Which subject the sample ``subject_id`` is of, across the datasets derived from one another
+        (:func:`lightning_distill.data.provenance.subject_identity`)."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -117,6 +123,10 @@ class PhantomSource(SubjectSource):
         self.spatial_dims = len(self.shape)
         self.class_names = CLASS_NAMES
         self.ids = [f"phantom{self.spec.seed}_{i:04d}" for i in range(self.num_subjects)]
+
+    def subject_identity(self, subject_id: str) -> str:
+        """``phantom:<id>``: the generator is deterministic, so the id is the subject (any modality or version)."""
+        return phantom_identity(subject_of(subject_id))
 
     def load(self, subject_id: str) -> Dict:
         idx = int(subject_id.rsplit("_", 1)[1])
@@ -324,6 +334,10 @@ class NiftiSource(SubjectSource):
             spacings.append(affine_spacing(img.affine))
         return {"image": np.concatenate(imgs, -1), "label": np.concatenate(lbls, -1), "spacing": np.stack(spacings)}
 
+    def subject_identity(self, subject_id: str) -> str:
+        """``data:<first dataset>::<case>``, through the records of the datasets this one was derived from."""
+        return subject_identity(self.index.root, subject_of(subject_id))
+
     def load(self, subject_id: str) -> Dict:
         if "@" in subject_id and self.spatial_dims == 2 and self.slice_mode == "all":
             cid, z = subject_id.rsplit("@", 1)
@@ -353,6 +367,7 @@ def export_phantom(source: PhantomSource, dst, overwrite: bool = False, layout: 
         raise ValueError(f"phantom export layout must be nnunet or folder, got {layout!r}")
     with staged_dir(dst, overwrite) as tmp:
         _write_phantom(source, tmp, layout)
+        write_provenance(tmp, "lightning-distill phantom", {sid: sid for sid in source.ids}, phantom=True)
     return len(source.ids)
 
 

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from lightning_distill.data.nifti import IGNORE_INDEX, DataError
+from lightning_distill.data.provenance import subject_identity, subject_of
 from lightning_distill.data.sources import SubjectSource
 
 FORMAT = "lightning_distill teacher slices"  # dataset.json's "format" of a `teach` folder
@@ -92,6 +93,10 @@ class TeacherSlices(SubjectSource):
         if not self.ids:
             raise DataError(f"{self.root}: no slice left (select {select or 'none'}; left out: {self.left_out})")
         self.select = select
+
+    def subject_identity(self, subject_id: str) -> str:
+        """The teacher's volume a slice is of, as a subject of the dataset it was read from (``teach`` records it)."""
+        return subject_identity(self.root, subject_of(subject_id))
 
     def load(self, sample_id: str) -> Dict[str, Any]:
         vid, z = sample_id.rsplit("@", 1)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -298,7 +299,20 @@ def test_phantom_nifti_teacher_slices_student_predict_round_trip(tmp_path, tiny_
     # every subject of another dataset; overrides may also follow the options
     assert main(["test", str(ckpt), "--all", "--out", str(tmp_path / "every.json"), f"data.nifti.root={vols}",
                  "data.nifti.slice_mode=all"]) == 0
-    assert json.loads((tmp_path / "every.json").read_text())["test"]["num_cases"] == 8 * 16
+    every = json.loads((tmp_path / "every.json").read_text())
+    assert every["test"]["num_cases"] == 8 * 16
+    # the student trained on the slices of 4 of these 8 volumes: `slices` recorded where they came from, so the
+    # test knows those subjects (issue 35: it said "none of a training subject")
+    trained = torch.load(ckpt, map_location="cpu", weights_only=False)["lightning_distill"]["train_subjects"]
+    assert len(trained) == 4 and every["training_subjects_in_test"] == 4
+    assert every["test_set"] == "128 samples of every subject (4 of the 8 subjects are training subjects of this checkpoint)"
+    # the same volumes copied elsewhere with no record: the test cannot tell, and says so (not "none")
+    shutil.copytree(vols, tmp_path / "copy", ignore=shutil.ignore_patterns("provenance.json"))
+    assert main(["test", str(ckpt), "--all", "--out", str(tmp_path / "copy.json"), f"data.nifti.root={tmp_path / 'copy'}",
+                 "data.nifti.slice_mode=all"]) == 0
+    copy = json.loads((tmp_path / "copy.json").read_text())
+    assert copy["training_subjects_in_test"] is None
+    assert "unknown how many are of training subjects" in copy["test_set"] and "4 of their case ids are training case ids" in copy["test_set"]
 
 
 def test_reorient_round_trip_and_slice_affine():

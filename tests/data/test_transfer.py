@@ -2,6 +2,7 @@
 (lightning_distill/data/transfer.py), and a student that learns what the teacher knows from its slices. The losses:
 losses/test_transfer_loss.py; the module's transfer term: test_modules.py."""
 
+import json
 import os
 
 import numpy as np
@@ -70,6 +71,11 @@ def test_a_student_trains_with_teacher_slices_union_and_prototype_dist(tmp_path,
     assert record["transfer"]["slices"] == 30 and record["union"]["volumes"] == 6
     assert record["transfer"]["model_sha256"] and record["transfer"]["labelled_by"] == "3D model"
     assert "intensity" in ckpt["lightning_distill"]  # the input fingerprint is recorded as before
+    # the teacher's volumes are training subjects too: a test on them is not held out (issue 35)
+    volumes = json.loads((teach_folder / "dataset.json").read_text())["volumes"]
+    own = ckpt["lightning_distill"]["train_subjects"]
+    assert ckpt["lightning_distill"]["train_identities"] == sorted({f"phantom:{v}" for v in volumes} | {f"phantom:{s}" for s in own})
+    assert len(volumes) == 6 and len(own) == 8
 
 
 def test_select_keeps_the_volumes_of_an_attribute(teach_folder):
