@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from lightning_distill import __version__
@@ -125,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
                          formatter_class=_ConfigKeysHelp)
     bb.add_argument("config", nargs="?", help="bank build YAML, e.g. experiments/bank.yaml (or only key=value overrides)")
     bb.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data/ct processes=2")
+    bm = bsub.add_parser("merge", help="one bank from banks built over disjoint sets of volumes (e.g. one folder per "
+                         "intensity scale, each built with its own data.preprocess): each row the mean over all their voxels",
+                         description="Merge prototype banks of `bank build` (or of teacher runs) into one: every row is the "
+                         "count-weighted mean of the banks' rows, the row one build over all their volumes would give. "
+                         "The banks must have the same classes, space and temperatures.")
+    bm.add_argument("output", help="the merged bank (.pt), written whole or not at all")
+    bm.add_argument("banks", nargs="+", help="two or more banks (prototypes.pt)")
+    bm.add_argument("--overwrite", action="store_true", help="replace an existing output")
     bi = bsub.add_parser("inspect", help="print per-class rows (entropy, off-diagonal mass, reliability) and the bank's "
                          "distance from the identity under every geometry and temperature; write a PNG",
                          description="Print a bank's diagnostics (markdown) and write a PNG. A distance from the identity "
@@ -258,6 +267,8 @@ def _compare(args) -> int:
 def _bank(args) -> int:
     if args.bank_command == "build":
         return _bank_build(args)
+    if args.bank_command == "merge":
+        return _bank_merge(args)
     from lightning_distill.lab.bank_inspect import inspect_bank
 
     text, png = inspect_bank(args.bank, args.png)
@@ -278,6 +289,21 @@ def _bank_build(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one report
         print(describe(load_bank(path)))
         print(f"wrote {path}")
+    return 0
+
+
+def _bank_merge(args) -> int:
+    from lightning_distill.bank.format import load_bank, merge_banks, save_bank
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    bank = merge_banks([load_bank(b) for b in args.banks], sources=list(args.banks))
+    save_bank(out, bank)
+    for src in bank.meta["merged_from"]:
+        print(f"{src['bank']}: {int(sum(src['counts']))} voxels ({src['mode']}; data {src['data']}; preprocess {src['preprocess']})")
+    print("voxels per class: " + ", ".join(f"{n} {c}" for n, c in bank.meta["class_voxels"].items()))
+    print(f"wrote {out} (merged from {len(args.banks)} banks)")
     return 0
 
 

@@ -22,7 +22,7 @@ from lightning_distill.checkpoints import load_checkpoint, load_network
 from lightning_distill.data.build import make_preprocess
 from lightning_distill.data.nifti import DataError, NIFTI_ENDINGS, check_nifti_file, load_nifti, reorient, slice_affine
 from lightning_distill.devices import autocast_for, resolve_device
-from lightning_distill.fingerprint import IntensityCheck
+from lightning_distill.fingerprint import IntensityCheck, ct_window_of
 from lightning_distill.io import save_nifti, staged_dir
 
 
@@ -216,7 +216,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, over
     for f in files:
         check_input(f)
     net = load_network(ckpt, cfg).to(dev)
-    check = IntensityCheck((ckpt.get("lightning_distill") or {}).get("intensity"))
+    check = IntensityCheck((ckpt.get("lightning_distill") or {}).get("intensity"), ct_window_of(cfg))
     opts = {"device": dev, "batch_size": batch_size, "sw_batch_size": sw_batch_size}
     if single_file_out:
         _save_like(*_predict_file(net, cfg, files[0], check, **opts), out)

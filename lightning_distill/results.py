@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 from lightning_distill import __version__
 from lightning_distill.data.build import raw_profiles
 from lightning_distill.data.datamodules import SegmentationDataModule
-from lightning_distill.data.provenance import SubjectOverlap, compare_subjects
+from lightning_distill.data.provenance import SubjectOverlap, compare_subjects, subject_of
 from lightning_distill.data.sources import SubjectSource
-from lightning_distill.fingerprint import check_samples, data_identity
+from lightning_distill.fingerprint import check_samples, ct_window_of, data_identity
 from lightning_distill.io import write_json
 from lightning_distill.metrics import format_table
 
@@ -80,11 +80,13 @@ def write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str,
     return results
 
 
-def check_test_intensities(fp: Optional[Mapping[str, Any]], dm: SegmentationDataModule) -> None:
-    """Warn when test samples' intensities are unlike the training data's (``fp``: the checkpoint's
-    fingerprint; ``None``: an older checkpoint, nothing is checked)."""
+def check_test_intensities(fp: Optional[Mapping[str, Any]], dm: SegmentationDataModule, cfg: DictConfig) -> None:
+    """Warn when test subjects' intensities are unlike the training data's (``fp``: the checkpoint's
+    fingerprint; ``None``: an older checkpoint, nothing is checked; ``cfg``: the test's config, whose CT window
+    the advice starts from)."""
     if fp is None:
         return
     dm.setup()
     test_set = dm.datasets["test"]
-    check_samples(fp, {i: test_set._load(i)["image"].numpy() for i in test_set.ids}, raw_profiles(dm.source, test_set.ids))
+    check_samples(fp, {i: test_set._load(i)["image"].numpy() for i in test_set.ids}, raw_profiles(dm.source, test_set.ids),
+                  subject_of=subject_of, window=ct_window_of(cfg))

@@ -43,6 +43,7 @@ class LoadedModel:
     roi_size: Optional[List[int]] = None  # a checkpoint's patch size
     in_channels: Optional[int] = None
     spatial_dims: int = 3  # a checkpoint's (the other formats: 3D)
+    intensity: Optional[Dict[str, Any]] = None  # a checkpoint's intensity fingerprint (lightning_distill.fingerprint)
 
 
 def _need_file(path: Optional[str], what: str) -> Path:
@@ -108,7 +109,8 @@ def load_model(spec: DictConfig, dims: Sequence[int] = (3,)) -> LoadedModel:
         roi = list(cfg.data.patch_size) if cfg.data.patch_size else None
         names = [str(n) for n in ckpt["hyper_parameters"]["class_names"]]
         return LoadedModel(load_network(ckpt, cfg), names, {"format": fmt, "path": str(path), "sha256": file_sha256(path)},
-                           pre, roi, in_channels=1, spatial_dims=len(cfg.data.shape))
+                           pre, roi, in_channels=1, spatial_dims=len(cfg.data.shape),
+                           intensity=(ckpt.get("lightning_distill") or {}).get("intensity"))
     if fmt == "monai":
         # deferred: MONAI takes seconds to import; only a 3D model's inference needs it
         import monai.networks.nets as nets

@@ -205,7 +205,7 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
         cfg.data.splits = {"train": [], "val": [], "test": sorted({subject_of(i) for i in source.ids})}
     dm = build_datamodule(cfg, source, training=False)
     record = dict(ckpt.get("lightning_distill") or {})
-    check_test_intensities(record.get("intensity"), dm)
+    check_test_intensities(record.get("intensity"), dm, cfg)
     module = SegmentationModule(load_network(ckpt, cfg), names, input_transform=cfg.input_transform,
                                 roi_size=list(cfg.data.patch_size) if cfg.data.patch_size else None, config=to_dict(cfg),
                                 surface_tolerance=cfg.surface_tolerance_mm, sw_batch_size=cfg.sw_batch_size)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -12,7 +13,7 @@ import torch
 
 from conftest import REPO, TINY_STUDENT
 from lightning_distill.cli import main
-from lightning_distill.fingerprint import intensity_fingerprint, quantile_profile
+from lightning_distill.fingerprint import LEVELS, advice, intensity_fingerprint, quantile_profile
 
 STUDENT_YAML = os.path.join(REPO, "experiments/student.yaml")
 CLASSES = "classes=[background,body_wall,muscle,liver,spleen,right_kidney,left_kidney,aorta,vertebra]"
@@ -70,6 +71,8 @@ def test_checkpoint_and_results_record_the_fingerprint(ckpt, data):
     assert fp["preprocessing"] == {"source": "nifti", "modality": "CT", "ct_window": [0.0, 255.0]}
     assert fp["raw"][0] >= 0 and 200 < fp["raw"][-1] <= 255  # the 0..255 images before scaling (p99: bone)
     assert fp["threshold"] >= 1.5 * fp["max_distance"]
+    # calibrated on the validation split too: held out, of the training kind (issue 35)
+    assert len(fp["held_out_distances"]) == 4 and fp["threshold"] >= 1.5 * max(fp["held_out_distances"])
     assert len(meta["train_subjects"]) == 8 and meta["data"] == {"source": "nifti", "root": str((data / "u8").resolve())}
     results = json.loads((ckpt.parent.parent / "results.json").read_text())
     assert results["intensity"]["threshold"] == fp["threshold"] and "distances" not in results["intensity"]
@@ -82,7 +85,7 @@ def test_hu_input_into_a_model_trained_on_0_255_warns_to_set_ct_window(ckpt, dat
         assert msg.startswith(f"{f}: intensities unlike") and "threshold" in msg
         raw = torch.load(ckpt, weights_only=False)["lightning_distill"]["intensity"]["raw"]
         assert f"training 0/0/{raw[-1]:.3g}" in msg  # the training's raw p1/p50/p99 next to the input's
-        assert "looks like CT in HU" in msg and "try data.nifti.ct_window=[lo,hi]" in msg
+        assert "looks like CT in HU" in msg and "set data.nifti.ct_window=[lo,hi]" in msg
     # the HU window the training images were scaled from: the inputs now look like the training data
     assert _intensity_warnings("predict", ckpt, data / "hu_held", tmp_path / "fixed", "data.nifti.ct_window=[-175,250]") == []
 
@@ -99,7 +102,7 @@ def test_held_out_images_like_the_training_data_do_not_warn(ckpt, data, tmp_path
 
 def test_test_command_warns_once_with_the_worst_samples(ckpt, data, tmp_path):
     msgs = _intensity_warnings("test", ckpt, f"data.nifti.root={data / 'hu'}", "--out", tmp_path / "r.json")
-    assert len(msgs) == 1 and msgs[0].startswith("4 of 4 test samples have intensities unlike")
+    assert len(msgs) == 1 and msgs[0].startswith("4 of 4 test subjects have intensities unlike")
     assert "worst: phantom2_" in msgs[0] and "data.nifti.ct_window" in msgs[0]
     assert _intensity_warnings("test", ckpt, "--out", tmp_path / "own.json") == []  # its own held-out split
 
@@ -111,3 +114,57 @@ def test_quantile_profile_is_deterministic_and_threshold_has_a_floor():
     images = {"a": np.linspace(0, 1, 100, dtype=np.float32)[None], "b": np.linspace(0, 1, 100, dtype=np.float32)[None]}
     fp = intensity_fingerprint(images.__getitem__, ["a", "b"], {"source": "nifti", "modality": "none"})
     assert fp["max_distance"] == 0 and fp["threshold"] == pytest.approx(0.05 * 0.98)  # 5 % of the p1..p99 range
+
+
+@pytest.fixture(scope="module")
+def volumes(data):
+    """Two held-out volumes of the students' population (subjects 20 and 21: the training data's kind, every level
+    of the body where the training slices are of one), in HU (``hu``) and as 0..255 (``u8``)."""
+    assert main(["phantom", STUDENT_YAML, str(data / "vols"), "data.num_subjects=22", "data.shape=[64,64,24]"]) == 0
+    hu, u8 = data / "vol_hu", data / "vol_u8"
+    for d in (hu, u8):
+        d.mkdir()
+        for i in (20, 21):
+            shutil.copy(data / "vols" / "imagesTr" / f"phantom2_{i:04d}_0000.nii.gz", d)
+    _to_uint8(u8)
+    return hu, u8
+
+
+def test_held_out_volumes_of_the_training_kind_do_not_warn_and_hu_volumes_do(ckpt, volumes, tmp_path):
+    """A volume is judged by its slice closest to the training data: its other levels show another mix of tissues
+    at the training's scale (issue 35: judged by the median slice, held-out 0..255 volumes warned)."""
+    hu, u8 = volumes
+    assert _intensity_warnings("predict", ckpt, u8, tmp_path / "u8") == []
+    msgs = _intensity_warnings("predict", ckpt, hu, tmp_path / "hu")  # the wrong scale moves every slice
+    assert len(msgs) == 2 and all("looks like CT in HU" in m and "set data.nifti.ct_window=[lo,hi]" in m for m in msgs)
+
+
+def test_the_suggested_window_makes_the_input_match_and_the_advice_stops(ckpt, data, tmp_path):
+    """0..255 images stored as 0..1020 (another bit depth, the same kind): the advice computes the window that
+    scales them as the training images were; with it, nothing warns (issue 35: "[lo,hi] mapping ..." repeated)."""
+    ten = tmp_path / "ten"
+    ten.mkdir()
+    for f in sorted((data / "held").iterdir()):
+        img = nib.load(str(f))
+        nib.save(nib.Nifti1Image((np.asarray(img.dataobj, np.int16) * 4), img.affine), str(ten / f.name))
+    msgs = _intensity_warnings("predict", ckpt, ten, tmp_path / "o1")
+    assert len(msgs) == 4
+    windows = [re.search(r"set data\.nifti\.ct_window=\[([-0-9.e+]+),([-0-9.e+]+)\]", m) for m in msgs]
+    lo, hi = float(windows[0][1]), float(windows[0][2])
+    # 4 x [0, 255], estimated from one image's p1..p99 against the training median's: an image's p99 (bone) differs
+    # from the median's by several percent, so the estimate does too
+    assert lo == pytest.approx(0.0, abs=1.0) and hi == pytest.approx(1020.0, rel=0.1)
+    assert _intensity_warnings("predict", ckpt, ten, tmp_path / "o2", f"data.nifti.ct_window=[{lo},{hi}]") == []
+
+
+def test_advice_says_when_no_intensity_setting_helps():
+    """An input already on the training's scale gets no window to try (issue 35: the phantom student advised
+    data.window for an HU CT, and a user who applied an advised window got the same advice again)."""
+    raw = [-1000.0, -900, -500, -80, 20, 45, 70, 300, 700]
+    fp = {"levels": list(LEVELS), "raw": raw, "preprocessing": {"source": "nifti", "modality": "CT", "ct_window": [-175.0, 250.0]}}
+    same = advice(fp, [r + 3 for r in raw])
+    assert "no intensity setting brings it closer" in same and "ct_window=[" not in same
+    assert "set data.nifti.ct_window=[-175,250]" in advice(fp, raw, window=[-100.0, 300.0])  # the user changed it: back
+    phantom = {"levels": list(LEVELS), "raw": None, "preprocessing": {"source": "phantom", "modality": "CT", "ct_window": [-175.0, 250.0]}}
+    real_ct = advice(phantom, raw)
+    assert "both CT in HU" in real_ct and "data.window" not in real_ct

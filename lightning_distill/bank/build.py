@@ -47,6 +47,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -58,12 +59,17 @@ from lightning_distill.config.load import config_key
 from lightning_distill.data.case_cache import CaseCache, case_key
 from lightning_distill.data.labels import LabelMapping
 from lightning_distill.data.nifti import Case, DataError, read_case
+from lightning_distill.fingerprint import describe as describe_input, profile_distance, quantile_profile
 from lightning_distill.io import atomic_write
 from lightning_distill.losses.prototype import class_means, masked_class_sums
 from lightning_distill.teacher_model import (ClassMap, inference_device, list_cases, load_model, model_logits,
                                              model_preprocess, pseudo_labels)
 
 STATE_FORMAT = 1
+# bank build's own names of the settings an intensity warning advises (the checkpoint's preprocessing is replaced
+# by data.preprocess only with from_checkpoint=false)
+SHIFT_KEYS = {"window": "data.preprocess.from_checkpoint=false data.preprocess.ct_window",
+              "modality": "data.preprocess.from_checkpoint=false data.preprocess.modality"}
 
 
 class _Run:
@@ -145,9 +151,29 @@ class _Run:
             self.disk.put(case.case_id, key, {"image": x.numpy(), **({"label": y.numpy()} if y is not None else {})})
         return x, y
 
+    def check_intensity(self, case: Case, x: torch.Tensor) -> None:
+        """Compare a preprocessed volume with the model's training data (its checkpoint's intensity fingerprint; other
+        formats carry none): warn, or raise with ``on_shift=error``, before the model sees it."""
+        fp = self.model.intensity
+        if fp is None:
+            return
+        profile = quantile_profile(x.numpy(), fp["levels"])
+        dist = profile_distance(profile, fp["reference"])
+        if dist <= fp["threshold"]:
+            return
+        image = read_case(case, 3, self.mapping, require_foreground=False, require_label=False)[0]
+        what = (f"{case.images[0]}: intensities unlike the training data's of {self.model.source['path']} (distance "
+                f"{dist:.3g} > threshold {fp['threshold']:.3g}): "
+                + describe_input(fp, profile, quantile_profile(np.asarray(image), fp["levels"]),
+                                 self.pre.intensity_settings().get("ct_window"), SHIFT_KEYS))
+        if self.cfg.on_shift == "error":
+            raise DataError(f"{what}; nothing of it entered the bank (on_shift=warn would use it anyway)")
+        warnings.warn(f"{what}; its voxels enter the bank as they are (on_shift=error stops instead)", stacklevel=2)
+
     def volume(self, case: Case) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """``(sums (K, K * T) float64, counts (K,) float64, labelled)`` of one case."""
         x, lbl = self.preprocessed(case)
+        self.check_intensity(case, x)
         x = x[None].to(self.device)
         logits = model_logits(self.net, x, self.roi, self.cfg.inference, f"{self.model.source['path']}, {case.images[0]}")
         values = [self.map.probabilities(logits, t)[1] for t in self.taus]  # the bank's vectors at every temperature

@@ -154,3 +154,43 @@ def load_bank(path: str | os.PathLike) -> Bank:
         raise ValueError(f"prototype bank {str(p)!r} is inconsistent: its prototypes_by_tau are not finite {tuple(protos.shape)} matrices")
     meta = {kk: v for kk, v in obj.items() if kk not in _REQUIRED and kk != "prototypes_by_tau"}
     return Bank(protos.float(), counts, list(obj["class_names"]), float(obj["tau"]), str(obj["space"]), meta, by_tau)
+
+
+def merge_banks(banks: Sequence[Bank], sources: Optional[Sequence[str]] = None) -> Bank:
+    """One bank from banks built over disjoint sets of volumes: each row the mean over all their voxels.
+
+    A bank's row k is the mean over the ``counts[k]`` voxels of class k, so the merged row is
+    ``sum_i counts_i[k] * rows_i[k] / sum_i counts_i[k]`` (at every temperature), exactly the row one build over
+    all the volumes would give, up to float32 rounding. This is how volumes that need different preprocessing
+    (one folder in HU, another 0..255) enter one bank: build a bank per folder, each with its own
+    ``data.preprocess``, then merge them (``lightning-distill bank merge``).
+
+    Raises:
+        ValueError: fewer than two banks; other class names, spaces, temperatures; an EMA bank (its counts are
+            batches, not voxels, so its rows are no means over voxels).
+    """
+    if len(banks) < 2:
+        raise ValueError("merging needs at least two banks")
+    names = list(sources) if sources is not None else [str(b.meta.get("path", i)) for i, b in enumerate(banks)]
+    first = banks[0]
+    for name, b in zip(names, banks):
+        if b.meta.get("mode") == "ema":
+            raise ValueError(f"{name}: an EMA bank (bank.momentum) counts batches, not voxels; it cannot be merged as a mean")
+        for what, mine, theirs in (("class names", b.class_names, first.class_names), ("space", b.space, first.space),
+                                   ("temperatures", b.taus, first.taus), ("tau", b.tau, first.tau)):
+            if mine != theirs:
+                raise ValueError(f"{name}: {what} {mine} differ from {names[0]}'s {theirs}; only banks of the same "
+                                 "classes, space and temperatures merge")
+    counts = torch.stack([b.counts.double() for b in banks])  # (N, K)
+    total = counts.sum(0)
+
+    def mean(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        weighted = sum(c[:, None] * r.double() for c, r in zip(counts, rows))
+        return torch.where(total[:, None] > 0, weighted / total.clamp_min(1)[:, None], torch.zeros_like(weighted)).float()
+
+    by_tau = {t: mean([b.at_tau(t) for b in banks]) for t in first.taus}
+    meta = {"mode": "merged", "merged_from": [{"bank": n, "counts": b.counts.tolist(), "mode": b.meta.get("mode"),
+                                                "data": b.meta.get("data"), "preprocess": b.meta.get("preprocess")}
+                                               for n, b in zip(names, banks)],
+            "class_voxels": {n: int(c) for n, c in zip(first.class_names, total.tolist())}}
+    return Bank(by_tau[first.tau], total.float(), list(first.class_names), first.tau, first.space, meta, by_tau)

@@ -81,6 +81,9 @@ class BankBuildConfig:
     class_map: Dict[Any, str] = field(default_factory=dict)  # model label (name or channel index) -> bank class | ignore
     unmapped: str = choice("error", UNMAPPED)  # model labels nothing maps
     threshold: float = 0.9  # unlabelled volumes: keep voxels whose class probability is at least this
+    # a volume whose intensities are unlike the model's training data (checkpoint format: its fingerprint, checked
+    # before inference): warn (and use it) | error (stop, naming the file)
+    on_shift: str = choice("warn", ("warn", "error"))
     data: BankDataSpec = field(default_factory=BankDataSpec)
     inference: BankInferenceConfig = field(default_factory=BankInferenceConfig)
     bank: BankOptions = field(default_factory=BankOptions)

@@ -214,12 +214,15 @@ def balanced_class_weights(counts: Sequence[int]) -> List[float]:
 
 def training_record_of(cfg: DictConfig, dm: SegmentationDataModule) -> Dict[str, Any]:
     """What the run's checkpoints record about its training data (:func:`~lightning_distill.fingerprint.training_record`),
-    read through the training set's cache (training reuses the decoded samples)."""
+    read through the training set's cache (training reuses the decoded samples); the intensity threshold is
+    calibrated on the validation samples (held out, of the training kind)."""
     dm.setup()
     train_set = dm.datasets["train"]
     preprocessing = {"source": cfg.data.source, **make_preprocess(cfg).intensity_settings()}
+    val_set = dm.datasets.get("val")
+    held_out = {i: (lambda i=i: val_set._load(i)["image"].numpy()) for i in (val_set.ids if val_set is not None else [])}
     return training_record(cfg, dm, lambda sid: train_set._load(sid)["image"].numpy(), preprocessing,
-                           raw_profiles(dm.source, dm.train_ids), training_identities(dm))
+                           raw_profiles(dm.source, dm.train_ids), training_identities(dm), held_out)
 
 
 def training_identities(dm: SegmentationDataModule) -> List[str]:

@@ -270,3 +270,63 @@ def test_torchrun_with_two_processes_equals_one(volumes, tmp_path):
     bank = load_bank(out)
     assert bank.meta["processes"] == 2
     _same(build_bank(_cfg(root, tmp_path / "one.pt")), bank, atol="float32")  # 2 processes: another order of sums
+
+
+def test_volumes_unlike_the_models_training_data_warn_or_stop_before_inference(volumes, teacher_bank, tmp_path):
+    """The checkpoint's intensity fingerprint is checked per volume before inference (issue 35: an HU checkpoint
+    took 0..255 volumes silently and their pseudo-labels entered the bank). on_shift=error stops, naming the file."""
+    import shutil
+    import warnings
+
+    import nibabel as nib
+    import numpy as np
+
+    from lightning_distill.data.nifti import DataError
+
+    root, _ = volumes
+    ckpt = teacher_bank / "checkpoints" / "last.ckpt"
+    args = ["model.format=checkpoint", f"model.path={ckpt}"]
+    with warnings.catch_warnings(record=True) as caught:  # volumes of the model's own kind (phantom CT in HU)
+        warnings.simplefilter("always")
+        build_bank(load_bank_build_config(None, [*args, f"data.root={root / 'ph'}", f"output={tmp_path / 'hu.pt'}"]))
+    assert not [w for w in caught if "intensities unlike" in str(w.message)]
+    u8 = tmp_path / "u8"
+    shutil.copytree(root / "ph", u8)
+    for f in sorted((u8 / "imagesTr").iterdir()):  # the same volumes as 0..255 (the abdominal window, 8 bits)
+        img = nib.load(str(f))
+        hu = np.asarray(img.dataobj, np.float32)
+        nib.save(nib.Nifti1Image(np.clip((hu + 175) / 425 * 255, 0, 255).astype(np.uint8), img.affine), str(f))
+    with pytest.warns(UserWarning, match="intensities unlike the training data's") as caught:
+        build_bank(load_bank_build_config(None, [*args, f"data.root={u8}", f"output={tmp_path / 'u8.pt'}"]))
+    msgs = [str(w.message) for w in caught if "intensities unlike" in str(w.message)]
+    assert len(msgs) == 6 and all("no HU-like negative values" in m for m in msgs)
+    assert "data.preprocess.from_checkpoint=false data.preprocess.ct_window=[lo,hi]" in msgs[0]
+    first = sorted((u8 / "imagesTr").iterdir())[0]
+    with pytest.raises(DataError, match=f"{first}: intensities unlike the training data's .* nothing of it entered the bank"):
+        build_bank(load_bank_build_config(None, [*args, f"data.root={u8}", f"output={tmp_path / 'stop.pt'}", "on_shift=error"]))
+    assert not (tmp_path / "stop.pt").exists()
+
+
+def test_banks_of_disjoint_volumes_merge_into_the_bank_of_all(volumes, tmp_path, capsys):
+    """bank merge: each row the count-weighted mean, the bank one build over all the volumes gives (float32
+    rounding apart); how volumes that need their own preprocessing share one bank (issue 35)."""
+    from lightning_distill.bank.format import merge_banks
+
+    root, _ = volumes
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (root / "ph" / "imagesTr").iterdir())
+    whole = build_bank(_cfg(root, tmp_path / "all.pt", "bank.taus=[2.0]"))
+    halves = [build_bank(_cfg(root, tmp_path / f"h{i}.pt", "bank.taus=[2.0]", f"data.cases=[{','.join(part)}]"))
+              for i, part in enumerate((cases[:3], cases[3:]))]
+    merged = merge_banks(halves, ["h0", "h1"])
+    assert torch.equal(merged.counts, whole.counts) and merged.taus == whole.taus == [1.0, 2.0]
+    for t in whole.taus:  # two computations of one mean (sums in another order): float32 precision
+        assert_close_to_precision(merged.at_tau(t), whole.at_tau(t))
+    assert [m["bank"] for m in merged.meta["merged_from"]] == ["h0", "h1"]
+    # through the command; banks of other classes or temperatures are refused
+    assert main(["bank", "merge", str(tmp_path / "m.pt"), str(tmp_path / "h0.pt"), str(tmp_path / "h1.pt")]) == 0
+    assert torch.equal(load_bank(tmp_path / "m.pt").prototypes, merged.prototypes)
+    assert main(["bank", "merge", str(tmp_path / "m.pt"), str(tmp_path / "h0.pt"), str(tmp_path / "h1.pt")]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    build_bank(_cfg(root, tmp_path / "t1.pt", "bank.taus=[]", f"data.cases=[{cases[0]}]"))  # one temperature only
+    with pytest.raises(ValueError, match="t1.pt: temperatures \\[1.0\\] differ from h0's \\[1.0, 2.0\\]"):
+        merge_banks([halves[0], load_bank(tmp_path / "t1.pt")], ["h0", str(tmp_path / "t1.pt")])
