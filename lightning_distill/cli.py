@@ -176,6 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")  # Lightning-internal deprecation noise
+    warnings.formatwarning = _format_warning
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
@@ -183,6 +184,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lightning-distill: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (outputs are written whole or not at all)
+        print(f"lightning-distill: interrupted ({args.command})", file=sys.stderr)
+        return 130
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_format_other = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """The package's own warnings as one line that starts with the command (the message names the file or setting
+    it is about; the package's source line would tell a user nothing); other libraries' as Python prints them."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep) and issubclass(category, UserWarning):
+        return f"lightning-distill: warning: {message}\n"
+    return _format_other(message, category, filename, lineno, line)
 
 
 def _load(args):

@@ -3,17 +3,19 @@ into place, so a crash while writing leaves the previous file intact and never a
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import nibabel as nib
 
@@ -76,6 +78,40 @@ def save_nifti(image, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
+def listed(items: Sequence[Any], limit: int = 10) -> str:
+    """``items`` for a message: at most ``limit`` of them, and how many more there are when the list is cut."""
+    items = list(items)
+    return f"{items[:limit]}" + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # names a staged folder's machine
+_PARTIAL = re.compile(r"\.partial-([0-9a-f]{8})-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(dst: str | os.PathLike) -> List[Path]:
+    """Remove the staged folders of ``dst`` (:func:`staged_dir`) left by a killed command: those written on this
+    machine by a process that no longer runs. A staged folder of a running command, of another machine (a shared
+    file system) or of an older version (no process in its name) is left alone. Returns the removed folders."""
+    dst = Path(dst)
+    removed = []
+    for p in dst.parent.glob(f".{glob.escape(dst.name)}.partial-*"):
+        m = _PARTIAL.search(p.name)
+        if p.is_dir() and m and m.group(1) == _HOST and not _alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def staged_dir(dst: str | os.PathLike, overwrite: bool = False, merge: bool = False) -> Iterator[Path]:
     """Build a folder's content in a temporary folder beside ``dst``, and put it in place only when
@@ -91,7 +127,9 @@ def staged_dir(dst: str | os.PathLike, overwrite: bool = False, merge: bool = Fa
             name and keeping the others (e.g. masks predicted earlier into the same folder).
 
     Yields:
-        The temporary folder to write into (same file system as ``dst``, so the final moves are renames).
+        The temporary folder to write into (same file system as ``dst``, so the final moves are renames), named
+        ``.<dst name>.partial-<machine>-<pid>-<random>``; a later call removes it if its process was killed
+        (:func:`remove_stale_partials`).
     """
     dst = Path(dst)
     if not merge and dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
@@ -99,7 +137,8 @@ def staged_dir(dst: str | os.PathLike, overwrite: bool = False, merge: bool = Fa
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    remove_stale_partials(dst)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-{_HOST}-{os.getpid()}-"))
     _chmod(tmp, 0o777)  # a folder the user creates, not mkdtemp's private 0o700
     try:
         yield tmp

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -12,6 +14,23 @@ from omegaconf import DictConfig
 
 from lightning_distill.config.load import to_dict
 from lightning_distill.visuals import log_artifacts
+
+
+class _DropTips(logging.Filter):
+    """Lightning's tips that advertise a service (``litlogger``): nothing a user of this package acts on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's messages that carry nothing for a user of this package, on every run: the tip
+    advertising a logging service, and the warning that an epoch has fewer batches than ``log_every_n_steps``
+    (metrics are logged by global step, so short epochs lose no log line). Other warnings stay."""
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in log.filters):
+        log.addFilter(_DropTips())
 
 
 def make_logger(cfg: DictConfig, out: Path, wandb_run_id: Optional[str] = None):

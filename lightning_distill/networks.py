@@ -18,6 +18,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from lightning_distill.io import listed
+
 
 def _monai_unet(spatial_dims: int, in_channels: int, out_channels: int, **kw) -> nn.Module:
     from monai.networks.nets import UNet  # deferred: MONAI takes seconds to import; only a MONAI network needs it
@@ -170,7 +172,7 @@ class InputHook:
         modules = dict(net.named_modules())
         if module_name not in modules:
             near = [n for n in modules if n and (module_name.split(".")[0] in n)] or [n for n in modules if n][:20]
-            raise KeyError(f"module {module_name!r} not found in {type(net).__name__}; some valid names: {near[:20]}")
+            raise KeyError(f"module {module_name!r} not found in {type(net).__name__}; some valid names: {listed(near, 20)}")
         if which not in ("input", "output"):
             raise ValueError(f"which must be 'input' or 'output', got {which!r}")
         self.which, self.detach, self.value = which, detach, None

@@ -37,7 +37,7 @@ from lightning_distill.data.labels import LabelMapping
 from lightning_distill.data.nifti import (Case, DataError, IGNORE_INDEX, check_nifti_file, discover, load_nifti,
                                           reorient, slice_affine)
 from lightning_distill.data.provenance import write_provenance
-from lightning_distill.io import nnunet_dirs, save_nifti, staged_dir, write_json
+from lightning_distill.io import listed, nnunet_dirs, save_nifti, staged_dir, write_json
 
 
 def to_ras(data: np.ndarray, affine: np.ndarray):
@@ -87,7 +87,7 @@ def _check_labels_found(cases: List[Case], src: Path, labels: bool) -> None:
                         "label pattern (folder layout: --label-pattern, {case} = the case id), or pass --no-labels "
                         "to write images only")
     raise DataError(f"{where}: label file is missing ({len(missing)} of {len(cases)} cases have none: "
-                    f"{[c.case_id for c in missing[:10]]})")
+                    f"{listed([c.case_id for c in missing])})")
 
 
 def _check_case(case: Case) -> None:

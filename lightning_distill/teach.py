@@ -70,7 +70,7 @@ from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.provenance import write_provenance
 from lightning_distill.data.sources import DomainShift, affine_spacing, phantom_affine, phantom_spec
 from lightning_distill.data.transfer import FORMAT, FORMAT_VERSION
-from lightning_distill.io import atomic_write, write_json
+from lightning_distill.io import atomic_write, listed, write_json
 from lightning_distill.teacher_model import (ClassMap, inference_device, list_cases, load_model, model_logits,
                                              model_preprocess)
 
@@ -108,7 +108,7 @@ def _read_attributes(path: str, ids: Sequence[str]) -> Dict[str, Dict[str, str]]
     table = {r["case"]: {k: v for k, v in r.items() if k != "case"} for r in rows}
     missing = [i for i in ids if i not in table]
     if missing:
-        raise DataError(f"{p}: no row for volumes {missing[:10]}" + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+        raise DataError(f"{p}: no row for volumes {listed(missing)}")
     return table
 
 
@@ -131,7 +131,7 @@ class _PhantomVolumes:
         if d.cases is not None:
             unknown = [c for c in d.cases if c not in set(self.ids)]
             if unknown:
-                raise ValueError(f"data.cases lists volumes that are not in the phantom population: {unknown[:10]}")
+                raise ValueError(f"data.cases lists volumes that are not in the phantom population: {listed(unknown)}")
             self.ids = sorted(d.cases)
         self.labels = d.labels != "ignore"
         self.describe = {"source": "phantom", "phantom": OmegaConf.to_container(p), "num_subjects": int(d.num_subjects),

@@ -29,7 +29,7 @@ from lightning_distill.checkpoints import load_checkpoint, load_network
 from lightning_distill.data.build import make_preprocess
 from lightning_distill.data.nifti import IGNORE_INDEX, Case, discover
 from lightning_distill.data.preprocess import Preprocess
-from lightning_distill.io import file_sha256
+from lightning_distill.io import file_sha256, listed
 
 # ---------------------------------------------------------------------------------------- models
 @dataclass
@@ -271,7 +271,7 @@ def list_cases(cfg: DictConfig) -> Tuple[List[Case], Dict[int, str]]:
         known = {c.case_id for c in cases}
         unknown = [c for c in d.cases if c not in known]
         if unknown:
-            raise ValueError(f"data.cases lists cases that are not in {d.root}: {unknown[:10]}")
+            raise ValueError(f"data.cases lists cases that are not in {d.root}: {listed(unknown)}")
         keep = set(d.cases)
         cases = [c for c in cases if c.case_id in keep]
     if not cases:

@@ -36,7 +36,7 @@ from lightning_distill.devices import accel_settings, apply_trainer_defaults, mi
 from lightning_distill.fingerprint import fingerprint_summary
 from lightning_distill.checkpoints import load_checkpoint, load_network
 from lightning_distill.io import atomic_write
-from lightning_distill.loggers import finish_logger, make_logger
+from lightning_distill.loggers import finish_logger, make_logger, quiet_lightning
 from lightning_distill.methods import method_figures, target_config
 from lightning_distill.methods.build import build_module, set_transfer
 from lightning_distill.modules import SegmentationModule, check_checkpoint
@@ -69,6 +69,7 @@ def fit(cfg: DictConfig, source: Optional[SubjectSource] = None) -> Dict[str, An
         source: the data source built from ``cfg.data`` (default: built here); benchmarks pass one
             to reuse it across runs on the same data.
     """
+    quiet_lightning()
     t0 = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.output_dir)
@@ -195,6 +196,7 @@ def evaluate(checkpoint: str, overrides=(), out: Optional[str] = None, all_subje
     are unlike the training data's (:mod:`lightning_distill.fingerprint`). ``device``: ``auto`` (the
     trainer defaults: one CUDA device when available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
+    quiet_lightning()
     dev = None if device == "auto" else resolve_device(device)  # an impossible device is refused before any work
     t0 = time.time()
     ckpt, cfg = load_checkpoint(checkpoint, overrides)

@@ -106,3 +106,25 @@ def test_truncated_artifacts_give_clear_errors(tmp_path, teacher_bank):
         cut.write_bytes(data[: len(data) // 2])
         with pytest.raises(ValueError, match=f"{cut.name}.*{message}"):
             load(cut)
+
+
+def test_a_killed_commands_staged_folder_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL (or SIGTERM) while writing leaves the staged folder beside the output; the next run removes it
+    (issue 35: `.NAME.partial-*` stayed for good) and leaves the staged folders it cannot judge."""
+    from lightning_distill.io import _HOST
+
+    out = tmp_path / "slices"
+    code = (f"import os\nfrom lightning_distill.io import staged_dir\nwith staged_dir({str(out)!r}) as t:\n"
+            "    (t / 'x.nii.gz').write_text('x')\n    os.kill(os.getpid(), 9)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    left = list(tmp_path.glob(".slices.partial-*"))
+    assert len(left) == 1 and not out.exists()
+    running = tmp_path / f".slices.partial-{_HOST}-{os.getpid()}-abc"  # a command still writing (this process)
+    elsewhere = tmp_path / f".slices.partial-{'0' * 8 if _HOST != '0' * 8 else '1' * 8}-1-abc"  # another machine
+    older = tmp_path / ".slices.partial-q1w2e3"  # an older version's: no process in its name
+    for d in (running, elsewhere, older):
+        d.mkdir()
+    with staged_dir(out) as tmp:
+        (tmp / "a.nii.gz").write_text("a")
+    assert not left[0].exists() and running.is_dir() and elsewhere.is_dir() and older.is_dir()
+    assert [p.name for p in out.iterdir()] == ["a.nii.gz"]

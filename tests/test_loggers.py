@@ -151,3 +151,21 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
     rc = main(["fit", os.path.join(REPO, "experiments/student.yaml"), f"output_dir={tmp_path}", *TINY_STUDENT,
                "distill.weight=0", "distill.prototypes=null", "logger=tensorboard"])
     assert rc == 2
+
+
+def test_a_run_prints_no_lightning_tip_or_logging_interval_warning(tmp_path, caplog):
+    """Lightning's litlogger tip and its "fewer batches than log_every_n_steps" warning carry nothing for a user
+    of this package (issue 35: both on every run); its other messages stay."""
+    import logging
+    import warnings
+
+    from lightning_distill.cli import main
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        assert main(["fit", os.path.join(REPO, "experiments/student.yaml"), f"output_dir={tmp_path}", *TINY_STUDENT,
+                     "distill.weight=0", "distill.prototypes=null", "trainer.max_steps=2", "trainer.log_every_n_steps=50"]) == 0
+    assert not [w for w in caught if "logging interval" in str(w.message)]
+    assert not [r for r in caplog.records if "litlogger" in r.getMessage()]
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's other lines still pass
+    assert all(f.filter(logging.LogRecord(log.name, logging.INFO, "", 0, "GPU available: False", None, None)) for f in log.filters)

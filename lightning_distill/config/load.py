@@ -131,8 +131,34 @@ def file_layers(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     base = node.pop("extends", None)
-    layers = file_layers(path.parent / str(base), [*seen, path]) if base else []
+    layers = file_layers(extends_path(path, str(base)), [*seen, path]) if base else []
     return [*layers, (path, node)]
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]  # the package's source checkout (its experiments/ folder)
+
+
+def extends_path(path: Path, base: str) -> Path:
+    """Where ``extends: base`` in the file ``path`` points: an absolute path as it is; a relative one relative to
+    the extending file's folder, or, when nothing is there and it starts with ``experiments/``, the package's own
+    ``experiments/`` (so a config outside the repository can extend ``experiments/teacher.yaml``).
+
+    Raises:
+        FileNotFoundError: neither exists (the message names the file and both places looked at).
+    """
+    target = Path(base).expanduser()
+    if target.is_absolute():
+        return target
+    beside = path.parent / target
+    if beside.is_file():
+        return beside
+    ours = REPOSITORY / target
+    if target.parts[:1] == ("experiments",) and ours.is_file():
+        return ours
+    tried = [str(beside)] + ([str(ours)] if target.parts[:1] == ("experiments",) else [])
+    raise FileNotFoundError(f"{path}: extends {base!r}, which is not there ({' nor '.join(tried)}); a relative "
+                            "path is relative to the extending file's folder (experiments/... also to the package's "
+                            "own experiments folder)")
 
 
 def load_schema(schema: type, path: Optional[str | Path] = None, overrides: Sequence[str] = (), what: str = "config",
@@ -188,8 +214,11 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], schema: Optional[
             if not isinstance(node, DictConfig) or leaf not in node:
                 raise ConfigError(f"command-line override {o!r}: there is no {key!r} to delete")
             if not _free_form(parent):
-                raise ConfigError(f"command-line override {o!r}: {key!r} is a schema key; only entries of free-form "
-                                  f"mappings ({', '.join(FREE_FORM)}, *.kwargs) can be deleted")
+                mapping = _free_form(key)
+                raise ConfigError(f"command-line override {o!r}: {key!r} is a key of the schema, which stays; "
+                                  + (f"set {key}=null (or {{}}) to clear it, or delete one of its entries (~{key}.NAME)"
+                                     if mapping else f"set {key}=... to change it")
+                                  + f"; ~ deletes entries of the free-form mappings only ({', '.join(FREE_FORM)}, *.kwargs)")
             del node[leaf]
         else:
             try:

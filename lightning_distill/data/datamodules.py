@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_distill.data.provenance import subject_of
 from lightning_distill.data.sampling import EpochSampler, compact_label_collate, sample_generator, train_loader
 from lightning_distill.data.sources import SubjectSource
+from lightning_distill.io import listed
 
 
 def split_ids(ids: Sequence[str], val: int, test: int, seed: int) -> Dict[str, List[str]]:
@@ -243,13 +244,13 @@ class SegmentationDataModule(L.LightningDataModule):
             if val_source is not None:
                 unknown += sorted(named["val"] - set(val_by_subject))
             if unknown:
-                raise ValueError(f"split lists name subjects that are not in the data: {unknown[:10]}")
+                raise ValueError(f"split lists name subjects that are not in the data: {listed(unknown)}")
             order = np.random.default_rng(split_seed).permutation(len(splits.get("train", [])))
             subj = {"train": [list(splits["train"])[i] for i in order] if splits.get("train") else [],
                     "val": sorted(splits.get("val", [])), "test": sorted(splits.get("test", []))}
             overlap = sorted(s for s, n in Counter(subj["train"] + subj["val"] + subj["test"]).items() if n > 1)
             if overlap:
-                raise ValueError(f"subjects {overlap[:10]} are in more than one split (or listed twice)")
+                raise ValueError(f"subjects {listed(overlap)} are in more than one split (or listed twice)")
         else:
             subj = split_ids(subjects, val_subjects, test_subjects, split_seed)
         self.subject_splits = subj

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_distill.config.load import ON_MISSING, UNMAPPED
 from lightning_distill.data.nifti import DataError, IGNORE_INDEX
+from lightning_distill.io import listed
 
 
 def _map_key(key, by_name: Mapping[str, int], source: str) -> int:
@@ -138,11 +139,11 @@ class LabelMapping:
         if self.dataset_labels:
             bad = [int(v) for v in values if int(v) not in self.dataset_labels]
             if bad:
-                raise DataError(f"{path}: label values {bad[:10]} are not in the dataset's label map {dict(self.dataset_labels)}")
+                raise DataError(f"{path}: label values {listed(bad)} are not in the dataset's label map {dict(self.dataset_labels)}")
         if self.unmapped == "error":
             bad = [int(v) for v in values if int(v) not in self.lut]
             if bad:
-                raise DataError(f"{path}: label values {bad[:10]} have no mapping to the experiment's classes "
+                raise DataError(f"{path}: label values {listed(bad)} have no mapping to the experiment's classes "
                                 f"{list(self.class_names)} (data.nifti.unmapped=error); map them in data.nifti.label_map "
                                 "(to a class or 'ignore'), or set data.nifti.unmapped=background|ignore")
         out = np.array([self.target(int(v)) for v in values], np.int64)[inverse].reshape(label.shape)

@@ -22,6 +22,8 @@ import nibabel as nib
 import nibabel.orientations as no
 import numpy as np
 
+from lightning_distill.io import listed
+
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 IGNORE_INDEX = 255
 
@@ -245,7 +247,7 @@ def _discover_folder(root: Path, image_pattern: str, label_pattern: Optional[str
     ids = [c.case_id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise DataError(f"{root}: several images map to the same case id {dup[:5]}; make image_pattern more specific")
+        raise DataError(f"{root}: several images map to the same case id {listed(dup, 5)}; make image_pattern more specific")
     if label_pattern and images and not any(c.label for c in cases):
         raise DataError(f"{root}: no label file matches {label_pattern!r} for any of the {len(cases)} images "
                         f"(e.g. {cases[0].expected_label} does not exist); check data.nifti.label_pattern "

@@ -26,7 +26,7 @@ from lightning_distill.data.phantom import CLASS_NAMES, PhantomSpec, hu_window, 
 from lightning_distill.data.preprocess import Preprocess
 from lightning_distill.data.provenance import phantom_identity, subject_identity, subject_of, write_provenance
 from lightning_distill.fingerprint import quantile_profile
-from lightning_distill.io import save_nifti, staged_dir, write_json
+from lightning_distill.io import listed, save_nifti, staged_dir, write_json
 
 # Physical extent of the phantom's normalised cube [-1, 1]^3, in mm (x, y, z).
 PHANTOM_EXTENT_MM = (400.0, 400.0, 300.0)
@@ -219,7 +219,7 @@ class NiftiSource(SubjectSource):
         if cases is not None:
             unknown = [c for c in cases if c not in by_id]
             if unknown:
-                raise DataError(f"{root}: cases {unknown[:10]} are not in the dataset (it has {sorted(by_id)[:10]}...)")
+                raise DataError(f"{root}: cases {listed(unknown)} are not in the dataset (it has {listed(sorted(by_id))})")
             by_id = {c: by_id[c] for c in cases}
         self.cases = by_id
         self._cache: Dict[str, Dict] = {}
