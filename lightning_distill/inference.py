@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -20,26 +20,42 @@ from omegaconf import DictConfig
 
 from lightning_distill.checkpoints import load_checkpoint, load_network
 from lightning_distill.data.build import make_preprocess
+from lightning_distill.data.dicom import Series, find_series, is_dicom, read_series
 from lightning_distill.data.nifti import DataError, NIFTI_ENDINGS, check_nifti_file, load_nifti, reorient, slice_affine
 from lightning_distill.devices import autocast_for, resolve_device
 from lightning_distill.fingerprint import IntensityCheck, ct_window_of
 from lightning_distill.io import save_nifti, staged_dir
 
 
-def list_inputs(path: str | Path) -> List[Path]:
+Input = Union[Path, Series]  # a NIfTI file or a DICOM series
+
+
+def list_inputs(path: str | Path) -> List[Input]:
+    """The inputs of ``predict``: a NIfTI file, the NIfTI files of a folder, or, when there are none, the DICOM image
+    series of a DICOM file or folder (:func:`lightning_distill.data.dicom.find_series`; one output per series)."""
     p = Path(path)
     if p.is_file():
-        return [p]
+        return [p] if p.name.endswith(NIFTI_ENDINGS) or not is_dicom(p) else list(find_series(p))
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.name.endswith(NIFTI_ENDINGS) and not f.name.startswith("."))
-        if not files:
-            raise DataError(f"{p}: no .nii or .nii.gz file in this folder")
-        return files
+        if files:
+            return files
+        try:
+            series = find_series(p)
+        except DataError as e:
+            raise DataError(f"{p}: no .nii or .nii.gz file in this folder, and no DICOM image series ({e})") from None
+        skipped = series[0].skipped
+        if skipped:
+            print(f"{p}: left out " + "; ".join(f"{len(fs)} file(s): {why}" for why, fs in skipped.items()), flush=True)
+        return list(series)
     raise FileNotFoundError(f"input {str(p)!r} does not exist")
 
 
-def output_name(path: Path) -> str:
-    """``case_0000.nii.gz`` -> ``case.nii.gz`` (nnU-Net image naming to label naming)."""
+def output_name(path: Input) -> str:
+    """``case_0000.nii.gz`` -> ``case.nii.gz`` (nnU-Net image naming to label naming); a DICOM series:
+    ``<SeriesInstanceUID>.nii.gz``."""
+    if isinstance(path, Series):
+        return f"{path.name}.nii.gz"
     for e in NIFTI_ENDINGS:
         if path.name.endswith(e):
             stem = path.name[: -len(e)]
@@ -47,12 +63,12 @@ def output_name(path: Path) -> str:
     return path.name
 
 
-def output_names(files: Sequence[Path], out_dir: Path) -> Dict[Path, str]:
+def output_names(files: Sequence[Input], out_dir: Path) -> Dict[Input, str]:
     """The mask name of every input (:func:`output_name`), refusing two inputs with the same mask name
     (``a.nii.gz`` and ``a_0000.nii.gz``) and a mask that would replace one of the inputs."""
     names: Dict[Path, str] = {}
     by_name: Dict[str, Path] = {}
-    resolved = {f.resolve() for f in files}
+    resolved = {f.resolve() for f in files if isinstance(f, Path)}
     for f in files:
         name = output_name(f)
         if name in by_name:
@@ -72,9 +88,13 @@ def _squeezed_shape(shape: Sequence[int]) -> Tuple[int, ...]:
     return shape
 
 
-def check_input(path: Path) -> None:
+def check_input(path: Input) -> None:
     """Raise :class:`DataError` naming ``path`` unless it is a complete 2D or 3D NIfTI image (the
-    header reads, the data are all there; no voxel is decoded)."""
+    header reads, the data are all there; no voxel is decoded), or a DICOM series whose headers make one
+    axial stack without gaps (:func:`lightning_distill.data.dicom.read_series`)."""
+    if isinstance(path, Series):
+        read_series(path, pixels=False)
+        return
     shape = _squeezed_shape(check_nifti_file(path, "image")[0])
     if len(shape) not in (2, 3):
         raise DataError(f"{path}: expected a 2D or 3D image, got shape {shape}")
@@ -160,10 +180,15 @@ def _save_like(pred: np.ndarray, header, affine: np.ndarray, path: Path) -> None
     save_nifti(out, path)
 
 
-def _predict_file(net: torch.nn.Module, cfg: DictConfig, path: Path, check: IntensityCheck, **kwargs):
-    """``(mask, header, affine)`` of one input file; warns (``check``) if its intensities are unlike the training data's.
-    ``kwargs``: :func:`predict_array`'s ``device``, ``batch_size``, ``sw_batch_size``."""
-    data, affine, header = load_nifti(path, "image")
+def _predict_file(net: torch.nn.Module, cfg: DictConfig, path: Input, check: IntensityCheck, **kwargs):
+    """``(mask, header, affine)`` of one input file or DICOM series; warns (``check``) if its intensities are unlike
+    the training data's. ``kwargs``: :func:`predict_array`'s ``device``, ``batch_size``, ``sw_batch_size``."""
+    if isinstance(path, Series):
+        data, affine = read_series(path)
+        header = nib.Nifti1Header()
+        path = f"DICOM series {path.uid} ({len(path.files)} files)"
+    else:
+        data, affine, header = load_nifti(path, "image")
     if not np.all(np.isfinite(data)):
         raise DataError(f"{path}: image contains {int((~np.isfinite(data)).sum())} NaN or Inf voxels")
     data = data.reshape(_squeezed_shape(data.shape)).astype(np.float32)
@@ -211,7 +236,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, over
                          "labels: it cannot predict unlabelled images (predict with the student)")
     files = list_inputs(inputs)
     out = Path(output)
-    single_file_out = Path(inputs).is_file() and not (out.is_dir() or str(output).endswith(os.sep))
+    single_file_out = Path(inputs).is_file() and len(files) == 1 and not (out.is_dir() or str(output).endswith(os.sep))
     names = {} if single_file_out else output_names(files, out)
     for f in files:
         check_input(f)

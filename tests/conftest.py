@@ -193,3 +193,44 @@ def writes_by_rank(tmp_path):
         rec = json.loads(p.read_text())
         by_rank.setdefault(rec["rank"], []).extend(rec["files"])
     return by_rank
+
+
+# ------------------------------------------------------------------------------------------ DICOM written offline
+def write_dicom_series(folder, hu, affine, uid=None, series_number=1, orientation=None, rescale=(1.0, -1024.0)):
+    """Write an ``(X, Y, Z)`` HU volume with its RAS ``affine`` as a CT series of one file per axial slice (pydicom;
+    stored as signed 16-bit, ``RescaleSlope``/``RescaleIntercept`` = ``rescale``). ``orientation``: an
+    ``ImageOrientationPatient`` to write instead of the affine's (a non-axial stack). Returns the series UID."""
+    from pathlib import Path
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = uid or generate_uid()
+    study = generate_uid()
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
+    sx, sy = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
+    iop = list(orientation) if orientation is not None else [*(lps[:3, 0] / sx), *(lps[:3, 1] / sy)]
+    slope, intercept = rescale
+    for k in range(hu.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.SOPClassUID = CTImageStorage
+        ds.Modality, ds.PatientID, ds.ImageType = "CT", "phantom", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = study, uid, series_number, k + 1
+        ds.ImageOrientationPatient = [float(v) for v in iop]
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [0.0, 0.0, k, 1.0])[:3]]
+        ds.PixelSpacing = [float(sy), float(sx)]  # (spacing between rows, between columns)
+        ds.SliceThickness = float(np.linalg.norm(lps[:3, 2]))
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1  # signed
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        stored = np.round((hu[:, :, k] - intercept) / slope).astype(np.int16).T  # (rows = y, columns = x)
+        ds.PixelData = stored.tobytes()
+        ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
+    return uid

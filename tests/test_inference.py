@@ -176,3 +176,35 @@ def test_without_a_validation_split_the_warning_says_so(tmp_path):
     msg = next(str(w.message) for w in caught if "validation split" in str(w.message))
     assert "testing the last weights" in msg and "max_steps" not in msg
     assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+
+
+def test_predict_takes_dicom_a_series_a_folder_of_series_or_one_file(student, tmp_path, capsys):
+    """DICOM in (issue 35): a series folder gives the mask of the same image as its NIfTI (the slices ordered along
+    the DICOM normal: compared in RAS), a folder of two series one mask each, one file a one-slice mask; a series
+    with a missing slice is refused before any mask is written."""
+    from conftest import write_dicom_series
+
+    ckpt = student / "checkpoints" / "last.ckpt"
+    assert main(["phantom", STUDENT_YAML, str(tmp_path / "ph"), "data.num_subjects=1", "data.shape=[64,64,6]"]) == 0
+    src = tmp_path / "ph" / "imagesTr" / "phantom2_0000_0000.nii.gz"
+    img = nib.load(str(src))
+    hu = np.asarray(img.dataobj, np.float32)
+    a = write_dicom_series(tmp_path / "dcm" / "a", hu, img.affine, series_number=1)
+    b = write_dicom_series(tmp_path / "dcm" / "b", hu[:, :, :3], img.affine, series_number=2)
+    assert main(["predict", str(ckpt), str(src), str(tmp_path / "nifti.nii.gz")]) == 0
+    assert main(["predict", str(ckpt), str(tmp_path / "dcm" / "a"), str(tmp_path / "one")]) == 0
+    from_dicom = nib.as_closest_canonical(nib.load(str(tmp_path / "one" / f"{a}.nii.gz")))
+    from_nifti = nib.as_closest_canonical(nib.load(str(tmp_path / "nifti.nii.gz")))
+    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-4)
+    got, want = np.asarray(from_dicom.dataobj), np.asarray(from_nifti.dataobj)
+    assert got.shape == want.shape and (got != want).mean() <= 1e-3  # another batch order: ties only
+    assert main(["predict", str(ckpt), str(tmp_path / "dcm"), str(tmp_path / "two")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([f"{a}.nii.gz", f"{b}.nii.gz"])
+    assert nib.load(str(tmp_path / "two" / f"{b}.nii.gz")).shape == (64, 64, 3)
+    one_file = sorted((tmp_path / "dcm" / "a").iterdir())[2]
+    assert main(["predict", str(ckpt), str(one_file), str(tmp_path / "slice.nii.gz")]) == 0
+    assert nib.load(str(tmp_path / "slice.nii.gz")).shape == (64, 64, 1)
+    (tmp_path / "dcm" / "a" / "slice003.dcm").unlink()  # a gap in series a
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), str(tmp_path / "dcm"), str(tmp_path / "gap")]) == 2
+    assert "1 slice(s) missing between" in capsys.readouterr().err and not (tmp_path / "gap").exists()

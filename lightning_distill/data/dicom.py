@@ -1,0 +1,188 @@
+"""DICOM images in: a file, a series folder, or a folder of several series, as arrays with a NIfTI affine.
+
+pydicom reads the files (headers, pixel data and its decompression); this module groups them into series,
+puts each series' slices in order and computes its geometry from the DICOM attributes, as the standard
+defines them (PS3.3 C.7.6.2.1.1): ``ImageOrientationPatient`` gives the row and column directions,
+``ImagePositionPatient`` each slice's first voxel, ``PixelSpacing`` the in-plane spacing; the slice spacing
+is the distance between consecutive positions along the normal. Stored values become modality values (HU
+for CT) through ``RescaleSlope`` and ``RescaleIntercept``. The affine maps voxel ``(x = column, y = row,
+z = slice)`` to RAS millimetres, as NIfTI's does (DICOM's patient axes are LPS).
+
+Refused with the file and the problem named: a series with slices of other sizes or orientations (mixed),
+missing slices (a gap along the normal), a stack that is not axial, pixel data compressed in a way pydicom
+cannot decode without a plugin (the plugin named). Localizers (``ImageType`` LOCALIZER) and non-image
+objects (segmentations, structure sets, reports) are left out and listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from lightning_distill.data.nifti import DataError
+from lightning_distill.io import listed
+
+AXIAL_COS = 0.95  # an axial stack's normal is within ~18 degrees of the patient's head-foot axis
+SPACING_TOLERANCE = 0.05  # slice positions may deviate this fraction of the spacing from a regular grid
+# decoders pydicom needs a plugin for, by transfer syntax name fragment (pydicom's own message is kept too)
+PLUGINS = (("JPEG 2000", "pylibjpeg pylibjpeg-openjpeg"), ("JPEG-LS", "pylibjpeg pylibjpeg-libjpeg"),
+           ("JPEG Lossless", "pylibjpeg pylibjpeg-libjpeg"), ("JPEG", "pylibjpeg pylibjpeg-libjpeg"),
+           ("RLE", "pylibjpeg pylibjpeg-rle"), ("HTJ2K", "pylibjpeg pylibjpeg-openjpeg"))
+
+
+@dataclass(eq=False)  # one series is one object (a dict key of predict's outputs)
+class Series:
+    """The image files of one DICOM series (``SeriesInstanceUID``), in no particular order."""
+
+    uid: str
+    files: List[Path]
+    description: str = ""
+    number: Optional[int] = None
+    patient: str = ""
+    skipped: Dict[str, List[Path]] = field(default_factory=dict)  # why -> files left out of this series
+
+    @property
+    def name(self) -> str:
+        """A file name for the series' outputs: its instance UID (unique, and found in any PACS)."""
+        return self.uid
+
+
+def _pydicom():
+    # deferred: only DICOM inputs need pydicom
+    import pydicom
+
+    return pydicom
+
+
+def is_dicom(path: Path) -> bool:
+    """Whether ``path`` is a DICOM file (its ``DICM`` preamble, or a readable header without one)."""
+    pydicom = _pydicom()
+    if not path.is_file():
+        return False
+    try:
+        if pydicom.misc.is_dicom(str(path)):
+            return True
+        pydicom.dcmread(str(path), stop_before_pixels=True, force=False)
+        return True
+    except Exception:  # noqa: BLE001 - not DICOM
+        return False
+
+
+def find_series(path: str | Path) -> List[Series]:
+    """The image series of a DICOM file, a series folder or a folder of several series (searched recursively).
+
+    Raises:
+        DataError: no DICOM image found (naming what was found instead).
+    """
+    pydicom = _pydicom()
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+    series: Dict[str, Series] = {}
+    skipped: Dict[str, List[Path]] = {}
+    for f in files:
+        if not is_dicom(f):
+            continue
+        ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        kind = str(getattr(ds, "Modality", ""))
+        image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
+        if not hasattr(ds, "Rows") or kind in ("SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN"):
+            skipped.setdefault(f"not an image ({kind or 'no modality'})", []).append(f)
+            continue
+        if "LOCALIZER" in image_type:
+            skipped.setdefault("localizer", []).append(f)
+            continue
+        uid = str(getattr(ds, "SeriesInstanceUID", "") or f"no-series-uid-{f.parent.name}")
+        s = series.setdefault(uid, Series(uid, [], str(getattr(ds, "SeriesDescription", "")),
+                                          int(ds.SeriesNumber) if getattr(ds, "SeriesNumber", None) not in (None, "") else None,
+                                          str(getattr(ds, "PatientID", ""))))
+        s.files.append(f)
+    if not series:
+        what = "; ".join(f"{why}: {listed([str(p) for p in fs], 3)}" for why, fs in skipped.items())
+        raise DataError(f"{root}: no DICOM image series found" + (f" (left out: {what})" if what else
+                                                                  " (no DICOM file at all)"))
+    out = sorted(series.values(), key=lambda s: (s.patient, s.number if s.number is not None else -1, s.uid))
+    for s in out:
+        s.skipped = skipped
+    return out
+
+
+def _decoded(ds, f: Path) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - pydicom raises several kinds for a missing decoder
+        ts = ds.file_meta.TransferSyntaxUID if hasattr(ds, "file_meta") and "TransferSyntaxUID" in ds.file_meta else None
+        name = getattr(ts, "name", str(ts))
+        plugin = next((p for frag, p in PLUGINS if frag.lower() in str(name).lower()), None)
+        hint = f"; install a decoder: pip install {plugin}" if plugin else ""
+        raise DataError(f"{f}: its pixel data ({name}, {ts}) could not be decoded ({type(e).__name__}: {e}){hint}") from None
+
+
+def read_series(series: Series, pixels: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    """The series as a float32 ``(X, Y, Z)`` array of modality values (HU for CT) and its RAS affine
+    (``pixels=False``: the checks and the affine only, from the headers; the array is ``None``).
+
+    Raises:
+        DataError: mixed slice sizes or orientations, a missing slice, a stack that is not axial, a slice
+            without position or orientation, undecodable pixel data; the message names the series and file.
+    """
+    pydicom = _pydicom()
+    where = f"DICOM series {series.uid}" + (f" ({series.description})" if series.description else "")
+    slices = []
+    for f in series.files:
+        ds = pydicom.dcmread(str(f), stop_before_pixels=not pixels)
+        for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+            if tag not in ds:
+                raise DataError(f"{f}: no {tag}: its place in the patient is unknown ({where})")
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            raise DataError(f"{f}: a multi-frame image ({ds.NumberOfFrames} frames); this reader takes one slice per file")
+        slices.append((f, ds))
+    f0, d0 = slices[0]
+    iop = np.asarray(d0.ImageOrientationPatient, dtype=np.float64)
+    for f, ds in slices[1:]:
+        if (ds.Rows, ds.Columns) != (d0.Rows, d0.Columns):
+            raise DataError(f"{where}: mixed series: {f} is {ds.Rows} x {ds.Columns}, {f0} {d0.Rows} x {d0.Columns}")
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
+            raise DataError(f"{where}: mixed series: {f} and {f0} have other orientations "
+                            f"({list(ds.ImageOrientationPatient)} vs {list(d0.ImageOrientationPatient)})")
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    if abs(normal[2]) < AXIAL_COS:
+        raise DataError(f"{where}: not an axial stack (slice normal {np.round(normal, 3).tolist()} in LPS; this package "
+                        "takes axial slices, the head-foot axis across them)")
+    pos = np.array([np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64), normal) for _, ds in slices])
+    order = np.argsort(pos)
+    slices, pos = [slices[i] for i in order], pos[order]
+    if len(slices) > 1:
+        steps = np.diff(pos)
+        if np.any(steps < 1e-3):
+            dup = [str(slices[i][0]) for i in np.flatnonzero(steps < 1e-3)[:3]]
+            raise DataError(f"{where}: mixed series: several slices at one position ({', '.join(dup)}, ...)")
+        dz = float(np.median(steps))
+        off = np.abs(steps - dz) > SPACING_TOLERANCE * dz
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            missing = int(round(steps[i] / dz)) - 1
+            what = (f"{missing} slice(s) missing between" if missing >= 1 else "irregular spacing between")
+            raise DataError(f"{where}: {what} {slices[i][0].name} and {slices[i + 1][0].name} (positions "
+                            f"{pos[i]:.2f} and {pos[i + 1]:.2f} mm along the normal, spacing {dz:.2f} mm)")
+    else:
+        dz = float(getattr(d0, "SpacingBetweenSlices", None) or getattr(d0, "SliceThickness", None) or 1.0)
+    ps = [float(v) for v in slices[0][1].PixelSpacing]  # (row spacing: along a column, column spacing: along a row)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * ps[1], col * ps[0], normal * dz
+    lps[:3, 3] = np.asarray(slices[0][1].ImagePositionPatient, dtype=np.float64)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+    if not pixels:
+        return None, affine
+    planes = []
+    for f, ds in slices:
+        values = _decoded(ds, f).astype(np.float32)
+        slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+        planes.append(values * slope + intercept)
+    data = np.stack(planes, axis=-1).transpose(1, 0, 2)  # (rows, columns, z) -> (x = column, y = row, z)
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{where}: NaN or Inf values after rescaling")
+    return data.astype(np.float32), affine
