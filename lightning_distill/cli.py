@@ -140,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
                          "near 0 means a loss in that geometry is almost blind to what the bank knows beyond the labels.")
     bi.add_argument("bank", help="a prototypes.pt (or a checkpoint of `lightning-distill fit`, which carries its run's bank)")
     bi.add_argument("--png", help="where to write the figure (default: <bank>_inspect.png beside the bank)")
+    ex = sub.add_parser("export", help="a checkpoint's network as ONNX (.onnx) or TorchScript (.pt/.ts), batch and "
+                        "spatial size free, with its classes and preprocessing in the file's metadata",
+                        description="Export a checkpoint's network for deployment without this package (docs/cli.md "
+                        "shows a prediction with onnxruntime alone).")
+    ex.add_argument("checkpoint", help="a .ckpt of `lightning-distill fit`")
+    ex.add_argument("output", help="model.onnx (ONNX) or model.pt / model.ts (TorchScript)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
     te = sub.add_parser("teach", help="2D training slices of volumes labelled by a trained 3D (or 2D) model, for a student's "
                         "transfer.slices (or ground-truth slices only: model.format=none, the union route)",
                         description="Run a trained model (our checkpoint, a MONAI network state_dict, a MONAI bundle or "
@@ -323,6 +330,14 @@ def _bank_merge(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from lightning_distill.export import export
+
+    out = export(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def _teach(args) -> int:
     from lightning_distill.config.commands import load_teach_config
     from lightning_distill.teach import describe, run_teach
@@ -404,7 +419,7 @@ def _sweep(args) -> int:
 
 
 _COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
-             "report": _report, "bank": _bank, "compare": _compare, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep,
+             "report": _report, "bank": _bank, "export": _export, "compare": _compare, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep,
              "check-data": _check_data, "teach": _teach}
 
 
