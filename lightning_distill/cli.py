@@ -73,13 +73,16 @@ def _parser() -> argparse.ArgumentParser:
                         "and a_0000.nii.gz) are refused. Inputs whose intensities are unlike the training data's get a "
                         "warning naming the override to try (e.g. data.nifti.ct_window=[lo,hi]).")
     pr.add_argument("checkpoint", help="a .ckpt written by `lightning-distill fit` (e.g. runs/student/checkpoints/best.ckpt)")
-    pr.add_argument("input", help="a .nii/.nii.gz file or a folder of them")
+    pr.add_argument("input", help="a .nii/.nii.gz file or a folder of them; or a DICOM file, series folder or folder of "
+                    "series (one mask per series, named <SeriesInstanceUID>.nii.gz)")
     pr.add_argument("output", help="output file (for one input file) or folder; masks are named like their inputs "
                     "without _0000 (case_0000.nii.gz -> case.nii.gz)")
     pr.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. preprocessing)")
     pr.add_argument("--device", default="auto", help="auto (CUDA when available; bf16/fp16 autocast there), cpu, cuda, cuda:N")
     pr.add_argument("--batch-size", type=int, default=16, help="slices per forward of a 2D model (default 16)")
     pr.add_argument("--sw-batch-size", type=int, help="windows per forward of a 3D model (default: the config's sw_batch_size)")
+    pr.add_argument("--dicom-seg", action="store_true", help="DICOM inputs: also write each series' mask as a DICOM "
+                    "Segmentation referencing the series (<uid>.seg.dcm, one segment per class found)")
     ev = sub.add_parser("test", help="evaluate a checkpoint on the test split of its config (with overrides)")
     ev.add_argument("checkpoint")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.nifti.slice_mode=all")
@@ -232,7 +235,7 @@ def _predict(args) -> int:
     from lightning_distill.inference import predict
 
     written = predict(args.checkpoint, args.input, args.output, args.overrides, device=args.device,
-                      batch_size=args.batch_size, sw_batch_size=args.sw_batch_size)
+                      batch_size=args.batch_size, sw_batch_size=args.sw_batch_size, dicom_seg=args.dicom_seg)
     print(f"wrote {len(written)} mask(s): {written[0] if len(written) == 1 else args.output}")
     return 0
 

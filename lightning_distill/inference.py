@@ -10,6 +10,7 @@ input's shape, orientation, affine and header.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from lightning_distill import __version__
 from lightning_distill.checkpoints import load_checkpoint, load_network
 from lightning_distill.data.build import make_preprocess
-from lightning_distill.data.dicom import Series, find_series, is_dicom, read_series
+from lightning_distill.data.dicom import Series, find_series, highdicom, is_dicom, read_series, write_seg
 from lightning_distill.data.nifti import DataError, NIFTI_ENDINGS, check_nifti_file, load_nifti, reorient, slice_affine
 from lightning_distill.devices import autocast_for, resolve_device
 from lightning_distill.fingerprint import IntensityCheck, ct_window_of
@@ -201,7 +203,8 @@ def _predict_file(net: torch.nn.Module, cfg: DictConfig, path: Input, check: Int
 
 
 def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, overrides: Sequence[str] = (),
-            device: str = "auto", batch_size: int = 16, sw_batch_size: Optional[int] = None) -> List[Path]:
+            device: str = "auto", batch_size: int = 16, sw_batch_size: Optional[int] = None,
+            dicom_seg: bool = False) -> List[Path]:
     """Predict masks for a NIfTI file or a folder of them; returns the written paths.
 
     Every input is checked before any inference (header readable, 2D or 3D after dropping trailing
@@ -225,6 +228,8 @@ def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, over
             under autocast (bf16 or fp16, :func:`lightning_distill.devices.autocast_for`).
         batch_size: slices per forward of a 2D model predicting a volume.
         sw_batch_size: windows per forward of a 3D model's sliding window (default: the config's).
+        dicom_seg: DICOM inputs only: also write each series' mask as a DICOM Segmentation referencing it
+            (``<uid>.seg.dcm`` beside ``<uid>.nii.gz``; :func:`lightning_distill.data.dicom.write_seg`).
 
     Returns:
         The mask paths, in input order (uint8 label maps with the input's shape, affine and header).
@@ -243,10 +248,39 @@ def predict(checkpoint: str | Path, inputs: str | Path, output: str | Path, over
     net = load_network(ckpt, cfg).to(dev)
     check = IntensityCheck((ckpt.get("lightning_distill") or {}).get("intensity"), ct_window_of(cfg))
     opts = {"device": dev, "batch_size": batch_size, "sw_batch_size": sw_batch_size}
-    if single_file_out:
-        _save_like(*_predict_file(net, cfg, files[0], check, **opts), out)
+    if dicom_seg and not all(isinstance(f, Series) for f in files):
+        raise ValueError(f"{inputs}: --dicom-seg writes a DICOM Segmentation of DICOM inputs; these are NIfTI files")
+    if dicom_seg:
+        highdicom()  # installed, or refused before any inference
+    classes = [str(n) for n in ckpt["hyper_parameters"]["class_names"]]
+
+    def one(f: Input, mask_path: Path) -> None:
+        mask, header, affine = _predict_file(net, cfg, f, check, **opts)
+        _save_like(mask, header, affine, mask_path)
+        if dicom_seg:
+            write_seg(f, mask, classes, seg_path(mask_path), f"lightning_distill {__version__}")
+
+    if single_file_out and not dicom_seg:
+        one(files[0], out)  # one file, written atomically
+        return [out]
+    if single_file_out:  # the mask and its DICOM-SEG: both or neither
+        stage = out.parent / f".{out.name}.files"
+        with staged_dir(stage, overwrite=True) as tmp:
+            one(files[0], tmp / out.name)
+        for p in sorted(stage.iterdir()):
+            os.replace(p, out.parent / p.name)
+        shutil.rmtree(stage, ignore_errors=True)
         return [out]
     with staged_dir(out, merge=True) as tmp:
         for f in files:
-            _save_like(*_predict_file(net, cfg, f, check, **opts), tmp / names[f])
+            one(f, tmp / names[f])
     return [out / names[f] for f in files]
+
+
+def seg_path(mask_path: Path) -> Path:
+    """The DICOM Segmentation beside a mask: ``<uid>.nii.gz`` -> ``<uid>.seg.dcm``."""
+    name = mask_path.name
+    for e in NIFTI_ENDINGS:
+        if name.endswith(e):
+            name = name[: -len(e)]
+    return mask_path.with_name(f"{name}.seg.dcm")

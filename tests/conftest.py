@@ -208,7 +208,7 @@ def write_dicom_series(folder, hu, affine, uid=None, series_number=1, orientatio
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     uid = uid or generate_uid()
-    study = generate_uid()
+    study, frame = generate_uid(), generate_uid()
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
     sx, sy = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
     iop = list(orientation) if orientation is not None else [*(lps[:3, 0] / sx), *(lps[:3, 1] / sy)]
@@ -221,7 +221,10 @@ def write_dicom_series(folder, hu, affine, uid=None, series_number=1, orientatio
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
         ds.SOPClassUID = CTImageStorage
         ds.Modality, ds.PatientID, ds.ImageType = "CT", "phantom", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "Phantom^CT", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20261206", "120000", "1", "", ""
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = study, uid, series_number, k + 1
+        ds.FrameOfReferenceUID = frame
         ds.ImageOrientationPatient = [float(v) for v in iop]
         ds.ImagePositionPatient = [float(v) for v in (lps @ [0.0, 0.0, k, 1.0])[:3]]
         ds.PixelSpacing = [float(sy), float(sx)]  # (spacing between rows, between columns)

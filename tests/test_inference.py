@@ -208,3 +208,37 @@ def test_predict_takes_dicom_a_series_a_folder_of_series_or_one_file(student, tm
     capsys.readouterr()
     assert main(["predict", str(ckpt), str(tmp_path / "dcm"), str(tmp_path / "gap")]) == 2
     assert "1 slice(s) missing between" in capsys.readouterr().err and not (tmp_path / "gap").exists()
+
+
+def test_predict_writes_a_dicom_seg_that_reads_back_onto_its_series(student, tmp_path, capsys):
+    """DICOM-SEG out (issue 35): one segment per class found, named; its frames are the source slices (same
+    positions, same orientation) and hold exactly the NIfTI mask's labels."""
+    import highdicom as hd
+    import pydicom
+
+    from conftest import write_dicom_series
+
+    ckpt = student / "checkpoints" / "last.ckpt"
+    assert main(["phantom", STUDENT_YAML, str(tmp_path / "ph"), "data.num_subjects=1", "data.shape=[64,64,4]"]) == 0
+    img = nib.load(str(tmp_path / "ph" / "imagesTr" / "phantom2_0000_0000.nii.gz"))
+    uid = write_dicom_series(tmp_path / "dcm", np.asarray(img.dataobj, np.float32), img.affine)
+    assert main(["predict", str(ckpt), str(tmp_path / "dcm"), str(tmp_path / "out"), "--dicom-seg"]) == 0
+    mask = np.asarray(nib.load(str(tmp_path / "out" / f"{uid}.nii.gz")).dataobj)
+    seg = hd.seg.segread(str(tmp_path / "out" / f"{uid}.seg.dcm"))
+    classes = torch.load(ckpt, weights_only=False)["hyper_parameters"]["class_names"]
+    present = [k for k in range(1, len(classes)) if (mask == k).any()]
+    assert [seg.get_segment_description(n).segment_label for n in seg.segment_numbers] == [classes[k] for k in present]
+    assert seg.SeriesInstanceUID != uid and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    sources = {pydicom.dcmread(str(f)).SOPInstanceUID: pydicom.dcmread(str(f)) for f in (tmp_path / "dcm").iterdir()}
+    for frame, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        src = sources[ref]
+        np.testing.assert_allclose(item.PlanePositionSequence[0].ImagePositionPatient, src.ImagePositionPatient, atol=1e-4)
+        n = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        iop = np.asarray(src.ImageOrientationPatient, dtype=float)
+        along = {u: float(np.dot(np.asarray(d.ImagePositionPatient, dtype=float), np.cross(iop[:3], iop[3:])))
+                 for u, d in sources.items()}  # the mask's z order: positions along the slice normal
+        z = sorted(along, key=along.get).index(ref)
+        np.testing.assert_array_equal(seg.pixel_array[frame].T.astype(bool), mask[:, :, z] == present[n - 1])
+    assert main(["predict", str(ckpt), str(tmp_path / "ph" / "imagesTr"), str(tmp_path / "nii"), "--dicom-seg"]) == 2
+    assert "--dicom-seg writes a DICOM Segmentation of DICOM inputs" in capsys.readouterr().err

@@ -25,6 +25,9 @@ import numpy as np
 from lightning_distill.data.nifti import DataError
 from lightning_distill.io import listed
 
+# type 2 patient and study attributes a DICOM-SEG copies from its source images
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                "AccessionNumber", "ReferringPhysicianName")
 AXIAL_COS = 0.95  # an axial stack's normal is within ~18 degrees of the patient's head-foot axis
 SPACING_TOLERANCE = 0.05  # slice positions may deviate this fraction of the spacing from a regular grid
 # decoders pydicom needs a plugin for, by transfer syntax name fragment (pydicom's own message is kept too)
@@ -155,6 +158,7 @@ def read_series(series: Series, pixels: bool = True) -> Tuple[Optional[np.ndarra
     pos = np.array([np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64), normal) for _, ds in slices])
     order = np.argsort(pos)
     slices, pos = [slices[i] for i in order], pos[order]
+    series.files = [f for f, _ in slices]  # in the array's z order (a DICOM-SEG's frames follow it)
     if len(slices) > 1:
         steps = np.diff(pos)
         if np.any(steps < 1e-3):
@@ -186,3 +190,75 @@ def read_series(series: Series, pixels: bool = True) -> Tuple[Optional[np.ndarra
     if not np.all(np.isfinite(data)):
         raise DataError(f"{where}: NaN or Inf values after rescaling")
     return data.astype(np.float32), affine
+
+
+def highdicom():
+    """highdicom (the ``dicom`` extra), or a clear error naming the install command."""
+    try:
+        import highdicom as hd  # deferred: only DICOM-SEG output needs it
+    except ImportError:
+        raise ValueError("writing DICOM-SEG needs highdicom: pip install 'lightning_distill[dicom]'") from None
+    return hd
+
+
+def _segment_code(name: str):
+    """A SNOMED CT code for a class name (``right_kidney`` -> Kidney), or ``None`` when pydicom's dictionary has none."""
+    from pydicom.sr.codedict import codes
+
+    words = [w for w in name.replace("-", "_").split("_") if w and w.lower() not in ("left", "right")]
+    for key in ("".join(w.capitalize() for w in name.split("_")), "".join(w.capitalize() for w in words)):
+        try:
+            return getattr(codes.SCT, key)
+        except AttributeError:
+            continue
+    return None
+
+
+def write_seg(series: Series, mask: np.ndarray, classes: List[str], path: str | Path, software: str) -> Path:
+    """Write ``mask`` (the label map of :func:`read_series`'s array, ``(X, Y, Z)``) as a DICOM Segmentation
+    (highdicom) that references the series' images: one binary segment per class present except the first
+    (background), labelled with the class name and a SNOMED CT code where pydicom knows one (else Tissue).
+
+    Raises:
+        ValueError: ``mask`` does not have the series' shape.
+    """
+    hd = highdicom()
+    from pydicom.sr.codedict import codes
+
+    pydicom = _pydicom()
+    sources = [pydicom.dcmread(str(f)) for f in series.files]  # the array's z order (read_series sorted them)
+    for ds in sources:  # type 2 attributes a SEG copies from its source: present, possibly empty (in memory only)
+        for key in TYPE2_COPIED:
+            if key not in ds:
+                setattr(ds, key, "")
+    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+    if mask.shape != (cols, rows, len(sources)):
+        raise ValueError(f"DICOM series {series.uid}: a mask of shape {mask.shape} does not fit its {len(sources)} "
+                         f"slices of {rows} x {cols}")
+    frames = mask.transpose(2, 1, 0)  # (x, y, z) -> (slice, row, column)
+    present = [k for k in range(1, len(classes)) if (frames == k).any()]
+    algorithm = hd.AlgorithmIdentificationSequence(name="lightning_distill", version=software,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    descriptions, labels = [], np.zeros_like(frames, dtype=np.uint8)
+    for number, k in enumerate(present, start=1):
+        code = _segment_code(classes[k])
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=classes[k],
+            segmented_property_category=codes.SCT.AnatomicalStructure if code is not None else codes.SCT.Tissue,
+            segmented_property_type=code if code is not None else codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+        labels[frames == k] = number
+    if not descriptions:
+        raise ValueError(f"DICOM series {series.uid}: the mask holds no class but {classes[0]}: no segment to write")
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=labels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=int(series.number or 0) + 1000,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="lightning_distill",
+            manufacturer_model_name="lightning_distill predict", software_versions=software, device_serial_number="none",
+            omit_empty_frames=False)
+    except (ValueError, AttributeError, TypeError) as e:  # highdicom's checks of the source images
+        raise DataError(f"DICOM series {series.uid}: no DICOM Segmentation can reference it: {e}") from None
+    out = Path(path)
+    seg.save_as(out)
+    return out
