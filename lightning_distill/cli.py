@@ -143,6 +143,15 @@ def _parser() -> argparse.ArgumentParser:
                          "near 0 means a loss in that geometry is almost blind to what the bank knows beyond the labels.")
     bi.add_argument("bank", help="a prototypes.pt (or a checkpoint of `lightning-distill fit`, which carries its run's bank)")
     bi.add_argument("--png", help="where to write the figure (default: <bank>_inspect.png beside the bank)")
+    cv = sub.add_parser("convert", help="DICOM cases (an image series with a DICOM-SEG or per-organ DICOM masks) into an "
+                        "nnU-Net dataset", description="Convert a folder of DICOM cases, one subfolder each (an image "
+                        "series and its masks: a DICOM-SEG, or a folder of per-organ mask series), into an nnU-Net dataset "
+                        "whose dataset.json names every label found; map them to a run's classes with data.nifti.label_map "
+                        "(docs/data.md).")
+    cv.add_argument("source", help="a folder with one subfolder per case")
+    cv.add_argument("output", help="the nnU-Net dataset folder to write (whole or not at all)")
+    cv.add_argument("--masks", default="MASKS_DICOM", help="the per-organ mask folder of a case (default MASKS_DICOM)")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ex = sub.add_parser("export", help="a checkpoint's network as ONNX (.onnx) or TorchScript (.pt/.ts), batch and "
                         "spatial size free, with its classes and preprocessing in the file's metadata",
                         description="Export a checkpoint's network for deployment without this package (docs/cli.md "
@@ -333,6 +342,15 @@ def _bank_merge(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from lightning_distill.convert import convert, describe
+
+    found = convert(args.source, args.output, masks=args.masks, overwrite=args.overwrite)
+    print(describe(found))
+    print(f"wrote {len(found)} case(s) to {args.output}")
+    return 0
+
+
 def _export(args) -> int:
     from lightning_distill.export import export
 
@@ -422,7 +440,7 @@ def _sweep(args) -> int:
 
 
 _COMMANDS = {"fit": _fit, "config": _config, "predict": _predict, "test": _test, "slices": _slices,
-             "report": _report, "bank": _bank, "export": _export, "compare": _compare, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep,
+             "report": _report, "bank": _bank, "export": _export, "convert": _convert, "compare": _compare, "phantom": _phantom, "benchmark": _benchmark, "sweep": _sweep,
              "check-data": _check_data, "teach": _teach}
 
 

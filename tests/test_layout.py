@@ -178,7 +178,7 @@ CORE_LAYERS = [
     ("bank", ["bank.format", "bank.controls", "bank.axial", "bank.accumulate", "bank.callback", "bank.scan"]),
     ("modules and methods", ["modules", "methods", "methods."]),
     ("commands", ["inference", "slices", "teacher_model", "teach", "bank.teacher", "bank.build", "callbacks", "loggers",
-                  "resume", "results", "prototypes", "bank_build", "export"]),
+                  "resume", "results", "prototypes", "bank_build", "export", "convert"]),
     ("train", ["train"]),
 ]
 
