@@ -61,7 +61,11 @@ def describe_test_set(num_samples: Optional[int], overlap: SubjectOverlap, all_s
     if overlap.count == 0 and not all_subjects:
         return f"{num_samples} held-out samples"
     what = f"{num_samples} samples of every subject" if all_subjects else f"{num_samples} test samples"
-    return f"{what}, {overlap.why}" if overlap.count == 0 else f"{what} ({overlap.why})" if overlap.count else f"{what}; {overlap.why}"
+    if overlap.count == 0:  # every subject: "none of a training subject ..."
+        return f"{what}, {overlap.why}"
+    if overlap.count:
+        return f"{what} ({overlap.why})"
+    return f"{what}; {overlap.why}"  # unknown
 
 
 def write_results(trainer, module, cfg: DictConfig, path: Path, extra: Dict[str, Any], t0: float, note: str,
