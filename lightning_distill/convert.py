@@ -79,8 +79,10 @@ def _from_organs(case: Path, masks: Path, affine: np.ndarray, shape: Tuple[int, 
     label = np.zeros(shape, dtype=np.uint8)
     owner: Dict[int, str] = {}
     for k, organ in enumerate(organs, start=1):
-        [s] = find_series(organ)[:1]
-        data, aff = read_series(s)
+        found = find_series(organ)
+        if len(found) != 1:
+            raise DataError(f"{organ}: {len(found)} series; an organ's folder holds its one mask series")
+        data, aff = read_series(found[0])
         if data.shape != shape or not np.allclose(aff, affine, atol=1e-3):
             raise DataError(f"{organ}: the mask is not on the image's grid (shape {data.shape} vs {shape}, or another "
                             "affine); masks must be cut like their image")
