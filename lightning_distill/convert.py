@@ -23,36 +23,24 @@ from typing import Dict, List, Tuple
 import nibabel as nib
 import numpy as np
 
-from lightning_distill.data.dicom import Series, find_series, highdicom, read_series
+from lightning_distill.data.dicom import NOT_AN_IMAGE, Series, find_series, highdicom, read_series
 from lightning_distill.data.nifti import DataError
 from lightning_distill.io import listed, save_nifti, staged_dir, write_json
 
 
-def _seg_files(case: Path) -> List[Path]:
-    import pydicom  # deferred: only DICOM input needs it
-
-    out = []
-    for f in sorted(p for p in case.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        try:
-            if str(pydicom.dcmread(str(f), stop_before_pixels=True).get("Modality", "")) == "SEG":
-                out.append(f)
-        except Exception:  # noqa: BLE001 - not DICOM
-            continue
-    return out
-
-
-def _modality(series: Series) -> str:
-    import pydicom
-
-    return str(pydicom.dcmread(str(series.files[0]), stop_before_pixels=True).get("Modality", "") or "image")
-
-
-def _image_series(case: Path, masks: Path) -> Series:
-    series = [s for s in find_series(case) if not any(masks in f.parents for f in s.files)]
-    if len(series) != 1:
-        raise DataError(f"{case}: {len(series)} image series outside {masks.name}/ "
-                        f"({listed([s.uid for s in series], 3)}); a case holds exactly one")
-    return series[0]
+def _split(case: Path, masks: Path) -> Tuple[Series, Dict[Path, List[Series]], List[Path]]:
+    """One reading of a case's DICOM headers: its image series, the mask series under ``masks`` by organ folder, and
+    its DICOM-SEG files (left out of the image series by :func:`~lightning_distill.data.dicom.find_series`)."""
+    found = find_series(case)
+    images = [s for s in found if masks not in s.files[0].parents]
+    if len(images) != 1:
+        raise DataError(f"{case}: {len(images)} image series outside {masks.name}/ "
+                        f"({listed([s.uid for s in images], 3)}); a case holds exactly one")
+    organs: Dict[Path, List[Series]] = {}
+    for s in found:
+        if masks in s.files[0].parents:
+            organs.setdefault(masks / s.files[0].relative_to(masks).parts[0], []).append(s)
+    return images[0], organs, found[0].skipped.get(NOT_AN_IMAGE.format("SEG"), [])
 
 
 def _from_seg(case: Path, series: Series, seg_path: Path) -> Tuple[np.ndarray, List[str]]:
@@ -72,14 +60,15 @@ def _from_seg(case: Path, series: Series, seg_path: Path) -> Tuple[np.ndarray, L
     return np.asarray(frames).transpose(2, 1, 0).astype(np.uint8), names  # (slice, row, column) -> (x, y, z)
 
 
-def _from_organs(case: Path, masks: Path, affine: np.ndarray, shape: Tuple[int, ...]) -> Tuple[np.ndarray, List[str]]:
+def _from_organs(case: Path, masks: Path, series_of: Dict[Path, List[Series]], affine: np.ndarray,
+                 shape: Tuple[int, ...]) -> Tuple[np.ndarray, List[str]]:
     organs = sorted(d for d in masks.iterdir() if d.is_dir())
     if not organs:
         raise DataError(f"{masks}: no organ subfolder (one DICOM mask series per organ)")
     label = np.zeros(shape, dtype=np.uint8)
     owner: Dict[int, str] = {}
     for k, organ in enumerate(organs, start=1):
-        found = find_series(organ)
+        found = series_of.get(organ, [])
         if len(found) != 1:
             raise DataError(f"{organ}: {len(found)} series; an organ's folder holds its one mask series")
         data, aff = read_series(found[0])
@@ -111,10 +100,8 @@ def convert(src: str | Path, dst: str | Path, masks: str = "MASKS_DICOM", overwr
     with staged_dir(dst, overwrite) as tmp:
         for case in cases:
             mask_dir = case / masks
-            series = _image_series(case, mask_dir)
+            series, organs, segs = _split(case, mask_dir)
             image, affine = read_series(series)
-            modality = _modality(series)
-            segs = _seg_files(case)
             if segs and mask_dir.is_dir():
                 raise DataError(f"{case}: both a DICOM-SEG ({segs[0].name}) and {masks}/; keep one source of masks")
             if len(segs) > 1:
@@ -122,7 +109,7 @@ def convert(src: str | Path, dst: str | Path, masks: str = "MASKS_DICOM", overwr
             if segs:
                 local, names = _from_seg(case, series, segs[0])
             elif mask_dir.is_dir():
-                local, names = _from_organs(case, mask_dir, affine, image.shape)
+                local, names = _from_organs(case, mask_dir, organs, affine, image.shape)
             else:
                 raise DataError(f"{case}: no masks (no DICOM-SEG and no {masks}/ folder)")
             label = np.zeros_like(local)
@@ -135,7 +122,7 @@ def convert(src: str | Path, dst: str | Path, masks: str = "MASKS_DICOM", overwr
             save_nifti(nib.Nifti1Image(label, affine), tmp / "labelsTr" / f"{case.name}.nii.gz")
         write_json(tmp / "dataset.json", {
             "name": src.name, "description": f"converted from the DICOM cases of {src} by lightning-distill convert",
-            "channel_names": {"0": modality}, "labels": ids, "numTraining": len(cases), "file_ending": ".nii.gz",
+            "channel_names": {"0": series.modality or "image"}, "labels": ids, "numTraining": len(cases), "file_ending": ".nii.gz",
             "source": str(src.resolve()), "cases": found})
     return found
 

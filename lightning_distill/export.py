@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import torch
+from omegaconf import DictConfig
 
 from lightning_distill import __version__
 from lightning_distill.checkpoints import load_checkpoint, load_network
@@ -26,9 +27,9 @@ FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
 OPSET = 17
 
 
-def export_metadata(checkpoint: str | Path) -> Dict[str, Any]:
-    """What a deployed model needs besides its weights: classes, input layout and preprocessing, provenance."""
-    ckpt, cfg = load_checkpoint(checkpoint)
+def export_metadata(checkpoint: str | Path, ckpt: Dict[str, Any], cfg: DictConfig) -> Dict[str, Any]:
+    """What a deployed model needs besides its weights: classes, input layout and preprocessing, provenance (of the
+    checkpoint file ``checkpoint``, read as ``ckpt`` with its run config ``cfg``)."""
     pre = make_preprocess(cfg)
     dims = len(cfg.data.shape)
     return {
@@ -66,7 +67,7 @@ def export(checkpoint: str | Path, output: str | Path, fmt: str | None = None, o
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ckpt, cfg = load_checkpoint(checkpoint)
     net = load_network(ckpt, cfg).eval().cpu()
-    meta = export_metadata(checkpoint)
+    meta = export_metadata(checkpoint, ckpt, cfg)
     shape = list(cfg.data.patch_size or cfg.data.shape)
     example = torch.zeros(1, meta["in_channels"], *shape)
     axes = {0: "batch", **{2 + i: n for i, n in enumerate("xyz"[: len(shape)])}}

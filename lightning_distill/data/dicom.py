@@ -23,13 +23,14 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from lightning_distill.data.nifti import DataError
-from lightning_distill.io import listed
+from lightning_distill.io import atomic_write, listed
 
 # type 2 patient and study attributes a DICOM-SEG copies from its source images
 TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
                 "AccessionNumber", "ReferringPhysicianName")
 AXIAL_COS = 0.95  # an axial stack's normal is within ~18 degrees of the patient's head-foot axis
 SPACING_TOLERANCE = 0.05  # slice positions may deviate this fraction of the spacing from a regular grid
+NOT_AN_IMAGE = "not an image ({})"  # find_series' reason for leaving out an object of this Modality (SEG, ...)
 # decoders pydicom needs a plugin for, by transfer syntax name fragment (pydicom's own message is kept too)
 PLUGINS = (("JPEG 2000", "pylibjpeg pylibjpeg-openjpeg"), ("JPEG-LS", "pylibjpeg pylibjpeg-libjpeg"),
            ("JPEG Lossless", "pylibjpeg pylibjpeg-libjpeg"), ("JPEG", "pylibjpeg pylibjpeg-libjpeg"),
@@ -45,6 +46,7 @@ class Series:
     description: str = ""
     number: Optional[int] = None
     patient: str = ""
+    modality: str = ""
     skipped: Dict[str, List[Path]] = field(default_factory=dict)  # why -> files left out of this series
 
     @property
@@ -60,18 +62,26 @@ def _pydicom():
     return pydicom
 
 
-def is_dicom(path: Path) -> bool:
-    """Whether ``path`` is a DICOM file (its ``DICM`` preamble, or a readable header without one)."""
+def read_header(path: Path):
+    """The header of a DICOM file (pixel data not read), or ``None`` when ``path`` is not DICOM. A file with the
+    ``DICM`` preamble whose header does not read raises pydicom's error; one without it is tried once."""
     pydicom = _pydicom()
     if not path.is_file():
-        return False
+        return None
+    if pydicom.misc.is_dicom(str(path)):
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
     try:
-        if pydicom.misc.is_dicom(str(path)):
-            return True
-        pydicom.dcmread(str(path), stop_before_pixels=True, force=False)
-        return True
+        return pydicom.dcmread(str(path), stop_before_pixels=True, force=False)
     except Exception:  # noqa: BLE001 - not DICOM
-        return False
+        return None
+
+
+def is_dicom(path: Path) -> bool:
+    """Whether ``path`` is a DICOM file (its ``DICM`` preamble, or a readable header without one)."""
+    try:
+        return read_header(path) is not None
+    except Exception:  # noqa: BLE001 - a DICM preamble before an unreadable header
+        return True
 
 
 def find_series(path: str | Path) -> List[Series]:
@@ -80,19 +90,18 @@ def find_series(path: str | Path) -> List[Series]:
     Raises:
         DataError: no DICOM image found (naming what was found instead).
     """
-    pydicom = _pydicom()
     root = Path(path)
     files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
     series: Dict[str, Series] = {}
     skipped: Dict[str, List[Path]] = {}
     for f in files:
-        if not is_dicom(f):
+        ds = read_header(f)
+        if ds is None:
             continue
-        ds = pydicom.dcmread(str(f), stop_before_pixels=True)
         kind = str(getattr(ds, "Modality", ""))
         image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
         if not hasattr(ds, "Rows") or kind in ("SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN"):
-            skipped.setdefault(f"not an image ({kind or 'no modality'})", []).append(f)
+            skipped.setdefault(NOT_AN_IMAGE.format(kind or "no modality"), []).append(f)
             continue
         if "LOCALIZER" in image_type:
             skipped.setdefault("localizer", []).append(f)
@@ -100,7 +109,7 @@ def find_series(path: str | Path) -> List[Series]:
         uid = str(getattr(ds, "SeriesInstanceUID", "") or f"no-series-uid-{f.parent.name}")
         s = series.setdefault(uid, Series(uid, [], str(getattr(ds, "SeriesDescription", "")),
                                           int(ds.SeriesNumber) if getattr(ds, "SeriesNumber", None) not in (None, "") else None,
-                                          str(getattr(ds, "PatientID", ""))))
+                                          str(getattr(ds, "PatientID", "")), kind))
         s.files.append(f)
     if not series:
         what = "; ".join(f"{why}: {listed([str(p) for p in fs], 3)}" for why, fs in skipped.items())
@@ -260,5 +269,5 @@ def write_seg(series: Series, mask: np.ndarray, classes: List[str], path: str | 
     except (ValueError, AttributeError, TypeError) as e:  # highdicom's checks of the source images
         raise DataError(f"DICOM series {series.uid}: no DICOM Segmentation can reference it: {e}") from None
     out = Path(path)
-    seg.save_as(out)
+    atomic_write(out, lambda tmp: seg.save_as(tmp))
     return out

@@ -22,7 +22,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 from lightning_distill.io import write_json
 
@@ -90,7 +90,6 @@ def _read_link(root: Path) -> Optional[Link]:
     Raises:
         ValueError: a ``provenance.json`` that is not JSON or not of this format (naming the file).
     """
-    root = Path(root)
     path = root / PROVENANCE_FILE
     if path.is_file():
         try:
@@ -182,8 +181,3 @@ def compare_subjects(tested: Iterable[str], trained: Iterable[str]) -> SubjectOv
     if common:
         what += f"; {common} tested subjects are training subjects for certain"
     return SubjectOverlap(None, what)
-
-
-def identities(source: Any, subjects: Sequence[str]) -> Dict[str, str]:
-    """``{subject: identity}`` for subjects of a source that names them (``subject_identity``)."""
-    return {s: source.subject_identity(s) for s in subjects}
