@@ -196,6 +196,22 @@ def writes_by_rank(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DICOM written offline
+@pytest.fixture(scope="session")
+def phantom_ct(tmp_path_factory):
+    """A phantom CT volume in HU, its label map and its affine (the teacher population's subject 0, 32 x 32 x 12,
+    LAS like every phantom export): the source of the tests' DICOM."""
+    import nibabel as nib
+
+    from lightning_distill.cli import main
+
+    root = tmp_path_factory.mktemp("phantom_ct")
+    assert main(["phantom", os.path.join(REPO, "experiments/teacher.yaml"), str(root / "ph"), "data.num_subjects=1",
+                 "data.shape=[32,32,12]"]) == 0
+    img = nib.load(str(root / "ph" / "imagesTr" / "phantom1_0000_0000.nii.gz"))
+    lbl = nib.load(str(root / "ph" / "labelsTr" / "phantom1_0000.nii.gz"))
+    return np.asarray(img.dataobj, np.float32), np.asarray(lbl.dataobj).astype(np.uint8), img.affine
+
+
 def write_dicom_series(folder, hu, affine, uid=None, series_number=1, orientation=None, rescale=(1.0, -1024.0)):
     """Write an ``(X, Y, Z)`` HU volume with its RAS ``affine`` as a CT series of one file per axial slice (pydicom;
     stored as signed 16-bit, ``RescaleSlope``/``RescaleIntercept`` = ``rescale``). ``orientation``: an

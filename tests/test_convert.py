@@ -8,28 +8,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, write_dicom_series
+from conftest import write_dicom_series
 from lightning_distill.cli import main
 from lightning_distill.data.dicom import find_series, read_series, write_seg
 from lightning_distill.data.nifti import DataError, discover
 from lightning_distill.data.phantom import CLASS_NAMES
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    """A phantom CT volume and its label map (teacher population, 32 x 32 x 12)."""
-    root = tmp_path_factory.mktemp("convert")
-    assert main(["phantom", f"{REPO}/experiments/teacher.yaml", str(root / "ph"), "data.num_subjects=1",
-                 "data.shape=[32,32,12]"]) == 0
-    img = nib.load(str(root / "ph" / "imagesTr" / "phantom1_0000_0000.nii.gz"))
-    lbl = nib.load(str(root / "ph" / "labelsTr" / "phantom1_0000.nii.gz"))
-    return np.asarray(img.dataobj, np.float32), np.asarray(lbl.dataobj).astype(np.uint8), img.affine
-
-
-def _case(folder, phantom, organs=None, seg=False):
+def _case(folder, phantom_ct, organs=None, seg=False):
     """A case: its CT series in CT/; per-organ masks (0/255) in MASKS_DICOM/<organ>/ or a DICOM-SEG of every class.
     Returns the label map in the order the DICOM reader puts the slices."""
-    hu, label, affine = phantom
+    hu, label, affine = phantom_ct
     write_dicom_series(folder / "CT", hu, affine)
     write_dicom_series(folder / ".order", label.astype(np.float32), affine, rescale=(1.0, 0.0))  # the reader's z order
     ordered = read_series(find_series(folder / ".order")[0])[0].astype(np.uint8)
@@ -44,9 +33,9 @@ def _case(folder, phantom, organs=None, seg=False):
     return ordered
 
 
-def test_per_organ_masks_and_a_dicom_seg_become_one_labelled_dataset(phantom, tmp_path, capsys):
-    a = _case(tmp_path / "src" / "a", phantom, organs={"liver": [3], "spleen": [4]})
-    b = _case(tmp_path / "src" / "b", phantom, seg=True)
+def test_per_organ_masks_and_a_dicom_seg_become_one_labelled_dataset(phantom_ct, tmp_path, capsys):
+    a = _case(tmp_path / "src" / "a", phantom_ct, organs={"liver": [3], "spleen": [4]})
+    b = _case(tmp_path / "src" / "b", phantom_ct, seg=True)
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "ds")]) == 0
     meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     ids = meta["labels"]
@@ -62,8 +51,8 @@ def test_per_organ_masks_and_a_dicom_seg_become_one_labelled_dataset(phantom, tm
     assert {c.case_id for c in index.cases} == {"a", "b"} and index.labels[ids["spleen"]] == "spleen"
 
 
-def test_overlapping_masks_and_a_case_without_masks_are_refused_and_nothing_is_written(phantom, tmp_path, capsys):
-    _case(tmp_path / "src" / "a", phantom, organs={"kidneys": [5, 6], "left_kidney": [6]})
+def test_overlapping_masks_and_a_case_without_masks_are_refused_and_nothing_is_written(phantom_ct, tmp_path, capsys):
+    _case(tmp_path / "src" / "a", phantom_ct, organs={"kidneys": [5, 6], "left_kidney": [6]})
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "ds")]) == 2
     err = capsys.readouterr().err
     assert "voxels are in both left_kidney and kidneys" in err and "no label is changed silently" in err

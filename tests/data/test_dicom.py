@@ -6,20 +6,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, write_dicom_series
-from lightning_distill.cli import main
+from conftest import write_dicom_series
 from lightning_distill.data.dicom import find_series, read_series
 from lightning_distill.data.nifti import DataError
 
 
-@pytest.fixture(scope="module")
-def volume(tmp_path_factory):
-    """A phantom CT volume in HU (the teacher population's, 32 x 32 x 12, LAS like every phantom export)."""
-    root = tmp_path_factory.mktemp("dicom")
-    assert main(["phantom", f"{REPO}/experiments/teacher.yaml", str(root / "ph"), "data.num_subjects=1",
-                 "data.shape=[32,32,12]"]) == 0
-    img = nib.load(str(root / "ph" / "imagesTr" / "phantom1_0000_0000.nii.gz"))
-    return np.asarray(img.dataobj, np.float32), img.affine
+@pytest.fixture
+def volume(phantom_ct):
+    """The phantom CT volume in HU and its affine (tests/conftest.py)."""
+    hu, _, affine = phantom_ct
+    return hu, affine
 
 
 def test_a_series_reads_back_as_its_hu_values_and_geometry(volume, tmp_path):
