@@ -26,7 +26,7 @@ from lightning_distill.data.class_mean import class_mean_image
 from lightning_distill.data.nifti import IGNORE_INDEX
 from lightning_distill.losses.dice import batch_dice_loss
 from lightning_distill.losses.transfer import hard_transfer_loss, one_hot_target, retemper, soft_transfer_loss
-from lightning_distill.metrics import (CaseMeans, collect_cases, per_case_dice, per_case_hd95, per_case_surface_dice,
+from lightning_distill.metrics import (CaseMeans, collect_cases, per_case_dice, per_case_hd95, per_case_surface_metrics,
                                        summarize)
 
 
@@ -304,8 +304,7 @@ class SegmentationModule(L.LightningModule):
         pred, label = self._eval_pair(out["logits"], batch["label"])
         dice = per_case_dice(pred, label, self.num_classes).cpu()
         spacing = batch["spacing"].cpu().numpy()
-        hd = per_case_hd95(pred, label, self.num_classes, spacing)
-        sd = per_case_surface_dice(pred, label, self.num_classes, spacing, self.hparams.surface_tolerance)
+        hd, sd = per_case_surface_metrics(pred, label, self.num_classes, spacing, self.hparams.surface_tolerance)
         for i, cid in enumerate(batch["id"]):
             self._test_rows.append({"id": cid, "dice": dice[i], "hd95": hd[i], "surface_dice": sd[i]})
 

@@ -1,12 +1,19 @@
 """Metrics (lightning_distill/metrics.py): surface Dice (normalised surface distance) per case, in summaries and
-tables; the per-case means of validation."""
+tables; HD95 and surface Dice from one pass over the boundaries equal MONAI's two functions; the per-case means of
+validation."""
 
 import math
 
 import pytest
 import torch
 
-from lightning_distill.metrics import CaseMeans, collect_cases, format_table, per_case_surface_dice, summarize
+import warnings
+
+import numpy as np
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+from lightning_distill.metrics import (CaseMeans, collect_cases, format_table, one_hot, per_case_surface_dice,
+                                       per_case_surface_metrics, summarize)
 
 
 def _square(shift: int = 0, size: int = 16) -> torch.Tensor:
@@ -85,6 +92,50 @@ def test_3d_and_batch_shapes():
     # a 1-voxel shift is within one voxel (2 mm, the largest spacing) -> 1; strict 0 mm tolerance -> less
     assert out[0, 0] == pytest.approx(1.0)
     assert per_case_surface_dice(pred[:1], gt[:1], 3, spacing=[[1.0, 1.0, 2.0]], tolerance_mm=0.0)[0, 0] < 1.0
+
+
+def _monai_hd95_and_nsd(pred, label, k, spacing, tol):
+    """HD95 and NSD as MONAI's two functions give them, with the package's rules for empty masks (the module
+    docstring): the diagonal for a missed organ, NaN without ground truth."""
+    p, y = one_hot(pred, k), one_hot(label, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95, spacing=[list(s) for s in spacing])
+        nsd = torch.cat([compute_surface_dice(p[i:i + 1], y[i:i + 1], class_thresholds=[tol or max(spacing[i])] * (k - 1),
+                                              include_background=False, spacing=[list(spacing[i])]) for i in range(len(p))])
+    gt, pr = y[:, 1:].flatten(2).sum(-1) > 0, p[:, 1:].flatten(2).sum(-1) > 0
+    diag = torch.tensor([math.sqrt(sum((n * s) ** 2 for n, s in zip(p.shape[2:], row))) for row in spacing])
+    hd = torch.where(gt & ~pr, diag[:, None].expand_as(hd), hd.float())
+    nan = torch.full_like(hd, float("nan"))
+    return torch.where(gt, hd, nan), torch.where(gt, nsd.float(), nan)
+
+
+@pytest.mark.parametrize("shape,tol", [((3, 24, 20), None), ((3, 24, 20), 2.5), ((3, 16, 12, 8), None)])
+def test_one_pass_equals_monais_hausdorff_and_surface_dice(shape, tol):
+    """Blocks of 4 classes, one case with an organ missed and one with an organ absent from the ground truth,
+    anisotropic spacing per case. Both sides take the same boundary distances (one MONAI function) and the same
+    quantile and counts, so the values are equal exactly, not within a tolerance."""
+    g = torch.Generator().manual_seed(0)
+    k = 4
+    coarse = torch.randint(0, k, (shape[0], *(n // 4 for n in shape[1:])), generator=g)
+    coarse.flatten(1)[:, :k] = torch.arange(k)  # every class in every case
+    label = coarse
+    for d in range(1, len(shape)):  # 4-voxel blocks
+        label = label.repeat_interleave(4, dim=d)
+    pred = label.clone()
+    noise = torch.rand(shape, generator=g) < 0.15
+    pred[noise] = torch.randint(0, k, shape, generator=g)[noise]
+    pred[0][pred[0] == 2] = 0    # class 2 missed on case 0
+    label[1][label[1] == 3] = 1  # class 3 absent from case 1's ground truth (a false positive stays)
+    spacing = np.array([[1.0, 0.7, 2.0, 1.5][:len(shape) - 1], [0.8, 0.8, 1.0, 3.0][:len(shape) - 1]]
+                       + [[1.2] * (len(shape) - 1)] * (shape[0] - 2))
+    hd, nsd = per_case_surface_metrics(pred, label, k, spacing, tol)
+    ref_hd, ref_nsd = _monai_hd95_and_nsd(pred, label, k, spacing, tol)
+    torch.testing.assert_close(hd, ref_hd, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(nsd, ref_nsd, rtol=0, atol=0, equal_nan=True)
+    assert math.isnan(hd[1, 2]) and math.isnan(nsd[1, 2])          # no ground truth of class 3 on case 1
+    assert nsd[0, 1] == 0 and hd[0, 1] == pytest.approx(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape[1:], spacing[0]))))
+    assert torch.isfinite(hd[:, 0]).all() and (nsd[:, 0] > 0).all()  # class 1: present everywhere, found everywhere
 
 
 def test_summaries_cases_and_table_carry_surface_dice():

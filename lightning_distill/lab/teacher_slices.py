@@ -114,7 +114,7 @@ def _results(names, test_ids, preds, student_cfg: DictConfig, teacher_checkpoint
     """Score ``preds`` (``(label map (1, X, Y), the student's sample)`` per test id) with the student's
     metrics and spacing; write ``out`` when given."""
     from lightning_distill.io import write_json
-    from lightning_distill.metrics import collect_cases, per_case_dice, per_case_hd95, per_case_surface_dice, summarize
+    from lightning_distill.metrics import collect_cases, per_case_dice, per_case_surface_metrics, summarize
 
     k, tol = len(names), student_cfg.get("surface_tolerance_mm")
     dice, hd, sd = [], [], []
@@ -122,8 +122,9 @@ def _results(names, test_ids, preds, student_cfg: DictConfig, teacher_checkpoint
         label = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64))[None]
         spacing = np.asarray(sample["spacing"], float)[None]
         dice.append(per_case_dice(pred, label, k).cpu())
-        hd.append(per_case_hd95(pred, label, k, spacing))
-        sd.append(per_case_surface_dice(pred, label, k, spacing, tol))
+        case_hd, case_sd = per_case_surface_metrics(pred, label, k, spacing, tol)
+        hd.append(case_hd)
+        sd.append(case_sd)
     dice_t, hd_t, sd_t = torch.cat(dice), torch.cat(hd), torch.cat(sd)
     organs = list(names[1:])
     summary = summarize(dice_t, hd_t, organs, surface_dice=sd_t)
