@@ -108,7 +108,7 @@ clean: ## remove run outputs (keeps .venv)
 train-chaos: $(STAMP) ## the real-MRI experiment on CHAOS T2 (needs CHAOS_DIR or ../shared/data/chaos_t2_mr; ~30 min)
 	experiments/chaos/run.sh
 
-benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom: the main routes, ~45 min on 2 cores) -> docs/benchmarks/<name>.md
+benchmark: $(STAMP) ## run/resume the benchmark grid of BENCH (default phantom: the main routes, ~43 min on 2 cores) -> docs/benchmarks/<name>.md
 	$(BIN)/lightning-distill benchmark $(BENCH) $(ARGS)
 
 bench-routes: $(STAMP) ## every route and control on the phantom (extends make benchmark's grid and reuses its runs; ~70 min more) -> docs/benchmarks/phantom-routes.md
