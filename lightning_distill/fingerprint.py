@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -250,34 +250,53 @@ class IntensityCheck:
     """Compares inputs with a checkpoint's fingerprint (``fp``; ``None``: nothing is checked).
 
     Use :meth:`add` once per preprocessed network input of the current file (a 2D model predicting
-    a volume adds every slice), then :meth:`finish` to warn once for that file. ``window``: the CT window
-    the inputs are scaled with (default: the training's), for the advice.
+    a volume adds every slice), then :meth:`finish` to warn once for that file (``predict``), or
+    :meth:`closest` and :meth:`unlike` to decide otherwise (``bank build`` may stop instead). The rule is
+    the same either way: the file's input closest to the training data, farther than the threshold.
+
+    Args:
+        fp: the checkpoint's fingerprint, or ``None``.
+        window: the CT window the inputs are scaled with (default: the training's), for the advice.
+        keys: the calling command's own names of the settings the advice names (see :func:`advice`).
     """
 
-    def __init__(self, fp: Optional[Mapping[str, Any]], window: Optional[Sequence[float]] = None):
-        self.fp, self.window = fp, window
+    def __init__(self, fp: Optional[Mapping[str, Any]], window: Optional[Sequence[float]] = None,
+                 keys: Optional[Mapping[str, str]] = None):
+        self.fp, self.window, self.keys = fp, window, keys
         self.profiles: List[np.ndarray] = []
 
     def add(self, image: np.ndarray) -> None:
         if self.fp is not None:
             self.profiles.append(quantile_profile(image, self.fp["levels"]))
 
-    def finish(self, name: str, raw_image: np.ndarray) -> Optional[float]:
-        """Warn if the inputs added since the last call are farther from the training reference than
-        the threshold, judged by the closest of them (a volume's slice at the training's level).
-        Returns that distance (``None`` when nothing is checked)."""
-
+    def closest(self) -> Optional[Tuple[float, np.ndarray, bool]]:
+        """``(distance, profile, shifted)`` of the input added since the last call that is closest to the
+        training reference (a volume's slice at the training's level), ``shifted`` when that distance is
+        above the threshold; ``None`` when nothing is checked. Forgets the added inputs."""
         profiles, self.profiles = self.profiles, []
         if self.fp is None or not profiles:
             return None
-        fp = self.fp
-        dists = [profile_distance(p, fp["reference"]) for p in profiles]
-        dist = float(min(dists))
-        if dist > fp["threshold"]:
-            raw = quantile_profile(raw_image, fp["levels"])
-            warnings.warn(f"{name}: intensities unlike the training data's (distance {dist:.3g} > threshold "
-                          f"{fp['threshold']:.3g}): {describe(fp, profiles[int(np.argmin(dists))], raw, self.window)}; "
-                          "predictions may be poor", stacklevel=3)
+        dists = [profile_distance(p, self.fp["reference"]) for p in profiles]
+        i = int(np.argmin(dists))
+        return float(dists[i]), profiles[i], bool(dists[i] > self.fp["threshold"])
+
+    def unlike(self, dist: float, profile: np.ndarray, raw_image: np.ndarray, of: str = "") -> str:
+        """What a shifted input is: its distance, its raw and preprocessed percentiles beside the
+        training's, and what to set (``of``: the model's source, named after "training data's")."""
+        raw = quantile_profile(raw_image, self.fp["levels"])
+        return (f"intensities unlike the training data's{f' of {of}' if of else ''} (distance {dist:.3g} > threshold "
+                f"{self.fp['threshold']:.3g}): {describe(self.fp, profile, raw, self.window, self.keys)}")
+
+    def finish(self, name: str, raw_image: np.ndarray) -> Optional[float]:
+        """Warn if the inputs added since the last call are farther from the training reference than
+        the threshold, judged by the closest of them. Returns that distance (``None`` when nothing is
+        checked)."""
+        found = self.closest()
+        if found is None:
+            return None
+        dist, profile, shifted = found
+        if shifted:
+            warnings.warn(f"{name}: {self.unlike(dist, profile, raw_image)}; predictions may be poor", stacklevel=3)
         return dist
 
 

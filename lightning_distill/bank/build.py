@@ -59,7 +59,7 @@ from lightning_distill.config.load import config_key
 from lightning_distill.data.case_cache import CaseCache, case_key
 from lightning_distill.data.labels import LabelMapping
 from lightning_distill.data.nifti import Case, DataError, read_case
-from lightning_distill.fingerprint import describe as describe_input, profile_distance, quantile_profile
+from lightning_distill.fingerprint import IntensityCheck
 from lightning_distill.io import atomic_write
 from lightning_distill.losses.prototype import class_means, masked_class_sums
 from lightning_distill.teacher_model import (ClassMap, inference_device, list_cases, load_model, model_logits,
@@ -154,18 +154,14 @@ class _Run:
     def check_intensity(self, case: Case, x: torch.Tensor) -> None:
         """Compare a preprocessed volume with the model's training data (its checkpoint's intensity fingerprint; other
         formats carry none): warn, or raise with ``on_shift=error``, before the model sees it."""
-        fp = self.model.intensity
-        if fp is None:
+        check = IntensityCheck(self.model.intensity, self.pre.intensity_settings().get("ct_window"), SHIFT_KEYS)
+        check.add(x.numpy())
+        found = check.closest()
+        if found is None or not found[2]:  # no fingerprint, or like the training data
             return
-        profile = quantile_profile(x.numpy(), fp["levels"])
-        dist = profile_distance(profile, fp["reference"])
-        if dist <= fp["threshold"]:
-            return
+        distance, profile, _ = found
         image = read_case(case, 3, self.mapping, require_foreground=False, require_label=False)[0]
-        what = (f"{case.images[0]}: intensities unlike the training data's of {self.model.source['path']} (distance "
-                f"{dist:.3g} > threshold {fp['threshold']:.3g}): "
-                + describe_input(fp, profile, quantile_profile(np.asarray(image), fp["levels"]),
-                                 self.pre.intensity_settings().get("ct_window"), SHIFT_KEYS))
+        what = f"{case.images[0]}: " + check.unlike(distance, profile, np.asarray(image), of=self.model.source["path"])
         if self.cfg.on_shift == "error":
             raise DataError(f"{what}; nothing of it entered the bank (on_shift=warn would use it anyway)")
         warnings.warn(f"{what}; its voxels enter the bank as they are (on_shift=error stops instead)", stacklevel=2)
