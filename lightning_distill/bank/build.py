@@ -81,6 +81,8 @@ class _Run:
         self.classes = list(cfg.classes) if cfg.classes else list(self.model.labels)
         self.map = ClassMap(self.model.labels, self.classes, dict(cfg.class_map), cfg.unmapped)
         self.pre = model_preprocess(cfg, self.model)
+        # each volume against the model's training data (its checkpoint's fingerprint; other formats carry none)
+        self.intensity = IntensityCheck(self.model.intensity, self.pre.intensity_settings().get("ct_window"), SHIFT_KEYS)
         self.roi = list(cfg.inference.roi_size) if cfg.inference.roi_size else self.model.roi_size
         self.axial = check_axial_range(cfg.bank.axial_range)
         self.tau = float(cfg.bank.tau)
@@ -154,14 +156,13 @@ class _Run:
     def check_intensity(self, case: Case, x: torch.Tensor) -> None:
         """Compare a preprocessed volume with the model's training data (its checkpoint's intensity fingerprint; other
         formats carry none): warn, or raise with ``on_shift=error``, before the model sees it."""
-        check = IntensityCheck(self.model.intensity, self.pre.intensity_settings().get("ct_window"), SHIFT_KEYS)
-        check.add(x.numpy())
-        found = check.closest()
+        self.intensity.add(x.numpy())
+        found = self.intensity.closest()
         if found is None or not found[2]:  # no fingerprint, or like the training data
             return
         distance, profile, _ = found
         image = read_case(case, 3, self.mapping, require_foreground=False, require_label=False)[0]
-        what = f"{case.images[0]}: " + check.unlike(distance, profile, np.asarray(image), of=self.model.source["path"])
+        what = f"{case.images[0]}: " + self.intensity.unlike(distance, profile, np.asarray(image), of=self.model.source["path"])
         if self.cfg.on_shift == "error":
             raise DataError(f"{what}; nothing of it entered the bank (on_shift=warn would use it anyway)")
         warnings.warn(f"{what}; its voxels enter the bank as they are (on_shift=error stops instead)", stacklevel=2)
